@@ -1,0 +1,45 @@
+"""Defaults shared by every training config; each paper's config overrides what it specifies."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Fields every training run has, with neutral defaults."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = "radiograph_phantoms"
+  config.dataset.data_dir = ""  # '' -> $TFDS_DATA_DIR or ~/tensorflow_datasets
+  config.dataset.manual_dir = ""  # where a manually downloaded dataset lives
+  config.dataset.builder_config = ""
+  config.dataset.label_key = "label"
+  config.dataset.train_split = "train"
+  config.dataset.validation_split = "validation"
+  config.dataset.test_split = "test"
+  config.dataset.phantoms = ml_collections.ConfigDict(dict(
+      image_size=128, num_train=6000, num_validation=1000, num_test=2000, seed=0,
+      train_marker_agreement=0.9, validation_marker_agreement=0.9, test_marker_agreement=0.5,
+      frame_probability=0.0))
+
+  # Stored uint8 images -> [0, 1] -> (x - mean) / std, per channel.
+  config.preprocess = ml_collections.ConfigDict(dict(mean=(0.0,), std=(1.0,)))
+
+  config.model = ml_collections.ConfigDict()
+  config.optimizer = ml_collections.ConfigDict(dict(name="adam"))
+  config.learning_rate = 1e-3
+  # name: 'constant' | 'step_decay' (boundaries as fractions of num_epochs, divisors) |
+  # 'plateau' (metric, factor, patience, max_reductions (0 = unlimited), min_learning_rate).
+  config.schedule = ml_collections.ConfigDict(dict(
+      name="constant", boundaries=(), divisors=(), metric="loss", mode="", factor=0.1,
+      patience=3, max_reductions=0, min_learning_rate=0.0))
+  config.batch_size = 32
+  config.eval_batch_size = 128
+  config.num_epochs = 10
+  config.class_weights = ""  # '' | 'balanced' | comma-separated weights, one per class
+  # metric: a validation metric ('accuracy', 'loss', 'roc_auc', ...) or 'train_val_gap'.
+  config.selection = ml_collections.ConfigDict(dict(metric="accuracy", mode=""))
+  config.early_stopping = ml_collections.ConfigDict(dict(patience=0, metric="loss", mode=""))
+  config.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2))
+  config.log_every_steps = 50
+  return config

@@ -1,0 +1,82 @@
+"""The one place that talks to orbax: latest and best checkpoints of a training run."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
+  """An orbax manager over an absolute directory (orbax refuses relative paths)."""
+  return ocp.CheckpointManager(
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+
+def _abstract(tree: Any) -> Any:
+  """Shape/dtype skeleton of `tree` to restore into."""
+  return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class CheckpointStore:
+  """Keeps the latest `max_to_keep` epoch checkpoints and the best one, each with JSON metadata."""
+
+  def __init__(self, directory: str, max_to_keep: int = 2):
+    self.directory = os.path.abspath(directory)
+    self._latest = _manager(os.path.join(self.directory, "latest"), max_to_keep)
+    self._best = _manager(os.path.join(self.directory, "best"), 1)
+
+  @staticmethod
+  def _save(manager: ocp.CheckpointManager, step: int, state: Any, metadata: dict) -> None:
+    if step in manager.all_steps():  # a step redone after a kill between two saves
+      manager.delete(step)
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)), force=True)
+    manager.wait_until_finished()
+
+  @staticmethod
+  def _restore(manager: ocp.CheckpointManager, step: int | None, template: Any
+               ) -> tuple[Any, dict]:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {manager.directory}.")
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_abstract(template)), metadata=ocp.args.JsonRestore()))
+    except (ValueError, KeyError) as error:
+      raise ValueError(
+          f"Checkpoint {manager.directory}/{step} does not match the model and optimiser of this "
+          f"config (different architecture or optimiser?): {error}") from error
+    return restored["state"], dict(restored["metadata"])
+
+  def save_latest(self, step: int, state: Any, metadata: dict) -> None:
+    """Saves the end-of-epoch state (kept: the last `max_to_keep`)."""
+    self._save(self._latest, step, state, metadata)
+
+  def save_best(self, step: int, state: Any, metadata: dict) -> None:
+    """Saves the model-selection winner so far (kept: one)."""
+    self._save(self._best, step, state, metadata)
+
+  def latest_step(self) -> int | None:
+    """Step of the newest end-of-epoch checkpoint, or None."""
+    return self._latest.latest_step()
+
+  def best_step(self) -> int | None:
+    """Step of the best checkpoint, or None."""
+    return self._best.latest_step()
+
+  def restore_latest(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
+    """Restores the newest (or given) end-of-epoch checkpoint into `template`'s structure."""
+    return self._restore(self._latest, step, template)
+
+  def restore_best(self, template: Any) -> tuple[Any, dict]:
+    """Restores the best checkpoint into `template`'s structure."""
+    return self._restore(self._best, None, template)
+
+  def close(self) -> None:
+    """Waits for pending writes and releases the managers."""
+    self._latest.close()
+    self._best.close()

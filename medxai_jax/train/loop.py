@@ -1,0 +1,342 @@
+"""The epoch loop: train, validate, select, checkpoint, resume, and test the selected model."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from medxai_jax.data import pipeline
+from medxai_jax.data import preprocess as preprocess_lib
+from medxai_jax.models import base
+from medxai_jax.models import registry
+from medxai_jax.train import checkpoint
+from medxai_jax.train import metrics as metrics_lib
+from medxai_jax.train import optim
+from medxai_jax.train import steps
+
+CONFIG_FIELDS = frozenset({
+    "seed", "dataset", "preprocess", "model", "optimizer", "learning_rate", "schedule",
+    "batch_size", "eval_batch_size", "num_epochs", "class_weights", "selection",
+    "early_stopping", "checkpoint", "log_every_steps", "explain", "report"})
+# Selection/monitor metrics where larger is better; the rest ('loss') are minimised.
+_MAXIMISED = frozenset({"accuracy", "f1", "roc_auc", "cohen_kappa", "mcc", "precision",
+                        "recall", "train_val_gap"})
+
+
+@dataclasses.dataclass
+class LoopState:
+  """Host-side progress saved with every checkpoint (JSON)."""
+
+  epoch: int = 0  # epochs completed
+  learning_rate: float = 0.0
+  plateau: optim.PlateauState = dataclasses.field(default_factory=optim.PlateauState)
+  best_score: float | None = None
+  best_epoch: int = 0
+  early_stopping_best: float | None = None
+  epochs_since_improvement: int = 0
+  stopped_early: bool = False
+
+  def to_json(self) -> dict[str, Any]:
+    """JSON-serialisable form."""
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, data: Mapping[str, Any]) -> "LoopState":
+    """Inverse of `to_json`."""
+    data = dict(data)
+    data["plateau"] = optim.PlateauState(**data.get("plateau", {}))
+    return cls(**data)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError naming any unknown top-level field or impossible value."""
+  unknown = sorted(set(config.keys()) - CONFIG_FIELDS)
+  if unknown:
+    raise ValueError(f"Unknown config field(s) {unknown}; known fields: {sorted(CONFIG_FIELDS)}.")
+  for field in ("batch_size", "num_epochs"):
+    if int(config[field]) <= 0:
+      raise ValueError(f"config.{field} must be positive, got {config[field]}.")
+  if config.learning_rate <= 0:
+    raise ValueError(f"config.learning_rate must be positive, got {config.learning_rate}.")
+  for section in ("selection", "early_stopping", "schedule"):
+    monitor = config[section].get("metric") if section in config else None
+    if monitor and monitor != "loss" and monitor not in _MAXIMISED:
+      raise ValueError(f"config.{section}.metric={monitor!r} is not one of "
+                       f"{sorted(_MAXIMISED | {'loss'})}.")
+
+
+def prepare_workdir(workdir: str) -> str:
+  """Absolute work directory, created if its parent exists; a clear error otherwise."""
+  if not workdir:
+    raise ValueError("--workdir is required.")
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  parent = os.path.dirname(workdir)
+  if not os.path.isdir(parent):
+    raise FileNotFoundError(f"The parent directory of --workdir={workdir!r} does not exist: "
+                            f"{parent!r}. Create it first.")
+  os.makedirs(workdir, exist_ok=True)
+  return workdir
+
+
+def resolve_class_weights(spec: Any, counts: np.ndarray) -> np.ndarray | None:
+  """Per-class loss weights from '', 'balanced' (n / (K * n_k)) or a comma-separated list."""
+  if spec is None or spec == "" or spec == ():
+    return None
+  if spec == "balanced":
+    if (counts == 0).any():
+      raise ValueError(f"class_weights='balanced' needs every class in the training split; "
+                       f"counts are {counts.tolist()}.")
+    return counts.sum() / (len(counts) * counts.astype(np.float64))
+  values = [float(v) for v in spec.split(",")] if isinstance(spec, str) else list(spec)
+  if len(values) != len(counts):
+    raise ValueError(f"config.class_weights has {len(values)} values for {len(counts)} classes.")
+  return np.asarray(values, np.float64)
+
+
+def num_classes(model: base.Classifier) -> int:
+  """Classes a model separates (a one-logit model is binary)."""
+  return 2 if model.num_outputs == 1 else model.num_outputs
+
+
+def evaluate(state: steps.TrainState, source: pipeline.RandomAccessSource, *, eval_fn,
+             batch_size: int, label_key: str) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+  """Metrics over a whole split, plus its logits and labels (padding removed)."""
+  logits, labels, losses = [], [], []
+  for batch in pipeline.prefetch(pipeline.iterate_batches(
+      source, batch_size=batch_size, label_key=label_key)):
+    out = jax.device_get(eval_fn(state, batch))
+    real = batch["weight"] > 0
+    logits.append(out["logits"][real])
+    losses.append(out["loss"][real])
+    labels.append(batch["label"][real])
+  logits_all = np.concatenate(logits)
+  labels_all = np.concatenate(labels)
+  result = metrics_lib.classification_metrics(labels_all, logits_all)
+  result["loss"] = float(np.concatenate(losses).mean())
+  return result, logits_all, labels_all
+
+
+def selection_score(metric: str, train_accuracy: float, validation: Mapping[str, Any]) -> float:
+  """Model-selection value of an epoch ('train_val_gap' is 000's -|train acc - val acc|)."""
+  if metric == "train_val_gap":
+    return -abs(train_accuracy - validation["accuracy"])
+  return float(validation[metric])
+
+
+def _mode(metric: str, mode: str | None) -> str:
+  """Configured mode, or the natural one for `metric`."""
+  return mode or ("max" if metric in _MAXIMISED else "min")
+
+
+def _epoch_learning_rate(config: ml_collections.ConfigDict, epoch: int, loop: LoopState) -> float:
+  """Learning rate to use for `epoch` under the configured schedule."""
+  schedule = config.schedule
+  if schedule.name == "constant":
+    return config.learning_rate
+  if schedule.name == "step_decay":
+    return optim.step_decay_rate(config.learning_rate, epoch, config.num_epochs,
+                                 tuple(schedule.boundaries), tuple(schedule.divisors))
+  if schedule.name == "plateau":
+    return loop.learning_rate or config.learning_rate
+  raise ValueError(f"config.schedule.name={schedule.name!r} is not one of "
+                   "'constant', 'step_decay', 'plateau'.")
+
+
+def _append_jsonl(path: str, record: Mapping[str, Any]) -> None:
+  """Appends one JSON line."""
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def _truncate_history(path: str, completed_epochs: int) -> None:
+  """Drops history lines of epochs after the resumed checkpoint (they will be redone)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    kept = [line for line in f if json.loads(line).get("epoch", 0) <= completed_epochs]
+  with open(path, "w") as f:
+    f.writelines(kept)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN or infinite loss."""
+
+
+def _check_finite(loss: float, epoch: int, step: int, learning_rate: float, store_dir: str,
+                  last_checkpoint: int | None) -> None:
+  """Raises NonFiniteLossError with what to do next if `loss` is not finite."""
+  if not math.isfinite(loss):
+    where = (f"the last good checkpoint (epoch {last_checkpoint}) is in {store_dir} and the run "
+             "resumes from it" if last_checkpoint else "no checkpoint was written yet")
+    raise NonFiniteLossError(
+        f"Training loss became {loss} at epoch {epoch + 1}, step {step} (learning rate "
+        f"{learning_rate:g}); {where}. Lower config.learning_rate or check the input data.")
+
+
+def build_components(config: ml_collections.ConfigDict):
+  """Model, optimiser and preprocessing function of a config."""
+  model = registry.build_model(config.model)
+  tx = optim.make_optimizer(config.optimizer, config.learning_rate)
+  preprocess = preprocess_lib.make_preprocess_fn(
+      model.input_shape, tuple(config.preprocess.mean), tuple(config.preprocess.std))
+  return model, tx, preprocess
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains with checkpoints and resumption, selects an epoch, and evaluates it on the test split.
+
+  Writes `config.json`, `history.jsonl` (one line per epoch) and `metrics.json` into `workdir`,
+  checkpoints into `workdir/checkpoints/{latest,best}`, and returns the metrics.json content.
+  """
+  check_config(config)
+  workdir = prepare_workdir(workdir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  dataset = config.dataset
+  splits = [dataset.train_split, dataset.validation_split, dataset.test_split]
+  sources = pipeline.load_sources(dataset, splits)
+  train_source = sources[dataset.train_split]
+  model, tx, preprocess = build_components(config)
+  classes = num_classes(model)
+
+  weights = resolve_class_weights(
+      config.class_weights, pipeline.label_counts(train_source, dataset.label_key, classes)
+      if config.class_weights == "balanced" else np.zeros(classes))
+  state = steps.create_train_state(model, tx, jax.random.key(config.seed))
+  store = checkpoint.CheckpointStore(os.path.join(workdir, "checkpoints"),
+                                     max_to_keep=config.checkpoint.max_to_keep)
+  history_path = os.path.join(workdir, "history.jsonl")
+  loop = LoopState(learning_rate=config.learning_rate)
+  if store.latest_step() is not None:
+    state, metadata = store.restore_latest(state)
+    loop = LoopState.from_json(metadata["loop"])
+    _truncate_history(history_path, loop.epoch)
+    logging.info("Resumed from %s at epoch %d.", store.directory, loop.epoch)
+  elif os.path.exists(history_path):
+    os.remove(history_path)
+
+  train_step = jax.jit(functools.partial(
+      steps.train_step, model=model, tx=tx, preprocess=preprocess,
+      class_weights=None if weights is None else jnp.asarray(weights, jnp.float32)),
+      donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, preprocess=preprocess))
+  eval_batch_size = config.get("eval_batch_size") or config.batch_size
+  steps_per_epoch = pipeline.num_batches(len(train_source), config.batch_size, True)
+  if steps_per_epoch == 0:
+    raise ValueError(f"The training split has {len(train_source)} examples, fewer than "
+                     f"config.batch_size={config.batch_size}.")
+  selection_metric = config.selection.metric
+  selection_mode = _mode(selection_metric, config.selection.get("mode"))
+  stopping = config.early_stopping
+  run_start = time.time()
+
+  for epoch in range(loop.epoch, config.num_epochs):
+    learning_rate = _epoch_learning_rate(config, epoch, loop)
+    state = state.replace(opt_state=optim.set_learning_rate(state.opt_state, learning_rate))
+    epoch_start = time.time()
+    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    pending = []
+    batches = pipeline.prefetch(pipeline.iterate_batches(
+        train_source, batch_size=config.batch_size, label_key=dataset.label_key,
+        seed=config.seed, epoch=epoch, shuffle=True, drop_remainder=True))
+    for index, batch in enumerate(batches, start=1):
+      state, stats = train_step(state, batch)
+      pending.append(stats)
+      if index % config.log_every_steps == 0 or index == steps_per_epoch:
+        fetched = jax.device_get(pending)
+        pending = []
+        for item in fetched:
+          _check_finite(float(item["loss"]), epoch, int(state.step), learning_rate,
+                        store.directory, store.latest_step())
+          for key in totals:
+            totals[key] += float(item[key])
+        elapsed = time.time() - epoch_start
+        remaining = (steps_per_epoch - index) + steps_per_epoch * (config.num_epochs - epoch - 1)
+        logging.info(
+            "epoch %d/%d step %d/%d loss %.4f acc %.3f lr %.2g | %.1f img/s | ETA %.0fs",
+            epoch + 1, config.num_epochs, index, steps_per_epoch,
+            totals["loss_sum"] / totals["count"], totals["correct"] / totals["count"],
+            learning_rate, index * config.batch_size / elapsed, remaining * elapsed / index)
+    train_seconds = time.time() - epoch_start
+    train_loss = totals["loss_sum"] / totals["count"]
+    train_accuracy = totals["correct"] / totals["count"]
+    validation, _, _ = evaluate(state, sources[dataset.validation_split], eval_fn=eval_fn,
+                                batch_size=eval_batch_size, label_key=dataset.label_key)
+    completed = epoch + 1
+
+    score = selection_score(selection_metric, train_accuracy, validation)
+    is_best = optim.improved(score, loop.best_score, selection_mode)
+    if is_best:
+      loop.best_score, loop.best_epoch = score, completed
+    if config.schedule.name == "plateau":
+      monitor = config.schedule.metric
+      loop.learning_rate, loop.plateau = optim.plateau_update(
+          learning_rate, float(validation[monitor]), loop.plateau,
+          mode=_mode(monitor, config.schedule.get("mode")), factor=config.schedule.factor,
+          patience=config.schedule.patience, max_reductions=config.schedule.max_reductions or None,
+          min_lr=config.schedule.min_learning_rate)
+    if stopping.patience:
+      monitor = stopping.metric
+      value = float(validation[monitor])
+      if optim.improved(value, loop.early_stopping_best, _mode(monitor, stopping.get("mode"))):
+        loop.early_stopping_best, loop.epochs_since_improvement = value, 0
+      else:
+        loop.epochs_since_improvement += 1
+      loop.stopped_early = loop.epochs_since_improvement >= stopping.patience
+    loop.epoch = completed
+
+    record = {"epoch": completed, "step": int(state.step), "learning_rate": learning_rate,
+              "train_loss": train_loss, "train_accuracy": train_accuracy,
+              "train_seconds": train_seconds, "images_per_second":
+              steps_per_epoch * config.batch_size / train_seconds, "selected": is_best,
+              **{f"val_{k}": v for k, v in validation.items()}}
+    _append_jsonl(history_path, record)
+    metadata = {"loop": loop.to_json(), "record": record}
+    if is_best:
+      store.save_best(completed, state, metadata)
+    store.save_latest(completed, state, metadata)
+    logging.info("epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f auc %.3f%s",
+                 completed, train_loss, train_accuracy, validation["loss"],
+                 validation["accuracy"], validation["roc_auc"], " (best)" if is_best else "")
+    if loop.stopped_early:
+      logging.info("Early stopping after epoch %d (%s did not improve for %d epochs).",
+                   completed, stopping.metric, stopping.patience)
+      break
+
+  best_state, best_metadata = store.restore_best(state)
+  test, _, _ = evaluate(best_state, sources[dataset.test_split], eval_fn=eval_fn,
+                        batch_size=eval_batch_size, label_key=dataset.label_key)
+  store.close()
+  result = {"selected_epoch": best_metadata["loop"]["best_epoch"],
+            "selection_metric": selection_metric, "epochs_run": loop.epoch,
+            "stopped_early": loop.stopped_early, "validation": best_metadata["record"],
+            "test": test, "train_wall_seconds": time.time() - run_start,
+            "num_parameters": base.parameter_count({"params": best_state.params}),
+            "devices": [str(device) for device in jax.devices()]}
+  with open(os.path.join(workdir, "metrics.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  logging.info("Test (epoch %d): accuracy %.4f, ROC AUC %.4f, kappa %.4f.",
+               result["selected_epoch"], test["accuracy"], test["roc_auc"], test["cohen_kappa"])
+  return result
+
+
+def restore_selected_model(config: ml_collections.ConfigDict, workdir: str
+                           ) -> tuple[base.Classifier, dict[str, Any]]:
+  """The model of a config and the variables of its best checkpoint in `workdir`."""
+  model, tx, _ = build_components(config)
+  template = steps.create_train_state(model, tx, jax.random.key(config.seed))
+  store = checkpoint.CheckpointStore(os.path.join(os.path.abspath(workdir), "checkpoints"))
+  state, _ = store.restore_best(template)
+  store.close()
+  return model, state.variables

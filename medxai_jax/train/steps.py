@@ -1,0 +1,105 @@
+"""Pure training and evaluation steps over a `TrainState` pytree."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from medxai_jax.models import base
+
+PreprocessFn = Callable[[jax.Array], jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; a pytree that orbax saves as is."""
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key data, folded with `step` for dropout
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    """Flax variables for `module.apply`."""
+    variables = {"params": self.params}
+    if self.batch_stats:
+      variables["batch_stats"] = self.batch_stats
+    return variables
+
+
+def create_train_state(model: base.Classifier, tx: optax.GradientTransformation,
+                       rng: jax.Array) -> TrainState:
+  """Initialises parameters, BatchNorm statistics and the optimiser state."""
+  init_rng, dropout_rng = jax.random.split(rng)
+  variables = model.init(init_rng)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                    rng=jax.random.key_data(dropout_rng))
+
+
+def classification_loss(logits: jax.Array, labels: jax.Array,
+                        class_weights: jax.Array | None = None) -> jax.Array:
+  """Per-example loss: sigmoid BCE for one logit, softmax cross-entropy otherwise."""
+  if logits.shape[-1] == 1:
+    losses = optax.sigmoid_binary_cross_entropy(logits[:, 0], labels.astype(logits.dtype))
+  else:
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  if class_weights is not None:
+    losses = losses * class_weights[labels]
+  return losses
+
+
+def predictions_from_logits(logits: jax.Array) -> jax.Array:
+  """Class predictions: logit >= 0 for one logit, argmax otherwise."""
+  if logits.shape[-1] == 1:
+    return (logits[:, 0] >= 0).astype(jnp.int32)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: base.Classifier,
+               tx: optax.GradientTransformation, preprocess: PreprocessFn,
+               class_weights: jax.Array | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimiser step on a batch; returns the new state and summed batch statistics.
+
+  `batch['weight']` (1 for real examples, 0 for padding) masks the loss; the loss is the weighted
+  mean over real examples, with `class_weights` multiplying each example's term.
+  """
+  images = preprocess(batch["image"])
+  labels = batch["label"]
+  mask = batch["weight"].astype(jnp.float32)
+  dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+  def loss_fn(params):
+    variables = {"params": params}
+    if state.batch_stats:
+      variables["batch_stats"] = state.batch_stats
+    logits, updates = model.train_apply(variables, images, dropout_rng)
+    per_example = classification_loss(logits, labels, class_weights) * mask
+    loss = per_example.sum() / jnp.maximum(mask.sum(), 1.0)
+    return loss, (logits, updates)
+
+  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=optax.apply_updates(state.params, param_updates),
+      batch_stats=updates.get("batch_stats", state.batch_stats),
+      opt_state=opt_state)
+  correct = (predictions_from_logits(logits) == labels).astype(jnp.float32) * mask
+  stats = {"loss": loss, "loss_sum": loss * mask.sum(), "correct": correct.sum(),
+           "count": mask.sum(), "grad_norm": optax.global_norm(grads)}
+  return new_state, stats
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: base.Classifier,
+              preprocess: PreprocessFn) -> dict[str, jax.Array]:
+  """Inference logits and per-example (unweighted) loss for a batch."""
+  logits = model.logits(state.variables, preprocess(batch["image"]))
+  return {"logits": logits, "loss": classification_loss(logits, batch["label"])}

@@ -1,0 +1,76 @@
+"""Matplotlib figures for training runs and explanation maps (Agg backend, PNG files)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str,
+                         selected_epoch: int | None = None) -> str:
+  """Loss and accuracy per epoch (train vs validation), the selected epoch marked."""
+  epochs = [record["epoch"] for record in history]
+  fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.4))
+  loss_ax.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+  loss_ax.plot(epochs, [r["val_loss"] for r in history], "s-", label="validation")
+  acc_ax.plot(epochs, [r["train_accuracy"] for r in history], "o-", label="train")
+  acc_ax.plot(epochs, [r["val_accuracy"] for r in history], "s-", label="validation")
+  for ax, name in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+    if selected_epoch:
+      ax.axvline(selected_epoch, color="gray", linestyle="--", linewidth=1, label="selected")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(name)
+    ax.grid(alpha=0.3)
+  acc_ax.legend(loc="lower right", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def normalise_map(saliency: np.ndarray) -> np.ndarray:
+  """Scales a non-negative map to [0, 1] by its maximum (all-zero maps stay zero)."""
+  peak = float(np.max(saliency))
+  return saliency / peak if peak > 0 else np.zeros_like(saliency)
+
+
+def plot_heatmap_overlays(images: np.ndarray, maps: np.ndarray, path: str, *,
+                          masks: np.ndarray | None = None, titles: Sequence[str] = (),
+                          method: str = "Grad-CAM", threshold: float = 0.2,
+                          cmap: str = "jet") -> str:
+  """Rows of (input with mask outline, heat map over the input); pixels under threshold clear.
+
+  `images` [N,H,W] or [N,H,W,1] in any range, `maps` [N,H,W] non-negative; the heat map is drawn
+  with `cmap` where it exceeds `threshold` x its maximum (004's 20% rule).
+  """
+  images = np.asarray(images)
+  if images.ndim == 4:
+    images = images[..., 0]
+  count = len(images)
+  fig, axes = plt.subplots(2, count, figsize=(1.8 * count, 3.9), squeeze=False)
+  for column in range(count):
+    image = images[column]
+    heat = normalise_map(np.asarray(maps[column]))
+    for row in range(2):
+      axes[row, column].imshow(image, cmap="gray")
+      axes[row, column].axis("off")
+    if masks is not None and np.any(masks[column]):
+      axes[0, column].contour(np.asarray(masks[column]).squeeze(), levels=[0.5], colors="red",
+                              linewidths=0.8)
+    axes[1, column].imshow(np.ma.masked_less(heat, threshold), cmap=cmap, alpha=0.55,
+                           vmin=0, vmax=1)
+    if column < len(titles):
+      axes[0, column].set_title(titles[column], fontsize=7)
+  axes[0, 0].text(-0.08, 0.5, "input (lesion in red)", transform=axes[0, 0].transAxes,
+                  rotation=90, va="center", ha="right", fontsize=7)
+  axes[1, 0].text(-0.08, 0.5, method, transform=axes[1, 0].transAxes, rotation=90,
+                  va="center", ha="right", fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
