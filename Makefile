@@ -9,6 +9,7 @@ PYTEST_ARGS ?= -n 2 -q
 .PHONY: demo test venv clean-venv
 
 demo: $(VENV)/.installed
+	@mkdir -p $(dir $(abspath $(WORKDIR)))
 	@$(PY) -m experiments.demo --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed

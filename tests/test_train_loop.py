@@ -1,0 +1,138 @@
+"""End-to-end training on tiny phantoms: checkpoints, resumption, selection and bad input."""
+
+import copy
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from medxai_jax.train import checkpoint
+from medxai_jax.train import loop
+from medxai_jax.train import steps
+
+
+def tiny_config(data_dir: str, **overrides):
+  config = demo.get_config()
+  config.dataset.data_dir = data_dir
+  config.dataset.phantoms.update(dict(image_size=48, num_train=96, num_validation=32,
+                                      num_test=32))
+  config.model.update(dict(input_shape=(48, 48, 1), conv_widths=(4, 8, 8, 8, 8),
+                           dense_widths=(16, 16)))
+  config.batch_size = 16
+  config.eval_batch_size = 24  # not a divisor of 32: exercises the padded last batch
+  config.num_epochs = 3
+  config.log_every_steps = 2
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir):
+  workdir = str(tmp_path_factory.mktemp("run") / "full")
+  config = tiny_config(data_dir)
+  return config, workdir, loop.train_and_evaluate(config, workdir)
+
+
+def _read_history(workdir):
+  with open(os.path.join(workdir, "history.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _restore_params(config, workdir, step):
+  model, tx, _ = loop.build_components(config)
+  template = steps.create_train_state(model, tx, jax.random.key(0))
+  store = checkpoint.CheckpointStore(os.path.join(workdir, "checkpoints"))
+  state, metadata = store.restore_latest(template, step=step)
+  store.close()
+  return state, metadata
+
+
+def test_run_writes_metrics_history_and_selects_the_best_validation_epoch(finished_run):
+  config, workdir, result = finished_run
+  history = _read_history(workdir)
+  assert [r["epoch"] for r in history] == [1, 2, 3]
+  best = max(history, key=lambda r: r["val_accuracy"])  # first maximum wins ties
+  assert result["selected_epoch"] == best["epoch"]
+  assert [r["selected"] for r in history].count(True) >= 1
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    written = json.load(f)
+  assert written["test"]["num_examples"] == 32
+  assert 0.0 <= written["test"]["accuracy"] <= 1.0
+  assert history[-1]["step"] == 3 * (96 // 16)
+
+
+def test_checkpoint_round_trip_gives_identical_parameters(finished_run, tmp_path):
+  config, workdir, _ = finished_run
+  state, metadata = _restore_params(config, workdir, step=3)
+  store = checkpoint.CheckpointStore(str(tmp_path / "copy"))
+  store.save_latest(7, state, metadata)
+  again, again_metadata = store.restore_latest(state)
+  store.close()
+  for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(again)):
+    np.testing.assert_array_equal(a, b)
+  assert again_metadata == json.loads(json.dumps(metadata))
+
+
+def test_resume_after_a_kill_continues_identically(finished_run, tmp_path):
+  config, workdir, result = finished_run
+  # Simulate a run killed during epoch 3: its epoch-3 checkpoint never got written.
+  killed = str(tmp_path / "killed")
+  shutil.copytree(workdir, killed)
+  shutil.rmtree(os.path.join(killed, "checkpoints", "latest", "3"))
+  resumed = loop.train_and_evaluate(copy.deepcopy(config), killed)
+  original_state, _ = _restore_params(config, workdir, step=3)
+  resumed_state, _ = _restore_params(config, killed, step=3)
+  for a, b in zip(jax.tree_util.tree_leaves(original_state),
+                  jax.tree_util.tree_leaves(resumed_state)):
+    np.testing.assert_array_equal(a, b)
+  timing = ("train_seconds", "images_per_second")
+  strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]
+  assert strip(_read_history(killed)) == strip(_read_history(workdir))
+  assert resumed["test"] == result["test"]
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(data_dir, tmp_path, monkeypatch):
+  config = tiny_config(data_dir, num_epochs=2)
+  workdir = str(tmp_path / "nan")
+  loop.train_and_evaluate(config, workdir)  # two good epochs
+  original = steps.classification_loss
+  monkeypatch.setattr(steps, "classification_loss",
+                      lambda *a, **k: original(*a, **k) * np.nan)
+  config.num_epochs = 3
+  with pytest.raises(loop.NonFiniteLossError, match=r"epoch 3.*last good checkpoint \(epoch 2\)"):
+    loop.train_and_evaluate(config, workdir)
+  store = checkpoint.CheckpointStore(os.path.join(workdir, "checkpoints"))
+  assert store.latest_step() == 2
+  store.close()
+
+
+def test_bad_workdir_and_unknown_config_fields(data_dir, tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    loop.train_and_evaluate(tiny_config(data_dir), str(tmp_path / "missing" / "run"))
+  config = tiny_config(data_dir)
+  with config.unlocked():
+    config.learnig_rate = 0.1
+  with pytest.raises(ValueError, match=r"Unknown config field\(s\) \['learnig_rate'\]"):
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+  config = tiny_config(data_dir)
+  config.selection.metric = "acuracy"
+  with pytest.raises(ValueError, match="acuracy"):
+    loop.check_config(config)
+
+
+def test_balanced_class_weights():
+  np.testing.assert_allclose(loop.resolve_class_weights("balanced", np.array([30, 10])),
+                             [40 / 60, 40 / 20])
+  np.testing.assert_allclose(loop.resolve_class_weights("1,3", np.array([1, 1])), [1, 3])
+  assert loop.resolve_class_weights("", np.array([1, 1])) is None
+  with pytest.raises(ValueError, match="2 classes"):
+    loop.resolve_class_weights("1,2,3", np.array([1, 1]))
