@@ -19,12 +19,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.preprocess.update(dict(mean=(0.25,), std=(0.25,)))
   config.model = ml_collections.ConfigDict(dict(
       name="custom_cnn", num_outputs=1, input_shape=(96, 96, 1),
-      conv_widths=(16, 32, 48, 48, 48), dense_widths=(96, 96), dropout_rate=0.3,
+      conv_widths=(32, 64, 64, 64, 64), dense_widths=(96, 96), dropout_rate=0.0,
       init_std=None))  # He init: N(0, 0.01) starves a narrow net of signal
   config.optimizer = ml_collections.ConfigDict(dict(name="adam"))
-  config.learning_rate = 1e-3
+  config.learning_rate = 3e-3
   config.batch_size = 32
-  config.num_epochs = 8
+  config.num_epochs = 10
   config.log_every_steps = 25
   # Demo report settings.
   config.explain = ml_collections.ConfigDict(dict(num_images=8, tap="last_conv"))
