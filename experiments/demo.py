@@ -14,7 +14,6 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +21,7 @@ from ml_collections import config_flags
 
 from medxai_jax.attribution import cam
 from medxai_jax.data import pipeline
+from medxai_jax import logs
 from medxai_jax.train import loop
 from medxai_jax.train import steps
 from medxai_jax.viz import figures
@@ -59,7 +59,7 @@ def shortcut_accuracy(predictions: np.ndarray, examples: dict[str, np.ndarray]) 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
+  logs.setup_console_logging()
   config = _CONFIG.value
   start = time.time()
   workdir = loop.prepare_workdir(_WORKDIR.value)

@@ -8,9 +8,9 @@ Re-running with the same --workdir resumes from the last end-of-epoch checkpoint
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from medxai_jax import logs
 from medxai_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
@@ -22,7 +22,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
+  logs.setup_console_logging()
   loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

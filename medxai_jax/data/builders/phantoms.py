@@ -173,6 +173,8 @@ class RadiographPhantoms(tfds.core.GeneratorBasedBuilder):
   agrees on 90% of train/validation examples and is uninformative on test.
   """
 
+  # Bump VERSION whenever phantoms.py renders differently: tfds reuses any prepared dataset
+  # of the same name and version, so a stale one would silently be trained on.
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [_DEFAULT_CONFIG]
