@@ -1,9 +1,11 @@
 """The demo: a small custom CNN learns fracture/hardware vs normal on synthetic radiographs.
 
-The train and validation splits carry an "L"/"R" marker that agrees with the label 90% of the
+The train and validation splits carry an "L"/"R" marker that agrees with the label 80% of the
 time; in the test split it agrees 50% of the time, so test accuracy shows whether the model
 learned the lesions rather than the marker (000_09513d2f8ec1fa7b.txt's text-legend finding).
-Sized to train in a few minutes on two CPU cores.
+At 90% agreement this small model leans on the marker (test accuracy about 0.87, 0.76 where the
+marker contradicts the label); at 80% it reaches about 0.93. Sized to train in about three and a
+half minutes on two CPU cores.
 """
 
 import ml_collections
@@ -15,7 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
   """Demo config."""
   config = common.base_config()
   config.dataset.phantoms.update(dict(image_size=96, num_train=3000, num_validation=500,
-                                      num_test=1000))
+                                      num_test=1000, train_marker_agreement=0.8,
+                                      validation_marker_agreement=0.8))
   config.preprocess.update(dict(mean=(0.25,), std=(0.25,)))
   config.model = ml_collections.ConfigDict(dict(
       name="custom_cnn", num_outputs=1, input_shape=(96, 96, 1),

@@ -106,9 +106,10 @@ def main(argv: list[str]) -> None:
               f"epoch {result['selected_epoch']} was selected by validation "
               f"{result['selection_metric']}. Training took {result['train_wall_seconds']:.0f} s "
               f"on {', '.join(result['devices'])}.",
-              "The L/R marker agrees with the label in 90% of training images and 50% of test "
-              "images: a model that relied on it would lose accuracy where it contradicts the "
-              "label."],
+              f"The L/R marker agrees with the label in "
+              f"{config.dataset.phantoms.train_marker_agreement:.0%} of training images and "
+              f"{config.dataset.phantoms.test_marker_agreement:.0%} of test images: a model that "
+              "relied on it would lose accuracy where it contradicts the label."],
           tables=[
               report.Table(["split", *metric_names],
                            [["validation (selected epoch)",
