@@ -6,9 +6,13 @@ from typing import Any, Callable, Mapping
 
 from medxai_jax.models import base
 from medxai_jax.models import custom_cnn
+from medxai_jax.models import densenet
+from medxai_jax.models import vgg
 
 _BUILDERS: dict[str, Callable[..., base.Classifier]] = {
     "custom_cnn": custom_cnn.custom_cnn,
+    "densenet": densenet.densenet,
+    "vgg16": vgg.vgg16,
 }
 
 

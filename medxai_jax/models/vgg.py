@@ -1,0 +1,97 @@
+"""VGG16 (Simonyan and Zisserman 2015) with the classic FC head or the CRM paper's GAP head.
+
+Five blocks of 3x3 'same' convolutions with ReLU (64, 64 | 128, 128 | 256 x3 | 512 x3 | 512 x3),
+each followed by 2x2/2 max-pooling. Heads:
+* 'classic': flatten the block-5 pool -> FC 4096 -> FC 4096 -> output (dropout optional);
+* 'gap' (004_883d77b264ed2d14.txt, section 2.2, figure 2): truncate at the deepest convolution
+  (block5_conv3, no block-5 pool), add a 512-filter 3x3 convolution with ReLU, global average
+  pooling and one dense layer, the CAM-compatible architecture.
+Module names follow keras.applications.VGG16 (block1_conv1, fc1, fc2, predictions).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from medxai_jax.models import base
+from medxai_jax.models import heads
+
+BLOCK_WIDTHS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+TAPS = ("block1", "block2", "block3", "block4", "block5", "last_conv", "embedding")
+
+
+class VGG16(nn.Module):
+  """VGG16 with `head_kind` 'classic' or 'gap'."""
+
+  num_outputs: int = 1000
+  head_kind: str = "classic"
+  dropout_rate: float = 0.0
+  gap_conv_width: int = 512
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self) -> None:
+    if self.head_kind not in ("classic", "gap"):
+      raise ValueError(f"VGG16 head must be 'classic' or 'gap', got {self.head_kind!r}.")
+    self.convs = [[nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                           name=f"block{b + 1}_conv{c + 1}") for c, width in enumerate(widths)]
+                  for b, widths in enumerate(BLOCK_WIDTHS)]
+    if self.head_kind == "classic":
+      self.fc1 = nn.Dense(4096, dtype=self.dtype)
+      self.fc2 = nn.Dense(4096, dtype=self.dtype)
+    else:
+      self.gap_conv = nn.Conv(self.gap_conv_width, (3, 3), padding=((1, 1), (1, 1)),
+                              dtype=self.dtype)
+    self.predictions = nn.Dense(self.num_outputs, dtype=self.dtype)
+    self.dropout = nn.Dropout(self.dropout_rate)
+
+  def _backbone(self, x: jax.Array) -> dict[str, jax.Array]:
+    """Block outputs (after pooling) and the 'last_conv' map the head reads."""
+    taps = {}
+    x = x.astype(self.dtype)
+    for block_index, block in enumerate(self.convs):
+      for conv in block:
+        x = nn.relu(conv(x))
+      last_block = block_index == len(self.convs) - 1
+      if last_block and self.head_kind == "gap":
+        taps["block5"] = x
+        taps["last_conv"] = nn.relu(self.gap_conv(x))
+      else:
+        if last_block:
+          taps["last_conv"] = x
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        taps[f"block{block_index + 1}"] = x
+    return taps
+
+  def _hidden(self, feature_map: jax.Array, train: bool) -> jax.Array:
+    """Features the output layer reads ('embedding')."""
+    if self.head_kind == "gap":
+      return heads.global_average_pool(feature_map)
+    x = nn.max_pool(feature_map, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = self.dropout(nn.relu(self.fc1(x)), deterministic=not train)
+    return self.dropout(nn.relu(self.fc2(x)), deterministic=not train)
+
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Logits [B, num_outputs]."""
+    return self.head(self._backbone(x)["last_conv"], train)
+
+  def features(self, x: jax.Array, tap: str, train: bool = False) -> jax.Array:
+    """Activation at `tap` (a name in TAPS)."""
+    taps = self._backbone(x)
+    if tap == "embedding":
+      return self._hidden(taps["last_conv"], train)
+    return taps[tap]
+
+  def head(self, feature_map: jax.Array, train: bool = False) -> jax.Array:
+    """Logits from the 'last_conv' map."""
+    return self.predictions(self._hidden(feature_map, train)).astype(jnp.float32)
+
+
+def vgg16(*, num_outputs: int = 1000, head: str = "classic",
+          input_shape: tuple[int, int, int] = (224, 224, 3), **module_fields) -> base.Classifier:
+  """VGG16 in the model contract ('gap' head: 004's modality classifier at 300x300)."""
+  module = VGG16(num_outputs=num_outputs, head_kind=head, **module_fields)
+  return base.Classifier(module=module, taps=TAPS, aliases={"stem": "block1"},
+                         input_shape=tuple(input_shape), num_outputs=num_outputs)
