@@ -1,0 +1,80 @@
+"""CAM and Grad-CAM against 004's equations and an independent computation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medxai_jax.attribution import cam
+from medxai_jax.models import custom_cnn
+from medxai_jax.models import densenet
+
+
+@pytest.fixture(scope="module")
+def gap_model():
+  model = densenet.densenet(block_sizes=(1, 1, 1, 1), growth_rate=4, stem_width=8,
+                            num_outputs=3, head="softmax", input_shape=(64, 64, 1))
+  return model, jax.jit(model.init)(jax.random.key(0))
+
+
+def test_cam_equals_weighted_sum_of_maps_with_the_dense_weights(gap_model):
+  model, variables = gap_model
+  images = jax.random.uniform(jax.random.key(1), (2, 64, 64, 1))
+  targets = jnp.array([2, 0])
+  maps = jax.jit(lambda v, x, t: cam.cam(model, v, x, t, upsample=False, check_head=False))(
+      variables, images, targets)
+  fmap = np.asarray(model.features(variables, images, "last_conv"))
+  kernel = np.asarray(variables["params"]["classifier"]["predictions"]["kernel"])  # [K, C]
+  expected = np.einsum("bhwk,bk->bhw", fmap, kernel[:, np.asarray(targets)].T)
+  np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_grad_cam_before_relu_is_cam_over_z(gap_model):
+  # 004 eq. 4: alpha_k = w_k / Z for a GAP + dense head.
+  model, variables = gap_model
+  images = jax.random.uniform(jax.random.key(2), (3, 64, 64, 1))
+  targets = jnp.array([0, 1, 2])
+  cam_maps = cam.cam(model, variables, images, targets, upsample=False)
+  grad_maps = cam.grad_cam(model, variables, images, targets, relu=False, upsample=False)
+  z = cam_maps.shape[1] * cam_maps.shape[2]
+  np.testing.assert_allclose(grad_maps, cam_maps / z, rtol=1e-4, atol=1e-6)
+
+
+def test_one_logit_targets_flip_the_sign():
+  model = densenet.densenet(block_sizes=(1, 1, 1, 1), growth_rate=4, stem_width=8,
+                            input_shape=(48, 48, 1))
+  variables = jax.jit(model.init)(jax.random.key(3))
+  images = jax.random.uniform(jax.random.key(4), (1, 48, 48, 1))
+  positive = cam.cam(model, variables, images, jnp.array([1]), upsample=False)
+  negative = cam.cam(model, variables, images, jnp.array([0]), upsample=False)
+  np.testing.assert_allclose(positive, -negative, rtol=1e-6)
+
+
+def test_grad_cam_matches_an_explicit_gradient_for_the_custom_cnn():
+  model = custom_cnn.custom_cnn(num_outputs=2, input_shape=(48, 48, 1), conv_widths=(4, 8, 8, 8, 8),
+                                dense_widths=(16, 16), init_std=None)
+  variables = jax.jit(model.init)(jax.random.key(5))
+  image = jax.random.uniform(jax.random.key(6), (1, 48, 48, 1))
+  fmap = model.features(variables, image, "last_conv")
+  gradient = jax.grad(lambda a: model.head(variables, a)[0, 1])(fmap)
+  expected = jax.nn.relu(jnp.einsum("bhwk,k->bhw", fmap, gradient.mean(axis=(0, 1, 2))))
+  got = cam.grad_cam(model, variables, image, jnp.array([1]), upsample=False)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+  upsampled = cam.grad_cam(model, variables, image, jnp.array([1]))
+  assert upsampled.shape == (1, 48, 48)
+
+
+def test_cam_refuses_heads_that_are_not_gap_plus_dense():
+  radinet = densenet.densenet(block_sizes=(1, 1, 1, 1), growth_rate=4, stem_width=8,
+                              num_outputs=2, head="radinet", head_hidden_widths=(8, 8),
+                              input_shape=(128, 128, 1))  # a 4x4 last_conv map
+  variables = jax.jit(radinet.init)(jax.random.key(7))
+  # Varied inputs so the hidden ReLUs switch between cells (else the head is locally affine).
+  images = 20.0 * jax.random.normal(jax.random.key(8), (2, 128, 128, 1))
+  with pytest.raises(ValueError, match="not affine"):
+    cam.cam(radinet, variables, images, jnp.array([0, 1]))
+  images = images[:, :48, :48]
+  flat_head = custom_cnn.custom_cnn(num_outputs=2, input_shape=(48, 48, 1),
+                                    conv_widths=(4, 8, 8, 8, 8), dense_widths=(16, 16))
+  with pytest.raises(ValueError, match="global average pooling"):
+    cam.cam(flat_head, jax.jit(flat_head.init)(jax.random.key(9)), images, jnp.array([0, 1]))
