@@ -1,0 +1,360 @@
+r"""Path attributions: Integrated Gradients, Blur IG and Guided IG, batched and jit-able.
+
+Notation (S the target score of `common`, x the image, x' the baseline, phi the attribution):
+- Integrated Gradients (Sundararajan et al. 2017), on the straight line x(a) = x' + a (x - x'):
+  phi_i = (x_i - x'_i) int_0^1 dS(x(a))/dx_i da ~ (x_i - x'_i) sum_k w_k dS(x(a_k))/dx_i,
+  with quadrature nodes a_k and weights w_k (Riemann left/right/midpoint, trapezoid,
+  Gauss-Legendre). Completeness: sum_i phi_i = S(x) - S(x').
+- Blur IG (Xu et al. 2020), on the scale-space path x_s = G_s * x from s = s_max to 0:
+  phi = int_{s_max}^0 dS(x_s)/dx * dx_s/ds ds ~ -sum_k (s_{k+1} - s_k) dx_{s_k}/ds * dS(x_{s_k})/dx,
+  with s_k = s_max k / N (or s_max sqrt(k / N)) and dx_s/ds a forward difference of step h
+  (the PAIR saliency semantics); completeness is with respect to S(x) - S(G_{s_max} * x).
+- Guided IG (Kapishnikov et al. 2021): an adaptive path x^0 = x', ..., x^N = x whose step t
+  lowers the L1 distance to x to (1 - t/N) ||x - x'||_1 by moving the fraction p of features
+  with the smallest |dS/dx_i| (whatever their sign) towards x, each feature kept within
+  a in [t/N - d, t/N + d] (d = max_dist) of the straight line, the anchors;
+  phi = sum_t dS(x^{t-1})/dx * (x^t - x^{t-1}).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medxai_jax.attribution import common
+from medxai_jax.models import base
+
+IG_METHODS = ("riemann_left", "riemann_right", "riemann_midpoint", "riemann_trapezoid",
+              "gauss_legendre")
+BASELINE_NAMES = ("zeros", "blurred", "random")
+BLUR_PADDINGS = ("constant", "reflect")
+BLUR_MAX_SIGMA = 50.0
+Baseline = str | float | int | jax.Array | np.ndarray
+MapsOrReport = jax.Array | tuple[jax.Array, dict[str, jax.Array]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Quadrature and baselines.
+
+
+def quadrature(method: str, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+  """Nodes a_k in [0, 1] and weights w_k (summing to 1) of a rule with num_steps evaluations."""
+  common.check_positive("num_steps", num_steps)
+  steps = np.arange(num_steps, dtype=np.float64)
+  if method == "riemann_left":
+    nodes, weights = steps / num_steps, np.full(num_steps, 1.0 / num_steps)
+  elif method == "riemann_right":
+    nodes, weights = (steps + 1) / num_steps, np.full(num_steps, 1.0 / num_steps)
+  elif method == "riemann_midpoint":
+    nodes, weights = (steps + 0.5) / num_steps, np.full(num_steps, 1.0 / num_steps)
+  elif method == "riemann_trapezoid":
+    if num_steps < 2:
+      raise ValueError(
+          f"riemann_trapezoid needs num_steps >= 2 (both end points); got {num_steps}.")
+    nodes = steps / (num_steps - 1)
+    weights = np.full(num_steps, 1.0 / (num_steps - 1))
+    weights[[0, -1]] /= 2
+  elif method == "gauss_legendre":
+    points, point_weights = np.polynomial.legendre.leggauss(num_steps)
+    nodes, weights = (points + 1) / 2, point_weights / 2
+  else:
+    raise ValueError(f"Unknown integration method {method!r}; expected one of {IG_METHODS}.")
+  return nodes.astype(np.float32), weights.astype(np.float32)
+
+
+def _check_baseline_array(images: jax.Array, baseline: jax.Array) -> jax.Array:
+  """A baseline array [B, H, W, C] or [H, W, C] broadcast to the images' shape."""
+  shape = tuple(jnp.shape(baseline))
+  if shape not in (tuple(images.shape), tuple(images.shape[1:])):
+    raise ValueError(
+        f"baseline array must have shape {tuple(images.shape)} or {tuple(images.shape[1:])}; "
+        f"got {shape}.")
+  return jnp.broadcast_to(jnp.asarray(baseline, images.dtype), images.shape)
+
+
+def resolve_baseline(images: jax.Array, baseline: Baseline, *, key: jax.Array | None = None,
+                     blur_sigma: float = BLUR_MAX_SIGMA) -> jax.Array:
+  """Baseline images x' [B, H, W, C] from a name, a constant or an array."""
+  common.check_images(images)
+  if isinstance(baseline, str):
+    if baseline == "zeros":
+      return jnp.zeros_like(images)
+    if baseline == "blurred":
+      return gaussian_blur(images, blur_sigma)
+    if baseline == "random":
+      if key is None:
+        raise ValueError("baseline='random' needs a PRNG key: pass key=jax.random.key(...).")
+      low = images.min(axis=(1, 2, 3), keepdims=True)
+      high = images.max(axis=(1, 2, 3), keepdims=True)
+      return jax.random.uniform(key, images.shape, images.dtype, low, high)
+    raise ValueError(
+        f"Unknown baseline {baseline!r}; expected one of {BASELINE_NAMES}, a number or an array.")
+  if isinstance(baseline, (int, float)):
+    return jnp.full_like(images, baseline)
+  return _check_baseline_array(images, baseline)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gaussian blur: scipy.ndimage.gaussian_filter over the two spatial axes (its mode: padding).
+
+
+def _gaussian_weights(offsets: jax.Array, sigma: jax.Array, radius_bound: int,
+                      truncate: float) -> jax.Array:
+  """Truncated, normalised 1-D Gaussian taps at integer offsets (radius int(truncate s + 0.5))."""
+  safe_sigma = jnp.maximum(sigma, 1e-6)  # sigma = 0 leaves only the centre tap: the identity
+
+  def taps(distance: jax.Array) -> jax.Array:
+    inside = jnp.abs(distance) <= truncate * sigma + 0.5
+    return jnp.where(inside, jnp.exp(-0.5 * jnp.square(distance / safe_sigma)), 0.0)
+
+  all_offsets = jnp.arange(-radius_bound, radius_bound + 1, dtype=jnp.float32)
+  return taps(offsets) / taps(all_offsets).sum()
+
+
+def blur_matrix(size: int, sigma: jax.Array, *, radius_bound: int, padding: str = "constant",
+                truncate: float = 4.0) -> jax.Array:
+  """The [size, size] matrix of a 1-D Gaussian blur with zero ('constant') or 'reflect' padding."""
+  rows = jnp.arange(size, dtype=jnp.float32)[:, None]
+  cols = jnp.arange(size, dtype=jnp.float32)[None, :]
+  if padding == "constant":
+    return _gaussian_weights(cols - rows, sigma, radius_bound, truncate)
+  if padding == "reflect":
+    # Half-sample reflection (d c b a | a b c d | d c b a) has period 2 * size: input j is read
+    # at offsets j - i + 2 size m and -1 - j - i + 2 size m for every integer m.
+    periods = radius_bound // (2 * size) + 2
+    shifts = 2.0 * size * jnp.arange(-periods, periods + 1, dtype=jnp.float32)[:, None, None]
+    direct = _gaussian_weights(cols - rows + shifts, sigma, radius_bound, truncate)
+    mirrored = _gaussian_weights(-1.0 - cols - rows + shifts, sigma, radius_bound, truncate)
+    return (direct + mirrored).sum(axis=0)
+  raise ValueError(f"Unknown blur padding {padding!r}; expected one of {BLUR_PADDINGS}.")
+
+
+def gaussian_blur(images: jax.Array, sigma: float | jax.Array, *, max_sigma: float | None = None,
+                  padding: str = "constant", truncate: float = 4.0) -> jax.Array:
+  """Spatial Gaussian blur G_sigma * x of images [B, H, W, C]; sigma = 0 is the identity.
+
+  `max_sigma` (static) bounds a traced `sigma`; without it `sigma` must be a concrete number.
+  """
+  common.check_images(images)
+  bound = float(sigma) if max_sigma is None else float(max_sigma)
+  if bound < 0:
+    raise ValueError(f"Blur sigma must be >= 0; got {bound}.")
+  radius_bound = int(truncate * bound + 0.5)
+  sigma = jnp.asarray(sigma, jnp.float32)
+  _, height, width, _ = images.shape
+  along_height = blur_matrix(height, sigma, radius_bound=radius_bound, padding=padding,
+                             truncate=truncate)
+  along_width = blur_matrix(width, sigma, radius_bound=radius_bound, padding=padding,
+                            truncate=truncate)
+  highest = jax.lax.Precision.HIGHEST
+  blurred = jnp.einsum("ij,bjwc->biwc", along_height, images, precision=highest)
+  return jnp.einsum("kw,biwc->bikc", along_width, blurred, precision=highest).astype(images.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Completeness.
+
+
+def completeness(model: base.Classifier, variables: base.Variables, images: jax.Array,
+                 baselines: jax.Array, targets: jax.Array, attributions: jax.Array
+                 ) -> dict[str, jax.Array]:
+  """Per-image sum of attributions, S(x) - S(x') and their absolute difference, each [B]."""
+  scores = common.score_fn(model, variables)
+  score_difference = scores(images, targets) - scores(baselines, targets)
+  total = attributions.sum(axis=(1, 2, 3))
+  return {"sum_attributions": total, "score_difference": score_difference,
+          "completeness_gap": jnp.abs(total - score_difference)}
+
+
+def _with_gap(model: base.Classifier, variables: base.Variables, images: jax.Array,
+              baselines: jax.Array, targets: jax.Array, attributions: jax.Array,
+              return_gap: bool) -> MapsOrReport:
+  """The attributions, with their completeness report when return_gap is set."""
+  if not return_gap:
+    return attributions
+  return attributions, completeness(model, variables, images, baselines, targets, attributions)
+
+
+def _flat_gradients(model: base.Classifier, variables: base.Variables, points: jax.Array,
+                    targets: jax.Array) -> jax.Array:
+  """Input gradients at points [K, B, H, W, C], evaluated as one batch of K * B images."""
+  flat = points.reshape((-1,) + points.shape[2:])
+  repeated_targets = common.tile_batch(targets, points.shape[0])
+  grads = common.input_gradients(model, variables, flat, repeated_targets)
+  return grads.reshape(points.shape)
+
+
+def _broadcast_steps(values: jax.Array) -> jax.Array:
+  """Per-step scalars [K] shaped [K, 1, 1, 1, 1] to scale [K, B, H, W, C] stacks."""
+  return values[:, None, None, None, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Integrated Gradients.
+
+
+def integrated_gradients(model: base.Classifier, variables: base.Variables, images: jax.Array,
+                         targets: common.Targets, *, baseline: Baseline = "zeros",
+                         num_steps: int = 64, method: str = "riemann_trapezoid",
+                         chunk_size: int = 16, key: jax.Array | None = None,
+                         blur_sigma: float = BLUR_MAX_SIGMA, return_gap: bool = False
+                         ) -> MapsOrReport:
+  """IG maps [B, H, W, C] (and the completeness report when return_gap) on the straight line.
+
+  num_steps is the number of gradient evaluations per image for every method.
+  """
+  nodes, weights = quadrature(method, num_steps)
+  targets = common.resolve_targets(model, variables, images, targets)
+  baselines = resolve_baseline(images, baseline, key=key, blur_sigma=blur_sigma)
+  difference = images - baselines
+  nodes, weights = jnp.asarray(nodes), jnp.asarray(weights)
+
+  def weighted_gradients(step_indices: jax.Array) -> jax.Array:
+    alphas = _broadcast_steps(nodes[step_indices])
+    points = baselines[None] + alphas * difference[None]
+    grads = _flat_gradients(model, variables, points, targets)
+    return grads * _broadcast_steps(weights[step_indices])
+
+  path_average = common.chunked_sum(weighted_gradients, num_steps, chunk_size)
+  return _with_gap(model, variables, images, baselines, targets, difference * path_average,
+                   return_gap)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blur IG.
+
+
+def blur_sigmas(max_sigma: float, num_steps: int, sqrt: bool) -> np.ndarray:
+  """The num_steps + 1 blur levels s_0 = 0 < ... < s_N = max_sigma (linear or sqrt spacing).
+
+  PAIR's sqrt spacing, sqrt(k max_sigma / N), ends at sqrt(max_sigma); ours ends at max_sigma.
+  """
+  fractions = np.arange(num_steps + 1, dtype=np.float64) / num_steps
+  sigmas = max_sigma * (np.sqrt(fractions) if sqrt else fractions)
+  return sigmas.astype(np.float32)
+
+
+def blur_ig(model: base.Classifier, variables: base.Variables, images: jax.Array,
+            targets: common.Targets, *, max_sigma: float = BLUR_MAX_SIGMA, num_steps: int = 100,
+            grad_step: float | None = 0.01, sqrt: bool = False, chunk_size: int = 16,
+            padding: str = "constant", return_gap: bool = False) -> MapsOrReport:
+  """Blur IG maps [B, H, W, C] (and the completeness report vs the max-blurred image).
+
+  grad_step is the forward-difference step of dx_s/ds (PAIR saliency); None replaces
+  (s_{k+1} - s_k) dx_{s_k}/ds by the exact path increment x_{s_{k+1}} - x_{s_k}.
+  """
+  common.check_positive("num_steps", num_steps)
+  if max_sigma <= 0:
+    raise ValueError(f"max_sigma must be > 0; got {max_sigma}.")
+  if grad_step is not None and grad_step <= 0:
+    raise ValueError(f"grad_step must be > 0 or None; got {grad_step}.")
+  targets = common.resolve_targets(model, variables, images, targets)
+  sigmas = blur_sigmas(max_sigma, num_steps, sqrt)
+  sigma_steps = jnp.asarray(np.diff(sigmas))
+  sigmas = jnp.asarray(sigmas)
+  bound = max_sigma + (grad_step or 0.0)
+
+  def blur_at(levels: jax.Array) -> jax.Array:
+    return jax.vmap(lambda s: gaussian_blur(images, s, max_sigma=bound, padding=padding))(levels)
+
+  def step_attributions(step_indices: jax.Array) -> jax.Array:
+    levels = sigmas[step_indices]
+    points = blur_at(levels)                                        # [K, B, H, W, C]
+    if grad_step is None:
+      increments = blur_at(sigmas[step_indices + 1]) - points
+    else:
+      slopes = (blur_at(levels + grad_step) - points) / grad_step
+      increments = slopes * _broadcast_steps(sigma_steps[step_indices])
+    # The path runs from s_max down to 0, so each step moves by minus the increment in s.
+    return -increments * _flat_gradients(model, variables, points, targets)
+
+  attributions = common.chunked_sum(step_attributions, num_steps, chunk_size)
+  blurred = gaussian_blur(images, max_sigma, padding=padding)
+  return _with_gap(model, variables, images, blurred, targets, attributions, return_gap)
+
+
+# ---------------------------------------------------------------------------------------------
+# Guided IG.
+
+
+def _inner_iteration_limit(num_features: int, rank: int) -> int:
+  """Upper bound on the selection rounds one Guided IG step needs to reach its L1 target."""
+  # Every unfinished round moves at least rank + 1 features to their bound, and once at most
+  # `rank` features remain unbounded the threshold is infinite and they all move at once.
+  return math.ceil(num_features / (rank + 1)) + 2
+
+
+def _guided_step(x: jax.Array, grad: jax.Array, x_input: jax.Array, x_baseline: jax.Array,
+                 alpha: jax.Array, *, fraction: float, max_dist: float) -> jax.Array:
+  """One Guided IG step of one image: the point x^t reached from x^{t-1} with gradient grad."""
+  difference = x_input - x_baseline
+  moving = difference != 0
+  alpha_min = jnp.maximum(alpha - max_dist, 0.0)
+  alpha_max = jnp.minimum(alpha + max_dist, 1.0)
+  x_min = x_baseline + difference * alpha_min
+  x_max = x_baseline + difference * alpha_max
+  l1_total = jnp.abs(difference).sum()
+  l1_target = l1_total * (1.0 - alpha)
+  tolerance = 1e-6 * l1_total
+  rank = int(math.floor(fraction * (x.size - 1)))
+  abs_grad = jnp.abs(grad)  # ranked by magnitude: a negative gradient counts as its size
+
+  def select(x: jax.Array) -> jax.Array:
+    bounded = x == x_max                          # at the band's upper edge: excluded
+    masked = jnp.where(bounded, jnp.inf, abs_grad)
+    threshold = jnp.sort(masked.ravel())[rank]    # the lower `fraction` quantile, as numpy
+    return (masked <= threshold) & ~bounded
+
+  def selection_round(state: tuple[jax.Array, jax.Array, jax.Array]):
+    x, _, rounds = state
+    x_alpha = jnp.where(moving, (x - x_baseline) / jnp.where(moving, difference, 1.0), alpha_max)
+    x = jnp.where(x_alpha < alpha_min, x_min, x)  # anchors: nothing lags behind alpha_min
+    l1_current = jnp.abs(x - x_input).sum()
+    reached = l1_current - l1_target <= tolerance
+    selected = select(x)
+    l1_selected = jnp.where(selected, jnp.abs(x - x_max), 0.0).sum()
+    gamma = jnp.where(l1_selected > 0, (l1_current - l1_target) / l1_selected, jnp.inf)
+    moved = jnp.where(gamma > 1.0, x_max, x + jnp.minimum(gamma, 1.0) * (x_max - x))
+    x = jnp.where(selected & ~reached, moved, x)
+    return x, reached | (gamma <= 1.0), rounds + 1
+
+  limit = _inner_iteration_limit(x.size, rank)
+  x, _, _ = jax.lax.while_loop(lambda state: ~state[1] & (state[2] < limit), selection_round,
+                               (x, jnp.asarray(False), jnp.asarray(0)))
+  return x
+
+
+def guided_ig(model: base.Classifier, variables: base.Variables, images: jax.Array,
+              targets: common.Targets, *, baseline: Baseline = "zeros", num_steps: int = 128,
+              fraction: float = 0.25, max_dist: float = 0.02, key: jax.Array | None = None,
+              blur_sigma: float = BLUR_MAX_SIGMA, return_gap: bool = False) -> MapsOrReport:
+  """Guided IG maps [B, H, W, C] (and the completeness report when return_gap).
+
+  Completeness is approximate on ReLU networks: picking the features of smallest |gradient|
+  steers the path onto ReLU kinks, where the gradient taken at the start of a step misses the
+  change across the kink. The gap grows with max_dist and shrinks only slowly with num_steps.
+  """
+  common.check_positive("num_steps", num_steps)
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"fraction must lie in (0, 1]; got {fraction}.")
+  if isinstance(max_dist, (int, float)) and not 0.0 <= max_dist <= 1.0:  # may be traced
+    raise ValueError(f"max_dist must lie in [0, 1]; got {max_dist}.")
+  targets = common.resolve_targets(model, variables, images, targets)
+  baselines = resolve_baseline(images, baseline, key=key, blur_sigma=blur_sigma)
+  step = jax.vmap(lambda x, grad, x_input, x_baseline, alpha: _guided_step(
+      x, grad, x_input, x_baseline, alpha, fraction=fraction, max_dist=max_dist),
+      in_axes=(0, 0, 0, 0, None))
+
+  def advance(state: tuple[jax.Array, jax.Array], t: jax.Array):
+    x, attributions = state
+    grads = common.input_gradients(model, variables, x, targets)
+    alpha = (t + 1.0) / num_steps
+    x_next = step(x, grads, images, baselines, alpha)
+    return (x_next, attributions + (x_next - x) * grads), None
+
+  initial = (baselines, jnp.zeros_like(images))
+  (_, attributions), _ = jax.lax.scan(advance, initial, jnp.arange(num_steps, dtype=jnp.float32))
+  return _with_gap(model, variables, images, baselines, targets, attributions, return_gap)
