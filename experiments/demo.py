@@ -21,9 +21,9 @@ from ml_collections import config_flags
 
 from medxai_jax.attribution import cam
 from medxai_jax.data import pipeline
+from medxai_jax.models import base
 from medxai_jax import logs
 from medxai_jax.train import loop
-from medxai_jax.train import steps
 from medxai_jax.viz import figures
 from medxai_jax.viz import report
 
@@ -73,7 +73,7 @@ def main(argv: list[str]) -> None:
   examples = load_test_examples(source)
   inputs = jax.jit(preprocess)(jnp.asarray(examples["image"]))
   logits = np.asarray(jax.jit(model.logits)(variables, inputs))
-  predictions = np.asarray(steps.predictions_from_logits(jnp.asarray(logits)))
+  predictions = np.asarray(base.predicted_classes(jnp.asarray(logits)))
   result["shortcut"] = shortcut_accuracy(predictions, examples)
 
   count = config.explain.num_images

@@ -34,18 +34,6 @@ def check_positive(name: str, value: int) -> None:
     raise ValueError(f"{name} must be an integer >= 1; got {value!r}.")
 
 
-def num_classes(model: base.Classifier) -> int:
-  """Number of classes the model separates (a one-logit model separates two)."""
-  return 2 if model.num_outputs == 1 else model.num_outputs
-
-
-def predicted_classes(logits: jax.Array) -> jax.Array:
-  """Predicted class per image: argmax of the logits, or logit >= 0 for one-logit models."""
-  if logits.shape[-1] == 1:
-    return (logits[:, 0] >= 0).astype(jnp.int32)
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-
 def _concrete_values(targets: jax.Array) -> np.ndarray | None:
   """The targets as a numpy array, or None while they are traced under jit."""
   if isinstance(targets, jax.core.Tracer):
@@ -70,7 +58,7 @@ def resolve_targets(model: base.Classifier, variables: base.Variables, images: j
   if isinstance(targets, str):
     if targets != "predicted":
       raise ValueError(f"targets must be an int, an int array [B] or 'predicted'; got {targets!r}.")
-    return predicted_classes(model.logits(variables, images))
+    return base.predicted_classes(model.logits(variables, images))
   if isinstance(targets, (int, np.integer)):
     targets = jnp.full((batch,), targets, jnp.int32)
   if jnp.ndim(targets) != 1 or jnp.shape(targets)[0] != batch:
@@ -79,7 +67,7 @@ def resolve_targets(model: base.Classifier, variables: base.Variables, images: j
         f"{tuple(jnp.shape(targets))}.")
   values = _concrete_values(targets)
   if values is not None:
-    _check_target_values(values, num_classes(model))
+    _check_target_values(values, model.num_classes)
   return jnp.asarray(targets, jnp.int32)
 
 

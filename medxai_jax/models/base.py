@@ -30,6 +30,11 @@ class Classifier:
   input_shape: tuple[int, int, int]
   num_outputs: int
 
+  @property
+  def num_classes(self) -> int:
+    """Classes the model separates (a one-logit sigmoid model separates two)."""
+    return 2 if self.num_outputs == 1 else self.num_outputs
+
   def resolve_tap(self, tap: str) -> str:
     """Returns the architecture's own name for `tap`, raising on unknown names."""
     name = self.aliases.get(tap, tap)
@@ -65,6 +70,13 @@ class Classifier:
     logits, updates = self.module.apply(
         variables, images, train=True, rngs={"dropout": dropout_rng}, mutable=mutable)
     return logits, dict(updates)
+
+
+def predicted_classes(logits: jax.Array) -> jax.Array:
+  """Predicted class per row: logit >= 0 for one logit, argmax otherwise."""
+  if logits.shape[-1] == 1:
+    return (logits[:, 0] >= 0).astype(jnp.int32)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 def parameter_count(variables: Variables) -> int:

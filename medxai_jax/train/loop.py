@@ -104,11 +104,6 @@ def resolve_class_weights(spec: Any, counts: np.ndarray) -> np.ndarray | None:
   return np.asarray(values, np.float64)
 
 
-def num_classes(model: base.Classifier) -> int:
-  """Classes a model separates (a one-logit model is binary)."""
-  return 2 if model.num_outputs == 1 else model.num_outputs
-
-
 def evaluate(state: steps.TrainState, source: pipeline.RandomAccessSource, *, eval_fn,
              batch_size: int, label_key: str) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
   """Metrics over a whole split, plus its logits and labels (padding removed)."""
@@ -208,7 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   sources = pipeline.load_sources(dataset, splits)
   train_source = sources[dataset.train_split]
   model, tx, preprocess = build_components(config)
-  classes = num_classes(model)
+  classes = model.num_classes
 
   weights = resolve_class_weights(
       config.class_weights, pipeline.label_counts(train_source, dataset.label_key, classes)

@@ -56,13 +56,6 @@ def classification_loss(logits: jax.Array, labels: jax.Array,
   return losses
 
 
-def predictions_from_logits(logits: jax.Array) -> jax.Array:
-  """Class predictions: logit >= 0 for one logit, argmax otherwise."""
-  if logits.shape[-1] == 1:
-    return (logits[:, 0] >= 0).astype(jnp.int32)
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: base.Classifier,
                tx: optax.GradientTransformation, preprocess: PreprocessFn,
                class_weights: jax.Array | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -92,7 +85,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: base.Cl
       params=optax.apply_updates(state.params, param_updates),
       batch_stats=updates.get("batch_stats", state.batch_stats),
       opt_state=opt_state)
-  correct = (predictions_from_logits(logits) == labels).astype(jnp.float32) * mask
+  correct = (base.predicted_classes(logits) == labels).astype(jnp.float32) * mask
   stats = {"loss": loss, "loss_sum": loss * mask.sum(), "correct": correct.sum(),
            "count": mask.sum(), "grad_norm": optax.global_norm(grads)}
   return new_state, stats
