@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -80,3 +82,34 @@ class CheckpointStore:
     """Waits for pending writes and releases the managers."""
     self._latest.close()
     self._best.close()
+
+
+def save_variables(directory: str, variables: Any, metadata: dict) -> str:
+  """Writes model variables (no optimiser state) and JSON metadata; returns the directory."""
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  target = os.path.join(directory, "variables")
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(target, jax.tree_util.tree_map(jax.numpy.asarray, variables), force=True)
+  checkpointer.wait_until_finished()
+  with open(os.path.join(directory, "metadata.json"), "w") as file:
+    json.dump(metadata, file, indent=2)
+  return directory
+
+
+def load_variables(directory: str) -> tuple[dict, dict]:
+  """Variables and metadata written by `save_variables` (numpy leaves)."""
+  directory = os.path.abspath(directory)
+  target = os.path.join(directory, "variables")
+  if not os.path.isdir(target):
+    raise FileNotFoundError(
+        f"No variables checkpoint at {target}; config.init_from must name a directory written "
+        "by experiments/port_weights.py (or a training workdir's 'best' export).")
+  restored = ocp.StandardCheckpointer().restore(target)
+  variables = jax.tree_util.tree_map(np.asarray, restored)
+  metadata_path = os.path.join(directory, "metadata.json")
+  metadata = {}
+  if os.path.isfile(metadata_path):
+    with open(metadata_path) as file:
+      metadata = json.load(file)
+  return variables, metadata
