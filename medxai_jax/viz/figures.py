@@ -74,3 +74,50 @@ def plot_heatmap_overlays(images: np.ndarray, maps: np.ndarray, path: str, *,
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
+
+
+def magnitude_image(saliency: np.ndarray, percentile: float = 99.0) -> np.ndarray:
+  """|map| summed over channels, clipped at its `percentile` and scaled to [0, 1]."""
+  magnitude = np.abs(np.asarray(saliency, np.float64))
+  if magnitude.ndim == 3:
+    magnitude = magnitude.sum(axis=-1)
+  top = np.percentile(magnitude, percentile)
+  if top <= 0:
+    return np.zeros_like(magnitude)
+  return np.clip(magnitude / top, 0.0, 1.0)
+
+
+def plot_attribution_grid(images: np.ndarray, maps_by_method: Mapping[str, np.ndarray],
+                          path: str, *, percentile: float = 99.0,
+                          masks: np.ndarray | None = None, titles: Sequence[str] = ()) -> str:
+  """One row per image: the input, then each method's magnitude map in gray (003, figs 8-9).
+
+  Every map is shown as |map| (summed over channels) clipped at the same `percentile` of its
+  own values, so methods with different scales are comparable by shape, not by magnitude.
+  """
+  images = np.asarray(images)
+  if images.ndim == 4:
+    images = images[..., 0] if images.shape[-1] == 1 else images.mean(axis=-1)
+  methods = list(maps_by_method)
+  rows, columns = len(images), 1 + len(methods)
+  fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.6 * rows + 0.3),
+                           squeeze=False)
+  for row in range(rows):
+    axes[row, 0].imshow(images[row], cmap="gray")
+    if masks is not None and np.any(masks[row]):
+      axes[row, 0].contour(np.asarray(masks[row]).squeeze(), levels=[0.5], colors="red",
+                           linewidths=0.6)
+    if row < len(titles):
+      axes[row, 0].set_ylabel(titles[row], fontsize=6)
+    for column, method in enumerate(methods, start=1):
+      axes[row, column].imshow(magnitude_image(maps_by_method[method][row], percentile),
+                               cmap="gray", vmin=0, vmax=1)
+  for column, name in enumerate(["input", *methods]):
+    axes[0, column].set_title(name, fontsize=7)
+  for axis in axes.ravel():
+    axis.set_xticks([])
+    axis.set_yticks([])
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
