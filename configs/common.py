@@ -26,6 +26,22 @@ def base_config() -> ml_collections.ConfigDict:
   config.preprocess = ml_collections.ConfigDict(dict(mean=(0.0,), std=(1.0,)))
 
   config.model = ml_collections.ConfigDict()
+  # A checkpoint to start from (e.g. ImageNet weights written by experiments/port_weights.py);
+  # '' = random initialisation.
+  config.init_from = ""
+  # Fine-tuning controls (medxai_jax/train/freeze.py). trainable: 'all' | 'head' (only what
+  # model.head reads, after the 'last_conv' tap) | 'last_n_layers' (the last
+  # num_trainable_layers layers that own parameters, in forward order). head_only_epochs: train
+  # only the head for this many epochs first (001's warm-up), then `trainable`.
+  config.train = ml_collections.ConfigDict(dict(
+      trainable="all", num_trainable_layers=0, head_only_epochs=0))
+  # On-device training augmentation (medxai_jax/data/augment.py), all off by default: horizontal
+  # flips, rotations by up to rotation_degrees, shifts by up to shift_pixels (stored-image
+  # pixels), zoom by a factor in [1 - zoom, 1 + zoom]; fill_mode 'constant' (fill_value, on the
+  # [0, 1] scale) or 'nearest'.
+  config.augment = ml_collections.ConfigDict(dict(
+      flip=False, rotation_degrees=0.0, shift_pixels=0.0, zoom=0.0, fill_mode="constant",
+      fill_value=0.0))
   config.optimizer = ml_collections.ConfigDict(dict(name="adam"))
   config.learning_rate = 1e-3
   # name: 'constant' | 'step_decay' (boundaries as fractions of num_epochs, divisors) |

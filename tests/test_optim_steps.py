@@ -112,3 +112,39 @@ def test_padding_rows_do_not_change_the_update():
   for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
   assert float(stats_b["count"]) == 8.0
+
+
+def test_augment_acts_on_unit_range_images_before_preprocess():
+  model = custom_cnn.custom_cnn(num_outputs=1, input_shape=(48, 48, 1),
+                                conv_widths=(4, 4, 4, 4, 4), dense_widths=(8, 8),
+                                init_std=None, dropout_rate=0.0)
+  tx = optax.sgd(0.1)
+  state = steps.create_train_state(model, tx, jax.random.key(0))
+  preprocess = preprocess_lib.make_preprocess_fn(model.input_shape, (0.3,), (0.2,))
+  seen = []
+
+  def mirror(key, images):
+    seen.append((images.dtype, key))
+    return images[:, :, ::-1]
+
+  augmented = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
+                                        preprocess=preprocess, augment=mirror))
+  plain = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, preprocess=preprocess))
+  batch = _separable_batch(np.random.default_rng(2), size=8)
+  batch["image"][:, :, :20] = 255  # asymmetric, so the mirror matters
+  mirrored = dict(batch, image=np.ascontiguousarray(batch["image"][:, :, ::-1]))
+  a, stats_a = augmented(state, batch)
+  b, stats_b = plain(state, mirrored)
+  np.testing.assert_allclose(stats_a["loss"], stats_b["loss"], rtol=1e-6)
+  for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+  _, stats_c = plain(state, batch)
+  assert abs(float(stats_c["loss"]) - float(stats_a["loss"])) > 1e-4
+  assert seen[0][0] == jnp.float32  # uint8 was scaled to [0, 1] before augmenting
+  # The augmentation key is a stream of its own: neither the dropout key of this step nor of
+  # the next steps, and it changes with the step.
+  keys = [jax.random.key_data(steps.augment_rng(state.replace(step=jnp.int32(s))))
+          for s in range(3)]
+  dropout = [jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), s))
+             for s in range(3)]
+  assert len({tuple(np.asarray(k).tolist()) for k in keys + dropout}) == 6

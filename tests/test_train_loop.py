@@ -26,6 +26,8 @@ def tiny_config(data_dir: str, **overrides):
   config.eval_batch_size = 24  # not a divisor of 32: exercises the padded last batch
   config.num_epochs = 3
   config.log_every_steps = 2
+  # On-device augmentation keyed by the state's rng and step: resumption must stay exact.
+  config.augment.update(dict(flip=True, rotation_degrees=10.0, shift_pixels=2.0))
   config.update(overrides)
   return config
 

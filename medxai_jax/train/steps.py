@@ -9,9 +9,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from medxai_jax.data import preprocess as preprocess_lib
 from medxai_jax.models import base
+from medxai_jax.train import freeze
 
 PreprocessFn = Callable[[jax.Array], jax.Array]
+AugmentFn = Callable[[jax.Array, jax.Array], jax.Array]
+# fold_in data of the augmentation stream: above any step count, so the augmentation keys
+# fold_in(fold_in(rng, AUGMENT_STREAM), step) never coincide with a dropout key fold_in(rng, step).
+AUGMENT_STREAM = 0xFFFFFFFF
 
 
 @flax.struct.dataclass
@@ -56,35 +62,60 @@ def classification_loss(logits: jax.Array, labels: jax.Array,
   return losses
 
 
+def augment_rng(state: TrainState) -> jax.Array:
+  """Augmentation key of the state's step (a stream independent of the dropout keys)."""
+  stream = jax.random.fold_in(jax.random.wrap_key_data(state.rng), AUGMENT_STREAM)
+  return jax.random.fold_in(stream, state.step)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: base.Classifier,
                tx: optax.GradientTransformation, preprocess: PreprocessFn,
-               class_weights: jax.Array | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               class_weights: jax.Array | None = None, augment: AugmentFn | None = None,
+               trainable: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step on a batch; returns the new state and summed batch statistics.
 
   `batch['weight']` (1 for real examples, 0 for padding) masks the loss; the loss is the weighted
   mean over real examples, with `class_weights` multiplying each example's term.
+  `augment(key, images)` (optional) transforms the stored images, scaled to [0, 1], before
+  `preprocess`; its key is `augment_rng(state)`, a function of the state's rng and step.
+  `trainable` (optional, a params-shaped tree of Python bools, static) freezes the False leaves:
+  their parameters, optimiser state and BatchNorm statistics stay bit-identical (see `freeze`).
   """
-  images = preprocess(batch["image"])
+  images = batch["image"]
+  if augment is not None:
+    images = augment(augment_rng(state), preprocess_lib.to_unit_range(images))
+  images = preprocess(images)
   labels = batch["label"]
   mask = batch["weight"].astype(jnp.float32)
   dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  frozen = not freeze.all_trainable(trainable)
+  if frozen:
+    freeze.check_mask(trainable, state.params)
+  frozen_norms = freeze.frozen_modules(trainable) if frozen else frozenset()
 
   def loss_fn(params):
+    if frozen:
+      params = freeze.stop_frozen_gradients(params, trainable)
     variables = {"params": params}
     if state.batch_stats:
       variables["batch_stats"] = state.batch_stats
-    logits, updates = model.train_apply(variables, images, dropout_rng)
+    with freeze.frozen_batch_norm(frozen_norms):
+      logits, updates = model.train_apply(variables, images, dropout_rng)
     per_example = classification_loss(logits, labels, class_weights) * mask
     loss = per_example.sum() / jnp.maximum(mask.sum(), 1.0)
     return loss, (logits, updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(
-      step=state.step + 1,
-      params=optax.apply_updates(state.params, param_updates),
-      batch_stats=updates.get("batch_stats", state.batch_stats),
-      opt_state=opt_state)
+  optimizer = freeze.freeze_optimizer(tx, trainable) if frozen else tx
+  param_updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, param_updates)
+  batch_stats = updates.get("batch_stats", state.batch_stats)
+  if frozen:
+    params = freeze.select(trainable, params, state.params)
+    if state.batch_stats:
+      batch_stats = freeze.keep_frozen_collection(state.batch_stats, batch_stats, trainable)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state)
   correct = (base.predicted_classes(logits) == labels).astype(jnp.float32) * mask
   stats = {"loss": loss, "loss_sum": loss * mask.sum(), "correct": correct.sum(),
            "count": mask.sum(), "grad_norm": optax.global_norm(grads)}
