@@ -16,11 +16,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from medxai_jax.data import augment as augment_lib
 from medxai_jax.data import pipeline
 from medxai_jax.data import preprocess as preprocess_lib
 from medxai_jax.models import base
+from medxai_jax.models import porting
 from medxai_jax.models import registry
 from medxai_jax.train import checkpoint
+from medxai_jax.train import freeze
 from medxai_jax.train import metrics as metrics_lib
 from medxai_jax.train import optim
 from medxai_jax.train import steps
@@ -28,7 +31,9 @@ from medxai_jax.train import steps
 CONFIG_FIELDS = frozenset({
     "seed", "dataset", "preprocess", "model", "optimizer", "learning_rate", "schedule",
     "batch_size", "eval_batch_size", "num_epochs", "class_weights", "selection",
-    "early_stopping", "checkpoint", "log_every_steps", "explain", "report"})
+    "early_stopping", "checkpoint", "log_every_steps", "explain", "report", "train", "augment",
+    "init_from"})
+TRAIN_FIELDS = ("trainable", "num_trainable_layers", "head_only_epochs")
 # Selection/monitor metrics where larger is better; the rest ('loss') are minimised.
 _MAXIMISED = frozenset({"accuracy", "f1", "roc_auc", "cohen_kappa", "mcc", "precision",
                         "recall", "train_val_gap"})
@@ -74,6 +79,34 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if monitor and monitor != "loss" and monitor not in _MAXIMISED:
       raise ValueError(f"config.{section}.metric={monitor!r} is not one of "
                        f"{sorted(_MAXIMISED | {'loss'})}.")
+  train_settings(config)
+  augment_lib.check_augment_config(config.get("augment") or {})
+  if not isinstance(config.get("init_from", ""), str):
+    raise ValueError(f"config.init_from must be a path string ('' = random initialisation), "
+                     f"got {config.init_from!r}.")
+
+
+def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Validated `config.train` (fine-tuning controls), with defaults for missing fields."""
+  settings = dict(trainable="all", num_trainable_layers=0, head_only_epochs=0)
+  given = dict(config.get("train") or {})
+  unknown = sorted(set(given) - set(TRAIN_FIELDS))
+  if unknown:
+    raise ValueError(f"config.train has unknown field(s) {unknown}; known: {list(TRAIN_FIELDS)}.")
+  settings.update(given)
+  if settings["trainable"] not in freeze.TRAINABLE_CHOICES:
+    raise ValueError(f"config.train.trainable={settings['trainable']!r} is not one of "
+                     f"{list(freeze.TRAINABLE_CHOICES)}.")
+  layers = int(settings["num_trainable_layers"])
+  if settings["trainable"] == "last_n_layers" and layers < 1:
+    raise ValueError("config.train.num_trainable_layers must be >= 1 with "
+                     f"trainable='last_n_layers', got {layers}.")
+  if int(settings["head_only_epochs"]) < 0:
+    raise ValueError(f"config.train.head_only_epochs must be >= 0, got "
+                     f"{settings['head_only_epochs']}.")
+  settings["num_trainable_layers"] = layers
+  settings["head_only_epochs"] = int(settings["head_only_epochs"])
+  return settings
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -188,11 +221,53 @@ def build_components(config: ml_collections.ConfigDict):
   return model, tx, preprocess
 
 
+SELECTED_MODEL_DIR = "selected_model"
+
+
+def resolve_init_from(path: str) -> str:
+  """Directory holding `variables/`: `path` itself or a training run's `selected_model/`."""
+  path = os.path.abspath(os.path.expanduser(path))
+  for candidate in (path, os.path.join(path, SELECTED_MODEL_DIR)):
+    if os.path.isdir(os.path.join(candidate, "variables")):
+      return candidate
+  raise FileNotFoundError(
+      f"config.init_from={path!r} holds no 'variables/' checkpoint: give a directory written by "
+      "experiments/port_weights.py or a finished training run (its selected_model/).")
+
+
+def initialise_from(state: steps.TrainState, init_from: str, model_config: Mapping[str, Any]
+                    ) -> tuple[steps.TrainState, dict[str, Any]]:
+  """`state` with every parameter / BatchNorm statistic that `init_from` holds (same path and
+  shape) loaded; the rest (e.g. a new head) keeps its fresh initialisation."""
+  directory = resolve_init_from(init_from)
+  pretrained, metadata = checkpoint.load_variables(directory)
+  skip = tuple(metadata.get("kept_from_init", ()))  # random leaves a port did not fill
+  merged, loaded, kept = porting.merge_variables(state.variables, pretrained, skip)
+  if not loaded:
+    raise ValueError(f"config.init_from={init_from!r}: none of its arrays matches a parameter of "
+                     f"config.model ({dict(model_config)}); wrong architecture?")
+  source_config = metadata.get("model_config") or {}
+  for field in ("bn_epsilon",):
+    if field in source_config and field in model_config and (
+        source_config[field] != model_config[field]):
+      logging.warning("config.init_from weights expect model.%s=%s; config.model has %s.",
+                      field, source_config[field], model_config[field])
+  logging.info("Initialised %d arrays from %s; %d keep their fresh initialisation: %s",
+               len(loaded), directory, len(kept), kept[:8])
+  state = state.replace(params=jax.tree_util.tree_map(jnp.asarray, merged["params"]),
+                        batch_stats=jax.tree_util.tree_map(
+                            jnp.asarray, merged.get("batch_stats", {})))
+  return state, {"init_from": directory, "loaded": len(loaded), "kept_from_init": kept,
+                 "preprocessing": metadata.get("preprocessing")}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains with checkpoints and resumption, selects an epoch, and evaluates it on the test split.
 
   Writes `config.json`, `history.jsonl` (one line per epoch) and `metrics.json` into `workdir`,
   checkpoints into `workdir/checkpoints/{latest,best}`, and returns the metrics.json content.
+  `config.train` freezes parameters (`freeze.py`: the head only, the last N layers, a head-only
+  warm-up); `config.augment` transforms training batches on the device (`data/augment.py`).
   """
   check_config(config)
   workdir = prepare_workdir(workdir)
@@ -213,6 +288,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                      max_to_keep=config.checkpoint.max_to_keep)
   history_path = os.path.join(workdir, "history.jsonl")
   loop = LoopState(learning_rate=config.learning_rate)
+  init_report = None
+  if config.get("init_from") and store.latest_step() is None:
+    state, init_report = initialise_from(state, config.init_from, config.model)
   if store.latest_step() is not None:
     state, metadata = store.restore_latest(state)
     loop = LoopState.from_json(metadata["loop"])
@@ -221,10 +299,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   elif os.path.exists(history_path):
     os.remove(history_path)
 
-  train_step = jax.jit(functools.partial(
-      steps.train_step, model=model, tx=tx, preprocess=preprocess,
-      class_weights=None if weights is None else jnp.asarray(weights, jnp.float32)),
-      donate_argnums=0)
+  fine_tuning = train_settings(config)
+  head_only_epochs = fine_tuning["head_only_epochs"]
+  main_mask = None if fine_tuning["trainable"] == "all" else freeze.trainable_mask(
+      model, fine_tuning["trainable"], fine_tuning["num_trainable_layers"])
+  head_mask = freeze.trainable_mask(model, "head") if head_only_epochs else None
+  if head_mask is not None and head_mask == main_mask:
+    head_mask = main_mask  # trainable='head' with a warm-up: one mask, one compilation
+  augment_fn = augment_lib.make_augment_fn(config.get("augment") or {})
+  compiled_steps = {}
+
+  def train_step_for(mask: Any):
+    """The jitted train step of a trainable mask (one compilation per mask)."""
+    if id(mask) not in compiled_steps:
+      compiled_steps[id(mask)] = jax.jit(functools.partial(
+          steps.train_step, model=model, tx=tx, preprocess=preprocess,
+          class_weights=None if weights is None else jnp.asarray(weights, jnp.float32),
+          augment=augment_fn, trainable=mask), donate_argnums=0)
+    return compiled_steps[id(mask)]
+
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, preprocess=preprocess))
   eval_batch_size = config.get("eval_batch_size") or config.batch_size
   steps_per_epoch = pipeline.num_batches(len(train_source), config.batch_size, True)
@@ -236,9 +329,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   stopping = config.early_stopping
   run_start = time.time()
 
-  for epoch in range(loop.epoch, config.num_epochs):
+  first_epoch = loop.epoch
+  for epoch in range(first_epoch, config.num_epochs):
     learning_rate = _epoch_learning_rate(config, epoch, loop)
     state = state.replace(opt_state=optim.set_learning_rate(state.opt_state, learning_rate))
+    mask = freeze.epoch_mask(epoch, head_only_epochs, head_mask, main_mask)
+    train_step = train_step_for(mask)
+    trainable_parameters = (base.parameter_count({"params": state.params}) if mask is None
+                            else freeze.count_trainable(state.params, mask))
+    if epoch == first_epoch or epoch == head_only_epochs:
+      logging.info("Epoch %d trains %d of %d parameters%s.", epoch + 1, trainable_parameters,
+                   base.parameter_count({"params": state.params}),
+                   " (head-only warm-up)" if epoch < head_only_epochs else "")
     epoch_start = time.time()
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     pending = []
@@ -293,7 +395,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     record = {"epoch": completed, "step": int(state.step), "learning_rate": learning_rate,
               "train_loss": train_loss, "train_accuracy": train_accuracy,
-              "train_seconds": train_seconds, "images_per_second":
+              "train_seconds": train_seconds, "trainable_parameters": trainable_parameters,
+              "images_per_second":
               steps_per_epoch * config.batch_size / train_seconds, "selected": is_best,
               **{f"val_{k}": v for k, v in validation.items()}}
     _append_jsonl(history_path, record)
@@ -319,6 +422,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "test": test, "train_wall_seconds": time.time() - run_start,
             "num_parameters": base.parameter_count({"params": best_state.params}),
             "devices": [str(device) for device in jax.devices()]}
+  if init_report is not None:
+    result["init_from"] = {k: v for k, v in init_report.items() if k != "kept_from_init"}
+    result["init_from"]["kept_from_init"] = len(init_report["kept_from_init"])
+  checkpoint.save_variables(
+      os.path.join(workdir, SELECTED_MODEL_DIR), best_state.variables,
+      {"model_config": config.model.to_dict(), "selected_epoch": result["selected_epoch"],
+       "kept_from_init": []})
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
     json.dump(result, f, indent=2)
   logging.info("Test (epoch %d): accuracy %.4f, ROC AUC %.4f, kappa %.4f.",
