@@ -1,5 +1,6 @@
 """CAM and Grad-CAM against 004's equations and an independent computation."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,3 +79,54 @@ def test_cam_refuses_heads_that_are_not_gap_plus_dense():
                                     conv_widths=(4, 8, 8, 8, 8), dense_widths=(16, 16))
   with pytest.raises(ValueError, match="global average pooling"):
     cam.cam(flat_head, jax.jit(flat_head.init)(jax.random.key(9)), images, jnp.array([0, 1]))
+
+
+def test_grad_cam_at_an_intermediate_tap_matches_a_hand_split_custom_cnn():
+  # conv4 -> conv5 (3x3, pad 1) + ReLU -> head, written out with the layers' own parameters.
+  model = custom_cnn.custom_cnn(num_outputs=2, input_shape=(48, 48, 1), conv_widths=(4, 8, 8, 8, 8),
+                                dense_widths=(16, 16), init_std=None)
+  variables = jax.jit(model.init)(jax.random.key(10))
+  images = jax.random.uniform(jax.random.key(11), (2, 48, 48, 1))
+  targets = jnp.array([1, 0])
+  conv5 = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)))
+
+  def score(conv4_map, index):
+    conv5_map = nn.relu(conv5.apply({"params": variables["params"]["conv5"]}, conv4_map))
+    return cam.target_scores(model.head(variables, conv5_map), targets)[index]
+
+  activation = model.features(variables, images, "conv4")
+  gradients = jnp.stack([jax.grad(score)(activation, i)[i] for i in range(2)])
+  expected = jnp.einsum("bhwk,bk->bhw", activation, gradients.mean(axis=(1, 2)))
+  got = jax.jit(lambda v, x, t: cam.grad_cam(model, v, x, t, tap="conv4", relu=False,
+                                             upsample=False))(variables, images, targets)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * float(jnp.abs(expected).max()))
+  relu_maps = cam.grad_cam(model, variables, images, targets, tap="conv4")
+  assert relu_maps.shape == (2, 48, 48) and float(relu_maps.min()) >= 0.0
+
+
+def test_grad_cam_at_block4_matches_a_hand_split_densenet(gap_model):
+  # block4 -> final BatchNorm (inference) + ReLU = last_conv -> GAP + dense head.
+  model, variables = gap_model
+  images = jax.random.uniform(jax.random.key(12), (2, 64, 64, 1))
+  targets = jnp.array([2, 1])
+  bn = nn.BatchNorm(use_running_average=True, epsilon=1.001e-5)
+  bn_variables = {"params": variables["params"]["backbone"]["bn"],
+                  "batch_stats": variables["batch_stats"]["backbone"]["bn"]}
+
+  def total_score(block4):
+    return cam.target_scores(model.head(variables, nn.relu(bn.apply(bn_variables, block4))),
+                             targets).sum()
+
+  block4 = model.features(variables, images, "block4")
+  gradient = jax.grad(total_score)(block4)
+  expected = jnp.einsum("bhwk,bk->bhw", block4, gradient.mean(axis=(1, 2)))
+  got = cam.grad_cam(model, variables, images, targets, tap="block4", relu=False, upsample=False)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * float(jnp.abs(expected).max()))
+  # At last_conv Grad-CAM differentiates the head; the tap-delta route gives the same gradient.
+  fmap, via_head = cam.tap_gradients(model, variables, images, targets, "last_conv")
+  via_delta = jax.grad(lambda d: cam.target_scores(
+      model.logits_with_tap_delta(variables, images, "last_conv", d), targets).sum())(
+          jnp.zeros_like(fmap))
+  np.testing.assert_allclose(via_delta, via_head, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="spatial tap"):
+    cam.grad_cam(model, variables, images, targets, tap="embedding")

@@ -4,7 +4,9 @@ Notation of 004_883d77b264ed2d14.txt: A^k is the k-th map of the last convolutio
 weight from its global average to class c. CAM (eq. 2): M_c(x, y) = sum_k w_k^c A^k(x, y).
 Grad-CAM (eq. 3-4): alpha_k^c = (1/Z) sum_{xy} dS_c / dA^k(x, y) and L_c = ReLU(sum_k alpha_k^c
 A^k); for a GAP + dense head alpha_k^c = w_k^c / Z, so Grad-CAM before its ReLU is CAM / Z.
-Maps are bilinearly resized to the input. Intermediate taps arrive with the feature-map issue.
+Maps are bilinearly resized to the input. Grad-CAM also runs at any spatial tap: the gradient
+w.r.t. the tap's activation comes from `Classifier.split_at_tap` (the network re-run from the tap).
+004 writes alpha_k^c as a sum over cells; we average (Selvaraju et al.'s 1/Z), a constant factor.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _head_at_each_location(model: base.Classifier, variables: base.Variables,
   cells = feature_map.reshape(batch * height * width, 1, 1, channels)
   try:
     logits = model.head(variables, cells)
-  except (TypeError, ValueError, flax.errors.FlaxError) as error:
+  except (TypeError, ValueError, ZeroDivisionError, flax.errors.FlaxError) as error:
     raise ValueError(
         f"CAM needs a head of global average pooling + one dense layer; the head of "
         f"{type(model.module).__name__} does not accept a 1x1 feature map ({error}).") from error
@@ -66,16 +68,32 @@ def cam(model: base.Classifier, variables: base.Variables, images: jax.Array,
   return resize_maps(maps, images.shape[1:3]) if upsample else maps
 
 
-def grad_cam(model: base.Classifier, variables: base.Variables, images: jax.Array,
-             targets: jax.Array, *, relu: bool = True, upsample: bool = True) -> jax.Array:
-  """Grad-CAM maps [B, H, W] (or [B, h, w] at feature resolution when upsample=False)."""
-  feature_map = model.features(variables, images, "last_conv")
+def tap_gradients(model: base.Classifier, variables: base.Variables, images: jax.Array,
+                  targets: jax.Array, tap: str = "last_conv") -> tuple[jax.Array, jax.Array]:
+  """The activation A at `tap` and dS_c/dA (same shape) of each image's target score."""
+  name = model.resolve_tap(tap)
+  if name == model.resolve_tap("last_conv"):
+    activation = model.features(variables, images, name)
+    logits_of = lambda fmap: model.head(variables, fmap)
+  else:
+    activation, rest = model.split_at_tap(variables, images, name)
+    logits_of = lambda fmap: rest(fmap - jax.lax.stop_gradient(activation))
 
   def total_score(fmap: jax.Array) -> jax.Array:
     # Images are independent in inference mode, so the gradient of the sum is per image.
-    return target_scores(model.head(variables, fmap), targets).sum()
+    return target_scores(logits_of(fmap), targets).sum()
 
-  gradients = jax.grad(total_score)(feature_map)
+  return activation, jax.grad(total_score)(activation)
+
+
+def grad_cam(model: base.Classifier, variables: base.Variables, images: jax.Array,
+             targets: jax.Array, *, tap: str = "last_conv", relu: bool = True,
+             upsample: bool = True) -> jax.Array:
+  """Grad-CAM maps [B, H, W] at a spatial `tap` ([B, h, w] at its resolution if not upsample)."""
+  feature_map, gradients = tap_gradients(model, variables, images, targets, tap)
+  if feature_map.ndim != 4:
+    raise ValueError(f"Grad-CAM needs a spatial tap with activations [B, h, w, K]; tap {tap!r} "
+                     f"of {type(model.module).__name__} has shape {feature_map.shape}.")
   channel_weights = gradients.mean(axis=(1, 2))                      # [B, K]
   maps = jnp.einsum("bhwk,bk->bhw", feature_map, channel_weights)
   if relu:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+import flax.core
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,24 @@ Variables = Mapping[str, Any]
 
 # Generic tap names every architecture maps onto its own layers.
 GENERIC_TAPS = ("stem", "last_conv", "embedding")
+# Flax collection holding additive deltas at the taps (never created by `Classifier.init`).
+PERTURBATIONS = "perturbations"
+_PERTURBATION_SUFFIX = "_delta"
+
+
+def perturbation_name(tap: str) -> str:
+  """Name of the perturbation variable at `tap` (suffixed: tap names may equal layer names)."""
+  return tap + _PERTURBATION_SUFFIX
+
+
+def perturb_tap(module: nn.Module, tap: str, x: jax.Array) -> jax.Array:
+  """Marks `x` as the activation at `tap`: x + delta when a delta is supplied, else x.
+
+  Architectures call this at every tap, on the value that flows on through the network; a
+  delta lives in the 'perturbations' collection, which only `Classifier.logits_with_tap_delta`
+  passes in, so plain inference, training and `init` are unaffected.
+  """
+  return module.perturb(perturbation_name(tap), x, collection=PERTURBATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +40,8 @@ class Classifier:
 
   The module must define `__call__(x, train)`, `features(x, tap, train)` and
   `head(feature_map, train)`; `taps` lists its tap names in forward order and `aliases` maps
-  the generic names ('stem', 'last_conv', 'embedding') onto them.
+  the generic names ('stem', 'last_conv', 'embedding') onto them. Each tap's activation passes
+  through `perturb_tap` on the way to the logits, so `logits_with_tap_delta` can edit it.
   """
 
   module: nn.Module
@@ -48,7 +68,8 @@ class Classifier:
     """Initialises variables for a batch of the model's input shape."""
     params_rng, dropout_rng = jax.random.split(rng)
     dummy = jnp.zeros((batch_size, *self.input_shape), jnp.float32)
-    return self.module.init({"params": params_rng, "dropout": dropout_rng}, dummy, train=False)
+    return self.module.init({"params": params_rng, "dropout": dropout_rng}, dummy, train=False,
+                            mutable=flax.core.DenyList(("intermediates", PERTURBATIONS)))
 
   def logits(self, variables: Variables, images: jax.Array) -> jax.Array:
     """Inference logits [B, num_outputs] (dropout off, BatchNorm in inference mode)."""
@@ -62,6 +83,44 @@ class Classifier:
   def head(self, variables: Variables, feature_map: jax.Array) -> jax.Array:
     """Logits computed from the 'last_conv' feature map (inference mode)."""
     return self.module.apply(variables, feature_map, train=False, method="head")
+
+  def logits_with_tap_delta(self, variables: Variables, images: jax.Array, tap: str,
+                            delta: jax.Array) -> jax.Array:
+    """Inference logits when the activation A at `tap` is replaced by A + delta.
+
+    `delta` has the tap's shape (that of `features(variables, images, tap)`); the layers before
+    the tap run unchanged, the ones after it see the edited activation. Differentiable in
+    `delta` (d logits / d delta at 0 is the gradient w.r.t. the activation) and vmappable over
+    a leading axis of deltas with the images fixed (the layers before the tap then run once).
+    """
+    name = perturbation_name(self.resolve_tap(tap))
+    apply = lambda v, x: self.module.apply(v, x, train=False, mutable=[PERTURBATIONS])
+    _, shapes = jax.eval_shape(apply, {k: v for k, v in variables.items()
+                                       if k != PERTURBATIONS}, images)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes[PERTURBATIONS])
+    matches = [i for i, (path, _) in enumerate(leaves) if getattr(path[-1], "key", None) == name]
+    if len(matches) != 1:
+      raise ValueError(
+          f"{type(self.module).__name__} marks tap {tap!r} {len(matches)} times with "
+          "base.perturb_tap; every tap must be marked exactly once.")
+    expected = leaves[matches[0]][1].shape
+    if tuple(jnp.shape(delta)) != tuple(expected):
+      raise ValueError(f"delta for tap {tap!r} must have the tap's shape {tuple(expected)}; got "
+                       f"{tuple(jnp.shape(delta))}.")
+    values = [jnp.asarray(delta, leaf.dtype) if i == matches[0]
+              else jnp.zeros(leaf.shape, leaf.dtype) for i, (_, leaf) in enumerate(leaves)]
+    perturbations = jax.tree_util.tree_unflatten(treedef, values)
+    return self.module.apply({**variables, PERTURBATIONS: perturbations}, images, train=False)
+
+  def split_at_tap(self, variables: Variables, images: jax.Array, tap: str
+                   ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+    """The activation A at `tap` and the map delta -> logits of the network run on A + delta."""
+    activation = self.features(variables, images, tap)
+
+    def rest(delta: jax.Array) -> jax.Array:
+      return self.logits_with_tap_delta(variables, images, tap, delta)
+
+    return activation, rest
 
   def train_apply(self, variables: Variables, images: jax.Array, dropout_rng: jax.Array
                   ) -> tuple[jax.Array, dict[str, Any]]:

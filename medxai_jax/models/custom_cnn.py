@@ -98,7 +98,7 @@ class CustomCNN(nn.Module):
       x = conv(x)
       if self.use_batchnorm:
         x = self.norms[index](x, use_running_average=not train)
-      x = nn.relu(x)
+      x = base.perturb_tap(self, f"conv{index + 1}", nn.relu(x))
       activations[f"conv{index + 1}"] = x
     return activations
 
@@ -112,7 +112,7 @@ class CustomCNN(nn.Module):
     x = x.reshape((x.shape[0], -1))
     hidden = {}
     for index, dense in enumerate(self.dense):
-      x = nn.relu(dense(x))
+      x = base.perturb_tap(self, f"fc{index + 6}", nn.relu(dense(x)))
       hidden[f"fc{index + 6}"] = x
       x = self.dropout(x, deterministic=not train)
     return self.classifier(x).astype(jnp.float32), hidden

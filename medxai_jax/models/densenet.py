@@ -25,7 +25,7 @@ TAPS = ("stem", "block1", "transition1", "block2", "transition2", "block3", "tra
 
 
 class DenseNetBackbone(nn.Module):
-  """The convolutional part; returns every tap's activation by name."""
+  """The convolutional part; returns every tap's activation by name (each marked for deltas)."""
 
   block_sizes: Sequence[int] = BLOCK_SIZES[169]
   growth_rate: int = 32
@@ -51,7 +51,7 @@ class DenseNetBackbone(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     taps = {}
     x = self._conv(x.astype(self.dtype), self.stem_width, 7, "conv1_conv", stride=2, padding=3)
-    x = self._bn_relu(x, "conv1_bn", train)
+    x = base.perturb_tap(self, "stem", self._bn_relu(x, "conv1_bn", train))
     taps["stem"] = x
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for block_index, num_layers in enumerate(self.block_sizes):
@@ -63,14 +63,17 @@ class DenseNetBackbone(nn.Module):
         y = self._bn_relu(y, f"{prefix}_1_bn", train)
         y = self._conv(y, self.growth_rate, 3, f"{prefix}_2_conv", padding=1)
         x = jnp.concatenate([x, y], axis=-1)
+      x = base.perturb_tap(self, f"block{block_index + 1}", x)
       taps[f"block{block_index + 1}"] = x
       if block_index < len(self.block_sizes) - 1:
         y = self._bn_relu(x, f"pool{stage}_bn", train)
         y = self._conv(y, int(x.shape[-1] * self.compression), 1, f"pool{stage}_conv")
-        x = nn.avg_pool(y, (2, 2), strides=(2, 2))
+        x = base.perturb_tap(self, f"transition{block_index + 1}",
+                             nn.avg_pool(y, (2, 2), strides=(2, 2)))
         taps[f"transition{block_index + 1}"] = x
-    taps["last_conv"] = self._bn_relu(x, "bn", train)
-    taps["embedding"] = heads.global_average_pool(taps["last_conv"])
+    taps["last_conv"] = base.perturb_tap(self, "last_conv", self._bn_relu(x, "bn", train))
+    taps["embedding"] = base.perturb_tap(self, "embedding",
+                                         heads.global_average_pool(taps["last_conv"]))
     return taps
 
 

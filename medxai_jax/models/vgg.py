@@ -47,7 +47,7 @@ class VGG16(nn.Module):
     self.dropout = nn.Dropout(self.dropout_rate)
 
   def _backbone(self, x: jax.Array) -> dict[str, jax.Array]:
-    """Block outputs (after pooling) and the 'last_conv' map the head reads."""
+    """Block outputs (after pooling) and the 'last_conv' map, each marked for tap deltas."""
     taps = {}
     x = x.astype(self.dtype)
     for block_index, block in enumerate(self.convs):
@@ -55,38 +55,49 @@ class VGG16(nn.Module):
         x = nn.relu(conv(x))
       last_block = block_index == len(self.convs) - 1
       if last_block and self.head_kind == "gap":
-        taps["block5"] = x
-        taps["last_conv"] = nn.relu(self.gap_conv(x))
+        taps["block5"] = x = base.perturb_tap(self, "block5", x)
+        taps["last_conv"] = base.perturb_tap(self, "last_conv", nn.relu(self.gap_conv(x)))
       else:
         if last_block:
-          taps["last_conv"] = x
+          taps["last_conv"] = x = base.perturb_tap(self, "last_conv", x)
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        taps[f"block{block_index + 1}"] = x
+        taps[f"block{block_index + 1}"] = x = base.perturb_tap(self, f"block{block_index + 1}", x)
     return taps
 
-  def _hidden(self, feature_map: jax.Array, train: bool) -> jax.Array:
-    """Features the output layer reads ('embedding')."""
+  def _pool_input(self, feature_map: jax.Array) -> jax.Array:
+    """What the classic head flattens (the block-5 pool) or the GAP head averages."""
     if self.head_kind == "gap":
-      return heads.global_average_pool(feature_map)
-    x = nn.max_pool(feature_map, (2, 2), strides=(2, 2))
-    x = x.reshape((x.shape[0], -1))
+      return feature_map
+    return nn.max_pool(feature_map, (2, 2), strides=(2, 2))
+
+  def _hidden(self, pooled_map: jax.Array, train: bool) -> jax.Array:
+    """Features the output layer reads ('embedding') from `_pool_input`'s output."""
+    if self.head_kind == "gap":
+      return heads.global_average_pool(pooled_map)
+    x = pooled_map.reshape((pooled_map.shape[0], -1))
     x = self.dropout(nn.relu(self.fc1(x)), deterministic=not train)
     return self.dropout(nn.relu(self.fc2(x)), deterministic=not train)
 
+  def _embedding(self, taps: dict[str, jax.Array], train: bool) -> jax.Array:
+    """The marked 'embedding' from the backbone taps (classic: from the marked block-5 pool)."""
+    pooled = taps["last_conv"] if self.head_kind == "gap" else taps["block5"]
+    return base.perturb_tap(self, "embedding", self._hidden(pooled, train))
+
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Logits [B, num_outputs]."""
-    return self.head(self._backbone(x)["last_conv"], train)
+    return self.predictions(self._embedding(self._backbone(x), train)).astype(jnp.float32)
 
   def features(self, x: jax.Array, tap: str, train: bool = False) -> jax.Array:
     """Activation at `tap` (a name in TAPS)."""
     taps = self._backbone(x)
     if tap == "embedding":
-      return self._hidden(taps["last_conv"], train)
+      return self._embedding(taps, train)
     return taps[tap]
 
   def head(self, feature_map: jax.Array, train: bool = False) -> jax.Array:
     """Logits from the 'last_conv' map."""
-    return self.predictions(self._hidden(feature_map, train)).astype(jnp.float32)
+    hidden = self._hidden(self._pool_input(feature_map), train)
+    return self.predictions(hidden).astype(jnp.float32)
 
 
 def vgg16(*, num_outputs: int = 1000, head: str = "classic",
