@@ -28,6 +28,8 @@ def load_builder(dataset_config: Mapping[str, Any]):
   """Prepares (offline) and returns the TFDS builder that `dataset_config` names."""
   import tensorflow_datasets as tfds  # heavy import, kept local
 
+  import medxai_jax.data.builders  # noqa: F401  (registers mura, tb_cxr, ... with tfds)
+
   name = dataset_config["name"]
   data_dir = default_data_dir(dataset_config.get("data_dir"))
   if name == "radiograph_phantoms":

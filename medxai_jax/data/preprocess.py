@@ -1,11 +1,19 @@
-"""On-device preprocessing from stored uint8 images to model inputs."""
+"""On-device preprocessing from stored uint8 images to model inputs.
+
+The second half holds host-side (numpy) image functions that the dataset builders run once at
+prepare time: decoding 8-/16-bit PNG/JPEG, bit-depth scaling, gray <-> RGB, resizing with
+aspect-preserving padding, CLAHE and removal of a uniform border frame.
+"""
 
 from __future__ import annotations
 
+import io
+import os
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,3 +57,300 @@ def make_preprocess_fn(input_shape: Sequence[int], mean: Sequence[float] = (0.0,
     return (x - mean_array) / std_array
 
   return preprocess
+
+
+# ---------------------------------------------------------------------------------------------
+# Device side (JAX, jit-able): bit depths, normalisation, aspect-preserving resizing.
+# ---------------------------------------------------------------------------------------------
+
+
+def scale_to_unit(images: jax.Array, bit_depth: int) -> jax.Array:
+  """Integer images holding `bit_depth`-bit values (8, 12, 16) to float32 in [0, 1].
+
+  `to_unit_range` assumes 8 bits; a stored uint16 image (16 bits, or 12 bits as in Montgomery)
+  must be scaled with its own maximum 2**bit_depth - 1.
+  """
+  if not 1 <= bit_depth <= 16:
+    raise ValueError(f"bit_depth must be in [1, 16], got {bit_depth}.")
+  return images.astype(jnp.float32) / float(2**bit_depth - 1)
+
+
+def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+  """(images - mean) / std over the last (channel) axis; one mean/std entry or one per channel."""
+  mean_array = jnp.asarray(mean, jnp.float32)
+  std_array = jnp.asarray(std, jnp.float32)
+  if mean_array.size not in (1, images.shape[-1]) or std_array.size not in (1, images.shape[-1]):
+    raise ValueError(f"mean {tuple(mean)} / std {tuple(std)} do not match {images.shape[-1]} "
+                     "channels.")
+  return (images.astype(jnp.float32) - mean_array) / std_array
+
+
+def normalize_imagenet(images: jax.Array) -> jax.Array:
+  """[0, 1] RGB images [..., 3] normalised by the ImageNet mean and std (torchvision's convention)."""
+  if images.shape[-1] != 3:
+    raise ValueError(f"ImageNet normalisation needs 3 channels, got shape {images.shape}; use "
+                     "match_channels(images, 3) first.")
+  return normalize(images, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def padded_resize_geometry(height: int, width: int, out_height: int,
+                           out_width: int) -> tuple[int, int, int, int]:
+  """(new_height, new_width, top, left): an image scaled to fit out_height x out_width, centred.
+
+  The scale is the largest that fits both sides, so the aspect ratio is kept up to rounding to
+  whole pixels; the padding is split evenly, an odd pixel going to the bottom/right.
+  """
+  if min(height, width, out_height, out_width) <= 0:
+    raise ValueError(f"Sizes must be positive: {height}x{width} -> {out_height}x{out_width}.")
+  scale = min(out_height / height, out_width / width)
+  new_height = min(out_height, max(1, round(height * scale)))
+  new_width = min(out_width, max(1, round(width * scale)))
+  return new_height, new_width, (out_height - new_height) // 2, (out_width - new_width) // 2
+
+
+def resize_with_padding(images: jax.Array, height: int, width: int, *, method: str = "bilinear",
+                        pad_value: float = 0.0) -> jax.Array:
+  """[..., H, W, C] images scaled to fit height x width with their aspect ratio kept, then padded.
+
+  001's "resized ... while maintaining the aspect ratio through padding". Returns float32; the
+  image is centred and the margins are `pad_value`. Shapes are static, so this jit-compiles.
+  """
+  if images.ndim < 3:
+    raise ValueError(f"Expected images [..., H, W, C], got shape {images.shape}.")
+  *lead, in_height, in_width, channels = images.shape
+  new_height, new_width, top, left = padded_resize_geometry(in_height, in_width, height, width)
+  resized = images.astype(jnp.float32)
+  if (new_height, new_width) != (in_height, in_width):
+    resized = jax.image.resize(resized, (*lead, new_height, new_width, channels), method=method,
+                               antialias=True)
+  padding = [(0, 0)] * len(lead) + [(top, height - new_height - top),
+                                    (left, width - new_width - left), (0, 0)]
+  return jnp.pad(resized, padding, constant_values=pad_value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side (numpy / Pillow / scikit-image): what the dataset builders run once, at prepare time,
+# on images of any size. Images are [H, W, C] arrays; "unit" images are float32 in [0, 1].
+# ---------------------------------------------------------------------------------------------
+
+# ITU-R BT.601 luma weights, the ones Pillow's convert("L") uses.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+_PIL_RESAMPLING = {"nearest": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC",
+                   "area": "BOX", "lanczos": "LANCZOS"}
+
+
+class CorruptImageError(ValueError):
+  """An image file that cannot be decoded into pixels; `path` names it."""
+
+  def __init__(self, path: str, reason: str):
+    self.path = str(path)
+    self.reason = reason
+    super().__init__(f"Cannot decode image {self.path}: {reason}")
+
+
+def read_image(source: str | os.PathLike | bytes, *, name: str | None = None) -> np.ndarray:
+  """Decodes a PNG/JPEG (any Pillow format) to [H, W, C] uint8 or uint16 with values unchanged.
+
+  C is 1 for gray and 3 for colour. 8-bit gray/colour stays uint8; 16-bit gray PNGs (Pillow modes
+  I;16*, or I within [0, 65535]) become uint16 with their stored values, so a 12-bit image keeps
+  values 0..4095. Alpha is dropped; palette, bilevel and CMYK images are expanded to gray/RGB.
+  Raises CorruptImageError naming the file (`name`, else the path) when it cannot be decoded;
+  a missing file raises FileNotFoundError.
+  """
+  from PIL import Image  # host-only dependency, kept local
+
+  label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+  handle = io.BytesIO(source) if isinstance(source, bytes) else source
+  try:
+    with Image.open(handle) as image:
+      image.load()
+      mode = image.mode
+      if mode in ("1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+        image = image.convert("RGBA" if mode in ("P", "PA") else ("L" if mode == "1" else "RGB"))
+        mode = image.mode
+      array = np.asarray(image)
+  except FileNotFoundError:
+    raise
+  except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, zlib errors...
+    raise CorruptImageError(label, f"{type(error).__name__}: {error}") from error
+  if mode in ("LA", "RGBA"):
+    array = array[..., :-1]
+  elif mode == "I":
+    if array.size and (array.min() < 0 or array.max() > 65535):
+      raise CorruptImageError(label, f"32-bit integer pixels outside [0, 65535] "
+                                     f"({array.min()}..{array.max()})")
+    array = array.astype(np.uint16)
+  elif mode.startswith("I;16"):
+    array = array.astype(np.uint16)
+  elif mode not in ("L", "RGB"):
+    raise CorruptImageError(label, f"unsupported pixel mode {mode!r}")
+  if array.ndim == 2:
+    array = array[..., None]
+  if array.shape[-1] == 1 or array.shape[-1] == 3:
+    return np.ascontiguousarray(array)
+  raise CorruptImageError(label, f"unexpected pixel array shape {array.shape}")
+
+
+def to_unit_float(image: np.ndarray, bit_depth: int | None = None) -> np.ndarray:
+  """uint8/uint16 pixels to float32 in [0, 1] by their bit depth (default 8 / 16 by dtype).
+
+  A 12-bit image stored in a uint16 PNG (Montgomery) needs bit_depth=12: it is divided by 4095, so
+  no precision is lost before later float processing. Values above the bit depth's maximum raise.
+  Float input is returned as float32 unchanged.
+  """
+  if np.issubdtype(image.dtype, np.floating):
+    return image.astype(np.float32)
+  if image.dtype not in (np.uint8, np.uint16):
+    raise ValueError(f"Expected uint8 or uint16 pixels, got {image.dtype}.")
+  bits = bit_depth or (8 if image.dtype == np.uint8 else 16)
+  maximum = 2**bits - 1
+  if image.size and int(image.max()) > maximum:
+    raise ValueError(f"Pixel values reach {int(image.max())}, above the {bits}-bit maximum "
+                     f"{maximum}.")
+  return image.astype(np.float32) / np.float32(maximum)
+
+
+def quantize(image: np.ndarray, bits: int = 8) -> np.ndarray:
+  """[0, 1] float pixels to uint8 (bits=8) or uint16 (bits=16), rounded and clipped."""
+  if bits not in (8, 16):
+    raise ValueError(f"bits must be 8 or 16, got {bits}.")
+  maximum = 2**bits - 1
+  scaled = np.clip(np.rint(np.asarray(image, np.float64) * maximum), 0, maximum)
+  return scaled.astype(np.uint8 if bits == 8 else np.uint16)
+
+
+def to_gray(image: np.ndarray) -> np.ndarray:
+  """[H, W, 1|3] float image to [H, W, 1]: colour by the BT.601 luma weights, gray unchanged."""
+  if image.shape[-1] == 1:
+    return image
+  if image.shape[-1] != 3:
+    raise ValueError(f"Expected 1 or 3 channels, got shape {image.shape}.")
+  weights = np.asarray(LUMA_WEIGHTS, np.float32)
+  return (image.astype(np.float32) @ weights)[..., None]
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+  """[H, W, 1|3] image to [H, W, 3]: gray repeated into three channels, colour unchanged."""
+  if image.shape[-1] == 3:
+    return image
+  if image.shape[-1] != 1:
+    raise ValueError(f"Expected 1 or 3 channels, got shape {image.shape}.")
+  return np.repeat(image, 3, axis=-1)
+
+
+def resize_np(image: np.ndarray, height: int, width: int, method: str = "bilinear") -> np.ndarray:
+  """[H, W, C] image resized to height x width per channel with Pillow (antialiased when shrinking).
+
+  Float input stays float32; integer input (e.g. a {0, 1} mask with method='nearest') keeps its
+  dtype, rounded back after interpolation.
+  """
+  from PIL import Image  # host-only dependency, kept local
+
+  if method not in _PIL_RESAMPLING:
+    raise ValueError(f"method={method!r} is not one of {sorted(_PIL_RESAMPLING)}.")
+  if image.shape[:2] == (height, width):
+    return image.copy()
+  resample = getattr(Image.Resampling, _PIL_RESAMPLING[method])
+  channels = [  # one 32-bit float ("F") plane per channel, so 16-bit precision survives
+    np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)).resize(
+      (width, height), resample=resample))
+    for c in range(image.shape[-1])
+  ]
+  resized = np.stack(channels, axis=-1)
+  if np.issubdtype(image.dtype, np.integer):
+    info = np.iinfo(image.dtype)
+    return np.clip(np.rint(resized), info.min, info.max).astype(image.dtype)
+  return resized.astype(np.float32)
+
+
+def resize_with_padding_np(image: np.ndarray, height: int, width: int, *,
+                           method: str = "bilinear", pad_value: float = 0.0) -> np.ndarray:
+  """Host version of `resize_with_padding` for one [H, W, C] image of any size (keeps dtype)."""
+  new_height, new_width, top, left = padded_resize_geometry(*image.shape[:2], height, width)
+  resized = resize_np(image, new_height, new_width, method)
+  out = np.full((height, width, image.shape[-1]), pad_value, dtype=resized.dtype)
+  out[top:top + new_height, left:left + new_width] = resized
+  return out
+
+
+def clahe(image: np.ndarray, *, clip_limit: float = 0.01, kernel_size: int | None = None,
+          nbins: int = 256) -> np.ndarray:
+  """Contrast Limited Adaptive Histogram Equalisation (002) of a [0, 1] image [H, W, 1|3].
+
+  Host side, by scikit-image's `equalize_adapthist`, whose defaults (tiles of 1/8 of each side,
+  clip limit 0.01, 256 bins) are MATLAB adapthist's (8 x 8 tiles, ClipLimit 0.01, NBins 256),
+  which 002 presumably used. Colour images are equalised on their HSV value channel. Returns
+  float32 in [0, 1] of the input's shape.
+  """
+  from skimage import exposure  # host-only dependency, kept local
+
+  image = np.asarray(image, np.float32)
+  if image.size and (image.min() < 0 or image.max() > 1):
+    raise ValueError(f"clahe expects [0, 1] input, got {image.min()}..{image.max()}.")
+  squeeze = image.ndim == 3 and image.shape[-1] == 1
+  plane = image[..., 0] if squeeze else image
+  out = exposure.equalize_adapthist(plane, kernel_size=kernel_size, clip_limit=clip_limit,
+                                    nbins=nbins).astype(np.float32)
+  return out[..., None] if squeeze else out
+
+
+def find_uniform_border(image: np.ndarray, *, tolerance: float = 0.02,
+                        min_fraction: float = 0.95,
+                        max_fraction: float = 0.25) -> tuple[int, int, int, int]:
+  """(top, bottom, left, right) widths of the uniform frame around a [0, 1] image [H, W, C].
+
+  000 found a rectangular frame around MURA images steering DenseNet's attention. An edge row or
+  column belongs to the frame when at least `min_fraction` of its pixels (within the part of the
+  image not yet peeled) lie within `tolerance` of the line's median, in every channel; rows and
+  columns are peeled from all four sides in turn until no edge line is uniform, at most
+  `max_fraction` of the height/width from each side. A frame made of several bands of different
+  uniform values (a dark margin, then a light line) is peeled band by band; empty uniform margins
+  count as frame too.
+  """
+  if image.ndim != 3:
+    raise ValueError(f"Expected one image [H, W, C], got shape {image.shape}.")
+  height, width = image.shape[:2]
+  limits = (int(height * max_fraction), int(width * max_fraction))
+  top = bottom = left = right = 0
+
+  def uniform(line: np.ndarray) -> bool:
+    close = np.abs(line - np.median(line, axis=0)) <= tolerance  # [N, C]
+    return bool(close.all(axis=-1).mean() >= min_fraction)
+
+  changed = True
+  while changed:
+    changed = False
+    window = image[top:height - bottom, left:width - right]
+    if top < limits[0] and uniform(window[0]):
+      top, changed = top + 1, True
+    window = image[top:height - bottom, left:width - right]
+    if bottom < limits[0] and uniform(window[-1]):
+      bottom, changed = bottom + 1, True
+    window = image[top:height - bottom, left:width - right]
+    if left < limits[1] and uniform(window[:, 0]):
+      left, changed = left + 1, True
+    window = image[top:height - bottom, left:width - right]
+    if right < limits[1] and uniform(window[:, -1]):
+      right, changed = right + 1, True
+  return top, bottom, left, right
+
+
+def remove_uniform_border(image: np.ndarray, **kwargs: float) -> np.ndarray:
+  """The image inside its uniform frame (see `find_uniform_border` for the keyword arguments)."""
+  top, bottom, left, right = find_uniform_border(image, **kwargs)
+  height, width = image.shape[:2]
+  return image[top:height - bottom, left:width - right]
+
+
+def encode_png(image: np.ndarray) -> bytes:
+  """PNG bytes of an [H, W, 1|3] uint8 image or an [H, W, 1] uint16 image (Pillow)."""
+  from PIL import Image  # host-only dependency, kept local
+
+  if image.dtype not in (np.uint8, np.uint16) or image.ndim != 3:
+    raise ValueError(f"Expected [H, W, C] uint8/uint16, got {image.dtype} {image.shape}.")
+  if image.dtype == np.uint16 and image.shape[-1] != 1:
+    raise ValueError("Pillow writes 16-bit PNGs for gray images only.")
+  plane = image[..., 0] if image.shape[-1] == 1 else image
+  buffer = io.BytesIO()
+  Image.fromarray(np.ascontiguousarray(plane)).save(buffer, format="PNG")
+  return buffer.getvalue()

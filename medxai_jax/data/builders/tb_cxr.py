@@ -1,0 +1,271 @@
+"""TFDS builder for the NLM tuberculosis chest X-ray sets, Montgomery County and Shenzhen (002).
+
+002 trains on both sets (138 + 662 posterior-anterior radiographs, TB or normal), with the image
+"resized to a 1024 x 1024 matrix and contrast-enhanced by applying CLAHE", split 70/20/10 into
+train/validation/test; the default config does that (one radiograph per patient, so the split is
+patient-wise; stratified by source and label). The label is the last digit of the file name.
+
+Montgomery's PNGs hold 12-bit values in 16-bit files. They are divided by 4095 (not 65535) into
+float, resized and equalised in float, and quantised once at the end: to uint8 by default (what
+the training pipeline reads), or to uint16 with `storage_bits=16` (config `montgomery_16bit`: no
+CLAHE, so the stored values are the original 12-bit ones times 65535/4095 up to resampling).
+Montgomery's left and right lung masks are combined into one `lung_mask`; Shenzhen ships none, so
+its masks are empty with `has_lung_mask` False. The clinical reading text is kept whole, with sex
+and age parsed from it (unknown / -1 when the text does not say).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+
+from medxai_jax.data import preprocess
+from medxai_jax.data.builders.modality_folders import (
+  ImageBuilderConfig,
+  ManualImageBuilder,
+  assign_splits,
+  derive_config,
+  encode_image,
+  encode_mask,
+  fit_to_config,
+  image_feature,
+  manual_dir,
+  mask_feature,
+  missing_error,
+  validate_config,
+)
+
+SOURCES: tuple[str, ...] = ("montgomery", "shenzhen")
+LABEL_NAMES = ("normal", "tuberculosis")
+SEX_NAMES = ("unknown", "female", "male")
+_FOLDERS = {"montgomery": "MontgomerySet", "shenzhen": "ChinaSet_AllFiles"}
+_PREFIXES = {"montgomery": "MCUCXR", "shenzhen": "CHNCXR"}
+_FILE_NAME = re.compile(r"^(?P<prefix>MCUCXR|CHNCXR)_(?P<number>\d+)_(?P<label>[01])\.png$",
+                        re.IGNORECASE)
+
+TB_INSTRUCTIONS = """\
+Download the Montgomery County and Shenzhen chest X-ray sets from the U.S. National Library of
+Medicine (https://lhncbc.nlm.nih.gov/LHC-publications/pubs/TuberculosisChestXrayImageDataSets.html)
+and unzip both into manual_dir, keeping their folders as shipped:
+
+  MontgomerySet/CXR_png/MCUCXR_####_{0,1}.png            (last digit 1 = TB)
+  MontgomerySet/ManualMask/leftMask/MCUCXR_####_{0,1}.png
+  MontgomerySet/ManualMask/rightMask/MCUCXR_####_{0,1}.png
+  MontgomerySet/ClinicalReadings/MCUCXR_####_{0,1}.txt
+  ChinaSet_AllFiles/CXR_png/CHNCXR_####_{0,1}.png
+  ChinaSet_AllFiles/ClinicalReadings/CHNCXR_####_{0,1}.txt
+
+The configs 'montgomery' and 'shenzhen' need only their own set.
+"""
+
+
+@dataclasses.dataclass(eq=False)
+class TbCxrConfig(ImageBuilderConfig):
+  """Sets included, CLAHE, Montgomery's bit depth and the split fractions.
+
+  sources: 'montgomery' and/or 'shenzhen'. clahe: equalise after resizing (002;
+  `preprocess.clahe`, MATLAB adapthist's defaults). montgomery_bit_depth: significant bits of
+  Montgomery's 16-bit PNGs (12). split_fractions: train/validation/test (002: 70/20/10).
+  """
+
+  sources: tuple[str, ...] = SOURCES
+  clahe: bool = True
+  montgomery_bit_depth: int = 12
+  split_fractions: tuple[float, ...] = (0.7, 0.2, 0.1)
+
+
+def _config(name: str, description: str, **fields: Any) -> TbCxrConfig:
+  """A named config at 002's 1024 x 1024 (stretched, as 002 resizes to a square matrix)."""
+  return TbCxrConfig(name=name, description=description, image_size=1024,
+                     resize_mode="stretch", **fields)
+
+
+_CONFIGS = [
+  _config("combined", "Montgomery + Shenzhen, 1024 x 1024, CLAHE (002)."),
+  _config("combined_noclahe", "Montgomery + Shenzhen, 1024 x 1024, no CLAHE.", clahe=False),
+  _config("montgomery", "Montgomery only, 1024 x 1024, CLAHE.", sources=("montgomery",)),
+  _config("shenzhen", "Shenzhen only, 1024 x 1024, CLAHE.", sources=("shenzhen",)),
+  _config("montgomery_16bit", "Montgomery only, 1024 x 1024, no CLAHE, stored as uint16 (full "
+          "12-bit precision; train with preprocess.scale_to_unit(images, 16)).",
+          sources=("montgomery",), clahe=False, storage_bits=16),
+]
+
+
+def make_tb_config(base: str = "combined", **fields: Any) -> TbCxrConfig:
+  """The named config `base` with some fields changed (and a name derived from them)."""
+  by_name = {config.name: config for config in _CONFIGS}
+  if base not in by_name:
+    raise ValueError(f"Unknown tb_cxr config {base!r}; known: {sorted(by_name)}.")
+  return derive_config(by_name[base], **fields)
+
+
+def parse_reading(text: str) -> tuple[int, int]:
+  """(sex index into SEX_NAMES, age in years or -1) from a clinical reading.
+
+  Montgomery writes "Patient's Sex: M" / "Patient's Age: 044Y"; Shenzhen starts with
+  "male 35yrs"; ages in months count as 0 years.
+  """
+  sex = 0
+  match = re.search(r"Patient'?s\s+Sex:\s*([MF])", text, re.IGNORECASE)
+  if match:
+    sex = 1 if match[1].upper() == "F" else 2
+  else:
+    match = re.search(r"\b(female|male)\b", text, re.IGNORECASE)
+    if match:
+      sex = 1 if match[1].lower() == "female" else 2
+  age = -1
+  match = re.search(r"(\d+)\s*(?:y|yr|yrs|year|years)\b", text, re.IGNORECASE)
+  if match:
+    age = int(match[1])
+  elif re.search(r"\d+\s*(?:mo|month|months|d|day|days)\b", text, re.IGNORECASE):
+    age = 0
+  return sex, age
+
+
+@dataclasses.dataclass(frozen=True)
+class TbImage:
+  """One radiograph and the files that belong to it."""
+
+  source: int
+  path: pathlib.Path
+  label: int
+  patient_id: str  # the file name without the label digit, e.g. 'MCUCXR_0001'
+  reading: pathlib.Path
+  masks: tuple[pathlib.Path, ...]  # left, right (Montgomery) or none
+
+
+def list_source(manual: pathlib.Path, source: str) -> list[TbImage]:
+  """Every radiograph of one set with its reading and masks; raises naming any missing file."""
+  folder = manual / _FOLDERS[source]
+  if not folder.is_dir() and manual.name == _FOLDERS[source]:
+    folder = manual
+  images_dir = folder / "CXR_png"
+  if not images_dir.is_dir():
+    raise missing_error("tb_cxr", f"the {source} image folder", images_dir, TB_INSTRUCTIONS)
+  images, unmatched = [], []
+  for path in sorted(images_dir.iterdir()):
+    if path.suffix.lower() != ".png":
+      continue  # e.g. Thumbs.db
+    match = _FILE_NAME.match(path.name)
+    if match is None or match["prefix"].upper() != _PREFIXES[source]:
+      unmatched.append(path.name)
+      continue
+    reading = folder / "ClinicalReadings" / f"{path.stem}.txt"
+    if not reading.is_file():
+      raise missing_error("tb_cxr", f"the clinical reading of {path.name}", reading,
+                          TB_INSTRUCTIONS)
+    masks: tuple[pathlib.Path, ...] = ()
+    if source == "montgomery":
+      masks = tuple(folder / "ManualMask" / side / path.name for side in ("leftMask", "rightMask"))
+      for mask in masks:
+        if not mask.is_file():
+          raise missing_error("tb_cxr", f"the lung mask of {path.name}", mask, TB_INSTRUCTIONS)
+    images.append(TbImage(source=SOURCES.index(source), path=path, label=int(match["label"]),
+                          patient_id=f"{_PREFIXES[source]}_{match['number']}", reading=reading,
+                          masks=masks))
+  if unmatched:
+    logging.warning("tb_cxr: ignoring %d PNG file(s) in %s not named %s_####_{0,1}.png: %s",
+                    len(unmatched), images_dir, _PREFIXES[source], unmatched[:5])
+  if not images:
+    raise missing_error("tb_cxr", f"{_PREFIXES[source]}_####_{{0,1}}.png images", images_dir,
+                        TB_INSTRUCTIONS)
+  return images
+
+
+class TbCxr(ManualImageBuilder):
+  """Montgomery County and Shenzhen chest radiographs labelled normal or tuberculosis."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  BUILDER_CONFIGS = _CONFIGS
+  DEFAULT_BUILDER_CONFIG_NAME = "combined"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = TB_INSTRUCTIONS
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    """Features: image, label, lung mask, source, patient id, clinical reading, sex, age, path."""
+    config = self.builder_config
+    validate_config(config)
+    if not config.sources or set(config.sources) - set(SOURCES):
+      raise ValueError(f"sources must be a non-empty subset of {SOURCES}, got {config.sources}.")
+    if len(config.split_fractions) != 3:
+      raise ValueError(f"split_fractions needs 3 entries, got {config.split_fractions}.")
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=self.__class__.__doc__,
+      features=tfds.features.FeaturesDict({
+        "image": image_feature(config, 1),
+        "label": tfds.features.ClassLabel(names=list(LABEL_NAMES)),
+        "lung_mask": mask_feature(config),
+        "has_lung_mask": tfds.features.Scalar(np.bool_),
+        "source": tfds.features.ClassLabel(names=list(SOURCES)),
+        "patient_id": tfds.features.Text(),
+        "clinical_reading": tfds.features.Text(),
+        "sex": tfds.features.ClassLabel(names=list(SEX_NAMES)),
+        "age": tfds.features.Scalar(np.int32),
+        "path": tfds.features.Text(),
+      }),
+      supervised_keys=("image", "label"),
+      disable_shuffling=True,
+      metadata=tfds.core.MetadataDict(),
+      homepage="https://lhncbc.nlm.nih.gov/LHC-publications/pubs/"
+      "TuberculosisChestXrayImageDataSets.html",
+      citation="Jaeger et al., 'Two public chest X-ray datasets for computer-aided screening of "
+      "pulmonary diseases', Quantitative Imaging in Medicine and Surgery 4(6), 2014.",
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
+    """Lists and checks every image, mask and reading before writing anything."""
+    config = self.builder_config
+    manual = manual_dir(dl_manager, self.name)
+    images = [image for source in SOURCES if source in config.sources
+              for image in list_source(manual, source)]
+    which = assign_splits([image.patient_id for image in images], config.split_fractions,
+                          config.split_seed, strata=[(image.source, image.label)
+                                                     for image in images])
+
+    def make_example(image: TbImage) -> dict[str, Any]:
+      raw = preprocess.read_image(image.path)
+      bits = config.montgomery_bit_depth if (
+        raw.dtype == np.uint16 and SOURCES[image.source] == "montgomery") else None
+      try:
+        pixels = preprocess.to_gray(preprocess.to_unit_float(raw, bits))
+      except ValueError as error:
+        raise ValueError(f"{image.path}: {error} (montgomery_bit_depth="
+                         f"{config.montgomery_bit_depth})") from error
+      if image.masks:
+        parts = [preprocess.read_image(path)[..., 0] > 0 for path in image.masks]
+        for path, part in zip(image.masks, parts):
+          if part.shape != pixels.shape[:2]:
+            raise ValueError(f"Mask {path} is {part.shape}, its image {image.path} "
+                             f"{pixels.shape[:2]}.")
+        mask = np.logical_or(*parts)
+      else:
+        mask = np.zeros(pixels.shape[:2], bool)
+      pixels = fit_to_config(pixels, config)
+      if config.clahe:
+        pixels = preprocess.clahe(np.clip(pixels, 0.0, 1.0))
+      text = image.reading.read_text(encoding="utf-8", errors="replace").strip()
+      sex, age = parse_reading(text)
+      return {
+        "image": encode_image(pixels, config),
+        "label": image.label,
+        "lung_mask": encode_mask(mask, config),
+        "has_lung_mask": bool(image.masks),
+        "source": image.source,
+        "patient_id": image.patient_id,
+        "clinical_reading": text,
+        "sex": sex,
+        "age": age,
+        "path": image.path.relative_to(manual).as_posix(),
+      }
+
+    per_split = {split: [image for image, w in zip(images, which) if w == index]
+                 for index, split in enumerate(("train", "validation", "test"))}
+    return self._split_iterators(per_split, make_example)
