@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,9 +29,15 @@ def data_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("tfds")
 
 
-def test_demo_writes_metrics_figures_and_report(tmp_path, data_dir):
-  workdir = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, data_dir):
+  workdir = tmp_path_factory.mktemp("runs") / "demo"
   result = run("experiments.demo", f"--workdir={workdir}", *TINY, data_dir=data_dir)
+  return workdir, result
+
+
+def test_demo_writes_metrics_figures_and_report(demo_run):
+  workdir, result = demo_run
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Test accuracy" in result.stdout
   for name in ("metrics.json", "history.jsonl", "training_curves.png", "gradcam.png",
@@ -52,3 +59,21 @@ def test_train_cli_rejects_unknown_override_and_missing_parent(tmp_path, data_di
                f"--workdir={tmp_path / 'no' / 'such' / 'dir'}", *TINY, data_dir=data_dir)
   assert result.returncode != 0
   assert "does not exist" in result.stderr
+
+
+def test_explain_writes_maps_figure_and_timings(demo_run, tmp_path, data_dir):
+  checkpoint, demo = demo_run
+  assert demo.returncode == 0, demo.stderr[-3000:]
+  workdir = tmp_path / "explain"
+  result = run("experiments.explain", "--config=configs/demo.py", f"--checkpoint={checkpoint}",
+               f"--workdir={workdir}", "--methods=gradients,ig,grad_cam,cam", "--num_images=2",
+               "--steps=8", *TINY, data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((workdir / "explain.json").read_text())
+  assert len(summary["indices"]) == 2 and set(summary["targets"]) == {1}
+  for method in ("gradients", "ig", "grad_cam"):
+    maps = np.load(workdir / f"maps_{method}.npy")
+    assert maps.shape[:3] == (2, 48, 48), (method, maps.shape)
+    assert summary["methods"][method]["seconds_per_image"] > 0
+  assert "skipped" in summary["methods"]["cam"]  # the custom CNN's head is not GAP + dense
+  assert (workdir / "attributions.png").stat().st_size > 0
