@@ -19,6 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from experiments import demo_sections
+from experiments import evaluate_explanations
+from medxai_jax import explain
 from medxai_jax.attribution import cam
 from medxai_jax.data import pipeline
 from medxai_jax.models import base
@@ -87,12 +90,33 @@ def main(argv: list[str]) -> None:
   figures.plot_heatmap_overlays(examples["image"][chosen], maps,
                                 os.path.join(workdir, "gradcam.png"),
                                 masks=examples["lesion_mask"][chosen], titles=titles)
+  settings = config.explain
+  path_section, explained = demo_sections.attribution_section(
+      model, variables, examples["image"][chosen], inputs[chosen],
+      examples["lesion_mask"][chosen], settings, workdir, config.seed)
+  roi = np.arange(min(settings.num_roi_images, len(examples["label"])))
+  feature_section, features = demo_sections.feature_map_section(
+      model, variables, examples["image"][chosen], inputs[chosen], explained["maps"],
+      inputs[roi], examples["label"][roi], workdir)
+  shown = np.arange(min(settings.representation.num_images, len(examples["label"])))
+  batches = [{"image": examples["image"][shown][i:i + 128],
+              "label": examples["label"][shown][i:i + 128]} for i in range(0, len(shown), 128)]
+  representation_section, representation = demo_sections.representation_section(
+      config, model, variables, batches, preprocess, workdir)
+  scored = evaluate_explanations.evaluate_run(
+      config, workdir, os.path.join(workdir, "evaluation"),
+      methods=[m for m in settings.methods if m != "xrai"], num_images=settings.num_scored,
+      options=explain.ExplainOptions(steps=settings.steps, samples=settings.samples),
+      seed=config.seed)
+  result["explanations"] = {"timings": explained["timings"],
+                            "roi_table": features["roi_table"]["rows"], **representation,
+                            "marker_share": scored["marker_share"]}
   history = read_history(workdir)
   figures.plot_training_curves(history, os.path.join(workdir, "training_curves.png"),
                                result["selected_epoch"])
   result["demo_wall_seconds"] = time.time() - start
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
-    json.dump(result, f, indent=2)
+    json.dump(result, f, indent=2, default=float)
 
   test, validation, short = result["test"], result["validation"], result["shortcut"]
   metric_names = ("accuracy", "precision", "recall", "f1", "cohen_kappa", "mcc", "roc_auc")
@@ -129,6 +153,8 @@ def main(argv: list[str]) -> None:
           "test images; the heat map is shown where it exceeds 20% of its maximum."],
           figures=[report.Figure("gradcam.png", "Top: input with the lesion mask in red. "
                                  "Bottom: Grad-CAM ('jet').")]),
+      path_section, feature_section, representation_section,
+      evaluate_explanations.leaderboard_section(scored, workdir),
   ]
   report.write_report(os.path.join(workdir, "report.html"), "medxai-jax demo", sections)
   print(f"Test accuracy {test['accuracy']:.4f} (ROC AUC {test['roc_auc']:.4f}); "

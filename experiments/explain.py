@@ -8,242 +8,43 @@ Writes into --workdir: one raw map array per method (`maps_<method>.npy`, [N, H,
 [N, H, W, C]), `attributions.png` (003's figures 8-9: the input, then one gray magnitude map per
 method with the same percentile clip), `explain.json` (images, targets, seconds per image per
 method). The explained images are the first --num_images test images of --label (or
---indices).
+--indices). Methods: see `medxai_jax.explain.METHODS`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import time
-from typing import Any, Callable, Mapping, Sequence
 
 from absl import app
 from absl import flags
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
 from ml_collections import config_flags
 
+from medxai_jax import explain
 from medxai_jax import logs
-from medxai_jax.attribution import cam
-from medxai_jax.attribution import crm
-from medxai_jax.attribution import gradients
-from medxai_jax.attribution import integrated
-from medxai_jax.attribution import xrai
-from medxai_jax.data import pipeline
-from medxai_jax.models import base
-from medxai_jax.train import loop
-from medxai_jax.viz import figures
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config of the model.",
                                           lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training run directory to explain.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-_METHODS = flags.DEFINE_list("methods", None, "Methods (default: all); see METHODS.")
+_METHODS = flags.DEFINE_list("methods", None, "Methods (default: all); see explain.METHODS.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "Images to explain.")
 _LABEL = flags.DEFINE_integer("label", 1, "Explain test images of this label (-1: any).")
 _INDICES = flags.DEFINE_list("indices", [], "Test-split indices (overrides --label).")
-_STEPS = flags.DEFINE_integer("steps", 64, "IG / Blur IG / Guided IG gradient evaluations.")
+_STEPS = flags.DEFINE_integer("steps", 64, "IG / Blur IG / Guided IG / XRAI gradient steps.")
 _SAMPLES = flags.DEFINE_integer("samples", 32, "SmoothGrad noise samples.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random parts (SmoothGrad noise).")
 flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
-
-# A method: (model, variables, images, targets, key, options) -> maps [B, H, W(, C)].
-MethodFn = Callable[..., jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class ExplainOptions:
-  """Cost knobs shared by the methods."""
-
-  steps: int = 64
-  samples: int = 32
-  chunk_size: int = 16
-
-
-def _gradients(model, variables, images, targets, key, options):
-  del key, options
-  return gradients.vanilla_gradients(model, variables, images, targets)
-
-
-def _smoothgrad(model, variables, images, targets, key, options):
-  return gradients.smoothgrad(model, variables, images, targets, key=key,
-                              num_samples=options.samples, chunk_size=options.chunk_size)
-
-
-def _ig(model, variables, images, targets, key, options):
-  del key
-  return integrated.integrated_gradients(model, variables, images, targets,
-                                         num_steps=options.steps,
-                                         chunk_size=options.chunk_size)
-
-
-def _blur_ig(model, variables, images, targets, key, options):
-  del key
-  return integrated.blur_ig(model, variables, images, targets, num_steps=options.steps,
-                            chunk_size=options.chunk_size)
-
-
-def _guided_ig(model, variables, images, targets, key, options):
-  del key
-  return integrated.guided_ig(model, variables, images, targets, num_steps=options.steps)
-
-
-def _grad_cam(model, variables, images, targets, key, options):
-  del key, options
-  return cam.grad_cam(model, variables, images, targets)
-
-
-def _cam(model, variables, images, targets, key, options):
-  del key, options
-  return cam.cam(model, variables, images, targets, check_head=False)
-
-
-def _xrai(model, variables, images, targets, key, options):
-  del key
-  return xrai.xrai(model, variables, images, targets, num_steps=options.steps)
-
-
-def _fast_xrai(model, variables, images, targets, key, options):
-  del key
-  return xrai.fast_xrai(model, variables, images, targets, num_steps=options.steps)
-
-
-def _crm(model, variables, images, targets, key, options):
-  del targets, key, options  # CRM sums over every class score (004, eq. 6)
-  return crm.crm(model, variables, images)
-
-
-# The methods, in the column order of the figures.
-METHODS: dict[str, MethodFn] = {
-    "gradients": _gradients,
-    "smoothgrad": _smoothgrad,
-    "ig": _ig,
-    "blur_ig": _blur_ig,
-    "guided_ig": _guided_ig,
-    "xrai": _xrai,
-    "fast_xrai": _fast_xrai,
-    "cam": _cam,
-    "grad_cam": _grad_cam,
-    "crm": _crm,
-}
-# Methods with a host-side part (XRAI's segmentation, CRM's numerical head check): called as
-# they are (their device parts are jitted inside); the others are jitted whole here.
-HOST_METHODS = frozenset({"xrai", "fast_xrai", "crm"})
-# Methods that need a GAP + dense head: checked eagerly on one image, skipped with a note when
-# the model's head is not one.
-NEEDS_GAP_HEAD = frozenset({"cam"})
-
-
-def gap_head_problem(model: base.Classifier, variables: base.Variables, images: jax.Array,
-                     targets: jax.Array) -> str | None:
-  """Why CAM cannot read this model's head, or None when it can."""
-  try:
-    cam.cam(model, variables, images[:1], targets[:1], check_head=True)
-  except ValueError as error:
-    return str(error)
-  return None
-
-
-def run_methods(model: base.Classifier, variables: base.Variables, images: jax.Array,
-                targets: jax.Array, methods: Sequence[str], key: jax.Array,
-                options: ExplainOptions = ExplainOptions()
-                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """Maps of each method (numpy) and per-method timings / skip reasons."""
-  unknown = [m for m in methods if m not in METHODS]
-  if unknown:
-    raise ValueError(f"Unknown methods {unknown}; choose from {list(METHODS)}.")
-  maps, info = {}, {}
-  head_problem = (gap_head_problem(model, variables, images, targets)
-                  if NEEDS_GAP_HEAD.intersection(methods) else None)
-  for index, name in enumerate(methods):
-    if name in NEEDS_GAP_HEAD and head_problem:
-      info[name] = {"skipped": head_problem}
-      continue
-    method_key = jax.random.fold_in(key, index)
-    start = time.perf_counter()
-    if name in HOST_METHODS:  # one call: its time includes compiling its jitted parts
-      compiled = lambda v, x, t, k, fn=METHODS[name]: fn(model, v, x, t, k, options)  # noqa: E731
-    else:
-      fn = jax.jit(lambda v, x, t, k, fn=METHODS[name]: fn(model, v, x, t, k, options))
-      compiled = fn.lower(variables, images, targets, method_key).compile()
-    compile_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    result = np.asarray(jax.block_until_ready(compiled(variables, images, targets, method_key)))
-    seconds = time.perf_counter() - start
-    maps[name] = result
-    info[name] = {"compile_seconds": None if name in HOST_METHODS else round(compile_seconds, 2),
-                  "seconds_per_image": round(seconds / len(images), 4)}
-  return maps, info
-
-
-def choose_indices(labels: np.ndarray, num_images: int, label: int,
-                   indices: Sequence[int] = ()) -> np.ndarray:
-  """Test-split indices to explain: given ones, or the first `num_images` of `label`."""
-  if indices:
-    chosen = np.asarray([int(i) for i in indices])
-    if chosen.min() < 0 or chosen.max() >= len(labels):
-      raise ValueError(f"--indices must lie in [0, {len(labels)}); got {list(indices)}.")
-    return chosen
-  candidates = np.arange(len(labels)) if label < 0 else np.flatnonzero(labels == label)
-  if not len(candidates):
-    raise ValueError(f"No test image has label {label}.")
-  return candidates[:num_images]
-
-
-def load_split(config: ml_collections.ConfigDict, split: str,
-               keys: Sequence[str] = ("image", "label")) -> dict[str, np.ndarray]:
-  """Every example of a (small) split as numpy arrays, padding removed."""
-  source = pipeline.load_sources(config.dataset, [split])[split]
-  available = [k for k in keys if k in source[0]]
-  batches = list(pipeline.iterate_batches(source, batch_size=256, keys=available))
-  real = np.concatenate([b["weight"] > 0 for b in batches])
-  return {key: np.concatenate([b[key] for b in batches])[real] for key in available}
-
-
-def explain_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir: str, *,
-                methods: Sequence[str] | None = None, num_images: int = 8, label: int = 1,
-                indices: Sequence[int] = (), options: ExplainOptions = ExplainOptions(),
-                seed: int = 0) -> dict[str, Any]:
-  """Explains the selected model of a training run; writes maps, the grid figure and JSON."""
-  workdir = loop.prepare_workdir(workdir)
-  model, variables = loop.restore_selected_model(config, checkpoint_dir)
-  _, _, preprocess = loop.build_components(config)
-  examples = load_split(config, config.dataset.test_split,
-                        ("image", "label", "lesion_mask", "index"))
-  chosen = choose_indices(examples["label"], num_images, label, indices)
-  images = jax.jit(preprocess)(jnp.asarray(examples["image"][chosen]))
-  targets = jnp.asarray(examples["label"][chosen], jnp.int32)
-  methods = list(methods or METHODS)
-  maps, info = run_methods(model, variables, images, targets, methods,
-                           jax.random.key(seed), options)
-  for name, value in maps.items():
-    np.save(os.path.join(workdir, f"maps_{name}.npy"), value)
-  figure = figures.plot_attribution_grid(
-      examples["image"][chosen], maps, os.path.join(workdir, "attributions.png"),
-      masks=examples.get("lesion_mask", None) if "lesion_mask" in examples else None,
-      titles=[f"#{i}" for i in chosen])
-  summary = {"checkpoint": os.path.abspath(checkpoint_dir), "split": config.dataset.test_split,
-             "indices": chosen.tolist(), "targets": np.asarray(targets).tolist(),
-             "options": dataclasses.asdict(options), "methods": info,
-             "figure": os.path.basename(figure)}
-  with open(os.path.join(workdir, "explain.json"), "w") as file:
-    json.dump(summary, file, indent=2)
-  return summary
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.setup_console_logging()
-  options = ExplainOptions(steps=_STEPS.value, samples=_SAMPLES.value)
-  summary = explain_run(_CONFIG.value, _CHECKPOINT.value, _WORKDIR.value,
-                        methods=_METHODS.value, num_images=_NUM_IMAGES.value,
-                        label=_LABEL.value, indices=_INDICES.value, options=options,
-                        seed=_SEED.value)
+  options = explain.ExplainOptions(steps=_STEPS.value, samples=_SAMPLES.value)
+  summary = explain.explain_run(_CONFIG.value, _CHECKPOINT.value, _WORKDIR.value,
+                                methods=_METHODS.value, num_images=_NUM_IMAGES.value,
+                                label=_LABEL.value, indices=_INDICES.value, options=options,
+                                seed=_SEED.value)
   print(json.dumps(summary["methods"], indent=2))
 
 
