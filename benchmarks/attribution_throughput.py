@@ -1,0 +1,270 @@
+r"""Throughput of every attribution method, vectorised against naive Python loops, and IG memory.
+
+  python -m benchmarks.attribution_throughput [--arch=densenet169] [--image_size=224]
+      [--batch_size=8] [--num_steps=64] [--num_samples=32] [--chunk_size=4]
+      [--methods=vanilla,smoothgrad,ig,blur_ig,guided_ig,xrai,fast_xrai,loop_ig,loop_smoothgrad]
+      [--memory_steps=64,256] [--warmup=1] [--repeats=1]
+
+Prints one JSON object. Per method: the jit compile time (lower + compile, ahead of time), then
+`warmup` untimed and `repeats` timed calls of the compiled function; images/s = batch / mean
+seconds. The model has random weights (numpy He-normal draws, as benchmarks.ig_convergence,
+BatchNorm the identity);
+the inputs are the first synthetic radiographs (phantoms, seed 0), gray repeated to RGB.
+- IG, Blur IG: `num_steps` gradient evaluations per image, `chunk_size` steps vmapped per
+  gradient batch (batch_size * chunk_size images), the chunks summed by lax.scan. Guided IG:
+  `num_steps` sequential steps (one gradient batch each, a scan). SmoothGrad: `num_samples`
+  noisy copies, chunked likewise.
+- XRAI / Fast XRAI: IG with the black and white baselines (`num_steps` each, so 2 * num_steps
+  gradients per image; chunk_size // 2 steps per gradient batch, the same batch size as IG),
+  jitted, then host segmentation (scikit-image) and ranking. The IG part and the segmentation
+  are measured once and shared by both; the JSON splits the seconds into the three parts.
+- loop_ig / loop_smoothgrad: the PAIR-saliency style baseline: a Python loop that calls one
+  jitted gradient function of the same batch once per step / noise sample, with the path point /
+  noise made in numpy on the host and the gradients accumulated in numpy.
+  `speedup_vectorised_over_loop` is vectorised images/s over loop images/s.
+- Peak memory of IG at each of `memory_steps` (same chunk_size, and unchunked at the first):
+  temp + argument + output bytes of the compiled executable's memory_analysis(), which XLA
+  fills in on the CPU too (compile only, nothing runs).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import ig_convergence
+from medxai_jax.attribution import common
+from medxai_jax.attribution import gradients
+from medxai_jax.attribution import integrated
+from medxai_jax.attribution import xrai
+from medxai_jax.data import phantoms
+from medxai_jax.models import base
+from medxai_jax.models import custom_cnn
+from medxai_jax.models import densenet
+
+METHODS = ("vanilla", "smoothgrad", "ig", "blur_ig", "guided_ig", "xrai", "fast_xrai", "loop_ig",
+           "loop_smoothgrad")
+ARCHS = ("densenet121", "densenet169", "densenet201", "custom_cnn")
+
+_ARCH = flags.DEFINE_enum("arch", "densenet169", ARCHS, "Model (random weights).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Square input size.")
+_CHANNELS = flags.DEFINE_integer("channels", 3, "Input channels.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Images per call.")
+_STEPS = flags.DEFINE_integer("num_steps", 64, "Path steps of IG, Blur IG, Guided IG, XRAI's IG.")
+_SAMPLES = flags.DEFINE_integer("num_samples", 32, "SmoothGrad noise samples.")
+_CHUNK = flags.DEFINE_integer("chunk_size", 4, "Steps / samples vmapped per gradient batch.")
+_METHODS = flags.DEFINE_list("methods", list(METHODS), f"Subset of {METHODS}.")
+_MEMORY_STEPS = flags.DEFINE_list("memory_steps", ["64", "256"], "IG step counts for memory.")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling.")
+_REPEATS = flags.DEFINE_integer("repeats", 1, "Timed calls.")
+
+
+def build_model(arch: str, image_size: int, channels: int) -> base.Classifier:
+  """The benchmarked classifier: a DenseNet (one logit) or the small custom CNN (3 classes)."""
+  shape = (image_size, image_size, channels)
+  if arch == "custom_cnn":
+    return custom_cnn.custom_cnn(num_outputs=3, input_shape=shape, conv_widths=(4, 8, 8, 8, 8),
+                                 dense_widths=(16, 16), init_std=None)
+  return densenet.densenet(depth=int(arch.removeprefix("densenet")), num_outputs=1,
+                           input_shape=shape)
+
+
+def benchmark_variables(model: base.Classifier, seed: int = 0) -> base.Variables:
+  """ig_convergence's numpy He-normal draws with BatchNorm as the identity (mean 0, var 1, scale 1).
+
+  Random BatchNorm variances would be negative (NaN maps); drawing in numpy avoids compiling init.
+  """
+
+  def identity_batchnorm(path: tuple, leaf: jax.Array) -> jax.Array:
+    name = jax.tree_util.keystr(path[-1:])
+    if name == "['mean']":
+      return jnp.zeros_like(leaf)
+    if name in ("['var']", "['scale']"):
+      return jnp.ones_like(leaf)
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(identity_batchnorm,
+                                          ig_convergence.random_variables(model, seed))
+
+
+def phantom_batch(batch: int, image_size: int, channels: int) -> np.ndarray:
+  """The first `batch` synthetic radiographs (seed 0) in [0, 1], gray repeated to `channels`."""
+  config = phantoms.PhantomConfig(image_size=image_size)
+  images = phantoms.generate_phantoms(batch, seed=0, config=config)["image"]
+  return np.repeat(images.astype(np.float32) / 255.0, channels, axis=-1)
+
+
+def _timed(fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, Any]:
+  """Mean seconds of `repeats` calls of fn (after `warmup` calls) and its last output."""
+  output = None
+  for _ in range(warmup):
+    output = jax.block_until_ready(fn())
+  start = time.perf_counter()
+  for _ in range(repeats):
+    output = jax.block_until_ready(fn())
+  return (time.perf_counter() - start) / repeats, output
+
+
+def _compiled(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+  """jit(fn) compiled ahead of time for args, and the seconds lowering + compiling took."""
+  start = time.perf_counter()
+  executable = jax.jit(fn).lower(*args).compile()
+  return executable, time.perf_counter() - start
+
+
+def _rate(batch: int, seconds: float) -> float:
+  """Images per second, three significant digits."""
+  return float(f"{batch / seconds:.3g}")
+
+
+def peak_bytes(executable: Any) -> dict[str, int]:
+  """temp, argument, output and total bytes from a compiled executable's memory_analysis()."""
+  analysis = executable.memory_analysis()
+  sizes = {"temp": int(analysis.temp_size_in_bytes),
+           "argument": int(analysis.argument_size_in_bytes),
+           "output": int(analysis.output_size_in_bytes)}
+  sizes["total"] = sum(sizes.values())
+  sizes["total_mib"] = round(sizes["total"] / 2**20, 1)
+  return sizes
+
+
+def loop_ig(grad_fn: Callable[..., jax.Array], variables: base.Variables, images: np.ndarray,
+            targets: jax.Array, num_steps: int) -> np.ndarray:
+  """IG from a zero baseline as a Python loop: one jitted gradient call per trapezoid node."""
+  nodes, weights = integrated.quadrature("riemann_trapezoid", num_steps)
+  total = np.zeros_like(images)
+  for alpha, weight in zip(nodes, weights):
+    total += weight * np.asarray(grad_fn(variables, alpha * images, targets))
+  return images * total
+
+
+def loop_smoothgrad(grad_fn: Callable[..., jax.Array], variables: base.Variables,
+                    images: np.ndarray, targets: jax.Array, num_samples: int,
+                    noise_level: float = 0.15, seed: int = 0) -> np.ndarray:
+  """SmoothGrad as a Python loop: numpy noise, one jitted gradient call per sample."""
+  rng = np.random.default_rng(seed)
+  spread = images.max(axis=(1, 2, 3), keepdims=True) - images.min(axis=(1, 2, 3), keepdims=True)
+  total = np.zeros_like(images)
+  for _ in range(num_samples):
+    noisy = images + rng.standard_normal(images.shape).astype(np.float32) * noise_level * spread
+    total += np.asarray(grad_fn(variables, noisy, targets))
+  return total / num_samples
+
+
+def main(argv):
+  del argv
+  unknown = sorted(set(_METHODS.value) - set(METHODS))
+  if unknown:
+    raise ValueError(f"--methods has unknown entries {unknown}; choose from {METHODS}.")
+  batch, steps, samples, chunk = _BATCH.value, _STEPS.value, _SAMPLES.value, _CHUNK.value
+  warmup, repeats = _WARMUP.value, _REPEATS.value
+  model = build_model(_ARCH.value, _IMAGE_SIZE.value, _CHANNELS.value)
+  variables = benchmark_variables(model)
+  rng = np.random.default_rng(0)
+  host_images = phantom_batch(batch, _IMAGE_SIZE.value, _CHANNELS.value)
+  images = jnp.asarray(host_images)
+  targets = jnp.asarray(rng.integers(0, model.num_classes, batch), jnp.int32)
+  key = jax.random.key(0)
+  partial = functools.partial
+  vectorised = {
+      "vanilla": partial(gradients.vanilla_gradients, model),
+      "smoothgrad": partial(gradients.smoothgrad, model, key=key, num_samples=samples,
+                            chunk_size=chunk),
+      "ig": partial(integrated.integrated_gradients, model, num_steps=steps, chunk_size=chunk),
+      "blur_ig": partial(integrated.blur_ig, model, num_steps=steps, chunk_size=chunk),
+      "guided_ig": partial(integrated.guided_ig, model, num_steps=steps),
+  }
+  methods: dict[str, dict[str, Any]] = {}
+  outputs: dict[str, np.ndarray] = {}
+  for name, fn in vectorised.items():
+    if name not in _METHODS.value:
+      continue
+    executable, compile_seconds = _compiled(fn, variables, images, targets)
+    seconds, output = _timed(lambda: executable(variables, images, targets), warmup, repeats)
+    outputs[name] = np.asarray(output)
+    methods[name] = {"compile_seconds": round(compile_seconds, 1),
+                     "seconds_per_batch": round(seconds, 3),
+                     "images_per_second": _rate(batch, seconds),
+                     "finite": bool(np.isfinite(outputs[name]).all())}
+
+  if {"xrai", "fast_xrai"} & set(_METHODS.value):
+    attribute = partial(xrai.xrai_attributions, model, num_steps=steps,
+                        chunk_size=max(chunk // 2, 1))
+    executable, compile_seconds = _compiled(attribute, variables, images, targets)
+    attribution_seconds, attributions = _timed(
+        lambda: executable(variables, images, targets), warmup, repeats)
+    attributions = np.asarray(attributions)
+    segmentation_seconds, segments = _timed(
+        lambda: [xrai.segment_masks(image) for image in host_images], 0, repeats)
+    for name, method in (("xrai", xrai.xrai), ("fast_xrai", xrai.fast_xrai)):
+      if name not in _METHODS.value:
+        continue
+      ranking_seconds, _ = _timed(lambda: method(model, variables, images, targets,
+                                                 attributions=attributions, segments=segments),
+                                  0, repeats)
+      total = attribution_seconds + segmentation_seconds + ranking_seconds
+      methods[name] = {
+          "compile_seconds": round(compile_seconds, 1), "seconds_per_batch": round(total, 3),
+          "images_per_second": _rate(batch, total),
+          "seconds_split": {"attribution_ig_2_baselines": round(attribution_seconds, 3),
+                            "segmentation_host": round(segmentation_seconds, 3),
+                            "ranking_host": round(ranking_seconds, 3)},
+          "regions_per_image": round(float(np.mean([len(s) for s in segments])), 1),
+          "finite": bool(np.isfinite(attributions).all())}
+
+  loops = {"loop_ig": ("ig", lambda grad: loop_ig(grad, variables, host_images, targets, steps)),
+           "loop_smoothgrad": ("smoothgrad", lambda grad: loop_smoothgrad(
+               grad, variables, host_images, targets, samples))}
+  if set(loops) & set(_METHODS.value):
+    grad_fn, compile_seconds = _compiled(partial(common.input_gradients, model), variables,
+                                         images, targets)
+    for name, (vectorised_name, run_loop) in loops.items():
+      if name not in _METHODS.value:
+        continue
+      seconds, output = _timed(lambda: run_loop(grad_fn), warmup, repeats)
+      entry = {"compile_seconds": round(compile_seconds, 1),
+               "seconds_per_batch": round(seconds, 3), "images_per_second": _rate(batch, seconds)}
+      if vectorised_name in methods:
+        entry["speedup_vectorised_over_loop"] = round(
+            methods[vectorised_name]["images_per_second"] / entry["images_per_second"], 2)
+        if name == "loop_ig":  # same quadrature, same baseline: the maps must agree
+          reference = outputs[vectorised_name]
+          entry["max_abs_difference_to_vectorised"] = float(
+              f"{np.abs(output - reference).max():.3g}")
+          entry["max_abs_vectorised"] = float(f"{np.abs(reference).max():.3g}")
+      methods[name] = entry
+
+  memory = {}
+  memory_steps = [int(value) for value in _MEMORY_STEPS.value]
+  for index, num_steps in enumerate(memory_steps):
+    chunks = [chunk] + ([num_steps] if index == 0 and num_steps != chunk else [])
+    for chunk_size in chunks:
+      executable, _ = _compiled(partial(integrated.integrated_gradients, model,
+                                        num_steps=num_steps, chunk_size=chunk_size),
+                                variables, images, targets)
+      memory[f"ig_{num_steps}_steps_chunk_{chunk_size}"] = peak_bytes(executable)
+
+  result = {
+      "benchmark": "attribution_throughput", "device": str(jax.devices()[0]),
+      "jax_version": jax.__version__, "arch": _ARCH.value,
+      "input_shape": list(model.input_shape), "batch_size": batch,
+      "num_parameters": base.parameter_count(variables), "num_steps": steps,
+      "num_samples": samples, "chunk_size": chunk, "warmup_calls": warmup,
+      "timed_calls": repeats, "methods": methods,
+      "ig_peak_memory_bytes": memory,
+      "memory_note": "temp + argument + output bytes of the compiled executable's "
+                     "memory_analysis() (CPU); nothing was run for these",
+  }
+  print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)
