@@ -33,8 +33,13 @@ def base_config() -> ml_collections.ConfigDict:
   # model.head reads, after the 'last_conv' tap) | 'last_n_layers' (the last
   # num_trainable_layers layers that own parameters, in forward order). head_only_epochs: train
   # only the head for this many epochs first (001's warm-up), then `trainable`.
+  # compute_dtype: 'float32' | 'bfloat16' (activations and matrix products; parameters, optimiser
+  # state, BatchNorm statistics and the loss stay float32). accumulation_steps: k > 1 splits
+  # each batch of batch_size into k micro-batches whose gradients are summed before one
+  # optimiser step (batch_size stays the global batch: per device batch_size / devices / k).
   config.train = ml_collections.ConfigDict(dict(
-      trainable="all", num_trainable_layers=0, head_only_epochs=0))
+      trainable="all", num_trainable_layers=0, head_only_epochs=0, compute_dtype="float32",
+      accumulation_steps=1))
   # On-device training augmentation (medxai_jax/data/augment.py), all off by default: horizontal
   # flips, rotations by up to rotation_degrees, shifts by up to shift_pixels (stored-image
   # pixels), zoom by a factor in [1 - zoom, 1 + zoom]; fill_mode 'constant' (fill_value, on the
@@ -49,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.schedule = ml_collections.ConfigDict(dict(
       name="constant", boundaries=(), divisors=(), metric="loss", mode="", factor=0.1,
       patience=3, max_reductions=0, min_learning_rate=0.0))
+  # The global batch, whatever the device count (it must divide evenly over the devices); the
+  # eval batch size is rounded up to a multiple of the device count.
   config.batch_size = 32
   config.eval_batch_size = 128
   config.num_epochs = 10

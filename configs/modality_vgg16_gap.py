@@ -17,10 +17,11 @@ selected epoch by validation accuracy. Mean normalisation follows Keras' VGG16 p
 expect (Keras feeds them BGR: see PREPROCESSING in medxai_jax/models/porting.py). Start from
 ImageNet weights with `--config.init_from=<checkpoint of experiments/port_weights.py>`.
 
-Until the modality-folder builder lands (issue 8) this trains on the phantoms' body-part label
-(5 of the 7 outputs used); on the real collection it is one line of overrides (builder and
-label names as issue 8 settles them):
+By default this trains on the phantoms' body-part label (5 of the 7 outputs used); on the real
+collection (builder `medical_modalities`: DIR holds one folder per modality class, stored RGB at
+300 x 300, classes in the order of MODALITIES) it is one line of overrides:
   --config.dataset.name=medical_modalities --config.dataset.label_key=label --config.dataset.manual_dir=DIR
+The shifts are in stored pixels, so +-3 pixels of the 300 x 300 images, as in 004.
 """
 
 import ml_collections

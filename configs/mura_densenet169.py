@@ -15,12 +15,12 @@ inversions and rotations up to 30 degrees".
 Defaults here: random initialisation (the paper's 'random' model sets); for the pre-trained sets
 add `--config.init_from=<checkpoint of experiments/port_weights.py>`. Keras' Adam epsilon 1e-7
 and its DenseNet preprocessing (RGB in [0, 1], ImageNet mean/std), which the ported weights
-expect. Until the MURA builder lands (issue 8) this trains on the phantoms (abnormal vs normal,
-resized to 320); on MURA it is one line of overrides (builder name as issue 8 settles it; DIR
-holds MURA-v1.1/):
+expect. By default this trains on the phantoms (abnormal vs normal, resized to 320); on MURA
+(builder `mura`, 320 x 320 padded, abnormal vs normal per image; DIR holds MURA-v1.1/):
   --config.dataset.name=mura --config.dataset.manual_dir=DIR
 The paper's four model sets (all extremities, wrist, finger, random-init wrist) differ only in
-the builder's body-part subset and `init_from`.
+the builder's body-part subset (`--config.dataset.builder_config=all|wrist|finger`; the
+`*_noborder` configs crop the frames 000 removes) and `init_from`.
 """
 
 import ml_collections

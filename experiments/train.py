@@ -4,6 +4,34 @@ r"""Trains a classifier from a config and evaluates the selected epoch on the te
       --config.num_epochs=3 --config.learning_rate=3e-4
 
 Re-running with the same --workdir resumes from the last end-of-epoch checkpoint.
+
+Every local device trains data-parallel (medxai_jax/train/parallel.py): config.batch_size is the
+global batch, split over the devices, so it must be a multiple of the device count. Optional:
+--config.train.compute_dtype=bfloat16 (float32 parameters) and
+--config.train.accumulation_steps=K (K micro-batches per optimiser step).
+
+Several hosts: start one process per host with the same command plus --multihost (the cluster is
+detected by jax.distributed: SLURM, Open MPI, TPU pods, ...), or name the coordinator yourself
+with --coordinator_address=HOST:PORT --num_processes=N --process_id=I. The work directory must be
+on a file system every host sees (checkpoints are written by all processes; the JSON files by
+process 0). For example, SLURM, 2 nodes with 8 GPUs each, one process per node:
+
+  srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 \
+      .venv/bin/python -m experiments.train --config=configs/mura_densenet169.py \
+      --workdir=/shared/runs/mura --config.batch_size=64 --multihost
+
+and a TPU pod slice (one process per TPU VM host):
+
+  gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=all --command="cd medxai-jax && \
+      .venv/bin/python -m experiments.train --config=configs/mura_densenet169.py \
+      --workdir=/mnt/shared/runs/mura --config.batch_size=64 --multihost"
+
+Without SLURM or a TPU pod (e.g. two plain machines), on each machine I in {0, 1}:
+
+  .venv/bin/python -m experiments.train ... --coordinator_address=10.0.0.1:12345 \
+      --num_processes=2 --process_id=I
+
+$MEDXAI_DISTRIBUTED=1 acts as --multihost, and $JAX_COORDINATOR_ADDRESS as --coordinator_address.
 """
 
 from absl import app
@@ -12,10 +40,21 @@ from ml_collections import config_flags
 
 from medxai_jax import logs
 from medxai_jax.train import loop
+from medxai_jax.train import parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", None, "Start jax.distributed with the cluster auto-detected (SLURM, Open MPI, "
+    "TPU pods). Default: $MEDXAI_DISTRIBUTED=1.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "HOST:PORT of process 0 for a multi-host run without "
+    "auto-detection (default: $JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes of a multi-host run (0: "
+                                      "auto-detected).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a multi-host run "
+                                   "(-1: auto-detected).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -23,6 +62,9 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.setup_console_logging()
+  # Before anything touches a device.
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                  auto=_MULTIHOST.value)
   loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -11,6 +11,7 @@ import pytest
 from medxai_jax.data import augment
 from medxai_jax.train import freeze
 from medxai_jax.train import loop
+from medxai_jax.train import optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_NAMES = sorted(
@@ -19,17 +20,32 @@ CONFIG_NAMES = sorted(
     if os.path.basename(path) not in ("__init__.py", "common.py"))
 
 
+# Sections that an experiment binary reads and strips before training (not training fields).
+EXPERIMENT_SECTIONS = ("transfer",)
+
+
 def load(name):
   return importlib.import_module(f"configs.{name}").get_config()
 
 
+def training_config(name):
+  config = load(name)
+  with config.unlocked():
+    for section in EXPERIMENT_SECTIONS:
+      if section in config:
+        del config[section]
+  return config
+
+
 def test_the_paper_configs_are_found():
-  assert {"mura_densenet169", "modality_vgg16_gap", "demo"} <= set(CONFIG_NAMES)
+  assert {"mura_densenet169", "modality_vgg16_gap", "demo", "radinet_densenet169",
+          "chest_xray_vgg16_finetune", "chest_xray_custom_cnn",
+          "brain_mri_densenet121"} <= set(CONFIG_NAMES)
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_config_checks_and_builds(name):
-  config = load(name)
+  config = training_config(name)
   loop.check_config(config)
   model, tx, preprocess = loop.build_components(config)
   # Shapes only: nothing of the (possibly large) model is computed.
@@ -96,3 +112,138 @@ def test_check_config_names_bad_fine_tuning_and_augment_fields():
     config.train.num_layers = 3
   with pytest.raises(ValueError, match=r"config.train has unknown field\(s\) \['num_layers'\]"):
     loop.check_config(config)
+
+
+def _plateau_trace(config, metric_values):
+  """Learning rates of epochs 1..N+1 when validation[config.schedule.metric] follows the list."""
+  rate, plateau = config.learning_rate, optim.PlateauState()
+  rates = [rate]
+  for value in metric_values:
+    rate, plateau = loop.plateau_step(config, rate, {config.schedule.metric: value}, plateau)
+    rates.append(rate)
+  return rates
+
+
+def _radinet_head_params(inputs, widths, outputs):
+  sizes = (inputs, *widths, outputs)
+  return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def test_radinet_densenet169_is_the_recipe_of_001():
+  config = load("radinet_densenet169")
+  # DenseNet-169 features (torchvision's 14,149,480 trainable minus its 1664 x 1000 classifier)
+  # plus "five dense layers on top": 1664 -> 1024 -> 512 -> 256 -> 128 -> 1.
+  backbone = 14_149_480 - (1664 * 1000 + 1000)
+  assert _num_params(config) == backbone + _radinet_head_params(1664, (1024, 512, 256, 128), 1)
+  assert config.model.head == "radinet" and config.model.depth == 169
+  assert config.optimizer.name == "adam" and (config.optimizer.b1, config.optimizer.b2) == (
+      0.9, 0.999)
+  assert config.train.head_only_epochs == 25 and config.train.trainable == "all"
+  assert config.class_weights == "balanced"
+  # Validation loss improves for 5 epochs, then plateaus for good: x0.1 after every 3-epoch
+  # plateau, down to 1e-7 and never below; early stopping after 10 epochs without improvement.
+  losses = [1.0, 0.9, 0.8, 0.7, 0.6] + [0.6] * 14
+  rates = _plateau_trace(config, losses)
+  expected = [1e-4] * 8 + [1e-5] * 3 + [1e-6] * 3 + [1e-7] * 6
+  np.testing.assert_allclose(rates, expected, rtol=1e-9)
+  best, since, stops = None, 0, []
+  for value in losses:
+    best, since, stop = loop.early_stopping_step(config, {"loss": value}, best, since)
+    stops.append(stop)
+  assert stops.index(True) == 14  # epoch 15: the 10th epoch after the last improvement (5)
+  # Balanced class weights: n / (K n_k).
+  np.testing.assert_allclose(loop.resolve_class_weights(config.class_weights,
+                                                        np.array([56, 44])), [100 / 112, 100 / 88])
+  # The warm-up trains only the head: the five dense layers.
+  model = loop.build_components(config)[0]
+  params = jax.eval_shape(model.init, jax.random.key(0))["params"]
+  head = freeze.trainable_mask(model, "head")
+  assert freeze.count_trainable(params, head) == _radinet_head_params(
+      1664, (1024, 512, 256, 128), 1)
+
+
+@pytest.mark.parametrize("name", ["chest_xray_vgg16_finetune", "chest_xray_custom_cnn"])
+def test_the_002_configs_divide_the_rate_by_10_at_most_three_times(name):
+  config = load(name)
+  assert config.optimizer.name == "sgd" and config.optimizer.weight_decay == 5e-4
+  assert config.optimizer.momentum > 0 and config.learning_rate == 1e-3
+  assert config.schedule.metric == "accuracy"
+  accuracies = [0.6, 0.7, 0.8] + [0.8] * 12
+  rates = _plateau_trace(config, accuracies)
+  patience = config.schedule.patience
+  # Reductions after each `patience` epochs without a better validation accuracy, three times.
+  expected = []
+  for epoch in range(len(accuracies) + 1):
+    stalled = max(0, epoch - 3)
+    expected.append(1e-3 * 0.1 ** min(3, stalled // patience))
+  np.testing.assert_allclose(rates, expected, rtol=1e-9)
+  assert min(rates) == pytest.approx(1e-6)
+
+
+def test_chest_xray_vgg16_finetune_trains_only_the_last_three_layers():
+  config = load("chest_xray_vgg16_finetune")
+  model = loop.build_components(config)[0]
+  params = jax.eval_shape(model.init, jax.random.key(0))["params"]
+  settings = loop.train_settings(config)
+  mask = freeze.trainable_mask(model, settings["trainable"], settings["num_trainable_layers"])
+  trainable = {path[0].key for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]
+               if leaf}
+  assert trainable == {"fc1", "fc2", "predictions"}
+  # fc1 25088 x 4096, fc2 4096 x 4096, a new 2-way softmax layer.
+  assert freeze.count_trainable(params, mask) == (
+      25088 * 4096 + 4096 + 4096 * 4096 + 4096 + 4096 * 2 + 2)
+  assert config.model.dropout_rate == 0.5 and config.model.num_outputs == 2
+  assert tuple(config.model.input_shape) == (224, 224, 3)
+  assert config.num_epochs == 60
+
+
+def test_brain_mri_config_is_the_recipe_of_003():
+  config = load("brain_mri_densenet121")
+  assert tuple(config.model.input_shape) == (225, 225, 1)
+  assert config.model.depth == 121 and config.model.num_outputs == 3
+  assert config.batch_size == 32 and config.num_epochs == 20 and config.learning_rate == 1e-3
+  assert config.optimizer.momentum == 0.939 and config.optimizer.lr_decay == 3e-4
+  # Keras' SGD(lr, momentum, decay): v_t = m v_{t-1} + lr / (1 + decay t) g_t, w -= v_t.
+  tx = optim.make_optimizer(config.optimizer, config.learning_rate)
+  params = {"w": np.zeros(3, np.float32)}
+  state = tx.init(params)
+  grads = {"w": np.ones(3, np.float32)}
+  velocity, keras_updates, updates = 0.0, [], []
+  for t in range(400):
+    update, state = tx.update(grads, state, params)
+    updates.append(float(update["w"][0]))
+    velocity = 0.939 * velocity + optim.inverse_time_rate(1e-3, 3e-4, t)
+    keras_updates.append(-velocity)
+  np.testing.assert_allclose(updates, keras_updates, rtol=1e-5)
+  assert optim.inverse_time_rate(1e-3, 3e-4, 1000) == pytest.approx(1e-3 / 1.3)
+  assert optim.get_learning_rate(state) == pytest.approx(1e-3)  # the injected base rate
+
+
+def test_train_val_gap_selects_the_epoch_with_the_smallest_gap():
+  config = load("mura_densenet169")
+  train = [0.70, 0.80, 0.90, 0.95, 0.99]
+  val = [0.60, 0.78, 0.84, 0.86, 0.85]  # gaps 0.10, 0.02, 0.06, 0.09, 0.14
+  best, best_epoch = None, 0
+  for epoch, (a, b) in enumerate(zip(train, val), start=1):
+    score = loop.selection_score(config.selection.metric, a, {"accuracy": b})
+    if optim.improved(score, best, loop._mode(config.selection.metric, config.selection.mode)):
+      best, best_epoch = score, epoch
+  assert best_epoch == 2
+
+
+def test_precision_and_accumulation_fields_are_checked():
+  config = load("demo")
+  config.train.compute_dtype = "float16"
+  with pytest.raises(ValueError, match="config.train.compute_dtype='float16'"):
+    loop.check_config(config)
+  config = load("demo")
+  config.train.accumulation_steps = 3  # batch_size 32
+  with pytest.raises(ValueError, match="batch_size=32 is not divisible by "
+                                       "config.train.accumulation_steps=3"):
+    loop.check_config(config)
+  config = load("demo")
+  config.train.compute_dtype = "bfloat16"
+  loop.check_config(config)
+  model = loop.build_components(config)[0]
+  assert model.module.dtype == jax.numpy.bfloat16
+  assert loop.build_components(config, compute_dtype="float32")[0].module.dtype == np.float32

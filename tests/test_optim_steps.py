@@ -148,3 +148,123 @@ def test_augment_acts_on_unit_range_images_before_preprocess():
   dropout = [jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), s))
              for s in range(3)]
   assert len({tuple(np.asarray(k).tolist()) for k in keys + dropout}) == 6
+
+
+def _small_model(**fields):
+  defaults = dict(num_outputs=2, input_shape=(48, 48, 1), conv_widths=(4, 8, 8, 8, 8),
+                  dense_widths=(16, 16), init_std=None, dropout_rate=0.0)
+  return custom_cnn.custom_cnn(**{**defaults, **fields})
+
+
+def test_accumulating_micro_batches_equals_one_step_on_the_whole_batch():
+  model = _small_model()
+  tx = optim.make_optimizer({"name": "sgd", "momentum": 0.9, "weight_decay": 1e-3}, 1e-2)
+  preprocess = preprocess_lib.make_preprocess_fn(model.input_shape)
+  weights = jnp.array([1.0, 2.5])  # class weights must scale the same terms either way
+  compiled = {k: jax.jit(functools.partial(
+      steps.train_step, model=model, tx=tx, preprocess=preprocess, class_weights=weights,
+      accumulation_steps=k)) for k in (1, 4)}
+  step = compiled.__getitem__
+  batch = _separable_batch(np.random.default_rng(3), size=16)
+  batch["weight"][[2, 9, 13]] = 0.0  # padding rows spread over several micro-batches
+  state = steps.create_train_state(model, tx, jax.random.key(0))
+  whole, accumulated = state, state
+  for _ in range(3):
+    whole, stats_whole = step(1)(whole, batch)
+    accumulated, stats_acc = step(4)(accumulated, batch)
+    for key in ("loss", "loss_sum", "correct", "count", "grad_norm"):
+      np.testing.assert_allclose(stats_acc[key], stats_whole[key], rtol=2e-5, err_msg=key)
+  for x, y in zip(jax.tree_util.tree_leaves(accumulated), jax.tree_util.tree_leaves(whole)):
+    np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6)
+  assert optim.get_learning_rate(accumulated.opt_state) == pytest.approx(1e-2)
+  # A real difference would show: a step on a quarter of the batch is not the same update.
+  quarter = {k: v[0::4] for k, v in batch.items()}
+  single, _ = step(1)(state, quarter)
+  first, _ = step(4)(state, batch)
+  assert max(float(jnp.abs(a - b).max()) for a, b in zip(
+      jax.tree_util.tree_leaves(single.params), jax.tree_util.tree_leaves(first.params))) > 1e-4
+
+
+def test_accumulation_with_batchnorm_updates_the_statistics_once_per_micro_batch():
+  model = _small_model(use_batchnorm=True)
+  tx = optim.make_optimizer({"name": "sgd", "momentum": 0.0}, 0.0)  # parameters stay put
+  preprocess = preprocess_lib.make_preprocess_fn(model.input_shape)
+  batch = _separable_batch(np.random.default_rng(4), size=8)
+  state = steps.create_train_state(model, tx, jax.random.key(0))
+  accumulated, _ = jax.jit(functools.partial(
+      steps.train_step, model=model, tx=tx, preprocess=preprocess, accumulation_steps=2))(
+          state, batch)
+  one = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, preprocess=preprocess))
+  sequential = state
+  for micro in ({k: v[0::2] for k, v in batch.items()}, {k: v[1::2] for k, v in batch.items()}):
+    sequential, _ = one(sequential, micro)
+  for x, y in zip(jax.tree_util.tree_leaves(accumulated.batch_stats),
+                  jax.tree_util.tree_leaves(sequential.batch_stats)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulation_steps_must_divide_the_batch():
+  model = _small_model()
+  tx = optax.sgd(0.1)
+  state = steps.create_train_state(model, tx, jax.random.key(0))
+  preprocess = preprocess_lib.make_preprocess_fn(model.input_shape)
+  with pytest.raises(ValueError, match="accumulation_steps=3 must be >= 1 and divide the batch "
+                                       "size 8"):
+    steps.train_step(state, _separable_batch(np.random.default_rng(0), size=8), model=model,
+                     tx=tx, preprocess=preprocess, accumulation_steps=3)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_close_losses():
+  batch = _separable_batch(np.random.default_rng(5), size=8)
+  results = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    model = _small_model(use_batchnorm=True, dtype=dtype)
+    tx = optim.make_optimizer({"name": "adam"}, 1e-3)
+    preprocess = preprocess_lib.make_preprocess_fn(model.input_shape)
+    state = steps.create_train_state(model, tx, jax.random.key(0))
+    step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, preprocess=preprocess))
+    text = step.lower(state, batch).as_text()
+    state, stats = step(state, batch)
+    results[dtype] = (state, float(stats["loss"]), text)
+  (state32, loss32, text32), (state16, loss16, text16) = results[jnp.float32], results[jnp.bfloat16]
+  assert "bf16" in text16 and "bf16" not in text32  # the convolutions really run in bfloat16
+  for leaf in jax.tree_util.tree_leaves((state16.params, state16.batch_stats, state16.opt_state)):
+    assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
+  assert loss16 != loss32 and loss16 == pytest.approx(loss32, rel=2e-2)
+  for x, y in zip(jax.tree_util.tree_leaves(state16.params),
+                  jax.tree_util.tree_leaves(state32.params)):
+    np.testing.assert_allclose(x, y, atol=2e-3)  # one Adam step of 1e-3 either way
+
+
+def test_sgd_lr_decay_is_keras_inverse_time_decay_and_off_by_default():
+  params = {"w": jnp.zeros(2)}
+  grads = {"w": jnp.ones(2)}
+  plain = optim.make_optimizer({"name": "sgd", "momentum": 0.5}, 0.1)
+  decayed = optim.make_optimizer({"name": "sgd", "momentum": 0.5, "lr_decay": 0.5}, 0.1)
+  # Without lr_decay the state is what it always was (old checkpoints still restore).
+  assert jax.tree_util.tree_structure(plain.init(params)) == jax.tree_util.tree_structure(
+      optim.make_optimizer({"name": "sgd", "momentum": 0.5}, 0.1).init(params))
+  state = decayed.init(params)
+  trace = 0.0  # Keras' velocity divided by the base rate
+  for t in range(4):
+    updates, state = decayed.update(grads, state, params)
+    trace = 0.5 * trace + 1 / (1 + 0.5 * t)
+    np.testing.assert_allclose(updates["w"], -0.1 * trace, rtol=1e-6)
+  # A new injected rate multiplies the whole trace (optax's convention, as without lr_decay).
+  state = optim.set_learning_rate(state, 0.2)
+  updates, state = decayed.update(grads, state, params)
+  np.testing.assert_allclose(updates["w"], -0.2 * (0.5 * trace + 1 / (1 + 0.5 * 4)), rtol=1e-6)
+  with pytest.raises(ValueError, match="lr_decay must be >= 0"):
+    optim.make_optimizer({"name": "sgd", "lr_decay": -1.0}, 0.1).init(params)
+
+
+def test_set_learning_rate_keeps_the_sharding_of_a_committed_rate():
+  tx = optim.make_optimizer({"name": "adam"}, 1e-3)
+  device = jax.devices()[0]
+  state = jax.device_put(tx.init({"w": jnp.zeros(3)}), device)
+  new = optim.set_learning_rate(state, 5e-4)
+  rate = new.hyperparams["learning_rate"]
+  assert rate.committed and rate.sharding == state.hyperparams["learning_rate"].sharding
+  assert optim.get_learning_rate(new) == pytest.approx(5e-4)
+  uncommitted = optim.set_learning_rate(tx.init({"w": jnp.zeros(3)}), 2e-4)
+  assert not uncommitted.hyperparams["learning_rate"].committed

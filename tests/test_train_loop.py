@@ -138,3 +138,20 @@ def test_balanced_class_weights():
   assert loop.resolve_class_weights("", np.array([1, 1])) is None
   with pytest.raises(ValueError, match="2 classes"):
     loop.resolve_class_weights("1,2,3", np.array([1, 1]))
+
+
+def test_bfloat16_compute_with_gradient_accumulation_end_to_end(data_dir, tmp_path):
+  config = tiny_config(data_dir, num_epochs=1)
+  config.train.update(dict(compute_dtype="bfloat16", accumulation_steps=2))
+  workdir = str(tmp_path / "bf16")
+  result = loop.train_and_evaluate(config, workdir)
+  assert result["compute_dtype"] == "bfloat16" and result["accumulation_steps"] == 2
+  assert (result["num_devices"], result["num_processes"]) == (1, 1)
+  assert result["global_batch_size"] == 16 and result["per_device_batch_size"] == 16
+  assert _read_history(workdir)[-1]["step"] == 96 // 16  # one optimiser step per global batch
+  assert np.isfinite(result["test"]["loss"]) and result["test"]["num_examples"] == 32
+  selected, _ = checkpoint.load_variables(os.path.join(workdir, loop.SELECTED_MODEL_DIR))
+  assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(selected)} == {np.dtype(np.float32)}
+  model, variables = loop.restore_selected_model(config, workdir)
+  assert model.module.dtype == np.float32  # explanations run in float32
+  assert loop.build_components(config)[0].module.dtype == jax.numpy.bfloat16

@@ -26,6 +26,7 @@ from medxai_jax.train import checkpoint
 from medxai_jax.train import freeze
 from medxai_jax.train import metrics as metrics_lib
 from medxai_jax.train import optim
+from medxai_jax.train import parallel
 from medxai_jax.train import steps
 
 CONFIG_FIELDS = frozenset({
@@ -33,7 +34,11 @@ CONFIG_FIELDS = frozenset({
     "batch_size", "eval_batch_size", "num_epochs", "class_weights", "selection",
     "early_stopping", "checkpoint", "log_every_steps", "explain", "report", "train", "augment",
     "init_from"})
-TRAIN_FIELDS = ("trainable", "num_trainable_layers", "head_only_epochs")
+TRAIN_FIELDS = ("trainable", "num_trainable_layers", "head_only_epochs", "compute_dtype",
+                "accumulation_steps")
+# config.train.compute_dtype: the dtype of activations and matrix products; parameters,
+# optimiser state, BatchNorm statistics and the loss stay float32.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 # Selection/monitor metrics where larger is better; the rest ('loss') are minimised.
 _MAXIMISED = frozenset({"accuracy", "f1", "roc_auc", "cohen_kappa", "mcc", "precision",
                         "recall", "train_val_gap"})
@@ -79,7 +84,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if monitor and monitor != "loss" and monitor not in _MAXIMISED:
       raise ValueError(f"config.{section}.metric={monitor!r} is not one of "
                        f"{sorted(_MAXIMISED | {'loss'})}.")
-  train_settings(config)
+  settings = train_settings(config)
+  if int(config.batch_size) % settings["accumulation_steps"]:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
+                     f"config.train.accumulation_steps={settings['accumulation_steps']}.")
   augment_lib.check_augment_config(config.get("augment") or {})
   if not isinstance(config.get("init_from", ""), str):
     raise ValueError(f"config.init_from must be a path string ('' = random initialisation), "
@@ -88,7 +96,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Validated `config.train` (fine-tuning controls), with defaults for missing fields."""
-  settings = dict(trainable="all", num_trainable_layers=0, head_only_epochs=0)
+  settings = dict(trainable="all", num_trainable_layers=0, head_only_epochs=0,
+                  compute_dtype="float32", accumulation_steps=1)
   given = dict(config.get("train") or {})
   unknown = sorted(set(given) - set(TRAIN_FIELDS))
   if unknown:
@@ -104,8 +113,15 @@ def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if int(settings["head_only_epochs"]) < 0:
     raise ValueError(f"config.train.head_only_epochs must be >= 0, got "
                      f"{settings['head_only_epochs']}.")
+  if settings["compute_dtype"] not in COMPUTE_DTYPES:
+    raise ValueError(f"config.train.compute_dtype={settings['compute_dtype']!r} is not one of "
+                     f"{list(COMPUTE_DTYPES)}.")
+  if int(settings["accumulation_steps"]) < 1:
+    raise ValueError(f"config.train.accumulation_steps must be >= 1, got "
+                     f"{settings['accumulation_steps']}.")
   settings["num_trainable_layers"] = layers
   settings["head_only_epochs"] = int(settings["head_only_epochs"])
+  settings["accumulation_steps"] = int(settings["accumulation_steps"])
   return settings
 
 
@@ -144,10 +160,12 @@ def evaluate(state: steps.TrainState, source: pipeline.RandomAccessSource, *, ev
   for batch in pipeline.prefetch(pipeline.iterate_batches(
       source, batch_size=batch_size, label_key=label_key)):
     out = jax.device_get(eval_fn(state, batch))
-    real = batch["weight"] > 0
+    # On several hosts each host batch holds only this process's rows; the step then returns
+    # the global batch's labels and weights (replicated) with its logits.
+    real = np.asarray(out.get("weight", batch["weight"])) > 0
     logits.append(out["logits"][real])
     losses.append(out["loss"][real])
-    labels.append(batch["label"][real])
+    labels.append(np.asarray(out.get("label", batch["label"]))[real])
   logits_all = np.concatenate(logits)
   labels_all = np.concatenate(labels)
   result = metrics_lib.classification_metrics(labels_all, logits_all)
@@ -181,6 +199,31 @@ def _epoch_learning_rate(config: ml_collections.ConfigDict, epoch: int, loop: Lo
                    "'constant', 'step_decay', 'plateau'.")
 
 
+def plateau_step(config: ml_collections.ConfigDict, learning_rate: float,
+                 validation: Mapping[str, Any], plateau: optim.PlateauState
+                 ) -> tuple[float, optim.PlateauState]:
+  """Next epoch's rate under config.schedule ('plateau') after an epoch's validation metrics."""
+  schedule = config.schedule
+  return optim.plateau_update(
+      learning_rate, float(validation[schedule.metric]), plateau,
+      mode=_mode(schedule.metric, schedule.get("mode")), factor=schedule.factor,
+      patience=schedule.patience, max_reductions=schedule.max_reductions or None,
+      min_lr=schedule.min_learning_rate)
+
+
+def early_stopping_step(config: ml_collections.ConfigDict, validation: Mapping[str, Any],
+                        best: float | None, epochs_since_improvement: int
+                        ) -> tuple[float | None, int, bool]:
+  """(best, epochs without improvement, stop now?) after an epoch, under config.early_stopping."""
+  stopping = config.early_stopping
+  value = float(validation[stopping.metric])
+  if optim.improved(value, best, _mode(stopping.metric, stopping.get("mode"))):
+    best, epochs_since_improvement = value, 0
+  else:
+    epochs_since_improvement += 1
+  return best, epochs_since_improvement, epochs_since_improvement >= stopping.patience
+
+
 def _append_jsonl(path: str, record: Mapping[str, Any]) -> None:
   """Appends one JSON line."""
   with open(path, "a") as f:
@@ -212,13 +255,32 @@ def _check_finite(loss: float, epoch: int, step: int, learning_rate: float, stor
         f"{learning_rate:g}); {where}. Lower config.learning_rate or check the input data.")
 
 
-def build_components(config: ml_collections.ConfigDict):
-  """Model, optimiser and preprocessing function of a config."""
-  model = registry.build_model(config.model)
+def build_components(config: ml_collections.ConfigDict, compute_dtype: str | None = None):
+  """Model, optimiser and preprocessing function of a config.
+
+  The model computes in `compute_dtype` (default: config.train.compute_dtype); its parameters
+  are float32 whatever the compute dtype.
+  """
+  model = registry.build_model(model_fields(config, compute_dtype))
   tx = optim.make_optimizer(config.optimizer, config.learning_rate)
   preprocess = preprocess_lib.make_preprocess_fn(
       model.input_shape, tuple(config.preprocess.mean), tuple(config.preprocess.std))
   return model, tx, preprocess
+
+
+def model_fields(config: ml_collections.ConfigDict, compute_dtype: str | None = None
+                 ) -> dict[str, Any]:
+  """config.model as keyword arguments, with `dtype` set for a non-float32 compute dtype."""
+  fields = dict(config.model)
+  dtype = compute_dtype or train_settings(config)["compute_dtype"]
+  if dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype={dtype!r} is not one of {list(COMPUTE_DTYPES)}.")
+  if dtype != "float32":
+    if "dtype" in fields:
+      raise ValueError(f"config.model.dtype={fields['dtype']!r} and config.train.compute_dtype="
+                       f"{dtype!r} both set the compute dtype; set only compute_dtype.")
+    fields["dtype"] = getattr(jnp, dtype)
+  return fields
 
 
 SELECTED_MODEL_DIR = "selected_model"
@@ -267,12 +329,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Writes `config.json`, `history.jsonl` (one line per epoch) and `metrics.json` into `workdir`,
   checkpoints into `workdir/checkpoints/{latest,best}`, and returns the metrics.json content.
   `config.train` freezes parameters (`freeze.py`: the head only, the last N layers, a head-only
-  warm-up); `config.augment` transforms training batches on the device (`data/augment.py`).
+  warm-up), sets the compute dtype and gradient accumulation; `config.augment` transforms
+  training batches on the device (`data/augment.py`).
+
+  The steps run data-parallel over every device (`parallel.py`): the state replicated, each
+  global batch of config.batch_size rows split over the devices. On several hosts (after
+  `parallel.initialize_distributed`) every process runs this function; process 0 writes the
+  JSON files, all of them write their part of the checkpoints.
   """
   check_config(config)
+  fine_tuning = train_settings(config)
+  accumulation_steps = fine_tuning["accumulation_steps"]
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.batch_size, mesh, accumulation_steps=accumulation_steps)
+  eval_batch_size = parallel.round_up_batch_size(
+      config.get("eval_batch_size") or config.batch_size, mesh)
+  replicated = parallel.replicated_sharding(mesh)
+  data_sharding = parallel.batch_sharding(mesh)
+  lead = jax.process_index() == 0  # writes the JSON files
   workdir = prepare_workdir(workdir)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if lead:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   dataset = config.dataset
   splits = [dataset.train_split, dataset.validation_split, dataset.test_split]
   sources = pipeline.load_sources(dataset, splits)
@@ -291,15 +369,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   init_report = None
   if config.get("init_from") and store.latest_step() is None:
     state, init_report = initialise_from(state, config.init_from, config.model)
+  state = parallel.replicate(state, mesh)
   if store.latest_step() is not None:
-    state, metadata = store.restore_latest(state)
+    state, metadata = store.restore_latest(state)  # into the replicated template's sharding
     loop = LoopState.from_json(metadata["loop"])
-    _truncate_history(history_path, loop.epoch)
+    if lead:
+      _truncate_history(history_path, loop.epoch)
     logging.info("Resumed from %s at epoch %d.", store.directory, loop.epoch)
-  elif os.path.exists(history_path):
+  elif lead and os.path.exists(history_path):
     os.remove(history_path)
 
-  fine_tuning = train_settings(config)
   head_only_epochs = fine_tuning["head_only_epochs"]
   main_mask = None if fine_tuning["trainable"] == "all" else freeze.trainable_mask(
       model, fine_tuning["trainable"], fine_tuning["num_trainable_layers"])
@@ -315,11 +394,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       compiled_steps[id(mask)] = jax.jit(functools.partial(
           steps.train_step, model=model, tx=tx, preprocess=preprocess,
           class_weights=None if weights is None else jnp.asarray(weights, jnp.float32),
-          augment=augment_fn, trainable=mask), donate_argnums=0)
+          augment=augment_fn, trainable=mask, accumulation_steps=accumulation_steps),
+          in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
+          donate_argnums=0)
     return compiled_steps[id(mask)]
 
-  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, preprocess=preprocess))
-  eval_batch_size = config.get("eval_batch_size") or config.batch_size
+  def eval_outputs(state: steps.TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Eval logits and losses with the batch's labels and weights (all replicated)."""
+    out = steps.eval_step(state, batch, model=model, preprocess=preprocess)
+    return dict(out, label=batch["label"], weight=batch["weight"])
+
+  eval_jit = jax.jit(eval_outputs, in_shardings=(replicated, data_sharding),
+                     out_shardings=replicated)
+
+  def eval_fn(state: steps.TrainState, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """The jitted eval step on a host batch, sharded over the mesh."""
+    return eval_jit(state, parallel.shard_batch(batch, mesh))
+
+  def host_source(source: pipeline.RandomAccessSource, batch_size: int):
+    """`source`, or on several hosts a view that decodes only this process's rows."""
+    if jax.process_count() == 1:
+      return source
+    return parallel.ProcessLocalSource(source, parallel.local_rows(mesh, batch_size), batch_size)
   steps_per_epoch = pipeline.num_batches(len(train_source), config.batch_size, True)
   if steps_per_epoch == 0:
     raise ValueError(f"The training split has {len(train_source)} examples, fewer than "
@@ -344,9 +440,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     epoch_start = time.time()
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     pending = []
-    batches = pipeline.prefetch(pipeline.iterate_batches(
-        train_source, batch_size=config.batch_size, label_key=dataset.label_key,
-        seed=config.seed, epoch=epoch, shuffle=True, drop_remainder=True))
+    batches = pipeline.prefetch(
+        parallel.shard_batch(batch, mesh) for batch in pipeline.iterate_batches(
+            host_source(train_source, config.batch_size), batch_size=config.batch_size,
+            label_key=dataset.label_key, seed=config.seed, epoch=epoch, shuffle=True,
+            drop_remainder=True))
     for index, batch in enumerate(batches, start=1):
       state, stats = train_step(state, batch)
       pending.append(stats)
@@ -368,8 +466,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_seconds = time.time() - epoch_start
     train_loss = totals["loss_sum"] / totals["count"]
     train_accuracy = totals["correct"] / totals["count"]
-    validation, _, _ = evaluate(state, sources[dataset.validation_split], eval_fn=eval_fn,
-                                batch_size=eval_batch_size, label_key=dataset.label_key)
+    validation, _, _ = evaluate(
+        state, host_source(sources[dataset.validation_split], eval_batch_size),
+        eval_fn=eval_fn, batch_size=eval_batch_size, label_key=dataset.label_key)
     completed = epoch + 1
 
     score = selection_score(selection_metric, train_accuracy, validation)
@@ -377,20 +476,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if is_best:
       loop.best_score, loop.best_epoch = score, completed
     if config.schedule.name == "plateau":
-      monitor = config.schedule.metric
-      loop.learning_rate, loop.plateau = optim.plateau_update(
-          learning_rate, float(validation[monitor]), loop.plateau,
-          mode=_mode(monitor, config.schedule.get("mode")), factor=config.schedule.factor,
-          patience=config.schedule.patience, max_reductions=config.schedule.max_reductions or None,
-          min_lr=config.schedule.min_learning_rate)
+      loop.learning_rate, loop.plateau = plateau_step(config, learning_rate, validation,
+                                                      loop.plateau)
     if stopping.patience:
-      monitor = stopping.metric
-      value = float(validation[monitor])
-      if optim.improved(value, loop.early_stopping_best, _mode(monitor, stopping.get("mode"))):
-        loop.early_stopping_best, loop.epochs_since_improvement = value, 0
-      else:
-        loop.epochs_since_improvement += 1
-      loop.stopped_early = loop.epochs_since_improvement >= stopping.patience
+      (loop.early_stopping_best, loop.epochs_since_improvement,
+       loop.stopped_early) = early_stopping_step(config, validation, loop.early_stopping_best,
+                                                 loop.epochs_since_improvement)
     loop.epoch = completed
 
     record = {"epoch": completed, "step": int(state.step), "learning_rate": learning_rate,
@@ -399,7 +490,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               "images_per_second":
               steps_per_epoch * config.batch_size / train_seconds, "selected": is_best,
               **{f"val_{k}": v for k, v in validation.items()}}
-    _append_jsonl(history_path, record)
+    if lead:
+      _append_jsonl(history_path, record)
     metadata = {"loop": loop.to_json(), "record": record}
     if is_best:
       store.save_best(completed, state, metadata)
@@ -413,15 +505,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       break
 
   best_state, best_metadata = store.restore_best(state)
-  test, _, _ = evaluate(best_state, sources[dataset.test_split], eval_fn=eval_fn,
-                        batch_size=eval_batch_size, label_key=dataset.label_key)
+  test, _, _ = evaluate(best_state, host_source(sources[dataset.test_split], eval_batch_size),
+                        eval_fn=eval_fn, batch_size=eval_batch_size, label_key=dataset.label_key)
   store.close()
   result = {"selected_epoch": best_metadata["loop"]["best_epoch"],
             "selection_metric": selection_metric, "epochs_run": loop.epoch,
             "stopped_early": loop.stopped_early, "validation": best_metadata["record"],
             "test": test, "train_wall_seconds": time.time() - run_start,
             "num_parameters": base.parameter_count({"params": best_state.params}),
-            "devices": [str(device) for device in jax.devices()]}
+            "devices": [str(device) for device in jax.devices()],
+            "num_devices": parallel.num_shards(mesh), "num_processes": jax.process_count(),
+            "global_batch_size": config.batch_size,
+            "per_device_batch_size": config.batch_size // parallel.num_shards(mesh),
+            "eval_batch_size": eval_batch_size, "accumulation_steps": accumulation_steps,
+            "compute_dtype": fine_tuning["compute_dtype"]}
   if init_report is not None:
     result["init_from"] = {k: v for k, v in init_report.items() if k != "kept_from_init"}
     result["init_from"]["kept_from_init"] = len(init_report["kept_from_init"])
@@ -429,8 +526,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       os.path.join(workdir, SELECTED_MODEL_DIR), best_state.variables,
       {"model_config": config.model.to_dict(), "selected_epoch": result["selected_epoch"],
        "kept_from_init": []})
-  with open(os.path.join(workdir, "metrics.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  if lead:
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+      json.dump(result, f, indent=2)
   logging.info("Test (epoch %d): accuracy %.4f, ROC AUC %.4f, kappa %.4f.",
                result["selected_epoch"], test["accuracy"], test["roc_auc"], test["cohen_kappa"])
   return result
@@ -438,8 +536,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def restore_selected_model(config: ml_collections.ConfigDict, workdir: str
                            ) -> tuple[base.Classifier, dict[str, Any]]:
-  """The model of a config and the variables of its best checkpoint in `workdir`."""
-  model, tx, _ = build_components(config)
+  """The model of a config (computing in float32, whatever config.train.compute_dtype) and the
+  variables of its best checkpoint in `workdir`."""
+  model, tx, _ = build_components(config, compute_dtype="float32")
   template = steps.create_train_state(model, tx, jax.random.key(config.seed))
   store = checkpoint.CheckpointStore(os.path.join(os.path.abspath(workdir), "checkpoints"))
   state, _ = store.restore_best(template)

@@ -8,6 +8,9 @@ the optimiser and changed between epochs by pure host-side schedule functions:
   at `boundaries[i]` (fractions of the run), e.g. /10, /50, /100 at 25/50/75%;
 * `plateau` (001, 002): multiply by `factor` when the monitored validation metric has not
   improved for `patience` epochs, at most `max_reductions` times and never below `min_lr`.
+
+One per-step schedule lives inside the optimiser instead: SGD's `lr_decay` (003's Keras
+`decay`), which scales the injected rate by 1 / (1 + lr_decay * step).
 """
 
 from __future__ import annotations
@@ -21,10 +24,26 @@ import optax
 
 
 def sgd_with_l2(learning_rate: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                nesterov: bool = False) -> optax.GradientTransformation:
-  """SGD with momentum on the loss plus an L2 penalty (weight_decay/2 * |w|^2) on every parameter."""
+                nesterov: bool = False, lr_decay: float = 0.0) -> optax.GradientTransformation:
+  """SGD with momentum on the loss plus an L2 penalty (weight_decay/2 * |w|^2) on every parameter.
+
+  `lr_decay` is Keras 2's SGD `decay` argument (003's "Decay 3e-4"): update t (from 0) uses the
+  rate learning_rate / (1 + lr_decay * t), scaled into the gradient before the momentum trace,
+  as Keras' velocity accumulates rate-scaled gradients. 0 (the default) leaves the optimiser
+  state as without it.
+  """
+  sgd = optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)
+  if not lr_decay:
+    return optax.chain(optax.add_decayed_weights(weight_decay), sgd)
+  if lr_decay < 0:
+    raise ValueError(f"config.optimizer.lr_decay must be >= 0, got {lr_decay}.")
   return optax.chain(optax.add_decayed_weights(weight_decay),
-                     optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
+                     optax.scale_by_schedule(lambda count: 1.0 / (1.0 + lr_decay * count)), sgd)
+
+
+def inverse_time_rate(learning_rate: float, lr_decay: float, step: int) -> float:
+  """The rate `sgd_with_l2(..., lr_decay=...)` applies at update `step` (0-based)."""
+  return learning_rate / (1.0 + lr_decay * step)
 
 
 def adam(learning_rate: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7,
@@ -50,7 +69,7 @@ def make_optimizer(optimizer_config: Mapping[str, Any], learning_rate: float
   if unknown:
     raise ValueError(f"config.optimizer has fields {sorted(unknown)} that {name!r} does not "
                      f"accept; it takes {sorted(accepted)}.")
-  static = tuple(name for name in ("nesterov",) if name in accepted)
+  static = tuple(name for name in ("nesterov", "lr_decay") if name in accepted)
   return optax.inject_hyperparams(factory, static_args=static)(
       learning_rate=learning_rate, **fields)
 
@@ -64,7 +83,10 @@ def set_learning_rate(opt_state: Any, learning_rate: float) -> Any:
   """Returns `opt_state` with its injected learning rate replaced."""
   hyperparams = dict(opt_state.hyperparams)
   old = hyperparams["learning_rate"]
-  hyperparams["learning_rate"] = jax.numpy.asarray(learning_rate, dtype=old.dtype)
+  new = jax.numpy.asarray(learning_rate, dtype=old.dtype)
+  if isinstance(old, jax.Array) and old.committed:
+    new = jax.device_put(new, old.sharding)  # e.g. replicated over a data-parallel mesh
+  hyperparams["learning_rate"] = new
   return opt_state._replace(hyperparams=hyperparams)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -68,10 +69,26 @@ def augment_rng(state: TrainState) -> jax.Array:
   return jax.random.fold_in(stream, state.step)
 
 
+def _micro_batches(x: jax.Array, accumulation_steps: int) -> jax.Array:
+  """[B, ...] -> [k, B/k, ...] where micro-batch i holds rows i, i + k, i + 2k, ...
+
+  Strided rather than contiguous: when the batch is sharded over devices in contiguous blocks,
+  every micro-batch then keeps an equal share of rows on each device (no data movement).
+  """
+  rows = x.shape[0] // accumulation_steps
+  return jnp.swapaxes(x.reshape(rows, accumulation_steps, *x.shape[1:]), 0, 1)
+
+
+def _whole_batch(x: jax.Array) -> jax.Array:
+  """Inverse of `_micro_batches`: [k, B/k, ...] -> [B, ...] in the original row order."""
+  return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: base.Classifier,
                tx: optax.GradientTransformation, preprocess: PreprocessFn,
                class_weights: jax.Array | None = None, augment: AugmentFn | None = None,
-               trainable: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               trainable: Any = None, accumulation_steps: int = 1
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step on a batch; returns the new state and summed batch statistics.
 
   `batch['weight']` (1 for real examples, 0 for padding) masks the loss; the loss is the weighted
@@ -80,7 +97,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: base.Cl
   `preprocess`; its key is `augment_rng(state)`, a function of the state's rng and step.
   `trainable` (optional, a params-shaped tree of Python bools, static) freezes the False leaves:
   their parameters, optimiser state and BatchNorm statistics stay bit-identical (see `freeze`).
+  `accumulation_steps` = k > 1 splits the batch into k micro-batches (rows i, i + k, ...) run one
+  after another by `lax.scan`, summing their loss gradients, then takes one optimiser step with
+  the sum divided by the batch's real-example count: the same update as one step on the whole
+  batch, with the activation memory of one micro-batch. BatchNorm layers then normalise with
+  each micro-batch's own statistics and update their moving averages k times; dropout draws
+  fold_in(key, i) for micro-batch i.
   """
+  if accumulation_steps < 1 or batch["label"].shape[0] % accumulation_steps:
+    raise ValueError(f"accumulation_steps={accumulation_steps} must be >= 1 and divide the batch "
+                     f"size {batch['label'].shape[0]}.")
   images = batch["image"]
   if augment is not None:
     images = augment(augment_rng(state), preprocess_lib.to_unit_range(images))
@@ -93,23 +119,51 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: base.Cl
     freeze.check_mask(trainable, state.params)
   frozen_norms = freeze.frozen_modules(trainable) if frozen else frozenset()
 
-  def loss_fn(params):
+  def summed_loss(params, batch_stats, images, labels, mask, rng):
+    """Sum of the weighted per-example losses of a (micro-)batch, its logits and updates."""
     if frozen:
       params = freeze.stop_frozen_gradients(params, trainable)
     variables = {"params": params}
-    if state.batch_stats:
-      variables["batch_stats"] = state.batch_stats
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
     with freeze.frozen_batch_norm(frozen_norms):
-      logits, updates = model.train_apply(variables, images, dropout_rng)
+      logits, updates = model.train_apply(variables, images, rng)
     per_example = classification_loss(logits, labels, class_weights) * mask
-    loss = per_example.sum() / jnp.maximum(mask.sum(), 1.0)
-    return loss, (logits, updates)
+    return per_example.sum(), (logits, updates)
 
-  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  count = mask.sum()
+  if accumulation_steps == 1:
+    def loss_fn(params):
+      total, aux = summed_loss(params, state.batch_stats, images, labels, mask, dropout_rng)
+      return total / jnp.maximum(count, 1.0), aux
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    batch_stats = updates.get("batch_stats", state.batch_stats)
+  else:
+    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+
+    def accumulate(carry, micro):
+      grad_sum, loss_sum, batch_stats = carry
+      micro_images, micro_labels, micro_mask, index = micro
+      (total, (micro_logits, updates)), grads = grad_fn(
+          state.params, batch_stats, micro_images, micro_labels, micro_mask,
+          jax.random.fold_in(dropout_rng, index))
+      grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, grads)
+      return (grad_sum, loss_sum + total, updates.get("batch_stats", batch_stats)), micro_logits
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    split = functools.partial(_micro_batches, accumulation_steps=accumulation_steps)
+    (grad_sum, loss_sum, batch_stats), micro_logits = jax.lax.scan(
+        accumulate, (zeros, jnp.zeros((), jnp.float32), state.batch_stats),
+        (split(images), split(labels), split(mask), jnp.arange(accumulation_steps)))
+    denominator = jnp.maximum(count, 1.0)
+    grads = jax.tree_util.tree_map(lambda g: g / denominator, grad_sum)
+    loss = loss_sum / denominator
+    logits = _whole_batch(micro_logits)
+
   optimizer = freeze.freeze_optimizer(tx, trainable) if frozen else tx
   param_updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, param_updates)
-  batch_stats = updates.get("batch_stats", state.batch_stats)
   if frozen:
     params = freeze.select(trainable, params, state.params)
     if state.batch_stats:
@@ -117,8 +171,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: base.Cl
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state)
   correct = (base.predicted_classes(logits) == labels).astype(jnp.float32) * mask
-  stats = {"loss": loss, "loss_sum": loss * mask.sum(), "correct": correct.sum(),
-           "count": mask.sum(), "grad_norm": optax.global_norm(grads)}
+  stats = {"loss": loss, "loss_sum": loss * count, "correct": correct.sum(),
+           "count": count, "grad_norm": optax.global_norm(grads)}
   return new_state, stats
 
 
