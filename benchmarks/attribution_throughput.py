@@ -25,6 +25,9 @@ the inputs are the first synthetic radiographs (phantoms, seed 0), gray repeated
 - Peak memory of IG at each of `memory_steps` (same chunk_size, and unchunked at the first):
   temp + argument + output bytes of the compiled executable's memory_analysis(), which XLA
   fills in on the CPU too (compile only, nothing runs).
+- loop_overhead_probe: `scan_probe_chunks` gradient chunks run from a Python loop, inside a
+  lax.scan (as the library's chunking does) and inside an unrolled scan: on XLA:CPU (jax 0.10.2)
+  the rolled scan runs the same convolution gradients several times slower.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ _METHODS = flags.DEFINE_list("methods", list(METHODS), f"Subset of {METHODS}.")
 _MEMORY_STEPS = flags.DEFINE_list("memory_steps", ["64", "256"], "IG step counts for memory.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling.")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Timed calls.")
+_SCAN_PROBE = flags.DEFINE_integer(
+    "scan_probe_chunks", 4, "Gradient chunks of the loop-overhead probe (0 skips it).")
 
 
 def build_model(arch: str, image_size: int, channels: int) -> base.Classifier:
@@ -157,6 +162,38 @@ def loop_smoothgrad(grad_fn: Callable[..., jax.Array], variables: base.Variables
     noisy = images + rng.standard_normal(images.shape).astype(np.float32) * noise_level * spread
     total += np.asarray(grad_fn(variables, noisy, targets))
   return total / num_samples
+
+
+def scan_probe(model: base.Classifier, variables: base.Variables, images: jax.Array,
+               targets: jax.Array, chunk_size: int, num_chunks: int) -> dict[str, Any]:
+  """The same gradient chunks (chunk_size * B images each) run three ways, seconds and memory.
+
+  host_loop: one jitted chunk called num_chunks times from Python; scan: lax.scan over the
+  chunks (what common.chunked_sum does); scan_unrolled: the same scan with unroll=True.
+  """
+  alphas = jnp.arange(1, num_chunks + 1, dtype=jnp.float32) / num_chunks
+  tiled_targets = common.tile_batch(targets, chunk_size)
+
+  def chunk_gradients(variables: base.Variables, alpha: jax.Array) -> jax.Array:
+    points = common.tile_batch(images, chunk_size) * alpha
+    grads = common.input_gradients(model, variables, points, tiled_targets)
+    return grads.reshape((chunk_size,) + images.shape).sum(axis=0)
+
+  def scanned(variables: base.Variables, unroll: int | bool) -> jax.Array:
+    step = lambda total, alpha: (total + chunk_gradients(variables, alpha), None)
+    return jax.lax.scan(step, jnp.zeros_like(images), alphas, unroll=unroll)[0]
+
+  one_chunk, _ = _compiled(chunk_gradients, variables, alphas[0])
+  host_seconds, _ = _timed(lambda: [one_chunk(variables, alpha) for alpha in alphas], 1, 1)
+  result = {"chunks": num_chunks, "images_per_chunk": chunk_size * images.shape[0],
+            "host_loop": {"seconds": round(host_seconds, 3),
+                          "peak_mib_per_chunk": peak_bytes(one_chunk)["total_mib"]}}
+  for name, unroll in (("scan", 1), ("scan_unrolled", True)):
+    executable, _ = _compiled(functools.partial(scanned, unroll=unroll), variables)
+    seconds, _ = _timed(lambda: executable(variables), 1, 1)
+    result[name] = {"seconds": round(seconds, 3),
+                    "peak_mib": peak_bytes(executable)["total_mib"]}
+  return result
 
 
 def main(argv):
@@ -252,6 +289,9 @@ def main(argv):
                                 variables, images, targets)
       memory[f"ig_{num_steps}_steps_chunk_{chunk_size}"] = peak_bytes(executable)
 
+  probe = (scan_probe(model, variables, images, targets, chunk, _SCAN_PROBE.value)
+           if _SCAN_PROBE.value else {})
+
   result = {
       "benchmark": "attribution_throughput", "device": str(jax.devices()[0]),
       "jax_version": jax.__version__, "arch": _ARCH.value,
@@ -259,7 +299,7 @@ def main(argv):
       "num_parameters": base.parameter_count(variables), "num_steps": steps,
       "num_samples": samples, "chunk_size": chunk, "warmup_calls": warmup,
       "timed_calls": repeats, "methods": methods,
-      "ig_peak_memory_bytes": memory,
+      "ig_peak_memory_bytes": memory, "loop_overhead_probe": probe,
       "memory_note": "temp + argument + output bytes of the compiled executable's "
                      "memory_analysis() (CPU); nothing was run for these",
   }
