@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from medxai_jax.models import base
+from medxai_jax.models import conv as conv_lib
 
 TAPS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")
 ALIASES = {"stem": "conv1", "last_conv": "conv5", "embedding": "fc7"}
@@ -73,7 +74,8 @@ class CustomCNN(nn.Module):
           width, (size, size),
           strides=(self.first_stride,) * 2 if first else (1, 1),
           padding="VALID" if first else ((1, 1), (1, 1)),
-          kernel_init=kernel_init, dtype=self.dtype, name=f"conv{index + 1}"))
+          kernel_init=kernel_init, dtype=self.dtype,
+          conv_general_dilated=conv_lib.conv_general_dilated, name=f"conv{index + 1}"))
     self.convs = convs
     if self.use_batchnorm:
       self.norms = [nn.BatchNorm(momentum=0.9, dtype=self.dtype, name=f"bn{i + 1}")

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from medxai_jax.models import base
+from medxai_jax.models import conv as conv_lib
 from medxai_jax.models import heads
 
 BLOCK_SIZES = {121: (6, 12, 24, 16), 169: (6, 12, 32, 32), 201: (6, 12, 48, 32)}
@@ -45,7 +46,8 @@ class DenseNetBackbone(nn.Module):
             padding: int = 0) -> jax.Array:
     return nn.Conv(features, (size, size), strides=(stride, stride),
                    padding=((padding, padding), (padding, padding)), use_bias=False,
-                   dtype=self.dtype, name=name)(x)
+                   dtype=self.dtype, conv_general_dilated=conv_lib.conv_general_dilated,
+                   name=name)(x)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from medxai_jax.models import base
+from medxai_jax.models import conv as conv_lib
 from medxai_jax.models import heads
 
 BLOCK_WIDTHS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -35,6 +36,7 @@ class VGG16(nn.Module):
     if self.head_kind not in ("classic", "gap"):
       raise ValueError(f"VGG16 head must be 'classic' or 'gap', got {self.head_kind!r}.")
     self.convs = [[nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                           conv_general_dilated=conv_lib.conv_general_dilated,
                            name=f"block{b + 1}_conv{c + 1}") for c, width in enumerate(widths)]
                   for b, widths in enumerate(BLOCK_WIDTHS)]
     if self.head_kind == "classic":
@@ -42,7 +44,7 @@ class VGG16(nn.Module):
       self.fc2 = nn.Dense(4096, dtype=self.dtype)
     else:
       self.gap_conv = nn.Conv(self.gap_conv_width, (3, 3), padding=((1, 1), (1, 1)),
-                              dtype=self.dtype)
+                              dtype=self.dtype, conv_general_dilated=conv_lib.conv_general_dilated)
     self.predictions = nn.Dense(self.num_outputs, dtype=self.dtype)
     self.dropout = nn.Dropout(self.dropout_rate)
 
