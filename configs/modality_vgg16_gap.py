@@ -19,8 +19,9 @@ ImageNet weights with `--config.init_from=<checkpoint of experiments/port_weight
 
 By default this trains on the phantoms' body-part label (5 of the 7 outputs used); on the real
 collection (builder `medical_modalities`: DIR holds one folder per modality class, stored RGB at
-300 x 300, classes in the order of MODALITIES) it is one line of overrides:
-  --config.dataset.name=medical_modalities --config.dataset.label_key=label --config.dataset.manual_dir=DIR
+300 x 300, classes in the order of MODALITIES) these overrides do it:
+  --config.dataset.name=medical_modalities --config.dataset.label_key=label
+  --config.dataset.manual_dir=DIR
 The shifts are in stored pixels, so +-3 pixels of the 300 x 300 images, as in 004.
 """
 

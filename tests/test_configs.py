@@ -24,8 +24,12 @@ CONFIG_NAMES = sorted(
 EXPERIMENT_SECTIONS = ("transfer",)
 
 
+def load_module(name):
+  return importlib.import_module(f"configs.{name}")
+
+
 def load(name):
-  return importlib.import_module(f"configs.{name}").get_config()
+  return load_module(name).get_config()
 
 
 def training_config(name):
@@ -40,7 +44,7 @@ def training_config(name):
 def test_the_paper_configs_are_found():
   assert {"mura_densenet169", "modality_vgg16_gap", "demo", "radinet_densenet169",
           "chest_xray_vgg16_finetune", "chest_xray_custom_cnn",
-          "brain_mri_densenet121"} <= set(CONFIG_NAMES)
+          "brain_mri_densenet121", "covid_radiography_vgg16"} <= set(CONFIG_NAMES)
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -217,6 +221,30 @@ def test_brain_mri_config_is_the_recipe_of_003():
   np.testing.assert_allclose(updates, keras_updates, rtol=1e-5)
   assert optim.inverse_time_rate(1e-3, 3e-4, 1000) == pytest.approx(1e-3 / 1.3)
   assert optim.get_learning_rate(state) == pytest.approx(1e-3)  # the injected base rate
+
+
+def test_covid_radiography_config_is_the_recipe_of_003():
+  from medxai_jax.data.builders import covid_radiography
+
+  config = load("covid_radiography_vgg16")
+  assert config.dataset.name == "covid_radiography" and config.dataset.builder_config == "three"
+  three = covid_radiography.make_covid_config("three")
+  classes = tuple(covid_radiography.canonical_name(name) for name in three.classes)
+  assert classes == load_module("covid_radiography_vgg16").COVID_CLASSES
+  assert config.model.num_outputs == len(classes) == 3
+  # keras.applications VGG16 (138,357,544 parameters) with 1 input channel and 3 classes.
+  assert _num_params(config) == 138_357_544 - 2 * 9 * 64 - (4096 * 1000 + 1000) + (4096 * 3 + 3)
+  assert tuple(config.model.input_shape) == (225, 225, 1) and config.model.head == "classic"
+  assert config.batch_size == 32 and config.num_epochs == 20 and config.learning_rate == 1e-3
+  assert config.optimizer.name == "sgd" and config.optimizer.momentum == 0.939
+  assert config.optimizer.lr_decay == 3e-4 and config.class_weights == "balanced"
+
+
+def test_real_data_configs_say_where_manual_dir_goes():
+  for name in CONFIG_NAMES:
+    doc = load_module(name).__doc__
+    if name != "demo":
+      assert "--config.dataset.manual_dir=" in doc, name
 
 
 def test_train_val_gap_selects_the_epoch_with_the_smallest_gap():

@@ -268,3 +268,26 @@ def test_set_learning_rate_keeps_the_sharding_of_a_committed_rate():
   assert optim.get_learning_rate(new) == pytest.approx(5e-4)
   uncommitted = optim.set_learning_rate(tx.init({"w": jnp.zeros(3)}), 2e-4)
   assert not uncommitted.hyperparams["learning_rate"].committed
+
+
+def test_augmented_step_scales_stored_images_by_the_configured_bit_depth():
+  model = custom_cnn.custom_cnn(num_outputs=1, input_shape=(48, 48, 1),
+                                conv_widths=(4, 4, 4, 4, 4), dense_widths=(8, 8),
+                                init_std=None, dropout_rate=0.0)
+  tx = optax.sgd(0.1)
+  state = steps.create_train_state(model, tx, jax.random.key(0))
+  rng = np.random.default_rng(3)
+  stored = rng.integers(0, 4096, size=(4, 48, 48, 1)).astype(np.uint16)  # 12-bit values
+  labels = np.array([0, 1, 0, 1], np.int32)
+  weight = np.ones(4, np.float32)
+  identity = lambda key, images: images  # noqa: E731
+  twelve_bit = functools.partial(
+      steps.train_step, model=model, tx=tx, augment=identity, bit_depth=12,
+      preprocess=preprocess_lib.make_preprocess_fn(model.input_shape, bit_depth=12))
+  unit = functools.partial(steps.train_step, model=model, tx=tx,
+                           preprocess=preprocess_lib.make_preprocess_fn(model.input_shape))
+  _, augmented = jax.jit(twelve_bit)(state, {"image": stored, "label": labels,
+                                             "weight": weight})
+  _, expected = jax.jit(unit)(state, {"image": stored.astype(np.float32) / 4095,
+                                      "label": labels, "weight": weight})
+  np.testing.assert_allclose(augmented["loss_sum"], expected["loss_sum"], rtol=1e-6)

@@ -216,3 +216,51 @@ def test_encode_png_round_trip():
     np.testing.assert_array_equal(decoded.reshape(image.shape), image)
   with pytest.raises(ValueError):
     preprocess.encode_png(np.zeros((2, 2, 3), np.uint16))
+
+
+# Bit depth in the training pipeline -----------------------------------------------------------
+
+
+def test_preprocess_fn_scales_uint16_by_the_inferred_or_given_bit_depth():
+  images = np.asarray([0, 4095, 65535], np.uint16).reshape(1, 1, 3, 1)
+  inferred = jax.jit(preprocess.make_preprocess_fn((1, 3, 1)))(images)
+  np.testing.assert_allclose(inferred.ravel(), [0.0, 4095 / 65535, 1.0], rtol=1e-6)
+  twelve = jax.jit(preprocess.make_preprocess_fn((1, 2, 1), bit_depth=12))(images[:, :, :2])
+  np.testing.assert_allclose(twelve.ravel(), [0.0, 1.0], rtol=1e-6)
+
+
+def test_preprocess_fn_keeps_uint8_and_passes_float_through():
+  images = np.random.default_rng(7).integers(0, 256, (2, 4, 4, 1), dtype=np.uint8)
+  fn = jax.jit(preprocess.make_preprocess_fn((4, 4, 1), (0.25,), (0.5,)))
+  # The formula before bit depths existed, compiled the same way (XLA may use a reciprocal).
+  old = jax.jit(lambda x: (x.astype(jnp.float32) / 255.0 - 0.25) / 0.5)(images)
+  np.testing.assert_array_equal(fn(images), old)
+  unit = images.astype(np.float32) / 255.0
+  expected = (unit - np.float32(0.25)) / np.float32(0.5)
+  np.testing.assert_allclose(fn(unit), expected, rtol=1e-6, atol=1e-6)
+  explicit = jax.jit(preprocess.make_preprocess_fn((4, 4, 1), (0.25,), (0.5,), bit_depth=16))
+  np.testing.assert_array_equal(explicit(unit), fn(unit))  # float input ignores the bit depth
+
+
+def test_preprocess_fn_names_a_bad_dtype_or_bit_depth():
+  fn = preprocess.make_preprocess_fn((2, 2, 1))
+  with pytest.raises(ValueError, match="int32"):
+    fn(np.zeros((1, 2, 2, 1), np.int32))
+  with pytest.raises(ValueError, match="bit_depth"):
+    preprocess.make_preprocess_fn((2, 2, 1), bit_depth=17)
+  with pytest.raises(ValueError, match="uint8"):
+    preprocess.make_preprocess_fn((2, 2, 1), bit_depth=12)(np.zeros((1, 2, 2, 1), np.uint8))
+
+
+def test_build_components_reads_config_preprocess_bit_depth():
+  from configs import demo
+  from medxai_jax.train import loop
+
+  config = demo.get_config()
+  assert config.preprocess.bit_depth is None
+  shape = (1, *config.model.input_shape)
+  _, _, fn = loop.build_components(config)
+  np.testing.assert_allclose(jax.jit(fn)(np.full(shape, 65535, np.uint16)), 3.0, rtol=1e-6)
+  config.preprocess.bit_depth = 12  # as --config.preprocess.bit_depth=12 sets it
+  _, _, fn = loop.build_components(config)
+  np.testing.assert_allclose(jax.jit(fn)(np.full(shape, 4095, np.uint16)), 3.0, rtol=1e-6)

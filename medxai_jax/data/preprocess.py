@@ -1,4 +1,4 @@
-"""On-device preprocessing from stored uint8 images to model inputs.
+"""On-device preprocessing from stored uint8/uint16 images to model inputs.
 
 The second half holds host-side (numpy) image functions that the dataset builders run once at
 prepare time: decoding 8-/16-bit PNG/JPEG, bit-depth scaling, gray <-> RGB, resizing with
@@ -19,11 +19,40 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def to_unit_range(images: jax.Array) -> jax.Array:
-  """uint8 [0, 255] (or float) images to float32 in [0, 1]."""
-  if jnp.issubdtype(images.dtype, jnp.integer):
-    return images.astype(jnp.float32) / 255.0
-  return images.astype(jnp.float32)
+# Bits of the stored pixel dtypes the training pipeline reads; float images are already [0, 1].
+STORED_BITS = {np.dtype(np.uint8): 8, np.dtype(np.uint16): 16}
+
+
+def check_bit_depth(bit_depth: int | None) -> None:
+  """Raises ValueError unless bit_depth is None (infer from the dtype) or an int in [1, 16]."""
+  if bit_depth is None:
+    return
+  if isinstance(bit_depth, bool) or not isinstance(bit_depth, (int, np.integer)) or not (
+      1 <= bit_depth <= 16):
+    raise ValueError(f"config.preprocess.bit_depth must be None (infer from the image dtype) or "
+                     f"an integer in [1, 16], got {bit_depth!r}.")
+
+
+def to_unit_range(images: jax.Array, bit_depth: int | None = None) -> jax.Array:
+  """uint8/uint16 (or float) images to float32 in [0, 1], dividing by 2**bits - 1.
+
+  bits is `bit_depth` when given (12 for Montgomery's 12-bit values in 16-bit PNGs), else the
+  dtype's: 8 for uint8, 16 for uint16. Float images are taken to be in [0, 1] already and only
+  cast. Other dtypes, or a bit depth above the dtype's, raise ValueError naming the dtype. The
+  dtype is static, so this is decided at trace time.
+  """
+  check_bit_depth(bit_depth)
+  dtype = np.dtype(images.dtype)
+  if jnp.issubdtype(dtype, jnp.floating):
+    return images.astype(jnp.float32)
+  if dtype not in STORED_BITS:
+    raise ValueError(f"Images of dtype {dtype} cannot be scaled to [0, 1]: expected uint8, "
+                     "uint16 or float (already in [0, 1]).")
+  bits = STORED_BITS[dtype] if bit_depth is None else int(bit_depth)
+  if bits > STORED_BITS[dtype]:
+    raise ValueError(f"config.preprocess.bit_depth={bit_depth} exceeds the {STORED_BITS[dtype]} "
+                     f"bits of {dtype} images.")
+  return scale_to_unit(images, bits)
 
 
 def match_channels(images: jax.Array, channels: int) -> jax.Array:
@@ -39,9 +68,16 @@ def match_channels(images: jax.Array, channels: int) -> jax.Array:
 
 
 def make_preprocess_fn(input_shape: Sequence[int], mean: Sequence[float] = (0.0,),
-                       std: Sequence[float] = (1.0,)) -> Callable[[jax.Array], jax.Array]:
-  """A jit-able map from a uint8 batch [B,H,W,C] to normalised float32 [B, *input_shape]."""
+                       std: Sequence[float] = (1.0,), *, bit_depth: int | None = None
+                       ) -> Callable[[jax.Array], jax.Array]:
+  """A jit-able map from a stored batch [B,H,W,C] to normalised float32 [B, *input_shape].
+
+  The batch is scaled to [0, 1] by `to_unit_range(images, bit_depth)`: None infers 8 bits for
+  uint8 and 16 for uint16 at trace time, an int (12 for raw Montgomery values) divides integer
+  images by 2**bit_depth - 1; float input is taken to be in [0, 1] already.
+  """
   height, width, channels = input_shape
+  check_bit_depth(bit_depth)
   mean_array = jnp.asarray(mean, jnp.float32)
   std_array = jnp.asarray(std, jnp.float32)
   if (std_array <= 0).any():
@@ -50,7 +86,7 @@ def make_preprocess_fn(input_shape: Sequence[int], mean: Sequence[float] = (0.0,
   def preprocess(images: jax.Array) -> jax.Array:
     if images.ndim != 4:
       raise ValueError(f"Expected images [B, H, W, C], got shape {images.shape}.")
-    x = match_channels(to_unit_range(images), channels)
+    x = match_channels(to_unit_range(images, bit_depth), channels)
     if x.shape[1:3] != (height, width):
       x = jax.image.resize(x, (x.shape[0], height, width, channels), method="bilinear",
                            antialias=True)
@@ -67,8 +103,8 @@ def make_preprocess_fn(input_shape: Sequence[int], mean: Sequence[float] = (0.0,
 def scale_to_unit(images: jax.Array, bit_depth: int) -> jax.Array:
   """Integer images holding `bit_depth`-bit values (8, 12, 16) to float32 in [0, 1].
 
-  `to_unit_range` assumes 8 bits; a stored uint16 image (16 bits, or 12 bits as in Montgomery)
-  must be scaled with its own maximum 2**bit_depth - 1.
+  A stored uint16 image (16 bits, or 12 bits as in Montgomery) must be scaled with its own
+  maximum 2**bit_depth - 1; `to_unit_range` picks the bit depth from the dtype when not given.
   """
   if not 1 <= bit_depth <= 16:
     raise ValueError(f"bit_depth must be in [1, 16], got {bit_depth}.")

@@ -87,13 +87,14 @@ def _whole_batch(x: jax.Array) -> jax.Array:
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: base.Classifier,
                tx: optax.GradientTransformation, preprocess: PreprocessFn,
                class_weights: jax.Array | None = None, augment: AugmentFn | None = None,
-               trainable: Any = None, accumulation_steps: int = 1
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               trainable: Any = None, accumulation_steps: int = 1,
+               bit_depth: int | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step on a batch; returns the new state and summed batch statistics.
 
   `batch['weight']` (1 for real examples, 0 for padding) masks the loss; the loss is the weighted
   mean over real examples, with `class_weights` multiplying each example's term.
-  `augment(key, images)` (optional) transforms the stored images, scaled to [0, 1], before
+  `augment(key, images)` (optional) transforms the stored images, scaled to [0, 1] by
+  `bit_depth` (as `preprocess_lib.to_unit_range`; the preprocess function's own), before
   `preprocess`; its key is `augment_rng(state)`, a function of the state's rng and step.
   `trainable` (optional, a params-shaped tree of Python bools, static) freezes the False leaves:
   their parameters, optimiser state and BatchNorm statistics stay bit-identical (see `freeze`).
@@ -109,7 +110,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: base.Cl
                      f"size {batch['label'].shape[0]}.")
   images = batch["image"]
   if augment is not None:
-    images = augment(augment_rng(state), preprocess_lib.to_unit_range(images))
+    images = augment(augment_rng(state), preprocess_lib.to_unit_range(images, bit_depth))
   images = preprocess(images)
   labels = batch["label"]
   mask = batch["weight"].astype(jnp.float32)

@@ -31,14 +31,15 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from medxai_jax.data import preprocess
-from medxai_jax.data.builders.modality_folders import (
+from medxai_jax.data.builders.common import (
   ImageBuilderConfig,
   ManualImageBuilder,
   assign_splits,
-  derive_config,
+  config_by_name,
   encode_image,
   encode_mask,
   fit_to_config,
+  group_by_split,
   image_feature,
   manual_dir,
   mask_feature,
@@ -88,10 +89,7 @@ _CONFIGS = [
 
 def make_brain_config(base: str = "default", **fields: Any) -> BrainTumorConfig:
   """The named config `base` with some fields changed (and a name derived from them)."""
-  by_name = {config.name: config for config in _CONFIGS}
-  if base not in by_name:
-    raise ValueError(f"Unknown brain_tumor_mri config {base!r}; known: {sorted(by_name)}.")
-  return derive_config(by_name[base], **fields)
+  return config_by_name(_CONFIGS, base, "brain_tumor_mri", **fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,10 +278,8 @@ class BrainTumorMri(ManualImageBuilder):
       raise ValueError(f"test_fold must be in 0..{NUM_FOLDS}, got {config.test_fold}.")
     if len(config.split_fractions) != 3:
       raise ValueError(f"split_fractions needs 3 entries, got {config.split_fractions}.")
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description=self.__class__.__doc__,
-      features=tfds.features.FeaturesDict({
+    return self._image_info(
+      {
         "image": image_feature(config, 1),
         "label": tfds.features.ClassLabel(names=list(LABEL_NAMES)),
         "tumor_mask": mask_feature(config),
@@ -293,10 +289,7 @@ class BrainTumorMri(ManualImageBuilder):
         "index": tfds.features.Scalar(np.int32),
         "original_size": tfds.features.Tensor(shape=(2,), dtype=np.int32),
         "path": tfds.features.Text(),
-      }),
-      supervised_keys=("image", "label"),
-      disable_shuffling=True,
-      metadata=tfds.core.MetadataDict(),
+      },
       homepage="https://doi.org/10.6084/m9.figshare.1512427.v5",
       citation="Cheng et al., 'Enhanced Performance of Brain Tumor Classification via Tumor "
       "Region Augmentation and Partition', PLoS ONE 10(10), 2015.",
@@ -362,8 +355,7 @@ class BrainTumorMri(ManualImageBuilder):
         "path": files[index].location,
       }
 
-    per_split = {split: [index for index in indices if split_of[index] == position]
-                 for position, split in enumerate(("train", "validation", "test"))}
+    per_split = group_by_split(indices, [split_of[index] for index in indices])
     return self._split_iterators(per_split, make_example)
 
   def _check_folds(self, indices: list[int], headers: dict[int, Any], folds: np.ndarray) -> None:

@@ -25,21 +25,23 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from medxai_jax.data import preprocess
-from medxai_jax.data.builders.modality_folders import (
+from medxai_jax.data.builders.common import (
   ImageBuilderConfig,
   ManualImageBuilder,
   assign_splits,
   canonical_name,
   collection_root,
-  derive_config,
+  config_by_name,
   encode_image,
   encode_mask,
   fit_to_config,
+  group_by_split,
   image_feature,
   list_images,
   manual_dir,
   mask_feature,
   missing_error,
+  read_unit_image,
   validate_config,
 )
 
@@ -79,10 +81,7 @@ _CONFIGS = [
 
 def make_covid_config(base: str = "three", **fields: Any) -> CovidRadiographyConfig:
   """The named config `base` with some fields changed (and a name derived from them)."""
-  by_name = {config.name: config for config in _CONFIGS}
-  if base not in by_name:
-    raise ValueError(f"Unknown covid_radiography config {base!r}; known: {sorted(by_name)}.")
-  return derive_config(by_name[base], **fields)
+  return config_by_name(_CONFIGS, base, "covid_radiography", **fields)
 
 
 def _column_index(reference: str) -> int:
@@ -181,19 +180,14 @@ class CovidRadiography(ManualImageBuilder):
     if not names or len(set(names)) != len(names) or set(names) - known:
       raise ValueError(f"classes must be distinct names from {CLASS_FOLDERS}, got "
                        f"{config.classes}.")
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description=self.__class__.__doc__,
-      features=tfds.features.FeaturesDict({
+    return self._image_info(
+      {
         "image": image_feature(config, 1),
         "label": tfds.features.ClassLabel(names=names),
         "lung_mask": mask_feature(config),
         "source_url": tfds.features.Text(),
         "path": tfds.features.Text(),
-      }),
-      supervised_keys=("image", "label"),
-      disable_shuffling=True,
-      metadata=tfds.core.MetadataDict(),
+      },
       homepage="https://www.kaggle.com/datasets/tawsifurrahman/covid19-radiography-database",
       citation="Chowdhury et al., 'Can AI help in screening viral and COVID-19 pneumonia?', IEEE "
       "Access 8, 2020; Rahman et al., 'Exploring the effect of image enhancement techniques on "
@@ -251,7 +245,7 @@ class CovidRadiography(ManualImageBuilder):
 
     def make_example(item: tuple[pathlib.Path, pathlib.Path | None, int, str]) -> dict[str, Any]:
       path, mask_path, label, url = item
-      pixels = preprocess.to_gray(preprocess.to_unit_float(preprocess.read_image(path)))
+      pixels = read_unit_image(path)
       if mask_path is None:
         mask = np.zeros(pixels.shape[:2] + (1,), np.uint8)
       else:
@@ -265,6 +259,4 @@ class CovidRadiography(ManualImageBuilder):
         "path": path.relative_to(root.parent).as_posix(),
       }
 
-    per_split = {split: [item for item, w in zip(items, which) if w == index]
-                 for index, split in enumerate(("train", "validation", "test"))}
-    return self._split_iterators(per_split, make_example)
+    return self._split_iterators(group_by_split(items, which), make_example)

@@ -22,17 +22,19 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from medxai_jax.data import preprocess
-from medxai_jax.data.builders.modality_folders import (
+from medxai_jax.data.builders.common import (
   ImageBuilderConfig,
   ManualImageBuilder,
   assign_splits,
   collection_root,
-  derive_config,
+  config_by_name,
   encode_image,
   fit_to_config,
+  group_by_split,
   image_feature,
   manual_dir,
   missing_error,
+  read_unit_image,
   validate_config,
 )
 
@@ -96,10 +98,7 @@ _CONFIGS = [
 
 def make_mura_config(base: str = "all", **fields: Any) -> MuraConfig:
   """The named config `base` with some fields changed (and a name derived from them)."""
-  by_name = {config.name: config for config in _CONFIGS}
-  if base not in by_name:
-    raise ValueError(f"Unknown MURA config {base!r}; known: {sorted(by_name)}.")
-  return derive_config(by_name[base], **fields)
+  return config_by_name(_CONFIGS, base, "MURA", **fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,10 +187,8 @@ class Mura(ManualImageBuilder):
     if not 0 <= config.validation_fraction < 1:
       raise ValueError(f"validation_fraction must be in [0, 1), got "
                        f"{config.validation_fraction}.")
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description=self.__class__.__doc__,
-      features=tfds.features.FeaturesDict({
+    return self._image_info(  # in item order: images of a study are consecutive records
+      {
         "image": image_feature(config, 1),
         "label": tfds.features.ClassLabel(names=list(LABEL_NAMES)),
         "body_part": tfds.features.ClassLabel(names=list(BODY_PARTS)),
@@ -199,10 +196,7 @@ class Mura(ManualImageBuilder):
         "study_id": tfds.features.Text(),
         "view": tfds.features.Scalar(np.int32),
         "path": tfds.features.Text(),
-      }),
-      supervised_keys=("image", "label"),
-      disable_shuffling=True,  # images of a study are consecutive records
-      metadata=tfds.core.MetadataDict(),
+      },
       homepage="https://stanfordmlgroup.github.io/competitions/mura/",
       citation="Rajpurkar et al., 'MURA: Large Dataset for Abnormality Detection in "
       "Musculoskeletal Radiographs', arXiv:1712.06957, 2017.",
@@ -224,19 +218,15 @@ class Mura(ManualImageBuilder):
     carved = assign_splits([image.patient_id for image in train],
                            (1 - config.validation_fraction, config.validation_fraction),
                            config.split_seed)
-    per_split = {
-      "train": [image for image, which in zip(train, carved) if which == 0],
-      "validation": [image for image, which in zip(train, carved) if which == 1],
-      "test": listings["valid"],
-    }
+    per_split = {**group_by_split(train, carved, ("train", "validation")),
+                 "test": listings["valid"]}
     parts = {BODY_PARTS.index(part) for part in config.body_parts} or set(range(len(BODY_PARTS)))
     for split, images in per_split.items():
       kept = [image for image in images if image.body_part in parts]
       per_split[split] = sorted(kept, key=lambda image: (image.study_id, image.view))
 
     def make_example(image: MuraImage) -> dict[str, Any]:
-      pixels = preprocess.to_gray(preprocess.to_unit_float(
-        preprocess.read_image(base / image.path)))
+      pixels = read_unit_image(base / image.path)
       if config.remove_border:
         pixels = preprocess.remove_uniform_border(pixels, tolerance=config.border_tolerance)
       return {

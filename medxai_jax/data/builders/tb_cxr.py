@@ -8,7 +8,10 @@ patient-wise; stratified by source and label). The label is the last digit of th
 Montgomery's PNGs hold 12-bit values in 16-bit files. They are divided by 4095 (not 65535) into
 float, resized and equalised in float, and quantised once at the end: to uint8 by default (what
 the training pipeline reads), or to uint16 with `storage_bits=16` (config `montgomery_16bit`: no
-CLAHE, so the stored values are the original 12-bit ones times 65535/4095 up to resampling).
+CLAHE, so the stored values are the original 12-bit ones times 65535/4095 up to resampling). To
+train on it, pass `--config.dataset.builder_config=montgomery_16bit` with
+`--config.preprocess.bit_depth=16` (the default None infers 16 bits from uint16 as well; 12 would
+be wrong here, as the stored values already span 0..65535).
 Montgomery's left and right lung masks are combined into one `lung_mask`; Shenzhen ships none, so
 its masks are empty with `has_lung_mask` False. The clinical reading text is kept whole, with sex
 and age parsed from it (unknown / -1 when the text does not say).
@@ -27,14 +30,15 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from medxai_jax.data import preprocess
-from medxai_jax.data.builders.modality_folders import (
+from medxai_jax.data.builders.common import (
   ImageBuilderConfig,
   ManualImageBuilder,
   assign_splits,
-  derive_config,
+  config_by_name,
   encode_image,
   encode_mask,
   fit_to_config,
+  group_by_split,
   image_feature,
   manual_dir,
   mask_feature,
@@ -93,17 +97,14 @@ _CONFIGS = [
   _config("montgomery", "Montgomery only, 1024 x 1024, CLAHE.", sources=("montgomery",)),
   _config("shenzhen", "Shenzhen only, 1024 x 1024, CLAHE.", sources=("shenzhen",)),
   _config("montgomery_16bit", "Montgomery only, 1024 x 1024, no CLAHE, stored as uint16 (full "
-          "12-bit precision; train with preprocess.scale_to_unit(images, 16)).",
+          "12-bit precision rescaled to 16 bits; train with --config.preprocess.bit_depth=16).",
           sources=("montgomery",), clahe=False, storage_bits=16),
 ]
 
 
 def make_tb_config(base: str = "combined", **fields: Any) -> TbCxrConfig:
   """The named config `base` with some fields changed (and a name derived from them)."""
-  by_name = {config.name: config for config in _CONFIGS}
-  if base not in by_name:
-    raise ValueError(f"Unknown tb_cxr config {base!r}; known: {sorted(by_name)}.")
-  return derive_config(by_name[base], **fields)
+  return config_by_name(_CONFIGS, base, "tb_cxr", **fields)
 
 
 def parse_reading(text: str) -> tuple[int, int]:
@@ -196,10 +197,8 @@ class TbCxr(ManualImageBuilder):
       raise ValueError(f"sources must be a non-empty subset of {SOURCES}, got {config.sources}.")
     if len(config.split_fractions) != 3:
       raise ValueError(f"split_fractions needs 3 entries, got {config.split_fractions}.")
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description=self.__class__.__doc__,
-      features=tfds.features.FeaturesDict({
+    return self._image_info(
+      {
         "image": image_feature(config, 1),
         "label": tfds.features.ClassLabel(names=list(LABEL_NAMES)),
         "lung_mask": mask_feature(config),
@@ -210,10 +209,7 @@ class TbCxr(ManualImageBuilder):
         "sex": tfds.features.ClassLabel(names=list(SEX_NAMES)),
         "age": tfds.features.Scalar(np.int32),
         "path": tfds.features.Text(),
-      }),
-      supervised_keys=("image", "label"),
-      disable_shuffling=True,
-      metadata=tfds.core.MetadataDict(),
+      },
       homepage="https://lhncbc.nlm.nih.gov/LHC-publications/pubs/"
       "TuberculosisChestXrayImageDataSets.html",
       citation="Jaeger et al., 'Two public chest X-ray datasets for computer-aided screening of "
@@ -266,6 +262,4 @@ class TbCxr(ManualImageBuilder):
         "path": image.path.relative_to(manual).as_posix(),
       }
 
-    per_split = {split: [image for image, w in zip(images, which) if w == index]
-                 for index, split in enumerate(("train", "validation", "test"))}
-    return self._split_iterators(per_split, make_example)
+    return self._split_iterators(group_by_split(images, which), make_example)

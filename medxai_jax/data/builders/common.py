@@ -1,0 +1,326 @@
+"""What the manual-download TFDS builders of this package share (MURA, Montgomery/Shenzhen, brain
+tumour MRI, COVID-19 Radiography, medical modality folders).
+
+A common config base and its derivation, the manual-folder checks (their errors name the missing
+file and repeat the builder's MANUAL_DOWNLOAD_INSTRUCTIONS), image reading and features, the
+corrupt-image policy, patient-wise splitting and the ordered, threaded example writer.
+
+Every builder prepares offline in the `array_record` format and is read back with
+`builder.as_data_source(split=...)`, like the phantoms. Images are stored as PNG bytes that we
+encode with Pillow (8-bit, what the training pipeline reads), or, with `storage_bits=16`, as
+zlib-compressed uint16 tensors (tfds cannot decode 16-bit PNGs without OpenCV). Corrupt images
+fail the preparation naming the file (`on_corrupt='fail'`, the default) or are left out with a
+warning each and listed in `builder.info.metadata['skipped_files'][split]` (`on_corrupt='skip'`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+
+from medxai_jax.data import preprocess
+
+SPLITS = ("train", "validation", "test")
+CORRUPT_POLICIES = ("fail", "skip")
+RESIZE_MODES = ("pad", "stretch")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
+_CHUNK = 64  # images decoded at a time (bounded memory, ordered output)
+
+_Item = TypeVar("_Item")
+
+
+# tfds' BuilderConfig is a mutable dataclass (frozen subclasses are impossible), so configs are
+# immutable by convention: derive new ones with `derive_config`.
+@dataclasses.dataclass(eq=False)
+class ImageBuilderConfig(tfds.core.BuilderConfig):
+  """How a manual-download builder stores images; subclasses add their collection's fields.
+
+  image_size: side of the stored square images; 0 keeps every image's own size (then shapes vary
+    and the training pipeline, which stacks images, cannot batch them).
+  resize_mode: 'pad' scales to fit and centres on black (aspect ratio kept, 001) or 'stretch'.
+  storage_bits: 8 stores uint8 PNG; 16 stores uint16 (zlib tensor) for full precision, which
+    training scales by 65535 (`--config.preprocess.bit_depth=16`, or the default None).
+  on_corrupt: 'fail' stops at the first undecodable image, naming it; 'skip' leaves such images
+    out, logs each and lists them in `info.metadata['skipped_files']`.
+  split_seed: seed of every split this builder carves.
+  """
+
+  image_size: int = 0
+  resize_mode: str = "pad"
+  storage_bits: int = 8
+  on_corrupt: str = "fail"
+  split_seed: int = 0
+
+
+_BASE_FIELDS = {field.name for field in dataclasses.fields(tfds.core.BuilderConfig)}
+
+
+def config_fields(config: ImageBuilderConfig) -> dict[str, Any]:
+  """The non-tfds fields of a config and their values."""
+  return {
+    field.name: getattr(config, field.name)
+    for field in dataclasses.fields(config)
+    if field.name not in _BASE_FIELDS
+  }
+
+
+def derive_config(base: ImageBuilderConfig, **changes: Any) -> ImageBuilderConfig:
+  """`base` with some fields changed, named `<base>-<hash of the changes>` so settings never share
+  a prepared directory (tfds reuses any prepared dataset of the same name and version)."""
+  known = config_fields(base)
+  unknown = set(changes) - set(known)
+  if unknown:
+    raise TypeError(f"unknown {type(base).__name__} fields: {sorted(unknown)}; known: "
+                    f"{sorted(known)}")
+  changes = {key: tuple(value) if isinstance(value, list) else value
+             for key, value in changes.items()}
+  changed = {key: value for key, value in changes.items() if value != known[key]}
+  if not changed:
+    return base
+  digest = hashlib.sha1(json.dumps(sorted(changed.items()), default=str).encode()).hexdigest()
+  config = dataclasses.replace(base, name=f"{base.name}-{digest[:10]}",
+                               description=f"{base.name} with {changed}.", **changed)
+  validate_config(config)
+  return config
+
+
+def config_by_name(configs: Sequence[ImageBuilderConfig], base: str, builder_name: str,
+                   **fields: Any) -> ImageBuilderConfig:
+  """The config named `base` among `configs` with some fields changed (see `derive_config`)."""
+  by_name = {config.name: config for config in configs}
+  if base not in by_name:
+    raise ValueError(f"Unknown {builder_name} config {base!r}; known: {sorted(by_name)}.")
+  return derive_config(by_name[base], **fields)
+
+
+def validate_config(config: ImageBuilderConfig) -> None:
+  """Raises ValueError for a config field outside its allowed values."""
+  if config.image_size < 0:
+    raise ValueError(f"image_size must be >= 0 (0 = native size), got {config.image_size}.")
+  if config.resize_mode not in RESIZE_MODES:
+    raise ValueError(f"resize_mode={config.resize_mode!r} is not one of {list(RESIZE_MODES)}.")
+  if config.storage_bits not in (8, 16):
+    raise ValueError(f"storage_bits must be 8 or 16, got {config.storage_bits}.")
+  if config.on_corrupt not in CORRUPT_POLICIES:
+    raise ValueError(f"on_corrupt={config.on_corrupt!r} is not one of {list(CORRUPT_POLICIES)}.")
+
+
+def image_feature(config: ImageBuilderConfig, channels: int) -> tfds.features.FeatureConnector:
+  """The stored-image feature: PNG uint8, or a zlib uint16 tensor when storage_bits is 16."""
+  size = config.image_size or None
+  shape = (size, size, channels)
+  if config.storage_bits == 16:
+    return tfds.features.Tensor(shape=shape, dtype=np.uint16, encoding="zlib")
+  return tfds.features.Image(shape=shape, encoding_format="png")
+
+
+def mask_feature(config: ImageBuilderConfig) -> tfds.features.Image:
+  """A {0, 1} uint8 mask feature, PNG, in the stored image's geometry."""
+  size = config.image_size or None
+  return tfds.features.Image(shape=(size, size, 1), encoding_format="png")
+
+
+def read_unit_image(path: os.PathLike | str, channels: int = 1) -> np.ndarray:
+  """An image file as float32 [0, 1] [H, W, channels]: 1 = gray (BT.601 luma), 3 = RGB.
+
+  8-/16-bit files are scaled by their dtype's maximum; an undecodable file raises
+  `preprocess.CorruptImageError` naming it (the corrupt-image policy then applies).
+  """
+  image = preprocess.to_unit_float(preprocess.read_image(path))
+  return preprocess.to_rgb(image) if channels == 3 else preprocess.to_gray(image)
+
+
+def fit_to_config(image: np.ndarray, config: ImageBuilderConfig,
+                  method: str = "bilinear") -> np.ndarray:
+  """[H, W, C] image resized to the config's square size ('pad' or 'stretch'); 0 keeps it."""
+  size = config.image_size
+  if not size:
+    return image
+  if config.resize_mode == "pad":
+    return preprocess.resize_with_padding_np(image, size, size, method=method)
+  return preprocess.resize_np(image, size, size, method)
+
+
+def encode_image(image: np.ndarray, config: ImageBuilderConfig) -> bytes | np.ndarray:
+  """A [0, 1] float image in its stored form: PNG bytes (8 bits) or a uint16 array (16 bits)."""
+  pixels = preprocess.quantize(image, config.storage_bits)
+  return preprocess.encode_png(pixels) if config.storage_bits == 8 else pixels
+
+
+def encode_mask(mask: np.ndarray, config: ImageBuilderConfig) -> bytes:
+  """PNG bytes of a mask as {0, 1} uint8, resized (nearest neighbour) as the image was."""
+  binary = (np.asarray(mask) > 0).astype(np.uint8)
+  if binary.ndim == 2:
+    binary = binary[..., None]
+  return preprocess.encode_png(fit_to_config(binary, config, method="nearest"))
+
+
+def manual_dir(dl_manager: tfds.download.DownloadManager, builder_name: str) -> pathlib.Path:
+  """The manual download folder; a missing or empty one raises FileNotFoundError with the path and
+  the builder's MANUAL_DOWNLOAD_INSTRUCTIONS."""
+  try:
+    return pathlib.Path(os.fspath(dl_manager.manual_dir))
+  except AssertionError as error:  # tfds' message names the folder and gives the instructions
+    raise FileNotFoundError(f"{builder_name}: {error}") from None
+
+
+def missing_error(builder_name: str, what: str, path: os.PathLike | str,
+                  instructions: str) -> FileNotFoundError:
+  """A FileNotFoundError naming what is missing, where it was looked for, and how to get it."""
+  return FileNotFoundError(f"{builder_name}: {what} not found at {os.fspath(path)}.\n"
+                           f"Download instructions:\n{instructions}")
+
+
+def collection_root(manual: pathlib.Path, folder: str, builder_name: str,
+                    instructions: str) -> pathlib.Path:
+  """`manual/folder`, or `manual` itself when the user pointed manual_dir at `folder`."""
+  if (manual / folder).is_dir():
+    return manual / folder
+  if manual.name == folder and manual.is_dir():
+    return manual
+  raise missing_error(builder_name, f"the collection folder {folder!r}", manual / folder,
+                      instructions)
+
+
+def canonical_name(name: str) -> str:
+  """Lower case with runs of other characters as '_': 'Viral Pneumonia' -> 'viral_pneumonia'."""
+  return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def assign_splits(groups: Sequence[str], fractions: Sequence[float], seed: int,
+                  strata: Sequence[Any] | None = None) -> np.ndarray:
+  """Split index (into `fractions`) of every example; all examples of a group share one split.
+
+  Groups (patients; an example's own id where each patient has one image) are sorted, then within
+  each stratum (a group's stratum is its first example's; None = one stratum) shuffled with
+  `default_rng(seed)` and cut at the cumulative fractions, rounded to whole groups. The result
+  depends only on the set of groups, their strata, the fractions and the seed, not on file order.
+  """
+  fractions = np.asarray(fractions, np.float64)
+  if (fractions < 0).any() or abs(fractions.sum() - 1.0) > 1e-6:
+    raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions.tolist()}.")
+  stratum_of: dict[str, Any] = {}
+  for index, group in enumerate(groups):
+    stratum_of.setdefault(group, None if strata is None else strata[index])
+  rng = np.random.default_rng(seed)
+  split_of: dict[str, int] = {}
+  for stratum in sorted({repr(value) for value in stratum_of.values()}):
+    members = sorted(group for group, value in stratum_of.items() if repr(value) == stratum)
+    order = rng.permutation(len(members))
+    bounds = np.rint(np.cumsum(fractions) * len(members)).astype(int)
+    for rank, member_index in enumerate(order):
+      split_of[members[member_index]] = int(np.searchsorted(bounds, rank, side="right"))
+  return np.asarray([split_of[group] for group in groups], np.int64)
+
+
+def group_by_split(items: Sequence[_Item], which: Sequence[int],
+                   names: Sequence[str] = SPLITS) -> dict[str, list[_Item]]:
+  """Split name -> its items in their order, item i going to names[which[i]] (`assign_splits`)."""
+  if len(items) != len(which):
+    raise ValueError(f"{len(items)} items but {len(which)} split indices.")
+  return {name: [item for item, index in zip(items, which) if index == position]
+          for position, name in enumerate(names)}
+
+
+def process_in_order(fn: Callable[[_Item], dict[str, Any]], items: Sequence[_Item], *,
+                     on_corrupt: str, skipped: list[str]) -> Iterator[dict[str, Any]]:
+  """fn(item) for every item, computed on threads (Pillow releases the GIL), yielded in order.
+
+  A `preprocess.CorruptImageError` raised by fn is re-raised (on_corrupt='fail') or logged and
+  its path appended to `skipped` (on_corrupt='skip'); other errors always propagate.
+  """
+
+  def guarded(item: _Item) -> dict[str, Any] | preprocess.CorruptImageError:
+    try:
+      return fn(item)
+    except preprocess.CorruptImageError as error:
+      return error
+
+  with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    for start in range(0, len(items), _CHUNK):
+      for result in pool.map(guarded, items[start:start + _CHUNK]):
+        if isinstance(result, preprocess.CorruptImageError):
+          if on_corrupt == "fail":
+            raise preprocess.CorruptImageError(
+              result.path, f"{result.reason} (a builder config with on_corrupt='skip' leaves "
+              "such files out and lists them in info.metadata['skipped_files'])") from result
+          logging.warning("Skipping corrupt image %s: %s", result.path, result.reason)
+          skipped.append(result.path)
+          continue
+        yield result
+
+
+def split_examples(info: tfds.core.DatasetInfo, split: str, items: Sequence[_Item],
+                   make_example: Callable[[_Item], dict[str, Any]],
+                   on_corrupt: str) -> Iterator[tuple[int, dict[str, Any]]]:
+  """(key, example) pairs of one split in item order (integer keys keep that order on disk);
+  skipped corrupt files are recorded in `info.metadata['skipped_files'][split]`."""
+  skipped: list[str] = []
+  key = 0
+  for example in process_in_order(make_example, items, on_corrupt=on_corrupt, skipped=skipped):
+    yield key, example
+    key += 1
+  info.metadata.setdefault("skipped_files", {})[split] = sorted(skipped)
+  if skipped:
+    logging.warning("%s/%s: skipped %d corrupt image(s), listed in the dataset's metadata.json "
+                    "(info.metadata['skipped_files']).", info.full_name, split, len(skipped))
+
+
+class ManualImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base of the manual-download builders: each split is a list of items and a function that
+  turns one item into an example (run on threads, in order, under the corrupt-image policy)."""
+
+  def _image_info(self, features: Mapping[str, tfds.features.FeatureConnector],
+                  **fields: Any) -> tfds.core.DatasetInfo:
+    """DatasetInfo with what every manual builder needs: supervised ('image', 'label') pairs,
+    records kept in item order (integer keys, no shuffling) and a metadata dict, where
+    `split_examples` lists the skipped corrupt files; `fields` adds homepage, citation, ..."""
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=self.__class__.__doc__,
+      features=tfds.features.FeaturesDict(dict(features)),
+      supervised_keys=("image", "label"),
+      disable_shuffling=True,
+      metadata=tfds.core.MetadataDict(),
+      **fields,
+    )
+
+  def _generate_examples(self, split: str, items: Sequence[Any],
+                         make_example: Callable[[Any], dict[str, Any]]
+                         ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(key, example) pairs of one split, in item order."""
+    yield from split_examples(self.info, split, items, make_example,
+                              self.builder_config.on_corrupt)
+
+  def _split_iterators(self, per_split: dict[str, Sequence[Any]],
+                       make_example: Callable[[Any], dict[str, Any]]
+                       ) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
+    """Generators of the splits that have items; empty ones are dropped with a warning."""
+    result = {}
+    for split, items in per_split.items():
+      if not items:
+        logging.warning("%s: split %r has no examples and is not written.", self.info.full_name,
+                        split)
+        continue
+      result[split] = self._generate_examples(split, items, make_example)
+    return result
+
+
+def list_images(folder: pathlib.Path) -> list[pathlib.Path]:
+  """Image files under `folder` (recursively, by suffix, hidden files excluded), sorted."""
+  return sorted(
+    path for path in folder.rglob("*")
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+  )
