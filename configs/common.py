@@ -17,13 +17,23 @@ def base_config() -> ml_collections.ConfigDict:
   config.dataset.train_split = "train"
   config.dataset.validation_split = "validation"
   config.dataset.test_split = "test"
+  # Keep only matching records in every split: 'feature=value[,value][;feature=value]', values
+  # as class names or ints (e.g. 'body_part=forearm' on the phantoms, 'body_part=XR_WRIST' on MURA).
+  config.dataset.filter = ""
+  # Adebayo et al.'s data-randomisation test: train on a fixed permutation of the training labels.
+  config.dataset.shuffle_labels = False
+  config.dataset.shuffle_labels_seed = 0
   config.dataset.phantoms = ml_collections.ConfigDict(dict(
       image_size=128, num_train=6000, num_validation=1000, num_test=2000, seed=0,
       train_marker_agreement=0.9, validation_marker_agreement=0.9, test_marker_agreement=0.5,
       frame_probability=0.0))
 
-  # Stored uint8 images -> [0, 1] -> (x - mean) / std, per channel.
-  config.preprocess = ml_collections.ConfigDict(dict(mean=(0.0,), std=(1.0,)))
+  # Stored images -> [0, 1] -> (x - mean) / std, per channel. bit_depth: None divides uint8 by
+  # 255 and uint16 by 65535 (float images are taken as [0, 1]); an int b divides integer images
+  # by 2**b - 1, e.g. --config.preprocess.bit_depth=12 for raw 12-bit values in 16-bit PNGs.
+  # tb_cxr's `montgomery_16bit` stores uint16 rescaled to the full 16 bits: use 16 (or None).
+  config.preprocess = ml_collections.ConfigDict(dict(
+      mean=(0.0,), std=(1.0,), bit_depth=ml_collections.config_dict.placeholder(int)))
 
   config.model = ml_collections.ConfigDict()
   # A checkpoint to start from (e.g. ImageNet weights written by experiments/port_weights.py);

@@ -9,7 +9,9 @@ first --num_images test images of --label for their label, and is scored per ima
 (`medxai_jax.analysis.faithfulness`): pointing game, energy in the lesion, IoU / precision of the
 top-k% region, deletion and insertion AUC, the share of attribution on the L/R marker, and
 (for --sanity_methods) the Spearman correlation with the maps of the model after cascading
-randomisation of all its layers. Writes into --workdir: `leaderboard.csv` and `leaderboard.md`
+randomisation of all its layers, and with --shuffled_labels_checkpoint (a run trained with
+--config.dataset.shuffle_labels=True) with the maps of that model (the data-randomisation
+test). Writes into --workdir: `leaderboard.csv` and `leaderboard.md`
 (mean and 95% percentile-bootstrap interval per method and metric, seconds per image),
 `gallery.png` (input with the lesion outline, one column per method), `curves.png` (mean
 deletion / insertion curves), `sanity.png` + `sanity.csv` (per-layer randomisation curves),
@@ -49,7 +51,7 @@ RANDOM = "random"
 POINTING_MARGIN_AT_224 = 15  # Zhang et al. (2018): 15 px tolerance on 224 px images
 # Lower is better for these metrics; higher for every other one.
 LOWER_IS_BETTER = frozenset({"deletion_auc", "marker_share", "cascade_spearman",
-                             "cascade_spearman_abs"})
+                             "cascade_spearman_abs", "data_spearman", "data_spearman_abs"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +95,7 @@ def metric_order(top_percents: Sequence[float]) -> list[str]:
   return ["pointing_game", "energy", "rank_accuracy", "iou_mask_size",
           *[f"{kind}_top{p:g}%" for p in top_percents for kind in ("iou", "precision")],
           "deletion_auc", "insertion_auc", "marker_share", "cascade_spearman",
-          "cascade_spearman_abs"]
+          "cascade_spearman_abs", "data_spearman", "data_spearman_abs"]
 
 
 def make_scorer(model: base.Classifier, options: ScoreOptions, margin: int):
@@ -254,8 +256,14 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
                  methods: Sequence[str] | None = None, num_images: int = 16, label: int = 1,
                  indices: Sequence[int] = (), options: explain.ExplainOptions = (
                      explain.ExplainOptions()), score_options: ScoreOptions = ScoreOptions(),
-                 gallery_rows: int = 6, seed: int = 0) -> dict[str, Any]:
+                 gallery_rows: int = 6, seed: int = 0,
+                 shuffled_labels_checkpoint: str | None = None) -> dict[str, Any]:
   """Scores every method on test images of a run's selected model; writes the leaderboard files.
+
+  `shuffled_labels_checkpoint`: a run of the same config trained with
+  `config.dataset.shuffle_labels=True` (Adebayo et al.'s data-randomisation test); every method
+  then also explains the same images with that model, with the same keys, and the Spearman
+  correlations of the two maps per image are the 'data_spearman(_abs)' columns.
 
   Returns what a report needs: `leaderboard` (method -> metric -> mean/low/high/count),
   `metrics`, `seconds_per_image`, `methods` (timings and skip reasons), `sanity` (per-layer mean
@@ -294,6 +302,13 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
                                           lesion, marker))
     per_image[name] = {k: np.asarray(v) for k, v in scores.items()}
     curves[name] = {k: np.asarray(v) for k, v in curve.items()}
+
+  data_test = None
+  if shuffled_labels_checkpoint:
+    data_test = data_randomisation(config, shuffled_labels_checkpoint, images, targets,
+                                   {name: maps[name] for name in maps}, methods_key, options)
+    for name, scores in data_test["per_image"].items():
+      per_image[name].update(scores)
 
   sanity = {}
   for index, name in enumerate(m for m in score_options.sanity_methods if m in maps):
@@ -340,6 +355,11 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
                                                           axis=1).tolist()}
                         for mode, values in result.items()}
                  for name, result in sanity.items()},
+      "data_randomisation": None if data_test is None else {
+          "checkpoint": os.path.abspath(shuffled_labels_checkpoint),
+          "test_accuracy_shuffled_model": data_test["test_accuracy"],
+          "mean": {name: {k: float(np.nanmean(v)) for k, v in scores.items()}
+                   for name, scores in data_test["per_image"].items()}},
       "options": dataclasses.asdict(options),
       "score_options": {**dataclasses.asdict(score_options), "margin": margin},
       "files": {k: os.path.abspath(v) for k, v in files.items()},
@@ -347,6 +367,34 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
   with open(os.path.join(workdir, "evaluation.json"), "w") as file:
     json.dump(summary, file, indent=2, default=float)
   return summary
+
+
+def data_randomisation(config: ml_collections.ConfigDict, shuffled_labels_checkpoint: str,
+                       images: jax.Array, targets: jax.Array, maps: Mapping[str, jax.Array],
+                       key: jax.Array, options: explain.ExplainOptions) -> dict[str, Any]:
+  """Spearman [B] per method between `maps` and the shuffled-label model's maps of `images`."""
+  metrics_path = os.path.join(shuffled_labels_checkpoint, "metrics.json")
+  trained = {}
+  if os.path.exists(os.path.join(shuffled_labels_checkpoint, "config.json")):
+    with open(os.path.join(shuffled_labels_checkpoint, "config.json")) as file:
+      trained = json.load(file)
+  if not trained.get("dataset", {}).get("shuffle_labels", False):
+    raise ValueError(f"{shuffled_labels_checkpoint} was not trained with "
+                     "config.dataset.shuffle_labels=True (see its config.json); the data-"
+                     "randomisation test needs a model fit to shuffled training labels.")
+  model, variables = loop.restore_selected_model(config, shuffled_labels_checkpoint)
+  shuffled_maps, _ = explain.run_methods(model, variables, images, targets, list(maps), key,
+                                         options)
+  per_image = {}
+  for name, value in maps.items():
+    scores = faithfulness.data_randomisation_scores(faithfulness.as_maps(value),
+                                                    faithfulness.as_maps(shuffled_maps[name]))
+    per_image[name] = {f"data_{k}": np.asarray(v) for k, v in scores.items()}
+  test_accuracy = None
+  if os.path.exists(metrics_path):
+    with open(metrics_path) as file:
+      test_accuracy = json.load(file).get("test", {}).get("accuracy")
+  return {"per_image": per_image, "test_accuracy": test_accuracy}
 
 
 def leaderboard_section(summary: Mapping[str, Any], report_dir: str,
@@ -374,6 +422,15 @@ def leaderboard_section(summary: Mapping[str, Any], report_dir: str,
       "area share). cascade_spearman(_abs): rank correlation of the maps with those of the model "
       "whose every layer was re-initialised (Adebayo et al. 2018; close to 0 passes).",
   ]
+  data_test = summary.get("data_randomisation")
+  if data_test:
+    accuracy = data_test.get("test_accuracy_shuffled_model")
+    paragraphs.append(
+        "data_spearman(_abs): rank correlation of each map with the same method's map from a "
+        "model trained on a permutation of the training labels (Adebayo et al.'s data-"
+        "randomisation test; close to 0 passes: the explanation depends on what the model "
+        "learned from the labels)"
+        + ("." if accuracy is None else f"; that model's test accuracy is {accuracy:.3f}."))
   figures_ = [report.Figure(os.path.relpath(summary["files"]["gallery"], report_dir),
                             "Input with the lesion outlined in red, then each method's |map|."),
               report.Figure(os.path.relpath(summary["files"]["curves"], report_dir),
@@ -422,6 +479,9 @@ def _define_flags() -> None:
   define("list", "sanity_methods", ["gradients", "grad_cam"],
          "Methods given the parameter-randomisation test ('' for none).")
   define("integer", "gallery_rows", 6, "Images shown in the gallery.")
+  define("string", "shuffled_labels_checkpoint", None,
+         "A run of the same config trained with --config.dataset.shuffle_labels=True: adds "
+         "Adebayo et al.'s data-randomisation test (data_spearman columns).")
   flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
 
 
@@ -440,7 +500,8 @@ def main(argv: list[str]) -> None:
                          methods=value("methods"), num_images=value("num_images"),
                          label=value("label"), indices=value("indices"), options=options,
                          score_options=score_options, gallery_rows=value("gallery_rows"),
-                         seed=value("seed"))
+                         seed=value("seed"),
+                         shuffled_labels_checkpoint=value("shuffled_labels_checkpoint"))
   with open(summary["files"]["leaderboard_md"]) as file:
     print(file.read())
 

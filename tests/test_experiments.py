@@ -77,3 +77,30 @@ def test_explain_writes_maps_figure_and_timings(demo_run, tmp_path, data_dir):
     assert summary["methods"][method]["seconds_per_image"] > 0
   assert "skipped" in summary["methods"]["cam"]  # the custom CNN's head is not GAP + dense
   assert (workdir / "attributions.png").stat().st_size > 0
+
+
+def test_data_randomisation_test_through_the_binaries(demo_run, tmp_path, data_dir):
+  checkpoint, demo = demo_run
+  assert demo.returncode == 0, demo.stderr[-3000:]
+  shuffled = tmp_path / "shuffled"
+  result = run("experiments.train", "--config=configs/demo.py", f"--workdir={shuffled}", *TINY,
+               "--config.dataset.shuffle_labels=True", "--config.selection.metric=train_accuracy",
+               data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  scoring = ["--config=configs/demo.py", f"--checkpoint={checkpoint}", "--num_images=2",
+             "--methods=gradients,grad_cam", "--curve_steps=4", "--sanity_methods=",
+             "--gallery_rows=2", *TINY]
+  workdir = tmp_path / "scores"
+  result = run("experiments.evaluate_explanations", *scoring, f"--workdir={workdir}",
+               f"--shuffled_labels_checkpoint={shuffled}", data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((workdir / "evaluation.json").read_text())
+  assert {"data_spearman", "data_spearman_abs"} <= set(summary["metrics"])
+  for method in ("gradients", "grad_cam"):
+    value = summary["leaderboard"][method]["data_spearman_abs"]["mean"]
+    assert -1.0 <= value <= 1.0
+  assert "data_spearman_abs" in (workdir / "leaderboard.md").read_text()
+  # A run trained on the true labels is refused as the shuffled-label model.
+  result = run("experiments.evaluate_explanations", *scoring, f"--workdir={tmp_path / 'bad'}",
+               f"--shuffled_labels_checkpoint={checkpoint}", data_dir=data_dir)
+  assert result.returncode != 0 and "shuffle_labels=True" in result.stderr

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import demo
+from medxai_jax.data import pipeline
 from medxai_jax.train import checkpoint
 from medxai_jax.train import loop
 from medxai_jax.train import steps
@@ -155,3 +156,40 @@ def test_bfloat16_compute_with_gradient_accumulation_end_to_end(data_dir, tmp_pa
   model, variables = loop.restore_selected_model(config, workdir)
   assert model.module.dtype == np.float32  # explanations run in float32
   assert loop.build_components(config)[0].module.dtype == jax.numpy.bfloat16
+
+
+def test_filtered_shuffled_label_run_selects_by_training_accuracy(data_dir, tmp_path):
+  config = tiny_config(data_dir, num_epochs=2)
+  config.augment.update(dict(flip=False, rotation_degrees=0.0, shift_pixels=0.0))
+  config.dataset.update(dict(filter="body_part=forearm,hand", shuffle_labels=True,
+                             shuffle_labels_seed=1))
+  config.selection.metric = "train_accuracy"
+  splits = [config.dataset.train_split, config.dataset.validation_split,
+            config.dataset.test_split]
+  sources = pipeline.load_sources(config.dataset, splits)
+  plain = copy.deepcopy(config)
+  plain.dataset.update(dict(filter="", shuffle_labels=False))
+  unfiltered = pipeline.load_sources(plain.dataset, splits)
+  for split in splits:  # every split keeps exactly its forearm (0) and hand (3) records
+    parts = pipeline.read_feature(unfiltered[split], "body_part")
+    assert len(sources[split]) == int(np.isin(parts, (0, 3)).sum()) > 0
+    assert set(pipeline.read_feature(sources[split], "body_part")) <= {0, 3}
+  train = sources[config.dataset.train_split]
+  true_labels = pipeline.read_feature(train.original_source, "label")
+  shuffled = pipeline.read_feature(train, "label")
+  assert sorted(shuffled) == sorted(true_labels) and (shuffled != true_labels).any()
+  validation_labels = pipeline.read_feature(sources[config.dataset.validation_split], "label")
+  np.testing.assert_array_equal(  # only the training labels are shuffled
+      validation_labels,
+      pipeline.read_feature(unfiltered[config.dataset.validation_split], "label")[
+          np.isin(pipeline.read_feature(unfiltered[config.dataset.validation_split],
+                                        "body_part"), (0, 3))])
+
+  workdir = str(tmp_path / "shuffled")
+  result = loop.train_and_evaluate(config, workdir)
+  history = _read_history(workdir)
+  best = max(history, key=lambda row: row["train_accuracy"])
+  assert result["selected_epoch"] == best["epoch"]
+  with pytest.raises(ValueError, match="only a selection metric"):
+    loop.check_config(tiny_config(data_dir, early_stopping=dict(
+        patience=1, metric="train_accuracy", mode="")))

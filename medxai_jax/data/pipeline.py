@@ -50,14 +50,143 @@ def load_builder(dataset_config: Mapping[str, Any]):
 
 def load_sources(dataset_config: Mapping[str, Any], splits: Sequence[str]
                  ) -> dict[str, RandomAccessSource]:
-  """Random-access sources for `splits` of the configured dataset."""
+  """Random-access sources for `splits` of the configured dataset, filtered and label-shuffled.
+
+  `dataset_config.filter` (e.g. 'body_part=XR_WRIST,XR_HAND') keeps only the matching records of
+  every split; `dataset_config.shuffle_labels` replaces the training split's labels with a fixed
+  permutation of them (seed `shuffle_labels_seed`), for Adebayo et al.'s data-randomisation test.
+  """
   builder = load_builder(dataset_config)
   available = list(builder.info.splits.keys())
   missing = [split for split in splits if split not in available]
   if missing:
     raise ValueError(f"Dataset {dataset_config['name']!r} has no split(s) {missing}; it has "
                      f"{available}.")
-  return {split: builder.as_data_source(split=split) for split in splits}
+  sources = {split: builder.as_data_source(split=split) for split in splits}
+  conditions = parse_filter(dataset_config.get("filter") or "")
+  if conditions:
+    features = getattr(builder.info, "features", None)
+    conditions = resolve_filter_values(conditions, features)
+    sources = {split: filter_source(source, conditions, name=f"split {split!r}")
+               for split, source in sources.items()}
+  train_split = dataset_config.get("train_split", "train")
+  if dataset_config.get("shuffle_labels") and train_split in sources:
+    sources[train_split] = LabelShuffledSource(
+        sources[train_split], label_key=dataset_config.get("label_key", "label"),
+        seed=int(dataset_config.get("shuffle_labels_seed", 0)))
+  return sources
+
+
+class SubsetSource:
+  """The rows `indices` of a random-access source, renumbered 0..len(indices)-1."""
+
+  def __init__(self, source: RandomAccessSource, indices: Sequence[int]):
+    self._source = source
+    self.indices = np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    return self._source.__getitems__([int(self.indices[i]) for i in indices])
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self.__getitems__([index])[0]
+
+
+class LabelShuffledSource:
+  """A source whose `label_key` values are a fixed random permutation of the original labels.
+
+  The label distribution is unchanged; the link between image and label is destroyed (Adebayo
+  et al. 2018's data-randomisation test trains a model on such a split).
+  """
+
+  def __init__(self, source: RandomAccessSource, *, label_key: str = "label", seed: int = 0):
+    self.original_source = source
+    self._source = source
+    self._label_key = label_key
+    self.original_labels = read_feature(source, label_key)
+    permutation = np.random.default_rng([seed, 0x5EED]).permutation(len(self.original_labels))
+    self.labels = self.original_labels[permutation]
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    records = self._source.__getitems__(indices)
+    return [dict(record, **{self._label_key: self.labels[int(i)]})
+            for record, i in zip(records, indices)]
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self.__getitems__([index])[0]
+
+
+def read_feature(source: RandomAccessSource, key: str, chunk: int = 1024) -> np.ndarray:
+  """One scalar feature of every record of a source, as an array [N]."""
+  values = []
+  for start in range(0, len(source), chunk):
+    records = source.__getitems__(list(range(start, min(start + chunk, len(source)))))
+    if records and key not in records[0]:
+      raise KeyError(f"Records have no feature {key!r}; they have {sorted(records[0])}.")
+    values.extend(np.asarray(record[key]) for record in records)
+  return np.asarray(values)
+
+
+def parse_filter(spec: str) -> dict[str, tuple[str, ...]]:
+  """'feature=a,b;other=c' -> {'feature': ('a', 'b'), 'other': ('c',)} (records must match all)."""
+  conditions = {}
+  for clause in filter(None, (part.strip() for part in spec.split(";"))):
+    feature, sep, values = clause.partition("=")
+    allowed = tuple(v.strip() for v in values.split(",") if v.strip())
+    if not sep or not feature.strip() or not allowed:
+      raise ValueError(f"config.dataset.filter clause {clause!r} is not 'feature=value[,value]'"
+                       f" (full filter: {spec!r}).")
+    conditions[feature.strip()] = allowed
+  return conditions
+
+
+def resolve_filter_values(conditions: Mapping[str, Sequence[str]], features: Any = None
+                          ) -> dict[str, frozenset]:
+  """Filter values as the stored values: class names of a ClassLabel feature become its ints."""
+  resolved = {}
+  for feature, values in conditions.items():
+    spec = features[feature] if features is not None and feature in features else None
+    names = list(getattr(spec, "names", None) or [])
+    allowed = set()
+    for value in values:
+      if value in names:
+        allowed.add(names.index(value))
+      elif value.lstrip("-").isdigit():
+        allowed.add(int(value))
+      elif names:
+        raise ValueError(f"config.dataset.filter: {value!r} is not a class of feature "
+                         f"{feature!r}; its classes are {names}.")
+      else:
+        allowed.add(value)
+    resolved[feature] = frozenset(allowed)
+  return resolved
+
+
+def _matches(value: Any, allowed: frozenset) -> bool:
+  value = np.asarray(value)
+  if value.dtype.kind in "SO":
+    value = value.item()
+    value = value.decode() if isinstance(value, bytes) else value
+    return value in allowed
+  return value.item() in allowed
+
+
+def filter_source(source: RandomAccessSource, conditions: Mapping[str, frozenset], *,
+                  name: str = "source") -> SubsetSource:
+  """The records of `source` whose features take one of the allowed values for every condition."""
+  keep = np.ones(len(source), bool)
+  for feature, allowed in conditions.items():
+    values = read_feature(source, feature)
+    keep &= np.asarray([_matches(value, allowed) for value in values], bool)
+  if not keep.any():
+    raise ValueError(f"config.dataset.filter {dict(conditions)} keeps no record of {name} "
+                     f"({len(source)} records).")
+  return SubsetSource(source, np.flatnonzero(keep))
 
 
 def epoch_order(num_examples: int, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:

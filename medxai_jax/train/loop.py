@@ -41,7 +41,9 @@ TRAIN_FIELDS = ("trainable", "num_trainable_layers", "head_only_epochs", "comput
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # Selection/monitor metrics where larger is better; the rest ('loss') are minimised.
 _MAXIMISED = frozenset({"accuracy", "f1", "roc_auc", "cohen_kappa", "mcc", "precision",
-                        "recall", "train_val_gap"})
+                        "recall", "train_val_gap", "train_accuracy"})
+# Selection metrics computed from the training epoch rather than the validation split.
+_TRAIN_METRICS = frozenset({"train_val_gap", "train_accuracy"})
 
 
 @dataclasses.dataclass
@@ -84,6 +86,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if monitor and monitor != "loss" and monitor not in _MAXIMISED:
       raise ValueError(f"config.{section}.metric={monitor!r} is not one of "
                        f"{sorted(_MAXIMISED | {'loss'})}.")
+    if section != "selection" and monitor in _TRAIN_METRICS:
+      raise ValueError(f"config.{section}.metric={monitor!r} is only a selection metric; "
+                       "monitor a validation metric.")
   settings = train_settings(config)
   if int(config.batch_size) % settings["accumulation_steps"]:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
@@ -174,7 +179,13 @@ def evaluate(state: steps.TrainState, source: pipeline.RandomAccessSource, *, ev
 
 
 def selection_score(metric: str, train_accuracy: float, validation: Mapping[str, Any]) -> float:
-  """Model-selection value of an epoch ('train_val_gap' is 000's -|train acc - val acc|)."""
+  """Model-selection value of an epoch ('train_val_gap' is 000's -|train acc - val acc|).
+
+  'train_accuracy' selects the epoch that fits the training split best (a model trained on
+  shuffled labels, whose validation accuracy is chance by construction).
+  """
+  if metric == "train_accuracy":
+    return float(train_accuracy)
   if metric == "train_val_gap":
     return -abs(train_accuracy - validation["accuracy"])
   return float(validation[metric])
@@ -264,7 +275,8 @@ def build_components(config: ml_collections.ConfigDict, compute_dtype: str | Non
   model = registry.build_model(model_fields(config, compute_dtype))
   tx = optim.make_optimizer(config.optimizer, config.learning_rate)
   preprocess = preprocess_lib.make_preprocess_fn(
-      model.input_shape, tuple(config.preprocess.mean), tuple(config.preprocess.std))
+      model.input_shape, tuple(config.preprocess.mean), tuple(config.preprocess.std),
+      bit_depth=config.preprocess.get("bit_depth"))
   return model, tx, preprocess
 
 
@@ -394,7 +406,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       compiled_steps[id(mask)] = jax.jit(functools.partial(
           steps.train_step, model=model, tx=tx, preprocess=preprocess,
           class_weights=None if weights is None else jnp.asarray(weights, jnp.float32),
-          augment=augment_fn, trainable=mask, accumulation_steps=accumulation_steps),
+          augment=augment_fn, trainable=mask, accumulation_steps=accumulation_steps,
+          bit_depth=config.preprocess.get("bit_depth")),
           in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
           donate_argnums=0)
     return compiled_steps[id(mask)]
