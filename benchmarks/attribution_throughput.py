@@ -7,7 +7,7 @@ r"""Throughput of every attribution method, vectorised against naive Python loop
 
 Prints one JSON object. Per method: the jit compile time (lower + compile, ahead of time), then
 `warmup` untimed and `repeats` timed calls of the compiled function; images/s = batch / mean
-seconds. The model has random weights (numpy He-normal draws, as benchmarks.ig_convergence,
+seconds. The model has random weights (numpy He-normal draws, benchmarks.common,
 BatchNorm the identity);
 the inputs are the first synthetic radiographs (phantoms, seed 0), gray repeated to RGB.
 - IG, Blur IG: `num_steps` gradient evaluations per image, `chunk_size` steps vmapped per
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import json
-import time
 from typing import Any, Callable
 
 from absl import app
@@ -43,12 +42,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import ig_convergence
+from benchmarks import common as bench_common
 from medxai_jax.attribution import common
 from medxai_jax.attribution import gradients
 from medxai_jax.attribution import integrated
 from medxai_jax.attribution import xrai
-from medxai_jax.data import phantoms
 from medxai_jax.models import base
 from medxai_jax.models import custom_cnn
 from medxai_jax.models import densenet
@@ -82,52 +80,11 @@ def build_model(arch: str, image_size: int, channels: int) -> base.Classifier:
                            input_shape=shape)
 
 
-def benchmark_variables(model: base.Classifier, seed: int = 0) -> base.Variables:
-  """ig_convergence's numpy He-normal draws with BatchNorm as the identity (mean 0, var 1, scale 1).
-
-  Random BatchNorm variances would be negative (NaN maps); drawing in numpy avoids compiling init.
-  """
-
-  def identity_batchnorm(path: tuple, leaf: jax.Array) -> jax.Array:
-    name = jax.tree_util.keystr(path[-1:])
-    if name == "['mean']":
-      return jnp.zeros_like(leaf)
-    if name in ("['var']", "['scale']"):
-      return jnp.ones_like(leaf)
-    return leaf
-
-  return jax.tree_util.tree_map_with_path(identity_batchnorm,
-                                          ig_convergence.random_variables(model, seed))
-
-
-def phantom_batch(batch: int, image_size: int, channels: int) -> np.ndarray:
-  """The first `batch` synthetic radiographs (seed 0) in [0, 1], gray repeated to `channels`."""
-  config = phantoms.PhantomConfig(image_size=image_size)
-  images = phantoms.generate_phantoms(batch, seed=0, config=config)["image"]
-  return np.repeat(images.astype(np.float32) / 255.0, channels, axis=-1)
-
-
-def _timed(fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, Any]:
-  """Mean seconds of `repeats` calls of fn (after `warmup` calls) and its last output."""
-  output = None
-  for _ in range(warmup):
-    output = jax.block_until_ready(fn())
-  start = time.perf_counter()
-  for _ in range(repeats):
-    output = jax.block_until_ready(fn())
-  return (time.perf_counter() - start) / repeats, output
-
-
-def _compiled(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
-  """jit(fn) compiled ahead of time for args, and the seconds lowering + compiling took."""
-  start = time.perf_counter()
-  executable = jax.jit(fn).lower(*args).compile()
-  return executable, time.perf_counter() - start
-
-
-def _rate(batch: int, seconds: float) -> float:
-  """Images per second, three significant digits."""
-  return float(f"{batch / seconds:.3g}")
+benchmark_variables = bench_common.random_variables  # identity BatchNorm: no NaN maps
+phantom_batch = bench_common.phantom_batch
+_timed = bench_common.timed
+_compiled = bench_common.compiled
+_rate = bench_common.rate
 
 
 def peak_bytes(executable: Any) -> dict[str, int]:

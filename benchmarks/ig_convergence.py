@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import BIAS_STD  # noqa: F401  (re-exported)
+from benchmarks.common import random_variables
 from medxai_jax.attribution import integrated
 from medxai_jax.data import phantoms
 from medxai_jax.models import base
@@ -28,33 +30,12 @@ _STEPS = flags.DEFINE_list("steps", ["8", "16", "32", "64", "128", "256"], "Step
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "Phantoms for the median gap (first: fixed).")
 
 IMAGE_SIZE = 48
-BIAS_STD = 0.1
 
 
 def small_cnn(num_outputs: int = 3) -> base.Classifier:
   """The custom CNN at 48x48x1 with narrow layers, as the attribution tests use it."""
   return custom_cnn.custom_cnn(num_outputs=num_outputs, input_shape=(IMAGE_SIZE, IMAGE_SIZE, 1),
                                conv_widths=(4, 8, 8, 8, 8), dense_widths=(16, 16), init_std=None)
-
-
-def random_variables(model: base.Classifier, seed: int = 0, bias_std: float = BIAS_STD
-                     ) -> base.Variables:
-  """He-normal kernels and N(0, bias_std^2) biases, drawn with numpy (no XLA compile of init).
-
-  With zero biases a ReLU network is positively homogeneous along rays from the zero baseline,
-  so IG would be exact with one step; trained networks have biases, and so do these.
-  """
-  rng = np.random.default_rng(seed)
-
-  def draw(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.Array:
-    if "bias" in jax.tree_util.keystr(path):
-      values = bias_std * rng.standard_normal(leaf.shape)
-    else:
-      values = rng.standard_normal(leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-    return jnp.asarray(values, leaf.dtype)
-
-  shapes = jax.eval_shape(model.init, jax.random.key(0))
-  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def phantom_images(num_images: int) -> jax.Array:
