@@ -38,4 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
       num_roi_images=128,         # 004's Table 3 (ROI sizes) on this many test images
       num_scored=16,              # images scored per method in the explanation leaderboard
       representation=dict(num_images=384, perplexity=30.0, tsne_iters=500)))
+  # 001's report auto-annotation on synthetic wrist reports (medxai_jax/annotation/reports.py).
+  config.annotation = ml_collections.ConfigDict(dict(
+      num_reports=600, label_noise=0.02, unlabelled_fraction=0.35, num_folds=5))
   return config

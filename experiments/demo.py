@@ -108,6 +108,8 @@ def main(argv: list[str]) -> None:
       methods=[m for m in settings.methods if m != "xrai"], num_images=settings.num_scored,
       options=explain.ExplainOptions(steps=settings.steps, samples=settings.samples),
       seed=config.seed)
+  annotation_section, result["annotation"] = demo_sections.annotation_section(
+      config.annotation, config.seed, workdir)
   result["explanations"] = {"timings": explained["timings"],
                             "roi_table": features["roi_table"]["rows"], **representation,
                             "marker_share": scored["marker_share"]}
@@ -154,7 +156,7 @@ def main(argv: list[str]) -> None:
           figures=[report.Figure("gradcam.png", "Top: input with the lesion mask in red. "
                                  "Bottom: Grad-CAM ('jet').")]),
       path_section, feature_section, representation_section,
-      evaluate_explanations.leaderboard_section(scored, workdir),
+      annotation_section, evaluate_explanations.leaderboard_section(scored, workdir),
   ]
   report.write_report(os.path.join(workdir, "report.html"), "medxai-jax demo", sections)
   print(f"Test accuracy {test['accuracy']:.4f} (ROC AUC {test['roc_auc']:.4f}); "

@@ -1,7 +1,8 @@
-"""The demo report's explanation sections: attributions, feature maps, representations, scores."""
+"""The demo report's sections: attributions, feature maps, representations, report annotation."""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from medxai_jax import explain
 from medxai_jax.analysis import embedding
+from medxai_jax.annotation import reports
 from medxai_jax.analysis import similarity
 from medxai_jax.attribution import activations
 from medxai_jax.attribution import crm
@@ -140,3 +142,49 @@ def representation_section(config: ml_collections.ConfigDict, model: base.Classi
       figures=[report.Figure("layer_similarity.png", "Layer-by-layer CKA."),
                report.Figure("tsne_before_after.png", "t-SNE before vs after training.")])
   return section, {"cka_diagonal": diagonal.tolist(), "tsne_neighbour_agreement": separation}
+
+
+def annotation_section(settings: Mapping[str, Any], seed: int, workdir: str
+                       ) -> tuple[report.Section, dict[str, Any]]:
+  """001's report auto-annotation on synthetic wrist reports: k-fold accuracy, then labelling."""
+  report_key, blank_key, cv_key, fit_key = jax.random.split(jax.random.key(seed), 4)
+  num_reports = int(settings["num_reports"])
+  texts, labels = reports.synthetic_reports(report_key, num_reports,
+                                            label_noise=float(settings["label_noise"]))
+  blank = np.zeros(num_reports, bool)
+  num_blank = int(round(float(settings["unlabelled_fraction"]) * num_reports))
+  blank[np.asarray(jax.random.permutation(blank_key, num_reports))[:num_blank]] = True
+  texts = np.array(texts, dtype=object)
+  cv = reports.cross_validate(list(texts[~blank]), labels[~blank], key=cv_key,
+                              num_folds=int(settings["num_folds"]))
+  predicted, _ = reports.annotate(list(texts[~blank]), labels[~blank], list(texts[blank]),
+                                  key=fit_key)
+  auto_accuracy = float(np.mean(predicted == labels[blank]))
+  confusion = np.asarray(cv["confusion_matrix"])
+  per_class = np.asarray(cv["per_class_accuracy"])
+  result = {"kfold_accuracy": float(cv["mean_accuracy"]),
+            "kfold_accuracy_std": float(cv["std_accuracy"]),
+            "auto_label_accuracy": auto_accuracy, "num_labelled": int((~blank).sum()),
+            "num_auto_labelled": int(blank.sum()), "confusion_matrix": confusion.tolist()}
+  with open(os.path.join(workdir, "annotation_metrics.json"), "w") as file:
+    json.dump(result, file, indent=2)
+  names = reports.CLASS_NAMES
+  section = report.Section(
+      "Report auto-annotation",
+      paragraphs=[
+          f"001 (section 3.3) labels unlabelled radiographs from the radiologists' reports. "
+          f"Here: {num_reports} synthetic wrist reports whose labels follow the stated findings "
+          f"(negated fracture mentions in the negatives), {settings['label_noise']:.0%} of the "
+          f"labels flipped, {num_blank} left unlabelled. Token counts of 1- to 3-grams feed an "
+          f"L2 logistic regression (optax L-BFGS); each fold's vocabulary comes from its "
+          f"training part only.",
+          f"{settings['num_folds']}-fold accuracy {cv['mean_accuracy']:.1%} "
+          f"(+- {cv['std_accuracy']:.1%}); the labels it gives the {num_blank} unlabelled "
+          f"reports agree with their hidden labels for {auto_accuracy:.1%} (label noise caps "
+          "both near 1 - noise)."],
+      tables=[report.Table(
+          ["true \\ predicted", *names, "per-class accuracy (%)"],
+          [[names[c], *confusion[c].tolist(), round(float(per_class[c]), 1)]
+           for c in range(len(names))],
+          caption="Pooled k-fold confusion matrix (001's Table 3).")])
+  return section, result

@@ -14,7 +14,7 @@ TINY = [
     "--config.dataset.phantoms.num_validation=32", "--config.dataset.phantoms.num_test=32",
     "--config.model.input_shape=(48, 48, 1)", "--config.model.conv_widths=(4, 8, 8, 8, 8)",
     "--config.model.dense_widths=(16, 16)", "--config.batch_size=16", "--config.num_epochs=2",
-    "--config.explain.num_images=3",
+    "--config.explain.num_images=3", "--config.annotation.num_reports=150",
 ]
 
 
@@ -48,6 +48,10 @@ def test_demo_writes_metrics_figures_and_report(demo_run):
   assert shortcut["num_agrees"] + shortcut["num_contradicts"] == 32
   report = (workdir / "report.html").read_text()
   assert 'src="gradcam.png"' in report and 'src="training_curves.png"' in report
+  annotation = metrics["annotation"]  # synthetic reports with 2% label noise
+  assert annotation["num_labelled"] + annotation["num_auto_labelled"] == 150
+  assert annotation["kfold_accuracy"] > 0.85 and annotation["auto_label_accuracy"] > 0.85
+  assert "Report auto-annotation" in report
 
 
 def test_train_cli_rejects_unknown_override_and_missing_parent(tmp_path, data_dir):

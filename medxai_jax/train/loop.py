@@ -33,7 +33,7 @@ CONFIG_FIELDS = frozenset({
     "seed", "dataset", "preprocess", "model", "optimizer", "learning_rate", "schedule",
     "batch_size", "eval_batch_size", "num_epochs", "class_weights", "selection",
     "early_stopping", "checkpoint", "log_every_steps", "explain", "report", "train", "augment",
-    "init_from"})
+    "init_from", "annotation"})
 TRAIN_FIELDS = ("trainable", "num_trainable_layers", "head_only_epochs", "compute_dtype",
                 "accumulation_steps")
 # config.train.compute_dtype: the dtype of activations and matrix products; parameters,
