@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip install -q --disable-pip-version-check -c requirements-lock.txt
 WORKDIR ?= runs/demo
-PYTEST_ARGS ?= -n 2 -q
+PYTEST_ARGS ?= -n 2 -q --durations=15
 ORACLES ?= 1
 
 .PHONY: demo test venv clean-venv

@@ -14,8 +14,9 @@ only to stages that start from weights (ImageNet or a source run), never to a ra
 Default (no argument): the phantoms. Source task = the phantoms' `body_part` (5 classes,
 softmax) on its own phantoms (seed 1, 1,200 training images), target task = `label`
 (abnormal vs normal, sigmoid) on 400 training images from seed 0: a scarce target, a larger
-source, disjoint images. The target uses all five body parts: restricting it to one needs a
-filter in the data pipeline (see the binary's docstring). The L/R marker is uninformative (50%)
+source, disjoint images. The target uses all five body parts by default;
+`--config.dataset.filter=body_part=forearm` restricts every target stage to one body part, as
+001's wrist target (the source stage always keeps all parts: its `filter` is ''). The L/R marker is uninformative (50%)
 in every split, so the target is lesion detection, not the shortcut. Model: a small DenseNet
 (blocks 2-2-2-2, growth 8, stem 16) at 64 x 64 x 1 with RadiNet's dense-stack head (widths
 64-32-32-16); Adam 1e-3, batch 16, 001's plateau schedule (x0.1 after 3 epochs without a
@@ -79,7 +80,7 @@ def _phantoms() -> ml_collections.ConfigDict:
   config.train.head_only_epochs = 1
   config.log_every_steps = 25
   config.transfer = _transfer_section(dict(
-      dataset=dict(label_key="body_part", phantoms=dict(seed=1, num_train=1200)),
+      dataset=dict(label_key="body_part", filter="", phantoms=dict(seed=1, num_train=1200)),
       model=dict(num_outputs=_PHANTOM_BODY_PARTS),
       num_epochs=8))
   return config
@@ -90,7 +91,7 @@ def _mura() -> ml_collections.ConfigDict:
   config = radinet_densenet169.get_config()  # 001 section 4.1's recipe, one source of truth
   config.dataset.update(dict(name="mura", builder_config="wrist", label_key="label"))
   config.transfer = _transfer_section(dict(
-      dataset=dict(builder_config="all", label_key="body_part"),
+      dataset=dict(builder_config="all", label_key="body_part", filter=""),
       model=dict(num_outputs=_MURA_BODY_PARTS),
       num_epochs=config.num_epochs))
   return config

@@ -26,8 +26,8 @@ Writes into --workdir: comparison.csv and comparison.md (arm x test accuracy, F1
 ROC AUC of the target stage), training_loss.png (figure 11), comparison.png (figure 10) and
 report.html.
 
-On the phantoms the target uses all five body parts: the data pipeline cannot yet restrict a
-split to one body part (it needs a record filter in `pipeline.load_sources`).
+On the phantoms the target uses all five body parts unless `--config.dataset.filter` (e.g.
+'body_part=forearm') keeps one; the source stage is never filtered.
 """
 
 from __future__ import annotations
