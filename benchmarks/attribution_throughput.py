@@ -80,13 +80,6 @@ def build_model(arch: str, image_size: int, channels: int) -> base.Classifier:
                            input_shape=shape)
 
 
-benchmark_variables = bench_common.random_variables  # identity BatchNorm: no NaN maps
-phantom_batch = bench_common.phantom_batch
-_timed = bench_common.timed
-_compiled = bench_common.compiled
-_rate = bench_common.rate
-
-
 def peak_bytes(executable: Any) -> dict[str, int]:
   """temp, argument, output and total bytes from a compiled executable's memory_analysis()."""
   analysis = executable.memory_analysis()
@@ -140,14 +133,14 @@ def scan_probe(model: base.Classifier, variables: base.Variables, images: jax.Ar
     step = lambda total, alpha: (total + chunk_gradients(variables, alpha), None)
     return jax.lax.scan(step, jnp.zeros_like(images), alphas, unroll=unroll)[0]
 
-  one_chunk, _ = _compiled(chunk_gradients, variables, alphas[0])
-  host_seconds, _ = _timed(lambda: [one_chunk(variables, alpha) for alpha in alphas], 1, 1)
+  one_chunk, _ = bench_common.compiled(chunk_gradients, variables, alphas[0])
+  host_seconds, _ = bench_common.timed(lambda: [one_chunk(variables, alpha) for alpha in alphas], 1, 1)
   result = {"chunks": num_chunks, "images_per_chunk": chunk_size * images.shape[0],
             "host_loop": {"seconds": round(host_seconds, 3),
                           "peak_mib_per_chunk": peak_bytes(one_chunk)["total_mib"]}}
   for name, unroll in (("scan", 1), ("scan_unrolled", True)):
-    executable, _ = _compiled(functools.partial(scanned, unroll=unroll), variables)
-    seconds, _ = _timed(lambda: executable(variables), 1, 1)
+    executable, _ = bench_common.compiled(functools.partial(scanned, unroll=unroll), variables)
+    seconds, _ = bench_common.timed(lambda: executable(variables), 1, 1)
     result[name] = {"seconds": round(seconds, 3),
                     "peak_mib": peak_bytes(executable)["total_mib"]}
   return result
@@ -161,9 +154,9 @@ def main(argv):
   batch, steps, samples, chunk = _BATCH.value, _STEPS.value, _SAMPLES.value, _CHUNK.value
   warmup, repeats = _WARMUP.value, _REPEATS.value
   model = build_model(_ARCH.value, _IMAGE_SIZE.value, _CHANNELS.value)
-  variables = benchmark_variables(model)
+  variables = bench_common.random_variables(model)
   rng = np.random.default_rng(0)
-  host_images = phantom_batch(batch, _IMAGE_SIZE.value, _CHANNELS.value)
+  host_images = bench_common.phantom_batch(batch, _IMAGE_SIZE.value, _CHANNELS.value)
   images = jnp.asarray(host_images)
   targets = jnp.asarray(rng.integers(0, model.num_classes, batch), jnp.int32)
   key = jax.random.key(0)
@@ -181,33 +174,33 @@ def main(argv):
   for name, fn in vectorised.items():
     if name not in _METHODS.value:
       continue
-    executable, compile_seconds = _compiled(fn, variables, images, targets)
-    seconds, output = _timed(lambda: executable(variables, images, targets), warmup, repeats)
+    executable, compile_seconds = bench_common.compiled(fn, variables, images, targets)
+    seconds, output = bench_common.timed(lambda: executable(variables, images, targets), warmup, repeats)
     outputs[name] = np.asarray(output)
     methods[name] = {"compile_seconds": round(compile_seconds, 1),
                      "seconds_per_batch": round(seconds, 3),
-                     "images_per_second": _rate(batch, seconds),
+                     "images_per_second": bench_common.rate(batch, seconds),
                      "finite": bool(np.isfinite(outputs[name]).all())}
 
   if {"xrai", "fast_xrai"} & set(_METHODS.value):
     attribute = partial(xrai.xrai_attributions, model, num_steps=steps,
                         chunk_size=max(chunk // 2, 1))
-    executable, compile_seconds = _compiled(attribute, variables, images, targets)
-    attribution_seconds, attributions = _timed(
+    executable, compile_seconds = bench_common.compiled(attribute, variables, images, targets)
+    attribution_seconds, attributions = bench_common.timed(
         lambda: executable(variables, images, targets), warmup, repeats)
     attributions = np.asarray(attributions)
-    segmentation_seconds, segments = _timed(
+    segmentation_seconds, segments = bench_common.timed(
         lambda: [xrai.segment_masks(image) for image in host_images], 0, repeats)
     for name, method in (("xrai", xrai.xrai), ("fast_xrai", xrai.fast_xrai)):
       if name not in _METHODS.value:
         continue
-      ranking_seconds, _ = _timed(lambda: method(model, variables, images, targets,
+      ranking_seconds, _ = bench_common.timed(lambda: method(model, variables, images, targets,
                                                  attributions=attributions, segments=segments),
                                   0, repeats)
       total = attribution_seconds + segmentation_seconds + ranking_seconds
       methods[name] = {
           "compile_seconds": round(compile_seconds, 1), "seconds_per_batch": round(total, 3),
-          "images_per_second": _rate(batch, total),
+          "images_per_second": bench_common.rate(batch, total),
           "seconds_split": {"attribution_ig_2_baselines": round(attribution_seconds, 3),
                             "segmentation_host": round(segmentation_seconds, 3),
                             "ranking_host": round(ranking_seconds, 3)},
@@ -218,14 +211,14 @@ def main(argv):
            "loop_smoothgrad": ("smoothgrad", lambda grad: loop_smoothgrad(
                grad, variables, host_images, targets, samples))}
   if set(loops) & set(_METHODS.value):
-    grad_fn, compile_seconds = _compiled(partial(common.input_gradients, model), variables,
+    grad_fn, compile_seconds = bench_common.compiled(partial(common.input_gradients, model), variables,
                                          images, targets)
     for name, (vectorised_name, run_loop) in loops.items():
       if name not in _METHODS.value:
         continue
-      seconds, output = _timed(lambda: run_loop(grad_fn), warmup, repeats)
+      seconds, output = bench_common.timed(lambda: run_loop(grad_fn), warmup, repeats)
       entry = {"compile_seconds": round(compile_seconds, 1),
-               "seconds_per_batch": round(seconds, 3), "images_per_second": _rate(batch, seconds)}
+               "seconds_per_batch": round(seconds, 3), "images_per_second": bench_common.rate(batch, seconds)}
       if vectorised_name in methods:
         entry["speedup_vectorised_over_loop"] = round(
             methods[vectorised_name]["images_per_second"] / entry["images_per_second"], 2)
@@ -241,7 +234,7 @@ def main(argv):
   for index, num_steps in enumerate(memory_steps):
     chunks = [chunk] + ([num_steps] if index == 0 and num_steps != chunk else [])
     for chunk_size in chunks:
-      executable, _ = _compiled(partial(integrated.integrated_gradients, model,
+      executable, _ = bench_common.compiled(partial(integrated.integrated_gradients, model,
                                         num_steps=num_steps, chunk_size=chunk_size),
                                 variables, images, targets)
       memory[f"ig_{num_steps}_steps_chunk_{chunk_size}"] = peak_bytes(executable)

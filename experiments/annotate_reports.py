@@ -65,9 +65,7 @@ def write_synthetic_csv(path: str, num_reports: int, key: jax.Array,
   """Writes synthetic reports (columns id, report, label, hidden_label) with labels blanked."""
   report_key, blank_key = jax.random.split(key)
   texts, labels = reports.synthetic_reports(report_key, num_reports)
-  num_blank = int(round(blank_fraction * num_reports))
-  blank = np.zeros(num_reports, bool)
-  blank[np.asarray(jax.random.permutation(blank_key, num_reports))[:num_blank]] = True
+  blank = reports.unlabelled_mask(blank_key, num_reports, blank_fraction)
   with open(path, "w", newline="", encoding="utf-8") as f:
     writer = csv.writer(f)
     writer.writerow(["id", "report", "label", "hidden_label"])

@@ -151,9 +151,8 @@ def annotation_section(settings: Mapping[str, Any], seed: int, workdir: str
   num_reports = int(settings["num_reports"])
   texts, labels = reports.synthetic_reports(report_key, num_reports,
                                             label_noise=float(settings["label_noise"]))
-  blank = np.zeros(num_reports, bool)
-  num_blank = int(round(float(settings["unlabelled_fraction"]) * num_reports))
-  blank[np.asarray(jax.random.permutation(blank_key, num_reports))[:num_blank]] = True
+  blank = reports.unlabelled_mask(blank_key, num_reports, float(settings["unlabelled_fraction"]))
+  num_blank = int(blank.sum())
   texts = np.array(texts, dtype=object)
   cv = reports.cross_validate(list(texts[~blank]), labels[~blank], key=cv_key,
                               num_folds=int(settings["num_folds"]))

@@ -212,10 +212,7 @@ def plot_curves(curves: Mapping[str, Mapping[str, np.ndarray]], path: str) -> st
     axis.set_title(mode, fontsize=9)
     axis.grid(alpha=0.3)
   axes[1].legend(fontsize=7, loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return figures.save_figure(fig, path, dpi=110)
 
 
 def plot_sanity(sanity: Mapping[str, Mapping[str, Any]], path: str) -> str:
@@ -232,10 +229,7 @@ def plot_sanity(sanity: Mapping[str, Mapping[str, Any]], path: str) -> str:
     axis.grid(alpha=0.3)
   axes[0].set_ylabel("Spearman of |map|")
   axes[1].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return figures.save_figure(fig, path, dpi=110)
 
 
 def write_sanity_csv(sanity: Mapping[str, Mapping[str, Any]], path: str) -> str:
@@ -305,8 +299,8 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
 
   data_test = None
   if shuffled_labels_checkpoint:
-    data_test = data_randomisation(config, shuffled_labels_checkpoint, images, targets,
-                                   {name: maps[name] for name in maps}, methods_key, options)
+    data_test = data_randomisation(config, shuffled_labels_checkpoint, images, targets, maps,
+                                   methods_key, options)
     for name, scores in data_test["per_image"].items():
       per_image[name].update(scores)
 

@@ -539,3 +539,13 @@ def synthetic_reports(key: jax.Array, num_reports: int, *, positive_fraction: fl
   texts = [_synthetic_report(rng, bool(p)) for p in positive]
   flips = rng.random(num_reports) < label_noise
   return texts, (positive ^ flips).astype(np.int32)
+
+
+def unlabelled_mask(key: jax.Array, num_reports: int, fraction: float) -> np.ndarray:
+  """A bool mask [N] with round(fraction * N) randomly chosen rows set: the unlabelled reports."""
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"The unlabelled fraction must be in [0, 1]; got {fraction}.")
+  mask = np.zeros(num_reports, bool)
+  chosen = np.asarray(jax.random.permutation(key, num_reports))[:int(round(fraction * num_reports))]
+  mask[chosen] = True
+  return mask

@@ -103,17 +103,16 @@ class LabelShuffledSource:
 
   def __init__(self, source: RandomAccessSource, *, label_key: str = "label", seed: int = 0):
     self.original_source = source
-    self._source = source
     self._label_key = label_key
     self.original_labels = read_feature(source, label_key)
     permutation = np.random.default_rng([seed, 0x5EED]).permutation(len(self.original_labels))
     self.labels = self.original_labels[permutation]
 
   def __len__(self) -> int:
-    return len(self._source)
+    return len(self.original_source)
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-    records = self._source.__getitems__(indices)
+    records = self.original_source.__getitems__(indices)
     return [dict(record, **{self._label_key: self.labels[int(i)]})
             for record, i in zip(records, indices)]
 
@@ -121,15 +120,23 @@ class LabelShuffledSource:
     return self.__getitems__([index])[0]
 
 
-def read_feature(source: RandomAccessSource, key: str, chunk: int = 1024) -> np.ndarray:
-  """One scalar feature of every record of a source, as an array [N]."""
-  values = []
+def read_features(source: RandomAccessSource, keys: Sequence[str], chunk: int = 1024
+                  ) -> dict[str, np.ndarray]:
+  """Scalar features `keys` of every record of a source, as arrays [N], in one pass."""
+  values = {key: [] for key in keys}
   for start in range(0, len(source), chunk):
     records = source.__getitems__(list(range(start, min(start + chunk, len(source)))))
-    if records and key not in records[0]:
-      raise KeyError(f"Records have no feature {key!r}; they have {sorted(records[0])}.")
-    values.extend(np.asarray(record[key]) for record in records)
-  return np.asarray(values)
+    missing = [key for key in keys if records and key not in records[0]]
+    if missing:
+      raise KeyError(f"Records have no feature(s) {missing}; they have {sorted(records[0])}.")
+    for key in keys:
+      values[key].extend(np.asarray(record[key]) for record in records)
+  return {key: np.asarray(column) for key, column in values.items()}
+
+
+def read_feature(source: RandomAccessSource, key: str) -> np.ndarray:
+  """One scalar feature of every record of a source, as an array [N]."""
+  return read_features(source, [key])[key]
 
 
 def parse_filter(spec: str) -> dict[str, tuple[str, ...]]:
@@ -180,9 +187,9 @@ def filter_source(source: RandomAccessSource, conditions: Mapping[str, frozenset
                   name: str = "source") -> SubsetSource:
   """The records of `source` whose features take one of the allowed values for every condition."""
   keep = np.ones(len(source), bool)
+  columns = read_features(source, list(conditions))
   for feature, allowed in conditions.items():
-    values = read_feature(source, feature)
-    keep &= np.asarray([_matches(value, allowed) for value in values], bool)
+    keep &= np.asarray([_matches(value, allowed) for value in columns[feature]], bool)
   if not keep.any():
     raise ValueError(f"config.dataset.filter {dict(conditions)} keeps no record of {name} "
                      f"({len(source)} records).")
@@ -255,12 +262,7 @@ def prefetch(iterator: Iterator[Any], size: int = 2) -> Iterator[Any]:
     yield item
 
 
-def label_counts(source: RandomAccessSource, label_key: str, num_classes: int,
-                 chunk: int = 1024) -> np.ndarray:
+def label_counts(source: RandomAccessSource, label_key: str, num_classes: int) -> np.ndarray:
   """Examples per class in a source."""
-  counts = np.zeros(num_classes, np.int64)
-  for start in range(0, len(source), chunk):
-    records = source.__getitems__(list(range(start, min(start + chunk, len(source)))))
-    labels = np.asarray([record[label_key] for record in records])
-    counts += np.bincount(labels, minlength=num_classes)[:num_classes]
-  return counts
+  labels = read_feature(source, label_key).astype(np.int64)
+  return np.bincount(labels, minlength=num_classes)[:num_classes]

@@ -66,12 +66,12 @@ def input_gradient(kernel: jax.Array, cotangent: jax.Array, images_shape: Sequen
                    strides: tuple[int, int], pads: Pads, precision: Any = None) -> jax.Array:
   """d<cotangent, conv(x, kernel)>/dx as a convolution with a standard HWIO kernel spec."""
   swapped = jnp.swapaxes(kernel, 2, 3)  # stored HWOI, so the transposed conv reads it as HWIO
-  zeros = jnp.zeros(images_shape, cotangent.dtype)
-  _, pullback = jax.vjp(
+  transpose = jax.linear_transpose(
       lambda x: lax.conv_general_dilated(x, swapped, strides, pads,
                                          dimension_numbers=("NHWC", "HWOI", "NHWC"),
-                                         precision=precision), zeros)
-  return pullback(cotangent)[0]
+                                         precision=precision),
+      jax.ShapeDtypeStruct(tuple(images_shape), cotangent.dtype))
+  return transpose(cotangent)[0]
 
 
 def kernel_gradient(images: jax.Array, cotangent: jax.Array, kernel_spatial: Sequence[int],

@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from medxai_jax.viz import figures  # noqa: E402
+
 
 def plot_similarity_matrix(matrix: np.ndarray, taps_a: Sequence[str], taps_b: Sequence[str],
                            path: str, *, label_a: str = "model a", label_b: str = "model b",
@@ -44,10 +46,7 @@ def plot_similarity_matrix(matrix: np.ndarray, taps_a: Sequence[str], taps_b: Se
         ax.text(i, j, f"{value:.2f}", ha="center", va="center", fontsize=6,
                 color="black" if np.isfinite(value) and value > middle else "white")
   fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
-  return path
+  return figures.save_figure(fig, path, dpi=130)
 
 
 def _scatter(ax: plt.Axes, points: np.ndarray, labels: np.ndarray,
@@ -89,10 +88,7 @@ def plot_embedding_panels(panels: Sequence[tuple[np.ndarray, str]], labels: np.n
   for ax, (points, title) in zip(axes[0], panels):
     _scatter(ax, points, labels, class_names, title)
   axes[0, -1].legend(loc="best", fontsize=7, markerscale=2, frameon=True)
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
-  return path
+  return figures.save_figure(fig, path, dpi=130)
 
 
 def plot_before_after(before: np.ndarray, after: np.ndarray, labels: np.ndarray, path: str, *,

@@ -20,6 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from skimage import transform  # noqa: E402
 
+from medxai_jax.viz import figures  # noqa: E402
+
 
 def _gray(image: np.ndarray) -> np.ndarray:
   """[H, W] or [H, W, C] image -> [H, W] float in [0, 1] (channel mean, min-max scaled)."""
@@ -86,10 +88,7 @@ def plot_activation_grid(maps: np.ndarray, path: str, *, title: str = "",
         ax.set_title(f"ch {int(channels[index])}", fontsize=6)
   if title:
     fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return figures.save_figure(fig, path)
 
 
 def _show_activation(ax, activation: np.ndarray, cmap: str) -> None:
@@ -134,9 +133,7 @@ def plot_layer_activations(image: np.ndarray, grids: Mapping[str, np.ndarray], p
         _show_activation(ax, maps[..., index], cmap)
       if index == (cols - 1) // 2:
         ax.set_title(tap, fontsize=8)
-  fig.savefig(path, dpi=120, bbox_inches="tight")
-  plt.close(fig)
-  return path
+  return figures.save_figure(fig, path, tight_layout=False, bbox_inches="tight")
 
 
 def plot_filter_mosaic(filters: np.ndarray, path: str, *, columns: int = 12,
@@ -157,10 +154,7 @@ def plot_filter_mosaic(filters: np.ndarray, path: str, *, columns: int = 12,
         ax.imshow(tile.mean(axis=-1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
   if title:
     fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return figures.save_figure(fig, path)
 
 
 def plot_channel_overlays(images: np.ndarray, channel_maps: np.ndarray, path: str, *,
@@ -183,10 +177,7 @@ def plot_channel_overlays(images: np.ndarray, channel_maps: np.ndarray, path: st
       axes[1, column].set_title(f"channel {int(channels[column])}", fontsize=7)
     for row in range(2):
       axes[row, column].axis("off")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return figures.save_figure(fig, path)
 
 
 def plot_method_comparison(images: np.ndarray, maps: Mapping[str, np.ndarray], path: str, *,
@@ -213,7 +204,4 @@ def plot_method_comparison(images: np.ndarray, maps: Mapping[str, np.ndarray], p
         ax.set_ylabel(name, fontsize=8)
       if row == 0 and column < len(titles):
         ax.set_title(titles[column], fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return figures.save_figure(fig, path)

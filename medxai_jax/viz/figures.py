@@ -11,6 +11,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def save_figure(fig: Any, path: str, *, dpi: int = 120, tight_layout: bool = True,
+                **savefig_options: Any) -> str:
+  """Lays out, writes and closes a matplotlib figure; returns `path`."""
+  if tight_layout:
+    fig.tight_layout()
+  fig.savefig(path, dpi=dpi, **savefig_options)
+  plt.close(fig)
+  return path
+
+
 def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str,
                          selected_epoch: int | None = None) -> str:
   """Loss and accuracy per epoch (train vs validation), the selected epoch marked."""
@@ -27,10 +37,7 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str,
     ax.set_ylabel(name)
     ax.grid(alpha=0.3)
   acc_ax.legend(loc="lower right", fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path)
 
 
 def normalise_map(saliency: np.ndarray) -> np.ndarray:
@@ -70,10 +77,7 @@ def plot_heatmap_overlays(images: np.ndarray, maps: np.ndarray, path: str, *,
                   rotation=90, va="center", ha="right", fontsize=7)
   axes[1, 0].text(-0.08, 0.5, method, transform=axes[1, 0].transAxes, rotation=90,
                   va="center", ha="right", fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path)
 
 
 def magnitude_image(saliency: np.ndarray, percentile: float = 99.0) -> np.ndarray:
@@ -117,7 +121,4 @@ def plot_attribution_grid(images: np.ndarray, maps_by_method: Mapping[str, np.nd
   for axis in axes.ravel():
     axis.set_xticks([])
     axis.set_yticks([])
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path, dpi=110)

@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
+from medxai_jax.viz import figures  # noqa: E402
+
 LOSS_PANELS: tuple[tuple[str, str], ...] = (("train_loss", "training loss"),
                                            ("val_loss", "validation loss"))
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -47,10 +49,7 @@ def plot_loss_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path:
   axes[0, 0].legend(fontsize=8)
   if title:
     fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return figures.save_figure(fig, path)
 
 
 def plot_metric_bars(scores: Mapping[str, Mapping[str, float]], metrics: Sequence[str], path: str,
@@ -78,7 +77,4 @@ def plot_metric_bars(scores: Mapping[str, Mapping[str, float]], metrics: Sequenc
   ax.legend(fontsize=7, loc="lower right")
   if title:
     ax.set_title(title, fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return figures.save_figure(fig, path)
