@@ -175,6 +175,10 @@ class RadiographPhantoms(tfds.core.GeneratorBasedBuilder):
 
   # Bump VERSION whenever phantoms.py renders differently: tfds reuses any prepared dataset
   # of the same name and version, so a stale one would silently be trained on.
+  # The mask feature localisation scores compare maps with (None: no such mask), and the
+  # shortcut-marker mask (None: none); see `builders.mask_keys`.
+  LOCALISATION_MASK_KEY: str | None = "lesion_mask"
+  MARKER_MASK_KEY: str | None = "marker_mask"
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [_DEFAULT_CONFIG]

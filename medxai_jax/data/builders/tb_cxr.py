@@ -183,6 +183,10 @@ def list_source(manual: pathlib.Path, source: str) -> list[TbImage]:
 class TbCxr(ManualImageBuilder):
   """Montgomery County and Shenzhen chest radiographs labelled normal or tuberculosis."""
 
+  # The mask feature localisation scores compare maps with (None: no such mask), and the
+  # shortcut-marker mask (None: none); see `builders.mask_keys`.
+  LOCALISATION_MASK_KEY: str | None = "lung_mask"
+  MARKER_MASK_KEY: str | None = None
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = _CONFIGS
