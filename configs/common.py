@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from medxai_jax.data import pipeline
+
 
 def base_config() -> ml_collections.ConfigDict:
   """Fields every training run has, with neutral defaults."""
@@ -12,7 +14,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.dataset.name = "radiograph_phantoms"
   config.dataset.data_dir = ""  # '' -> $TFDS_DATA_DIR or ~/tensorflow_datasets
   config.dataset.manual_dir = ""  # where a manually downloaded dataset lives
-  config.dataset.builder_config = ""
+  config.dataset.builder_config = ""  # a named config of the builder ('' = its default)
+  # The manual builders' options, applied on top of builder_config: every option of every builder
+  # (image_size, classes, with_masks, read_metadata, on_corrupt, storage_bits, split_fractions,
+  # ...), None = the chosen builder's default. E.g. --config.dataset.builder.image_size=64
+  # --config.dataset.builder.read_metadata=False --config.dataset.builder.classes=COVID,Normal
+  # --config.dataset.builder.split_fractions=0.7,0.1,0.2. Setting one the chosen builder lacks is
+  # an error listing its options. The phantoms take theirs from config.dataset.phantoms.
+  config.dataset.builder = pipeline.builder_options_config()
   config.dataset.label_key = "label"
   config.dataset.train_split = "train"
   config.dataset.validation_split = "validation"

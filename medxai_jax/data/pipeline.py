@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import glob
+import hashlib
 import os
 import queue
 import threading
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Protocol, Sequence
 
+import ml_collections
 import numpy as np
 
 
@@ -24,25 +29,332 @@ def default_data_dir(data_dir: str | None) -> str:
   return os.path.abspath(os.path.expanduser(chosen))
 
 
-def load_builder(dataset_config: Mapping[str, Any]):
-  """Prepares (offline) and returns the TFDS builder that `dataset_config` names."""
+PHANTOMS_NAME = "radiograph_phantoms"
+_OPTION_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def manual_builder_classes() -> dict[str, type]:
+  """Registered name -> class of every manual-download builder of this package (mura, tb_cxr,
+  brain_tumor_mri, covid_radiography, medical_modalities, ...)."""
   import tensorflow_datasets as tfds  # heavy import, kept local
 
-  import medxai_jax.data.builders  # noqa: F401  (registers mura, tb_cxr, ... with tfds)
+  import medxai_jax.data.builders  # noqa: F401  (registers the builders with tfds)
+  from medxai_jax.data.builders import common
+
+  found, pending = {}, list(common.ManualImageBuilder.__subclasses__())
+  while pending:
+    cls = pending.pop()
+    pending.extend(cls.__subclasses__())
+    try:
+      registered = tfds.builder_cls(cls.name)
+    except Exception:  # tfds raises several kinds for an unregistered name
+      continue
+    if registered is cls and getattr(cls, "BUILDER_CONFIGS", None):
+      found[cls.name] = cls
+  return dict(sorted(found.items()))
+
+
+def dataset_names() -> list[str]:
+  """Every value `config.dataset.name` accepts."""
+  return [PHANTOMS_NAME, *manual_builder_classes()]
+
+
+class OptionSpec(NamedTuple):
+  """The type of a builder option (int, float, str, bool or tuple) and of a tuple's elements."""
+
+  type: type
+  element: type | None = None
+
+
+def _option_spec(field: dataclasses.Field, owner: str) -> OptionSpec:
+  """The spec of a builder-config field, from its annotation (e.g. 'tuple[str, ...]')."""
+  raw = field.type.__name__ if isinstance(field.type, type) else str(field.type)
+  annotation = raw.replace("typing.", "").replace(" ", "")
+  annotation = annotation.removesuffix("|None").removeprefix("None|")
+  if annotation.startswith("Optional[") and annotation.endswith("]"):
+    annotation = annotation[len("Optional["):-1]
+  if annotation in _OPTION_TYPES:
+    return OptionSpec(_OPTION_TYPES[annotation])
+  if annotation.lower().startswith("tuple[") and annotation.endswith("]"):
+    element = annotation[len("tuple["):-1].split(",")[0]
+    return OptionSpec(tuple, _OPTION_TYPES.get(element))
+  raise TypeError(f"{owner}.{field.name}: option type {raw!r} cannot be set from the command "
+                  "line (use int, float, str, bool or tuple[...]).")
+
+
+def builder_option_specs(builder_cls: type) -> dict[str, OptionSpec]:
+  """Option name -> spec of one manual builder (the fields of its config dataclass)."""
+  from medxai_jax.data.builders import common
+
+  config_cls = type(builder_cls.BUILDER_CONFIGS[0])
+  return {field.name: _option_spec(field, config_cls.__name__)
+          for field in dataclasses.fields(config_cls) if field.name not in common._BASE_FIELDS}
+
+
+def all_builder_option_specs() -> dict[str, OptionSpec]:
+  """Option name -> spec, over every manual builder (an int/float clash is a float)."""
+  merged: dict[str, OptionSpec] = {}
+  for name, cls in manual_builder_classes().items():
+    for option, spec in builder_option_specs(cls).items():
+      known = merged.setdefault(option, spec)
+      if known != spec:
+        if {known.type, spec.type} == {int, float}:
+          merged[option] = OptionSpec(float)
+        else:
+          raise TypeError(f"Builder option {option!r} is {spec} in {name} but {known} in "
+                          "another builder; one option name needs one type.")
+  return dict(sorted(merged.items()))
+
+
+def options_by_builder() -> str:
+  """Which builder has which options, for error messages: the shared ones, then each builder's."""
+  specs = {name: builder_option_specs(cls) for name, cls in manual_builder_classes().items()}
+  shared = set.intersection(*(set(options) for options in specs.values())) if specs else set()
+  parts = [f"every builder: {', '.join(sorted(shared))}"] + [
+      f"{name}: {', '.join(option for option in options if option not in shared)}"
+      for name, options in specs.items()]
+  return "; ".join(parts)
+
+
+def unknown_option_error(option: str) -> KeyError:
+  """The error for an option no manual builder has; it lists every builder's options."""
+  close = difflib.get_close_matches(option, list(all_builder_option_specs()), n=1)
+  hint = f' Did you mean "{close[0]}"?' if close else ""
+  return KeyError(f"--config.dataset.builder.{option}: no builder has an option {option!r}."
+                  f"{hint} Options ({options_by_builder()}).")
+
+
+class BuilderOptions(ml_collections.ConfigDict):
+  """`config.dataset.builder`: a ConfigDict whose unknown fields, as the command-line parser
+  looks them up, raise `unknown_option_error` (listing every builder's options)."""
+
+  def get_type(self, key: str) -> Any:
+    if key not in self:
+      raise unknown_option_error(key)
+    return super().get_type(key)
+
+
+def builder_options_config() -> BuilderOptions:
+  """`config.dataset.builder`: every option of every manual builder, None (= the chosen builder's
+  default) until set, e.g. --config.dataset.builder.image_size=64 on the command line."""
+  return BuilderOptions({
+      option: ml_collections.config_dict.placeholder(spec.type)
+      for option, spec in all_builder_option_specs().items()})
+
+
+def _options_listing(specs: Mapping[str, OptionSpec]) -> str:
+  """'image_size (int), classes (tuple of str), ...' for an error message."""
+  return ", ".join(
+      f"{name} ({spec.type.__name__}{' of ' + spec.element.__name__ if spec.element else ''})"
+      for name, spec in specs.items())
+
+
+def normalise_option(name: str, value: Any, spec: OptionSpec, builder_name: str) -> Any:
+  """A user's option value in the builder config's type; tuples of str also accept 'a,b,c'
+  elements, tuples of numbers '0.7,0.1,0.2'. Raises ValueError naming the option."""
+  flag = f"--config.dataset.builder.{name}"
+
+  def bad(what: str) -> ValueError:
+    return ValueError(f"{builder_name}: {flag}={value!r}: {what}.")
+
+  if spec.type is tuple:
+    elements = [value] if isinstance(value, (str, int, float)) else list(value)
+    if spec.element is not None and spec.element is not str:
+      elements = [piece for element in elements for piece in (
+          element.split(",") if isinstance(element, str) else [element])]
+      try:
+        return tuple(spec.element(element) for element in elements)
+      except (TypeError, ValueError):
+        raise bad(f"expected {spec.element.__name__} values separated by commas") from None
+    pieces = [piece.strip() for element in elements for piece in str(element).split(",")]
+    if not pieces or not all(pieces):
+      raise bad("expected non-empty names separated by commas, e.g. "
+                f"{flag}=COVID,Normal")
+    return tuple(pieces)
+  if spec.type is bool:
+    if not isinstance(value, (bool, np.bool_)):
+      raise bad("expected True or False")
+    return bool(value)
+  if spec.type is int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+      raise bad("expected an integer")
+    return int(value)
+  if spec.type is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+      raise bad("expected a number")
+    return float(value)
+  if not isinstance(value, str):
+    raise bad("expected a string")
+  return value
+
+
+def chosen_options(dataset_config: Mapping[str, Any]) -> dict[str, Any]:
+  """The options of `dataset_config.builder` that are set (not None)."""
+  options = dataset_config.get("builder") or {}
+  return {name: value for name, value in dict(options).items() if value is not None}
+
+
+def builder_config_for(builder_cls: type, base: str, options: Mapping[str, Any]):
+  """The named config `base` ('' = the builder's default) with `options` applied, validated and
+  named `<base>-<hash of the changes>` (see `common.derive_config`).
+
+  An option the builder does not have is a ValueError listing the builder's options.
+  """
+  from medxai_jax.data.builders import common
+
+  specs = builder_option_specs(builder_cls)
+  foreign = sorted(set(options) - set(specs))
+  if foreign:
+    raise ValueError(
+        f"Dataset {builder_cls.name!r} has no option(s) {foreign} (set as "
+        f"--config.dataset.builder.<option>); its options are: {_options_listing(specs)}.")
+  values = {name: normalise_option(name, value, specs[name], builder_cls.name)
+            for name, value in options.items()}
+  base = base or builder_cls.DEFAULT_BUILDER_CONFIG_NAME
+  return common.config_by_name(builder_cls.BUILDER_CONFIGS, base, builder_cls.name, **values)
+
+
+def _check_phantoms_settings(dataset_config: Mapping[str, Any]) -> None:
+  """The phantoms are generated: manual_dir, builder options and named configs are errors."""
+  if dataset_config.get("manual_dir"):
+    raise ValueError(
+        f"config.dataset.manual_dir={dataset_config['manual_dir']!r} is set but config.dataset."
+        f"name is {PHANTOMS_NAME!r} (synthetic phantoms, which read no folder): set "
+        "--config.dataset.name to the builder of your collection, one of "
+        f"{list(manual_builder_classes())}.")
+  options = chosen_options(dataset_config)
+  phantom_options = sorted(dict(dataset_config.get("phantoms") or {}))
+  if options:
+    raise ValueError(
+        f"--config.dataset.builder.{{{','.join(sorted(options))}}} are options of the manual "
+        f"builders; the phantoms ({PHANTOMS_NAME!r}) take theirs from config.dataset.phantoms "
+        f"(e.g. --config.dataset.phantoms.image_size=64): {phantom_options}.")
+  if dataset_config.get("builder_config") not in (None, "", "default"):
+    raise ValueError(
+        f"config.dataset.builder_config={dataset_config['builder_config']!r}: the phantoms have "
+        "one config, 'default'; set their options in config.dataset.phantoms.")
+
+
+def resolve_manual_dir(manual_dir: str, data_dir: str) -> str:
+  """`manual_dir`, else tfds' default `<data_dir>/downloads/manual` (absolute)."""
+  chosen = manual_dir or os.path.join(data_dir, "downloads", "manual")
+  return os.path.abspath(os.path.expanduser(chosen))
+
+
+class FolderFingerprint(NamedTuple):
+  """The file list of a folder: a SHA-1 of relative names, sizes and mtimes, and counts."""
+
+  digest: str
+  num_files: int
+  num_bytes: int
+
+
+def _walk_files(root: str, exclude: frozenset[str]) -> Iterator[tuple[str, int, int]]:
+  """(path relative to root, size, mtime in ns) of every non-hidden file under root, with one
+  os.scandir walk (symbolic links followed, each directory visited once)."""
+  seen: set[tuple[int, int]] = set()
+  pending = [root]
+  while pending:
+    folder = pending.pop()
+    info = os.stat(folder)
+    if (info.st_dev, info.st_ino) in seen or folder in exclude:
+      continue
+    seen.add((info.st_dev, info.st_ino))
+    with os.scandir(folder) as entries:
+      for entry in entries:
+        if entry.name.startswith("."):
+          continue
+        if entry.is_dir():
+          pending.append(entry.path)
+        elif entry.is_file():
+          stat = entry.stat()
+          yield os.path.relpath(entry.path, root), stat.st_size, stat.st_mtime_ns
+
+
+def folder_fingerprint(folder: str, exclude: Sequence[str] = ()) -> FolderFingerprint:
+  """Fingerprint of the non-hidden files under `folder` (relative names, sizes, mtimes): it
+  changes when a file is added, removed, renamed, resized or rewritten. `exclude`: absolute
+  folders left out (e.g. a TFDS data dir inside `folder`)."""
+  files = sorted(_walk_files(folder, frozenset(os.path.abspath(path) for path in exclude)))
+  digest = hashlib.sha1()
+  for relative, size, mtime in files:
+    digest.update(f"{relative}\0{size}\0{mtime}\n".encode())
+  return FolderFingerprint(digest.hexdigest(), len(files), sum(size for _, size, _ in files))
+
+
+def check_manual_dir(manual_dir: str, builder_cls: type, given: bool) -> None:
+  """Raises FileNotFoundError, naming the folder and repeating the builder's download
+  instructions, if `manual_dir` is missing or holds no (non-hidden) file."""
+  if os.path.isdir(manual_dir) and any(True for _ in _walk_files(manual_dir, frozenset())):
+    return
+  state = "does not exist" if not os.path.exists(manual_dir) else (
+      "is not a folder" if not os.path.isdir(manual_dir) else "holds no file")
+  where = (f"config.dataset.manual_dir={manual_dir!r}" if given else
+           f"The default manual folder {manual_dir!r} (config.dataset.manual_dir is not set; "
+           "set it with --config.dataset.manual_dir=DIR)")
+  raise FileNotFoundError(
+      f"{builder_cls.name}: {where} {state}. Download the dataset there first.\n"
+      f"Download instructions:\n{builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+
+
+def keyed_by_files(config, fingerprint: FolderFingerprint, manual_dir: str):
+  """`config` renamed `<name>-files<digest>`: a prepared directory per content of manual_dir."""
+  return dataclasses.replace(
+      config, name=f"{config.name}-files{fingerprint.digest[:10]}",
+      description=f"{config.description} Prepared from {manual_dir} ({fingerprint.num_files} "
+      f"files, {fingerprint.num_bytes} bytes, file-list SHA-1 {fingerprint.digest}).")
+
+
+def _log_preparation(builder, options_name: str, fingerprint: FolderFingerprint,
+                     manual_dir: str) -> None:
+  """Logs which prepared directory is used and which older ones (same options, earlier content
+  of manual_dir) are kept."""
+  from absl import logging
+
+  target = os.fspath(builder.data_dir)
+  dataset_root = os.path.dirname(os.path.dirname(target))
+  pattern = os.path.join(dataset_root, f"{options_name}-files*")
+  older = sorted(path for path in glob.glob(pattern)
+                 if os.path.abspath(path) != os.path.dirname(target))
+  state = "reusing" if os.path.isdir(target) else "preparing"
+  logging.info("%s: %s %s from manual_dir %s (%d files, %d bytes).", builder.name, state, target,
+               manual_dir, fingerprint.num_files, fingerprint.num_bytes)
+  if older:
+    logging.warning("%s: manual_dir %s holds other files than when %s was prepared; using %s "
+                    "(the older preparation(s) are kept; delete them by hand if unwanted).",
+                    builder.name, manual_dir, older, target)
+
+
+def load_builder(dataset_config: Mapping[str, Any]):
+  """Prepares (offline) and returns the TFDS builder that `dataset_config` names.
+
+  For a manual builder: `builder_config` (a named config, '' = the default) with the options of
+  `dataset_config.builder` that are set; the prepared directory is keyed by those options and by
+  the file list of manual_dir, so a changed folder is prepared again (into a new directory).
+  """
+  import tensorflow_datasets as tfds  # heavy import, kept local
 
   name = dataset_config["name"]
   data_dir = default_data_dir(dataset_config.get("data_dir"))
-  if name == "radiograph_phantoms":
+  if name == PHANTOMS_NAME:
     from medxai_jax.data.builders import phantoms
 
+    _check_phantoms_settings(dataset_config)
     return phantoms.load_phantoms_builder(data_dir, **dict(dataset_config.get("phantoms", {})))
-  manual_dir = dataset_config.get("manual_dir") or None
-  if manual_dir and not os.path.isdir(manual_dir):
-    raise FileNotFoundError(
-        f"config.dataset.manual_dir={manual_dir!r} does not exist; download the dataset there "
-        "first (see the builder's MANUAL_DOWNLOAD_INSTRUCTIONS).")
-  builder = tfds.builder(name, data_dir=data_dir, file_format="array_record",
-                         config=dataset_config.get("builder_config") or None)
+  builders = manual_builder_classes()
+  if name not in builders:
+    raise ValueError(f"Unknown dataset config.dataset.name={name!r}; registered datasets: "
+                     f"{dataset_names()}.")
+  builder_cls = builders[name]
+  config = builder_config_for(builder_cls, dataset_config.get("builder_config") or "",
+                              chosen_options(dataset_config))
+  given = bool(dataset_config.get("manual_dir"))
+  manual_dir = resolve_manual_dir(dataset_config.get("manual_dir") or "", data_dir)
+  check_manual_dir(manual_dir, builder_cls, given)
+  fingerprint = folder_fingerprint(manual_dir, exclude=[data_dir])
+  builder = builder_cls(config=keyed_by_files(config, fingerprint, manual_dir),
+                        data_dir=data_dir, file_format="array_record")
+  _log_preparation(builder, config.name, fingerprint, manual_dir)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
@@ -60,8 +372,7 @@ def load_sources(dataset_config: Mapping[str, Any], splits: Sequence[str]
   available = list(builder.info.splits.keys())
   missing = [split for split in splits if split not in available]
   if missing:
-    raise ValueError(f"Dataset {dataset_config['name']!r} has no split(s) {missing}; it has "
-                     f"{available}.")
+    raise missing_split_error(builder, missing, dataset_config.get("label_key", "label"))
   sources = {split: builder.as_data_source(split=split) for split in splits}
   conditions = parse_filter(dataset_config.get("filter") or "")
   if conditions:
@@ -75,6 +386,43 @@ def load_sources(dataset_config: Mapping[str, Any], splits: Sequence[str]
         sources[train_split], label_key=dataset_config.get("label_key", "label"),
         seed=int(dataset_config.get("shuffle_labels_seed", 0)))
   return sources
+
+
+_SPLIT_OPTIONS = ("split_fractions", "validation_fraction", "test_fold")
+
+
+def prepared_class_counts(builder, label_key: str = "label") -> dict[str, dict[str, int]]:
+  """Split -> class name -> records, of a prepared builder (images are not decoded)."""
+  import tensorflow_datasets as tfds  # heavy import, kept local
+
+  features = builder.info.features
+  names = list(getattr(features[label_key], "names", None) or [])
+  skip = {key: tfds.decode.SkipDecoding() for key, feature in features.items()
+          if key != label_key and isinstance(feature, (tfds.features.Image, tfds.features.Tensor))}
+  counts = {}
+  for split in builder.info.splits:
+    labels = read_feature(builder.as_data_source(split=split, decoders=skip), label_key)
+    values, number = np.unique(labels, return_counts=True)
+    counts[split] = {(names[int(value)] if names else str(value)): int(n)
+                     for value, n in zip(values, number)}
+  return counts
+
+
+def missing_split_error(builder, missing: Sequence[str], label_key: str = "label") -> ValueError:
+  """The error for requested splits a prepared dataset lacks (they came out empty): it names
+  them, the images per class of every split, the split options and how to set them."""
+  config = builder.builder_config
+  options = {name: getattr(config, name) for name in _SPLIT_OPTIONS if hasattr(config, name)}
+  try:
+    per_split = prepared_class_counts(builder, label_key)
+  except (KeyError, ValueError, TypeError):
+    per_split = {split: {"(all)": info.num_examples} for split, info in builder.info.splits.items()}
+  settings = " ".join(f"--config.dataset.builder.{name}=..." for name in options) or (
+      "--config.dataset.builder.<option>")
+  return ValueError(
+      f"Dataset {builder.name!r} ({builder.data_dir}) has no split(s) {list(missing)}: they came "
+      f"out empty. Images per class of the splits it has: {per_split}; split options "
+      f"{options}. Add images, or change the split with {settings}.")
 
 
 class SubsetSource:

@@ -34,6 +34,8 @@ from medxai_jax.data import preprocess
 SPLITS = ("train", "validation", "test")
 CORRUPT_POLICIES = ("fail", "skip")
 RESIZE_MODES = ("pad", "stretch")
+# Builder options are set on the command line as --config.dataset.builder.<option>=<value>.
+OPTION_FLAG_PREFIX = "--config.dataset.builder."
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 _CHUNK = 64  # images decoded at a time (bounded memory, ordered output)
 
@@ -104,8 +106,28 @@ def config_by_name(configs: Sequence[ImageBuilderConfig], base: str, builder_nam
   return derive_config(by_name[base], **fields)
 
 
+def option_flag(name: str, value: Any) -> str:
+  """The command-line spelling of a builder option, e.g. '--config.dataset.builder.with_masks=False'
+  (tuples as comma-separated values)."""
+  if isinstance(value, (tuple, list)):
+    value = ",".join(str(element) for element in value)
+  return f"{OPTION_FLAG_PREFIX}{name}={value}"
+
+
+def validate_split_fractions(fractions: Sequence[float]) -> None:
+  """Raises ValueError unless `fractions` are one share per split (train, validation, test),
+  each >= 0, summing to 1."""
+  values = np.asarray(fractions, np.float64)
+  if values.shape != (len(SPLITS),) or (values < 0).any() or abs(values.sum() - 1.0) > 1e-6:
+    raise ValueError(
+      f"split_fractions must be {len(SPLITS)} shares (for {', '.join(SPLITS)}), each >= 0, "
+      f"summing to 1; got {tuple(fractions)} (e.g. {option_flag('split_fractions', (0.7, 0.1, 0.2))}).")
+
+
 def validate_config(config: ImageBuilderConfig) -> None:
   """Raises ValueError for a config field outside its allowed values."""
+  if getattr(config, "split_fractions", None) is not None:
+    validate_split_fractions(config.split_fractions)
   if config.image_size < 0:
     raise ValueError(f"image_size must be >= 0 (0 = native size), got {config.image_size}.")
   if config.resize_mode not in RESIZE_MODES:
@@ -253,8 +275,8 @@ def process_in_order(fn: Callable[[_Item], dict[str, Any]], items: Sequence[_Ite
         if isinstance(result, preprocess.CorruptImageError):
           if on_corrupt == "fail":
             raise preprocess.CorruptImageError(
-              result.path, f"{result.reason} (a builder config with on_corrupt='skip' leaves "
-              "such files out and lists them in info.metadata['skipped_files'])") from result
+              result.path, f"{result.reason} ({option_flag('on_corrupt', 'skip')} leaves such "
+              "files out and lists them in info.metadata['skipped_files'])") from result
           logging.warning("Skipping corrupt image %s: %s", result.path, result.reason)
           skipped.append(result.path)
           continue
@@ -304,17 +326,52 @@ class ManualImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
                               self.builder_config.on_corrupt)
 
   def _split_iterators(self, per_split: dict[str, Sequence[Any]],
-                       make_example: Callable[[Any], dict[str, Any]]
+                       make_example: Callable[[Any], dict[str, Any]], *,
+                       fractions: Sequence[float] | None = None,
+                       label_of: Callable[[Any], str] | None = None,
                        ) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
-    """Generators of the splits that have items; empty ones are dropped with a warning."""
+    """Generators of the splits that have items.
+
+    With `fractions` (the shares the items were split by, in SPLITS order), a split that came out
+    empty although its share is > 0 raises `empty_split_error` (with images per class when
+    `label_of` names an item's class); other empty splits are dropped with a warning.
+    """
     result = {}
     for split, items in per_split.items():
       if not items:
+        share = fractions[SPLITS.index(split)] if fractions is not None else 0.0
+        if share > 0:
+          raise empty_split_error(self.name, split, per_split, fractions, label_of)
         logging.warning("%s: split %r has no examples and is not written.", self.info.full_name,
                         split)
         continue
       result[split] = self._generate_examples(split, items, make_example)
     return result
+
+
+def class_counts(items: Sequence[Any], label_of: Callable[[Any], str]) -> dict[str, int]:
+  """Class -> number of items, in order of first appearance."""
+  counts: dict[str, int] = {}
+  for item in items:
+    label = label_of(item)
+    counts[label] = counts.get(label, 0) + 1
+  return counts
+
+
+def empty_split_error(builder_name: str, split: str, per_split: Mapping[str, Sequence[Any]],
+                      fractions: Sequence[float],
+                      label_of: Callable[[Any], str] | None = None) -> ValueError:
+  """The error for a split left empty by too few images for the split fractions: it names the
+  split, the images per class and per split, the fractions and the option to change."""
+  all_items = [item for items in per_split.values() for item in items]
+  per_class = (f"; images per class: {class_counts(all_items, label_of)}"
+               if label_of is not None else "")
+  sizes = {name: len(items) for name, items in per_split.items()}
+  return ValueError(
+    f"{builder_name}: split {split!r} came out empty: {len(all_items)} images{per_class}; split "
+    f"fractions {tuple(fractions)} (train, validation, test) give {sizes}. Add images, or "
+    f"change the fractions with {OPTION_FLAG_PREFIX}split_fractions=TRAIN,VALIDATION,TEST (each "
+    "share is rounded to whole images, or patients, within each class).")
 
 
 def list_images(folder: pathlib.Path) -> list[pathlib.Path]:

@@ -41,6 +41,7 @@ from medxai_jax.data.builders.common import (
   manual_dir,
   mask_feature,
   missing_error,
+  option_flag,
   read_unit_image,
   validate_config,
 )
@@ -57,7 +58,10 @@ and unzip it so that manual_dir contains the folder as shipped (or point manual_
   COVID-19_Radiography_Dataset/{COVID,Normal,Lung_Opacity,Viral Pneumonia}/masks/<Class>-N.png
   COVID-19_Radiography_Dataset/<Class>.metadata.xlsx
 
-Config 'three' (003) needs only COVID, Lung_Opacity and Normal.
+Config 'three' (003) needs only COVID, Lung_Opacity and Normal. A copy without masks or
+metadata sheets, or with other class folders, is prepared with the options
+  --config.dataset.builder.with_masks=False --config.dataset.builder.read_metadata=False
+  --config.dataset.builder.classes=COVID,Normal,Viral_Pneumonia   (folders by canonical name)
 """
 
 
@@ -131,8 +135,8 @@ def read_source_urls(path: pathlib.Path) -> dict[str, str]:
   try:
     rows = read_xlsx_rows(path)
   except (zipfile.BadZipFile, ElementTree.ParseError, ValueError, KeyError) as error:
-    raise ValueError(f"Cannot read the metadata sheet {path}: {error} (a config with "
-                     "read_metadata=False skips the metadata).") from error
+    raise ValueError(f"Cannot read the metadata sheet {path}: {error} "
+                     f"({option_flag('read_metadata', False)} skips the metadata).") from error
   for number, row in enumerate(rows):
     header = [cell.upper() for cell in row]
     if "FILE NAME" in header and "URL" in header:
@@ -204,8 +208,9 @@ class CovidRadiography(ManualImageBuilder):
     config = self.builder_config
     folder = _find_child(root, folder_name)
     if folder is None or not folder.is_dir():
-      raise missing_error(self.name, f"the class folder {folder_name!r}", root / folder_name,
-                          COVID_INSTRUCTIONS)
+      raise missing_error(self.name, f"the class folder {folder_name!r} (the classes are "
+                          f"{option_flag('classes', config.classes)}; set the option to the "
+                          "folders you have)", root / folder_name, COVID_INSTRUCTIONS)
     images_dir = folder / "images"
     if not images_dir.is_dir():
       raise missing_error(self.name, f"the images folder of {folder_name!r}", images_dir,
@@ -218,8 +223,8 @@ class CovidRadiography(ManualImageBuilder):
     if config.read_metadata:
       sheet = _find_child(root, folder.name, ".metadata.xlsx")
       if sheet is None:
-        raise missing_error(self.name, f"the metadata sheet of {folder_name!r} (a config with "
-                            "read_metadata=False does without it)",
+        raise missing_error(self.name, f"the metadata sheet of {folder_name!r} "
+                            f"({option_flag('read_metadata', False)} does without it)",
                             root / f"{folder.name}.metadata.xlsx", COVID_INSTRUCTIONS)
       urls = read_source_urls(sheet)
       unlisted = [path.name for path in images if _image_key(path.name) not in urls]
@@ -232,7 +237,8 @@ class CovidRadiography(ManualImageBuilder):
       if config.with_masks:
         mask = folder / "masks" / path.name
         if not mask.is_file():
-          raise missing_error(self.name, f"the lung mask of {path.name}", mask,
+          raise missing_error(self.name, f"the lung mask of {path.name} "
+                              f"({option_flag('with_masks', False)} does without masks)", mask,
                               COVID_INSTRUCTIONS)
       items.append((path, mask, label, urls.get(_image_key(path.name), "")))
     return items
@@ -263,4 +269,6 @@ class CovidRadiography(ManualImageBuilder):
         "path": path.relative_to(root.parent).as_posix(),
       }
 
-    return self._split_iterators(group_by_split(items, which), make_example)
+    return self._split_iterators(group_by_split(items, which), make_example,
+                                 fractions=config.split_fractions,
+                                 label_of=lambda item: config.classes[item[2]])
