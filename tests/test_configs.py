@@ -247,6 +247,30 @@ def test_real_data_configs_say_where_manual_dir_goes():
       assert "--config.dataset.manual_dir=" in doc, name
 
 
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_every_config_takes_builder_options_on_the_command_line(name):
+  from absl import flags
+  from ml_collections import config_flags
+
+  from medxai_jax.data import pipeline
+
+  argv = ["train", f"--config={os.path.join(REPO, 'configs', name + '.py')}",
+          "--config.dataset.name=covid_radiography", "--config.dataset.builder.image_size=64",
+          "--config.dataset.builder.read_metadata=False",
+          "--config.dataset.builder.split_fractions=0.8,0.1,0.1",
+          "--config.dataset.builder.classes=COVID,Normal"]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  options = values.config.dataset.builder
+  assert (options.image_size, options.read_metadata, options.split_fractions) == (
+      64, False, (0.8, 0.1, 0.1))
+  assert options.with_masks is None and options.body_parts is None  # None: the default
+  assert set(options) == set(pipeline.all_builder_option_specs())
+  assert "image_size" in values.config.dataset.phantoms  # the phantoms keep their own section
+
+
 def test_train_val_gap_selects_the_epoch_with_the_smallest_gap():
   config = load("mura_densenet169")
   train = [0.70, 0.80, 0.90, 0.95, 0.99]
