@@ -27,6 +27,9 @@ class, 003's 70% training share giving 10 points to validation: the set has no p
 Point manual_dir at the folder holding COVID-19_Radiography_Dataset/ as unzipped from Kaggle
 (see medxai_jax/data/builders/covid_radiography.py):
   --config.dataset.manual_dir=/path/to/download
+The builder's options go on the same command line (`--config.dataset.builder.<option>`, see
+configs/common.py); a copy without the masks and .xlsx sheets, e.g.:
+  --config.dataset.builder.with_masks=False --config.dataset.builder.read_metadata=False
 """
 
 import ml_collections

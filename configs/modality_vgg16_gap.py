@@ -22,6 +22,7 @@ collection (builder `medical_modalities`: DIR holds one folder per modality clas
 300 x 300, classes in the order of MODALITIES) these overrides do it:
   --config.dataset.name=medical_modalities --config.dataset.label_key=label
   --config.dataset.manual_dir=DIR
+(another class set: --config.dataset.builder.class_names=a,b,c and --config.model.num_outputs).
 The shifts are in stored pixels, so +-3 pixels of the 300 x 300 images, as in 004.
 """
 

@@ -3,6 +3,7 @@ a new user meets on a real collection (the COVID-19 Radiography copy in ../share
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import shutil
@@ -141,7 +142,7 @@ def test_metadata_and_mask_errors_give_the_command_line_spelling(tmp_path, manua
     pipeline.load_builder(config.dataset)
 
 
-def test_a_changed_folder_is_prepared_again_and_the_old_one_kept(tmp_path, manual):
+def test_a_changed_folder_is_prepared_again_and_the_old_one_kept(tmp_path, manual, caplog):
   config = covid_config(tmp_path, manual)
   first = pipeline.load_builder(config.dataset)
   before = total_records(pipeline.load_sources(config.dataset, ALL_SPLITS))
@@ -150,9 +151,12 @@ def test_a_changed_folder_is_prepared_again_and_the_old_one_kept(tmp_path, manua
   assert os.fspath(again.data_dir) == os.fspath(first.data_dir)  # unchanged folder: reused
   added = manual / COVID / "Normal" / "images" / "Normal-100.jpg"
   shutil.copyfile(image_files(manual, "Normal")[0], added)
-  second = pipeline.load_builder(config.dataset)
+  with caplog.at_level(logging.WARNING):
+    second = pipeline.load_builder(config.dataset)
   assert os.fspath(second.data_dir) != os.fspath(first.data_dir)
-  assert os.path.isdir(first.data_dir)  # the older preparation is not deleted
+  assert os.path.isdir(first.data_dir)  # the older preparation is not deleted, and is named
+  kept = [record.getMessage() for record in caplog.records if "are kept" in record.getMessage()]
+  assert len(kept) == 1 and os.path.dirname(first.data_dir) in kept[0], kept
   assert total_records(pipeline.load_sources(config.dataset, ALL_SPLITS)) == before + 1
   added.unlink()  # back to the first file list: the first preparation is used again
   assert os.fspath(pipeline.load_builder(config.dataset).data_dir) == os.fspath(first.data_dir)
@@ -243,6 +247,7 @@ def test_normalise_option_reads_command_line_tuples():
                                    "x") == (0.7, 0.1, 0.2)
   assert pipeline.normalise_option("split_fractions", "0.5,0.25,0.25", spec["split_fractions"],
                                    "x") == (0.5, 0.25, 0.25)
+  assert pipeline.normalise_option("body_parts", (), spec["body_parts"], "x") == ()  # = all
   assert pipeline.normalise_option("validation_fraction", 0, spec["validation_fraction"],
                                    "x") == 0.0
   with pytest.raises(ValueError, match="expected non-empty names"):

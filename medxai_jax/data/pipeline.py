@@ -167,7 +167,7 @@ def normalise_option(name: str, value: Any, spec: OptionSpec, builder_name: str)
       except (TypeError, ValueError):
         raise bad(f"expected {spec.element.__name__} values separated by commas") from None
     pieces = [piece.strip() for element in elements for piece in str(element).split(",")]
-    if not pieces or not all(pieces):
+    if not all(pieces):
       raise bad("expected non-empty names separated by commas, e.g. "
                 f"{flag}=COVID,Normal")
     return tuple(pieces)
@@ -320,9 +320,10 @@ def _log_preparation(builder, options_name: str, fingerprint: FolderFingerprint,
   logging.info("%s: %s %s from manual_dir %s (%d files, %d bytes).", builder.name, state, target,
                manual_dir, fingerprint.num_files, fingerprint.num_bytes)
   if older:
-    logging.warning("%s: manual_dir %s holds other files than when %s was prepared; using %s "
-                    "(the older preparation(s) are kept; delete them by hand if unwanted).",
-                    builder.name, manual_dir, older, target)
+    logging.warning("%s: using %s, prepared from the files manual_dir %s holds now; other "
+                    "preparations of these options, from other contents of manual_dir, are kept "
+                    "(delete them by hand if unwanted): %s", builder.name, target, manual_dir,
+                    older)
 
 
 def load_builder(dataset_config: Mapping[str, Any]):

@@ -164,8 +164,9 @@ class MedicalModalities(ManualImageBuilder):
     if unknown or missing:
       raise ValueError(
         f"{self.name}: class folders in {folder} do not match the config's classes {names}: "
-        f"unexpected {unknown}, missing {missing} (folders are matched by canonical name; use "
-        "modality_folders.config_from_folder for another class set).")
+        f"unexpected {unknown}, missing {missing} (folders are matched by canonical name; for "
+        f"this folder's classes set --config.dataset.builder.class_names={','.join(sorted(found))}"
+        ", or build the config with modality_folders.config_from_folder).")
     items = []
     for label, name in enumerate(names):
       images = list_images(found[name])

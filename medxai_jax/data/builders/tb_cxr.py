@@ -237,7 +237,8 @@ class TbCxr(ManualImageBuilder):
       try:
         pixels = preprocess.to_gray(preprocess.to_unit_float(raw, bits))
       except ValueError as error:
-        raise ValueError(f"{image.path}: {error} (montgomery_bit_depth="
+        raise ValueError(f"{image.path}: {error} (set the significant bits with "
+                         "--config.dataset.builder.montgomery_bit_depth=N; now "
                          f"{config.montgomery_bit_depth})") from error
       if image.masks:
         parts = [preprocess.read_image(path)[..., 0] > 0 for path in image.masks]
