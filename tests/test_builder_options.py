@@ -142,6 +142,22 @@ def test_metadata_and_mask_errors_give_the_command_line_spelling(tmp_path, manua
     pipeline.load_builder(config.dataset)
 
 
+def test_the_shipped_defaults_on_a_folder_without_masks_and_sheets_name_every_option(tmp_path,
+                                                                                      manual):
+  config = covid_radiography_vgg16.get_config()  # 'three': COVID, Lung_Opacity, Normal
+  config.dataset.update(dict(manual_dir=str(manual), data_dir=str(tmp_path / "tfds")))
+  config.dataset.builder.image_size = 32
+  with pytest.raises(FileNotFoundError) as error:
+    pipeline.load_builder(config.dataset)
+  message = str(error.value)
+  present = sorted(path.name.replace(" ", "_") for path in (manual / COVID).iterdir())
+  assert "['Lung_Opacity']" in message
+  assert f"--config.dataset.builder.classes={','.join(present)}" in message
+  assert "['COVID.metadata.xlsx', 'Normal.metadata.xlsx']" in message
+  assert "--config.dataset.builder.read_metadata=False" in message
+  assert "--config.dataset.builder.with_masks=False" in message
+
+
 def test_a_changed_folder_is_prepared_again_and_the_old_one_kept(tmp_path, manual, caplog):
   config = covid_config(tmp_path, manual)
   first = pipeline.load_builder(config.dataset)

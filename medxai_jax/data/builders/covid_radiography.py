@@ -243,11 +243,43 @@ class CovidRadiography(ManualImageBuilder):
       items.append((path, mask, label, urls.get(_image_key(path.name), "")))
     return items
 
+  def _check_layout(self, root: pathlib.Path) -> None:
+    """Raises one FileNotFoundError listing every class folder, metadata sheet and masks/ folder
+    the config needs and `root` lacks, each with the option that does without it."""
+    config = self.builder_config
+    folders = {name: _find_child(root, name) for name in config.classes}
+    absent = [name for name, folder in folders.items() if folder is None or not folder.is_dir()]
+    present = [folder for folder in folders.values() if folder is not None and folder.is_dir()]
+    problems = []
+    if absent:
+      available = [path.name.replace(" ", "_") for path in sorted(root.iterdir())
+                   if path.is_dir() and canonical_name(path.name) in
+                   {canonical_name(name) for name in CLASS_FOLDERS}]
+      problems.append(f"class folder(s) {absent} (the classes are "
+                      f"{option_flag('classes', config.classes)}; set it to the folders you "
+                      f"have: {option_flag('classes', available)})")
+    if config.read_metadata:
+      sheets = [f"{folder.name}.metadata.xlsx" for folder in present
+                if _find_child(root, folder.name, ".metadata.xlsx") is None]
+      if sheets:
+        problems.append(f"metadata sheet(s) {sheets} ({option_flag('read_metadata', False)} "
+                        "does without them)")
+    if config.with_masks:
+      unmasked = [folder.name for folder in present if not (folder / "masks").is_dir()]
+      if unmasked:
+        problems.append(f"the masks/ folder of {unmasked} ({option_flag('with_masks', False)} "
+                        "does without masks)")
+    if problems:
+      listing = "".join(f"\n  - {problem}" for problem in problems)
+      raise FileNotFoundError(f"{self.name}: {root} lacks what the config needs:{listing}\n"
+                              f"Download instructions:\n{COVID_INSTRUCTIONS}")
+
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
     """Lists and checks every image, mask and metadata sheet before writing anything."""
     config = self.builder_config
     manual = manual_dir(dl_manager, self.name)
     root = collection_root(manual, _FOLDER, self.name, COVID_INSTRUCTIONS)
+    self._check_layout(root)
     items = [item for label, folder in enumerate(config.classes)
              for item in self._list_class(root, folder, label)]
     which = assign_splits([str(item[0]) for item in items], config.split_fractions,
