@@ -86,7 +86,7 @@ def test_command_line_options_reach_the_builder(tmp_path, manual):
   assert stored.name.startswith("three-")  # the named base config with the changes applied
   assert tuple(builder.info.features["label"].names) == ("covid", "normal")
   sources = pipeline.load_sources(config.dataset, ALL_SPLITS)
-  counts = {"covid": len(image_files(manual, "COVID")), "normal": len(image_files(manual, "Normal"))}
+  counts = {name.lower(): len(image_files(manual, name)) for name in ("COVID", "Normal")}
   assert total_records(sources) == sum(counts.values())
   for split, source in sources.items():
     labels = pipeline.read_feature(source, "label")
@@ -189,6 +189,11 @@ def test_empty_or_missing_manual_dir_is_an_error_with_instructions(tmp_path, man
     message = str(error.value)
     assert str(folder) in message and state in message
     assert "Download instructions" in message and "tawsifurrahman" in message
+  config = covid_config(tmp_path, "")  # not set: tfds' default folder, which does not exist
+  with pytest.raises(FileNotFoundError, match="set it with --config.dataset.manual_dir=DIR") as (
+      error):
+    pipeline.load_builder(config.dataset)
+  assert str(tmp_path / "tfds" / "downloads" / "manual") in str(error.value)
 
 
 def test_phantoms_reject_manual_dir_and_builder_options(tmp_path, manual):
@@ -219,7 +224,7 @@ def test_too_few_images_for_a_split_is_an_error_naming_counts_and_option(tmp_pat
   with pytest.raises(ValueError, match="split 'validation' came out empty") as error:
     pipeline.load_sources(config.dataset, ALL_SPLITS)
   message = str(error.value)
-  counts = {"COVID": len(image_files(manual, "COVID")), "Normal": len(image_files(manual, "Normal"))}
+  counts = {name: len(image_files(manual, name)) for name in ("COVID", "Normal")}
   assert f"images per class: {counts}" in message
   assert "(0.998, 0.001, 0.001)" in message
   assert "--config.dataset.builder.split_fractions=" in message

@@ -121,7 +121,8 @@ def validate_split_fractions(fractions: Sequence[float]) -> None:
   if values.shape != (len(SPLITS),) or (values < 0).any() or abs(values.sum() - 1.0) > 1e-6:
     raise ValueError(
       f"split_fractions must be {len(SPLITS)} shares (for {', '.join(SPLITS)}), each >= 0, "
-      f"summing to 1; got {tuple(fractions)} (e.g. {option_flag('split_fractions', (0.7, 0.1, 0.2))}).")
+      f"summing to 1; got {tuple(fractions)} (e.g. "
+      f"{option_flag('split_fractions', (0.7, 0.1, 0.2))}).")
 
 
 def validate_config(config: ImageBuilderConfig) -> None:
