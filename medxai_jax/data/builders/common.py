@@ -34,8 +34,6 @@ from medxai_jax.data import preprocess
 SPLITS = ("train", "validation", "test")
 CORRUPT_POLICIES = ("fail", "skip")
 RESIZE_MODES = ("pad", "stretch")
-# Builder options are set on the command line as --config.dataset.builder.<option>=<value>.
-OPTION_FLAG_PREFIX = "--config.dataset.builder."
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 _CHUNK = 64  # images decoded at a time (bounded memory, ordered output)
 
@@ -104,6 +102,10 @@ def config_by_name(configs: Sequence[ImageBuilderConfig], base: str, builder_nam
   if base not in by_name:
     raise ValueError(f"Unknown {builder_name} config {base!r}; known: {sorted(by_name)}.")
   return derive_config(by_name[base], **fields)
+
+
+# Builder options are set on the command line as --config.dataset.builder.<option>=<value>.
+OPTION_FLAG_PREFIX = "--config.dataset.builder."
 
 
 def option_flag(name: str, value: Any) -> str:
@@ -300,6 +302,31 @@ def split_examples(info: tfds.core.DatasetInfo, split: str, items: Sequence[_Ite
                     "(info.metadata['skipped_files']).", info.full_name, split, len(skipped))
 
 
+def class_counts(items: Sequence[Any], label_of: Callable[[Any], str]) -> dict[str, int]:
+  """Class -> number of items, in order of first appearance."""
+  counts: dict[str, int] = {}
+  for item in items:
+    label = label_of(item)
+    counts[label] = counts.get(label, 0) + 1
+  return counts
+
+
+def empty_split_error(builder_name: str, split: str, per_split: Mapping[str, Sequence[Any]],
+                      fractions: Sequence[float],
+                      label_of: Callable[[Any], str] | None = None) -> ValueError:
+  """The error for a split left empty by too few images for the split fractions: it names the
+  split, the images per class and per split, the fractions and the option to change."""
+  all_items = [item for items in per_split.values() for item in items]
+  per_class = (f"; images per class: {class_counts(all_items, label_of)}"
+               if label_of is not None else "")
+  sizes = {name: len(items) for name, items in per_split.items()}
+  return ValueError(
+    f"{builder_name}: split {split!r} came out empty: {len(all_items)} images{per_class}; split "
+    f"fractions {tuple(fractions)} (train, validation, test) give {sizes}. Add images, or "
+    f"change the fractions with {OPTION_FLAG_PREFIX}split_fractions=TRAIN,VALIDATION,TEST (each "
+    "share is rounded to whole images, or patients, within each class).")
+
+
 class ManualImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base of the manual-download builders: each split is a list of items and a function that
   turns one item into an example (run on threads, in order, under the corrupt-image policy)."""
@@ -348,31 +375,6 @@ class ManualImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         continue
       result[split] = self._generate_examples(split, items, make_example)
     return result
-
-
-def class_counts(items: Sequence[Any], label_of: Callable[[Any], str]) -> dict[str, int]:
-  """Class -> number of items, in order of first appearance."""
-  counts: dict[str, int] = {}
-  for item in items:
-    label = label_of(item)
-    counts[label] = counts.get(label, 0) + 1
-  return counts
-
-
-def empty_split_error(builder_name: str, split: str, per_split: Mapping[str, Sequence[Any]],
-                      fractions: Sequence[float],
-                      label_of: Callable[[Any], str] | None = None) -> ValueError:
-  """The error for a split left empty by too few images for the split fractions: it names the
-  split, the images per class and per split, the fractions and the option to change."""
-  all_items = [item for items in per_split.values() for item in items]
-  per_class = (f"; images per class: {class_counts(all_items, label_of)}"
-               if label_of is not None else "")
-  sizes = {name: len(items) for name, items in per_split.items()}
-  return ValueError(
-    f"{builder_name}: split {split!r} came out empty: {len(all_items)} images{per_class}; split "
-    f"fractions {tuple(fractions)} (train, validation, test) give {sizes}. Add images, or "
-    f"change the fractions with {OPTION_FLAG_PREFIX}split_fractions=TRAIN,VALIDATION,TEST (each "
-    "share is rounded to whole images, or patients, within each class).")
 
 
 def list_images(folder: pathlib.Path) -> list[pathlib.Path]:
