@@ -525,6 +525,7 @@ def test_modalities_labels_from_folders(tmp_path):
     assert record["image"].shape == (16, 16, 3)
   for split_records in records.values():
     assert sorted(r["label"] for r in split_records) == list(range(7))
+  assert builder.info.metadata["unhandled_files"] == ["Abdomen CT/notes.txt"]  # not dropped
 
 
 def test_modalities_any_class_set_and_split_layout(tmp_path):

@@ -34,11 +34,13 @@ from medxai_jax.data.builders.common import (  # noqa: F401  (unused ones: the o
   group_by_split,
   image_feature,
   list_images,
+  list_unhandled,
   manual_dir,
   mask_feature,
   missing_error,
   process_in_order,
   read_unit_image,
+  record_unhandled,
   split_examples,
   validate_config,
 )
@@ -56,8 +58,12 @@ MODALITY_INSTRUCTIONS = """\
 Any folder of class-named subfolders (004 pooled its images from Open-i, ImageCLEF2013, TCIA,
 MESSIDOR and DRIVE; it ships no archive). Point manual_dir at a folder laid out either as
 
-  <manual_dir>/<class>/**/<image>.{png,jpg,jpeg,bmp,tif,tiff,gif}
+  <manual_dir>/<class>/**/<image>.{png,jpg,jpeg,bmp,tif,tiff,gif,dcm,dicom}
   or, already split,  <manual_dir>/{train,val|validation,test}/<class>/**/<image>
+
+DICOM files are read as displayed (Rescale, VOI LUT or window, MONOCHROME1 inverted; see
+medxai_jax.data.preprocess.dicom_to_unit). Any other file under manual_dir is not read: it is
+listed in the prepared dataset's metadata (info.metadata['unhandled_files']) and logged.
 
 Class folders are matched to the config's class names after lower-casing and turning runs of
 other characters into '_' ('Abdomen CT' -> 'abdomen_ct'). The default config expects 004's seven
@@ -176,7 +182,8 @@ class MedicalModalities(ManualImageBuilder):
     return items
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
-    """Lists and checks every file first, so a malformed folder fails before anything is written."""
+    """Lists and checks every file first, so a malformed folder fails before anything is written;
+    files that are not images are listed in info.metadata['unhandled_files']."""
     config = self.builder_config
     manual = manual_dir(dl_manager, self.name)
     split_folders = _split_folders(manual)
@@ -197,6 +204,8 @@ class MedicalModalities(ManualImageBuilder):
       which = assign_splits([str(path) for path, _ in items], fractions, config.split_seed,
                             strata=[label for _, label in items])
       per_split = group_by_split(items, which)
+
+    record_unhandled(self.info, list_unhandled(manual), manual)
 
     def make_example(item: tuple[pathlib.Path, int]) -> dict[str, Any]:
       path, label = item
