@@ -3,6 +3,7 @@ the Kaggle brain MRI folder release and the Shenzhen set with its lung masks."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 
 import numpy as np
@@ -54,8 +55,23 @@ def test_real_kaggle_brain_release_prepares_with_four_classes(tmp_path):
       assert record["image"].shape == (32, 32, 1) and record["image"].dtype == np.uint8
       with Image.open(manual / record["path"]) as image:
         assert tuple(record["original_size"]) == (image.height, image.width)
-  # 40 training images per class: a quarter of each class carved out as validation.
-  assert [sum(r["label"] == k for r in splits["validation"]) for k in range(4)] == [10] * 4
+  # A quarter of each class's distinct training images carved out as validation; byte-identical
+  # copies (the release has some) stay on one side.
+  digest = {r["path"]: hashlib.sha1((manual / r["path"]).read_bytes()).hexdigest()
+            for records in splits.values() for r in records}
+  for label in range(4):
+    distinct = {digest[r["path"]] for r in splits["train"] + splits["validation"]
+                if r["label"] == label}
+    carved = {digest[r["path"]] for r in splits["validation"] if r["label"] == label}
+    assert len(carved) == round(0.25 * len(distinct)), label
+  assert not ({digest[r["path"]] for r in splits["train"]}
+              & {digest[r["path"]] for r in splits["validation"]})
+  groups: dict[str, list[str]] = {}
+  for path, value in digest.items():
+    groups.setdefault(value, []).append(path)
+  assert builder.info.metadata["duplicate_files"] == sorted(
+    sorted(group) for group in groups.values() if len(group) > 1)
+  assert builder.info.metadata["duplicate_files"]  # the sample has some
   assert builder.info.metadata["unhandled_files"] == ["README.txt"]
   assert builders.mask_keys("brain_tumor_kaggle") == (None, None)
   # A slice is a dark background around a bright head: the centre outshines the corners.
@@ -150,3 +166,17 @@ def test_shenzhen_images_without_masks_are_kept_and_mask_names_vary(tmp_path):
   shutil.move(manual / "CHNCXR_0003_0_mask.png", manual / "masks" / "CHNCXR_0003_0_mask.png")
   with pytest.raises(ValueError, match=r"two lung masks for CHNCXR_0003_0\.png"):
     _prepare(tb_cxr.TbCxr, config, tmp_path / "data2", manual)
+
+
+def test_kaggle_brain_config_loads_through_the_pipeline(tmp_path):
+  from medxai_jax.data import pipeline
+
+  manual = real_data.copy_real("brain_kaggle", tmp_path / "manual",
+                               keep=["*/*/*1).jpg", "*/*/1.jpg", "*/*/1?.jpg"])
+  sources = pipeline.load_sources(
+    {"name": "brain_tumor_kaggle", "data_dir": str(tmp_path / "data"),
+     "manual_dir": str(manual), "builder_config": "default"}, ["train", "test"])
+  test_paths = sorted(p.relative_to(manual).as_posix() for p in (manual / "Testing").rglob("*"))
+  assert sorted(sources["test"][i]["path"].decode() for i in range(len(sources["test"]))) == [
+    path for path in test_paths if path.endswith(".jpg")]
+  assert sources["train"][0]["image"].shape == (512, 512, 1)  # the default config's size

@@ -11,7 +11,10 @@ alphabetical order of either spelling, i.e. Keras' `flow_from_directory` order):
 Splits: `Testing/` -> test; `Training/` -> train, with `validation_fraction` of its images carved
 out as validation, stratified by class and seeded by `split_seed`. The release has no patient
 ids, so the carve is by image: slices of one patient can land in train and validation (and the
-release's own Training/Testing split is not known to be patient-wise either). Images are stored
+release's own Training/Testing split is not known to be patient-wise either). The release holds
+byte-identical copies of some images; the carve keeps such copies together (it groups by content
+hash), and every group of identical files, within or across Training/ and Testing/, is logged
+and listed in info.metadata['duplicate_files'] (all are kept). Images are stored
 as gray (BT.601 luma; the RGB JPEGs hold gray slices) or RGB (`channels=3`), fitted to
 `image_size` with their aspect ratio kept (`resize_mode='pad'`). There are no tumour masks.
 Files under the release that are not images are listed in info.metadata['unhandled_files'].
@@ -20,12 +23,14 @@ Files under the release that are not images are listed in info.metadata['unhandl
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import pathlib
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from medxai_jax.data.builders.common import (
   IMAGE_SUFFIXES,
@@ -144,6 +149,19 @@ def class_images(split_folder: pathlib.Path) -> list[tuple[pathlib.Path, int]]:
   return items
 
 
+def content_hashes(paths: list[pathlib.Path]) -> list[str]:
+  """SHA-1 of every file's bytes (identical copies share one)."""
+  return [hashlib.sha1(path.read_bytes()).hexdigest() for path in paths]
+
+
+def duplicate_groups(relative_paths: list[str], hashes: list[str]) -> list[list[str]]:
+  """Groups (sorted, of two or more) of paths whose files are byte-identical, sorted."""
+  by_hash: dict[str, list[str]] = {}
+  for path, digest in zip(relative_paths, hashes):
+    by_hash.setdefault(digest, []).append(path)
+  return sorted(sorted(group) for group in by_hash.values() if len(group) > 1)
+
+
 class BrainTumorKaggle(ManualImageBuilder):
   """Kaggle brain MRI slices: glioma, meningioma, no tumour, pituitary (folder release)."""
 
@@ -185,10 +203,23 @@ class BrainTumorKaggle(ManualImageBuilder):
     train = class_images(folders["train"])
     test = class_images(folders["test"])
     fraction = config.validation_fraction
-    which = assign_splits([str(path) for path, _ in train], (1 - fraction, fraction),
-                          config.split_seed, strata=[label for _, label in train])
+    train_hashes = content_hashes([path for path, _ in train])
+    which = assign_splits(train_hashes, (1 - fraction, fraction), config.split_seed,
+                          strata=[label for _, label in train])
     per_split = {**group_by_split(train, which, ("train", "validation")), "test": test}
     record_unhandled(self.info, list_unhandled(root), root)
+    duplicates = duplicate_groups(
+      [path.relative_to(root).as_posix() for path, _ in train + test],
+      train_hashes + content_hashes([path for path, _ in test]))
+    self.info.metadata["duplicate_files"] = duplicates
+    if duplicates:
+      across = sum(any(p.startswith(folders["train"].name + "/") for p in group)
+                   and any(p.startswith(folders["test"].name + "/") for p in group)
+                   for group in duplicates)
+      logging.warning("%s: %d group(s) of byte-identical images under %s (%d spanning Training/ "
+                      "and Testing/), e.g. %s; all are kept and listed in "
+                      "info.metadata['duplicate_files'].", self.name, len(duplicates), root,
+                      across, duplicates[:3])
 
     def make_example(item: tuple[pathlib.Path, int]) -> dict[str, Any]:
       path, label = item
