@@ -216,6 +216,46 @@ def test_dicom_class_folder_prepares_with_unhandled_files_listed(tmp_path):
   lungs, spine = _lung_and_spine_means(mono2)
   assert lungs < spine - 25  # on the 0..255 scale
   assert np.abs(mono1 + mono2 - 255).max() <= 1  # the inverse, up to rounding
+  for path, record in records.items():
+    expected = pydicom.dcmread(manual / path).PatientID if path.endswith(".dcm") else ""
+    assert record["patient_id"].decode() == expected
   assert builder.info.metadata["unhandled_files"] == ["dicom/report.docx"]
   reloaded = modality_folders.MedicalModalities(config=config, data_dir=str(tmp_path / "data"))
   assert reloaded.info.metadata["unhandled_files"] == ["dicom/report.docx"]  # persisted
+
+
+def test_dicom_class_folders_split_by_patient_and_keep_12_bits(tmp_path):
+  rng = np.random.default_rng(3)
+  manual = tmp_path / "manual"
+  expected = {}
+  for label, folder in enumerate(("ct", "cr")):
+    (manual / folder).mkdir(parents=True)
+    for patient in range(8):
+      for number in range(3):  # three images of every patient
+        stored = rng.integers(0, 4096, (6, 5)).astype(np.uint16)
+        name = f"{folder}/p{patient}_{number}.dcm"
+        _write_dicom(manual / name, stored, bits_stored=12, PatientID=f"{folder.upper()}{patient}")
+        expected[name] = stored
+  (manual / "cr" / "broken.dcm").write_bytes(b"\0" * 300)
+  config = modality_folders.config_from_folder(manual, image_size=0, channels=1, storage_bits=16,
+                                               split_fractions=(0.5, 0.25, 0.25),
+                                               on_corrupt="skip")
+  builder = modality_folders.MedicalModalities(config=config, data_dir=str(tmp_path / "data"),
+                                               file_format="array_record")
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+  patients = {}
+  for split in ("train", "validation", "test"):
+    source = builder.as_data_source(split=split)
+    records = [source[i] for i in range(len(source))]
+    patients[split] = {record["patient_id"].decode() for record in records}
+    for record in records:
+      stored = expected[record["path"].decode()]
+      assert record["image"].dtype == np.uint16  # 12 bits kept: x / 4095 * 65535, exactly back
+      np.testing.assert_array_equal(
+        np.rint(record["image"][..., 0].astype(np.float64) * 4095 / 65535), stored)
+  assert sum(len(ids) for ids in patients.values()) == 16  # every patient in exactly one split
+  assert set().union(*patients.values()) == {f"{c}{p}" for c in ("CT", "CR") for p in range(8)}
+  assert all(patients.values())
+  skipped = [path for paths in builder.info.metadata["skipped_files"].values() for path in paths]
+  assert skipped == [str(manual / "cr" / "broken.dcm")]

@@ -439,6 +439,21 @@ def read_dicom_unit(source: str | os.PathLike | bytes, *, name: str | None = Non
   return dicom_to_unit(dataset, dicom_stored_pixels(dataset, label), label)
 
 
+def read_dicom_patient_id(path: str | os.PathLike) -> str:
+  """The PatientID of a DICOM file (header only, stripped), or '' when it has none or the header
+  cannot be parsed (reading its pixels then raises CorruptImageError, naming it)."""
+  import pydicom  # host-only dependency, kept local
+
+  try:
+    dataset = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"],
+                              force=True)
+    return str(dataset.get("PatientID", "") or "").strip()
+  except FileNotFoundError:
+    raise
+  except Exception:  # an unreadable header: the image read reports it under the corrupt policy
+    return ""
+
+
 def to_unit_float(image: np.ndarray, bit_depth: int | None = None) -> np.ndarray:
   """uint8/uint16 pixels to float32 in [0, 1] by their bit depth (default 8 / 16 by dtype).
 
