@@ -453,6 +453,8 @@ def test_brain_no_patient_in_two_splits(tmp_path):
     _matlab_v73(root / f"{index}.mat", fields)
     folds.append(patient % 5 + 1)
   scipy_io.savemat(root / "cvind.mat", {"cvind": np.asarray(folds, np.float64)[:, None]})
+  (root / "README.txt").write_text("figshare item notes")
+  _write_png(root / "slices.png", np.zeros((4, 4), np.uint8))
   for config in (brain_tumor_mri.make_brain_config("default", image_size=8,
                                                    split_fractions=(0.5, 0.25, 0.25)),
                  brain_tumor_mri.make_brain_config("fold2", image_size=8)):
@@ -460,6 +462,7 @@ def test_brain_no_patient_in_two_splits(tmp_path):
     splits = {split: _records(builder, split) for split in ("train", "validation", "test")}
     assert sum(len(records) for records in splits.values()) == 36
     _assert_patient_disjoint(splits)
+  assert builder.info.metadata["unhandled_files"] == ["slices.png"]  # not a .mat or .zip
 
 
 def test_brain_corrupt_slice_fails_or_is_recorded(tmp_path):

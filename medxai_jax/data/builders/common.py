@@ -339,13 +339,15 @@ SYSTEM_FILE_NAMES = frozenset({"thumbs.db", ".ds_store", "desktop.ini"})
 
 
 def list_unhandled(folder: pathlib.Path, expected_suffixes: Sequence[str] = (),
-                   relative_to: pathlib.Path | None = None) -> list[str]:
+                   relative_to: pathlib.Path | None = None, *,
+                   read_suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[str]:
   """Files under `folder` that no reader handles, as sorted posix paths relative to `relative_to`
-  (default `folder`): every file (hidden ones too) whose suffix is neither an image suffix
-  (IMAGE_SUFFIXES, DICOM included) nor one of `expected_suffixes` (a builder's companions such as
-  '.txt' readings or '.csv' listings), except operating-system clutter (SYSTEM_FILE_NAMES)."""
+  (default `folder`): every file (hidden ones too) whose suffix is neither one the builder reads
+  (`read_suffixes`: IMAGE_SUFFIXES, DICOM included) nor one of `expected_suffixes` (a builder's
+  companions such as '.txt' readings or '.csv' listings), except operating-system clutter
+  (SYSTEM_FILE_NAMES)."""
   base = relative_to or folder
-  handled = {suffix.lower() for suffix in (*IMAGE_SUFFIXES, *expected_suffixes)}
+  handled = {suffix.lower() for suffix in (*read_suffixes, *expected_suffixes)}
   return sorted(
     path.relative_to(base).as_posix() for path in folder.rglob("*")
     if path.is_file() and path.suffix.lower() not in handled
