@@ -320,6 +320,18 @@ def test_tb_missing_mask_is_named(tmp_path):
   assert sum(split.num_examples for split in builder.info.splits.values()) == 8
 
 
+def test_tb_masks_binarise_at_half_their_maximum(tmp_path):
+  shape = np.zeros((6, 8), np.uint8)
+  shape[1:5, 2:6] = 1
+  soft = shape * 250
+  soft[0, 2:6], soft[5, 2:6] = 3, 120  # antialiased fringe below half of 250
+  for name, pixels in (("ones", shape), ("full", shape * 255), ("soft", soft)):
+    _write_png(tmp_path / f"{name}.png", pixels)
+    np.testing.assert_array_equal(tb_cxr.read_binary_mask(tmp_path / f"{name}.png"), shape > 0)
+  _write_png(tmp_path / "empty.png", np.zeros((6, 8), np.uint8))
+  assert not tb_cxr.read_binary_mask(tmp_path / "empty.png").any()
+
+
 def test_tb_no_patient_in_two_splits(tmp_path):
   rng = np.random.default_rng(8)
   folder = tmp_path / "manual" / "ChinaSet_AllFiles"

@@ -16,8 +16,8 @@ Montgomery's left and right lung masks are combined into one `lung_mask`. Shenzh
 none, but a separately released set of Shenzhen lung masks is read when present (in
 `ChinaSet_AllFiles/` or manual_dir, a folder `mask/`, `masks/` or `extra_lung_masks/` holding
 `CHNCXR_####_{0,1}_mask.png` or `CHNCXR_####_{0,1}.png`); a Shenzhen image without one is kept
-with an empty mask and `has_lung_mask` False. Masks are binarised at half their maximum value
-(the Shenzhen masks are antialiased 8-bit PNGs; Montgomery's are 0/255).
+with an empty mask and `has_lung_mask` False. Masks are binarised at half of their own maximum
+value (the Shenzhen masks are antialiased 8-bit PNGs; Montgomery's are 0/255).
 Splits are by patient (`patient_id`, the file name without the label digit), so no patient is
 in two splits. Files that are not images, readings or ReadMe documents are listed in
 info.metadata['unhandled_files']. The clinical reading text is kept whole, with sex
@@ -183,9 +183,10 @@ def find_shenzhen_masks(manual: pathlib.Path, folder: pathlib.Path
 
 
 def read_binary_mask(path: pathlib.Path) -> np.ndarray:
-  """[H, W] bool mask: the first channel above half the dtype's maximum (127 of 255)."""
+  """[H, W] bool mask: the first channel above half of the mask's own maximum, so 0/1, 0/255 and
+  antialiased 0..255 masks all binarise at their edge (an all-zero mask stays empty)."""
   pixels = preprocess.read_image(path)[..., 0]
-  return pixels > np.iinfo(pixels.dtype).max // 2
+  return pixels.astype(np.float64) > float(pixels.max()) / 2
 
 
 def list_source(manual: pathlib.Path, source: str) -> list[TbImage]:
