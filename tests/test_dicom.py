@@ -195,6 +195,8 @@ def test_real_png_and_jpeg_reading_is_unchanged(tmp_path):
 def test_dicom_class_folder_prepares_with_unhandled_files_listed(tmp_path):
   manual = tmp_path / "manual"
   real_data.copy_real("torchxrayvision_tests", manual / "dicom", keep=["*.dcm"])
+  # A PACS export names its files by UID or 'IM0001', without .dcm: found by the 'DICM' prefix.
+  (manual / "dicom" / MONOCHROME2_FILE).rename(manual / "dicom" / MONOCHROME2_FILE[:-4])
   real_data.copy_real("torchxrayvision_tests", manual / "Plain Films",
                       keep=["00000001_000.png", "16747_3_1.jpg"])
   (manual / "dicom" / "report.docx").write_bytes(b"PK\x03\x04 not read")
@@ -208,16 +210,17 @@ def test_dicom_class_folder_prepares_with_unhandled_files_listed(tmp_path):
   assert builder.info.features["label"].names == ["dicom", "plain_films"]
   source = builder.as_data_source(split="train")
   records = {source[i]["path"].decode(): source[i] for i in range(len(source))}
-  assert sorted(records) == sorted([f"dicom/{MONOCHROME1_FILE}", f"dicom/{MONOCHROME2_FILE}",
+  renamed = f"dicom/{MONOCHROME2_FILE[:-4]}"
+  assert sorted(records) == sorted([f"dicom/{MONOCHROME1_FILE}", renamed,
                                     "Plain Films/00000001_000.png", "Plain Films/16747_3_1.jpg"])
-  mono2 = records[f"dicom/{MONOCHROME2_FILE}"]["image"][..., 0].astype(np.float64)
+  mono2 = records[renamed]["image"][..., 0].astype(np.float64)
   mono1 = records[f"dicom/{MONOCHROME1_FILE}"]["image"][..., 0].astype(np.float64)
-  assert records[f"dicom/{MONOCHROME2_FILE}"]["image"].shape == (32, 32, 1)
+  assert records[renamed]["image"].shape == (32, 32, 1)
   lungs, spine = _lung_and_spine_means(mono2)
   assert lungs < spine - 25  # on the 0..255 scale
   assert np.abs(mono1 + mono2 - 255).max() <= 1  # the inverse, up to rounding
   for path, record in records.items():
-    expected = pydicom.dcmread(manual / path).PatientID if path.endswith(".dcm") else ""
+    expected = pydicom.dcmread(manual / path).PatientID if path.startswith("dicom/") else ""
     assert record["patient_id"].decode() == expected
   assert builder.info.metadata["unhandled_files"] == ["dicom/report.docx"]
   reloaded = modality_folders.MedicalModalities(config=config, data_dir=str(tmp_path / "data"))

@@ -268,6 +268,21 @@ def is_dicom_path(path: str | os.PathLike) -> bool:
   return os.fspath(path).lower().endswith(DICOM_SUFFIXES)
 
 
+def has_dicom_magic(path: str | os.PathLike) -> bool:
+  """Whether a file holds DICOM's 'DICM' prefix after the 128-byte preamble (PACS exports often
+  name DICOM files without .dcm, e.g. by their UID or 'IM0001'); False for unreadable files."""
+  try:
+    with open(path, "rb") as handle:
+      return handle.read(132)[128:] == b"DICM"
+  except OSError:
+    return False
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+  """Whether a file is read as DICOM: a DICOM suffix, or the 'DICM' prefix (`has_dicom_magic`)."""
+  return is_dicom_path(path) or has_dicom_magic(path)
+
+
 def read_dicom_dataset(source: str | os.PathLike | bytes, label: str):
   """A DICOM file parsed by pydicom; one without the 128-byte preamble and 'DICM' prefix is read
   again with force=True. Raises CorruptImageError naming the file when it cannot be parsed or

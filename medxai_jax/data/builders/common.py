@@ -135,13 +135,13 @@ def mask_feature(config: ImageBuilderConfig) -> tfds.features.Image:
 def read_unit_image(path: os.PathLike | str, channels: int = 1) -> np.ndarray:
   """An image file as float32 [0, 1] [H, W, channels]: 1 = gray (BT.601 luma), 3 = RGB.
 
-  8-/16-bit PNG/JPEG/... files are scaled by their dtype's maximum; DICOM files (.dcm, .dicom)
-  as displayed, by `preprocess.read_dicom_unit` (modality and VOI transforms, MONOCHROME1
+  8-/16-bit PNG/JPEG/... files are scaled by their dtype's maximum; DICOM files (.dcm, .dicom,
+  or any name with DICOM's 'DICM' prefix) as displayed, by `preprocess.read_dicom_unit` (modality and VOI transforms, MONOCHROME1
   inverted, BitsStored kept). An undecodable file raises `preprocess.CorruptImageError` naming it
   (the corrupt-image policy then applies); a DICOM whose compression needs a missing package
   raises `preprocess.MissingDicomDecoderError`.
   """
-  if preprocess.is_dicom_path(path):
+  if preprocess.is_dicom_file(path):
     image = preprocess.read_dicom_unit(path)
   else:
     image = preprocess.to_unit_float(preprocess.read_image(path))
@@ -324,13 +324,19 @@ class ManualImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     return result
 
 
+def is_image_file(path: pathlib.Path) -> bool:
+  """Whether `read_unit_image` reads a file: an IMAGE_SUFFIXES suffix, or DICOM's 'DICM' prefix
+  whatever the name (`preprocess.has_dicom_magic`)."""
+  return path.suffix.lower() in IMAGE_SUFFIXES or preprocess.has_dicom_magic(path)
+
+
 def list_images(folder: pathlib.Path) -> list[pathlib.Path]:
-  """Image files under `folder` (recursively, by IMAGE_SUFFIXES, DICOM included, hidden files
-  excluded), sorted; `list_unhandled` names the files this leaves out."""
+  """Image files under `folder` (recursively, by `is_image_file`, so DICOMs named without .dcm
+  too; hidden files excluded), sorted; `list_unhandled` names the files this leaves out."""
   return sorted(
     path for path in folder.rglob("*")
-    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
-    and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    and is_image_file(path)
   )
 
 
@@ -340,19 +346,23 @@ SYSTEM_FILE_NAMES = frozenset({"thumbs.db", ".ds_store", "desktop.ini"})
 
 def list_unhandled(folder: pathlib.Path, expected_suffixes: Sequence[str] = (),
                    relative_to: pathlib.Path | None = None, *,
-                   read_suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[str]:
+                   read_suffixes: Sequence[str] | None = None) -> list[str]:
   """Files under `folder` that no reader handles, as sorted posix paths relative to `relative_to`
-  (default `folder`): every file (hidden ones too) whose suffix is neither one the builder reads
-  (`read_suffixes`: IMAGE_SUFFIXES, DICOM included) nor one of `expected_suffixes` (a builder's
-  companions such as '.txt' readings or '.csv' listings), except operating-system clutter
-  (SYSTEM_FILE_NAMES)."""
+  (default `folder`): every file (hidden ones too) that the builder does not read, by suffix
+  (`read_suffixes`) or, by default (None), by `is_image_file` (images and DICOMs), and whose
+  suffix is not one of `expected_suffixes` (a builder's companions such as '.txt' readings or
+  '.csv' listings), except operating-system clutter (SYSTEM_FILE_NAMES)."""
   base = relative_to or folder
-  handled = {suffix.lower() for suffix in (*read_suffixes, *expected_suffixes)}
-  return sorted(
-    path.relative_to(base).as_posix() for path in folder.rglob("*")
-    if path.is_file() and path.suffix.lower() not in handled
-    and path.name.lower() not in SYSTEM_FILE_NAMES
-  )
+  expected = {suffix.lower() for suffix in expected_suffixes}
+  read = None if read_suffixes is None else {suffix.lower() for suffix in read_suffixes}
+
+  def unhandled(path: pathlib.Path) -> bool:
+    if path.suffix.lower() in expected or path.name.lower() in SYSTEM_FILE_NAMES:
+      return False
+    return not is_image_file(path) if read is None else path.suffix.lower() not in read
+
+  return sorted(path.relative_to(base).as_posix() for path in folder.rglob("*")
+                if path.is_file() and unhandled(path))
 
 
 def record_unhandled(info: tfds.core.DatasetInfo, unhandled: Sequence[str], where: os.PathLike | str

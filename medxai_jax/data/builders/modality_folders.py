@@ -127,7 +127,7 @@ def _split_folders(manual: pathlib.Path) -> dict[str, pathlib.Path]:
 
 def patient_of(path: pathlib.Path, use_dicom_ids: bool) -> str:
   """The patient id of an image: a DICOM's PatientID (when `use_dicom_ids`), else ''."""
-  if use_dicom_ids and preprocess.is_dicom_path(path):
+  if use_dicom_ids and preprocess.is_dicom_file(path):
     return preprocess.read_dicom_patient_id(path)
   return ""
 
