@@ -10,11 +10,12 @@ Older (v5) MAT files are read with scipy as a fallback.
 Stored: the image scaled per slice by its own min and max to [0, 1] (MRI intensities have no
 fixed scale) and quantised to `storage_bits`; the tumour mask (for scoring explanations); the
 border points as shipped (MATLAB's 1-based [x = column, y = row] in the original image);
-the original size, fold, patient id and slice number. Files under manual_dir other than .mat
-and .zip files (and .txt notes) are listed in info.metadata['unhandled_files']. Splits: the default config splits patients
+the original size, fold, patient id and slice number. Splits: the default config splits patients
 60/10/30 (003 tests on 30%; its 70% training share gives up 10 points to validation), stratified
 by tumour type; configs `fold1`..`fold5` test on that cvind fold, validate on the next one and
-train on the other three.
+train on the other three. Both are patient-wise: no PID is in two splits (unless cvind.mat
+itself spreads a patient over folds, which is logged). Files under manual_dir other than .mat and
+.zip files (and .txt notes) are listed in info.metadata['unhandled_files'].
 """
 
 from __future__ import annotations

@@ -136,10 +136,10 @@ def read_unit_image(path: os.PathLike | str, channels: int = 1) -> np.ndarray:
   """An image file as float32 [0, 1] [H, W, channels]: 1 = gray (BT.601 luma), 3 = RGB.
 
   8-/16-bit PNG/JPEG/... files are scaled by their dtype's maximum; DICOM files (.dcm, .dicom,
-  or any name with DICOM's 'DICM' prefix) as displayed, by `preprocess.read_dicom_unit` (modality and VOI transforms, MONOCHROME1
-  inverted, BitsStored kept). An undecodable file raises `preprocess.CorruptImageError` naming it
-  (the corrupt-image policy then applies); a DICOM whose compression needs a missing package
-  raises `preprocess.MissingDicomDecoderError`.
+  or any name with DICOM's 'DICM' prefix) as displayed, by `preprocess.read_dicom_unit`
+  (modality and VOI transforms, MONOCHROME1 inverted, BitsStored kept). An undecodable file
+  raises `preprocess.CorruptImageError` naming it (the corrupt-image policy then applies); a
+  DICOM whose compression needs a missing package raises `preprocess.MissingDicomDecoderError`.
   """
   if preprocess.is_dicom_file(path):
     image = preprocess.read_dicom_unit(path)
