@@ -249,8 +249,11 @@ class TbCxr(ManualImageBuilder):
   # shortcut-marker mask (None: none); see `builders.mask_keys`.
   LOCALISATION_MASK_KEY: str | None = "lung_mask"
   MARKER_MASK_KEY: str | None = None
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.0.0": "Initial release.",
+    "1.1.0": "Shenzhen lung masks read when present; masks binarised at half their maximum.",
+  }
   BUILDER_CONFIGS = _CONFIGS
   DEFAULT_BUILDER_CONFIG_NAME = "combined"
   MANUAL_DOWNLOAD_INSTRUCTIONS = TB_INSTRUCTIONS
