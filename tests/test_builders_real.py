@@ -114,6 +114,52 @@ def test_mura_labels_metadata_and_patient_wise_validation(tmp_path):
   assert builder.info.metadata["skipped_files"] == {"train": [], "validation": [], "test": []}
 
 
+def _assert_patient_disjoint(splits: dict[str, list[dict]]) -> None:
+  """No patient id of the prepared records in two splits; every split non-empty."""
+  patients = {split: {r["patient_id"] for r in records} for split, records in splits.items()}
+  assert all(patients.values()), {split: len(ids) for split, ids in patients.items()}
+  for first in patients:
+    for second in patients:
+      if first < second:
+        assert patients[first].isdisjoint(patients[second]), (first, second)
+
+
+def test_mura_no_patient_in_two_splits(tmp_path):
+  rng = np.random.default_rng(7)
+  folder = tmp_path / "manual" / "MURA-v1.1"
+  listing, studies = {"train": [], "valid": []}, {"train": [], "valid": []}
+  for patient in range(1, 15):  # 3 parts x 2 studies x 2 images of every patient
+    split = "valid" if patient > 11 else "train"
+    for part in ("WRIST", "HAND", "ELBOW"):
+      for study in (1, 2):
+        outcome = "positive" if (patient + study) % 2 else "negative"
+        study_dir = f"MURA-v1.1/{split}/XR_{part}/patient{patient:05d}/study{study}_{outcome}/"
+        studies[split].append(f"{study_dir},{int(outcome == 'positive')}")
+        for view in (1, 2):
+          _write_png(tmp_path / "manual" / f"{study_dir}image{view}.png",
+                     rng.integers(0, 256, (12, 10), dtype=np.uint8))
+          listing[split].append(f"{study_dir}image{view}.png")
+  for split in listing:
+    (folder / f"{split}_image_paths.csv").write_text("\n".join(listing[split]) + "\n")
+    (folder / f"{split}_labeled_studies.csv").write_text("\n".join(studies[split]) + "\n")
+  (folder / "train" / "XR_WRIST" / "notes.docx").write_bytes(b"x")
+  config = mura.make_mura_config("all", image_size=8, validation_fraction=0.4)
+  builder = _prepare(mura.Mura, config, tmp_path, tmp_path / "manual")
+  splits = {split: _records(builder, split) for split in ("train", "validation", "test")}
+  assert sum(len(records) for records in splits.values()) == 14 * 12
+  _assert_patient_disjoint(splits)
+  assert builder.info.metadata["unhandled_files"] == ["MURA-v1.1/train/XR_WRIST/notes.docx"]
+  # A copy whose official listings share a patient is refused, naming the patient.
+  with open(folder / "valid_image_paths.csv", "a") as handle:
+    handle.write(listing["train"][0].replace("train/", "valid/", 1) + "\n")
+  moved = listing["train"][0].replace("train/", "valid/", 1)
+  _write_png(tmp_path / "manual" / moved, np.zeros((12, 10), np.uint8))
+  with open(folder / "valid_labeled_studies.csv", "a") as handle:
+    handle.write(moved.rsplit("/", 1)[0] + "/," + ("1" if "positive" in moved else "0") + "\n")
+  with pytest.raises(ValueError, match=r"both the official train and valid.*patient00001"):
+    _prepare(mura.Mura, config, tmp_path / "mixed", tmp_path / "manual")
+
+
 def test_mura_body_part_config_and_frame_removal(tmp_path):
   inner = np.random.default_rng(1).integers(40, 200, (20, 26), dtype=np.uint8)
   framed = np.zeros((30, 34), np.uint8)
@@ -274,6 +320,37 @@ def test_tb_missing_mask_is_named(tmp_path):
   assert sum(split.num_examples for split in builder.info.splits.values()) == 8
 
 
+def test_tb_masks_binarise_at_half_their_maximum(tmp_path):
+  shape = np.zeros((6, 8), np.uint8)
+  shape[1:5, 2:6] = 1
+  soft = shape * 250
+  soft[0, 2:6], soft[5, 2:6] = 3, 120  # antialiased fringe below half of 250
+  for name, pixels in (("ones", shape), ("full", shape * 255), ("soft", soft)):
+    _write_png(tmp_path / f"{name}.png", pixels)
+    np.testing.assert_array_equal(tb_cxr.read_binary_mask(tmp_path / f"{name}.png"), shape > 0)
+  _write_png(tmp_path / "empty.png", np.zeros((6, 8), np.uint8))
+  assert not tb_cxr.read_binary_mask(tmp_path / "empty.png").any()
+
+
+def test_tb_no_patient_in_two_splits(tmp_path):
+  rng = np.random.default_rng(8)
+  folder = tmp_path / "manual" / "ChinaSet_AllFiles"
+  for number in range(1, 13):  # two images (labels 0 and 1) for each of 12 patient numbers
+    for label in (0, 1):
+      name = f"CHNCXR_{number:04d}_{label}"
+      _write_png(folder / "CXR_png" / f"{name}.png", rng.integers(0, 256, (10, 10), np.uint8))
+      (folder / "ClinicalReadings").mkdir(parents=True, exist_ok=True)
+      (folder / "ClinicalReadings" / f"{name}.txt").write_text("male 30yrs\nnormal")
+  builder = _prepare(tb_cxr.TbCxr, tb_cxr.make_tb_config("shenzhen", image_size=8, clahe=False),
+                     tmp_path, tmp_path / "manual")
+  splits = {split: _records(builder, split) for split in ("train", "validation", "test")}
+  assert sum(len(records) for records in splits.values()) == 24
+  _assert_patient_disjoint(splits)
+  for records in splits.values():  # both images of a patient stay together
+    ids = [r["patient_id"] for r in records]
+    assert all(ids.count(patient) == 2 for patient in ids)
+
+
 def test_parse_reading():
   assert tb_cxr.parse_reading("Patient's Sex: F\nPatient's Age: 044Y\nnormal") == (1, 44)
   assert tb_cxr.parse_reading("male 35yrs\nnormal") == (2, 35)
@@ -375,6 +452,29 @@ def test_brain_default_split_is_patient_wise(tmp_path):
   assert patients["train"].isdisjoint(patients["test"])
   assert len(patients["train"]) == len(patients["test"]) == 3  # one patient per type each
   assert all(r["image"].shape == (16, 16, 1) for r in _records(builder, "test"))
+
+
+def test_brain_no_patient_in_two_splits(tmp_path):
+  rng = np.random.default_rng(9)
+  root = tmp_path / "manual"
+  root.mkdir()
+  folds = []
+  for index in range(1, 37):  # 12 patients x 3 slices, 4 patients per tumour type
+    patient = (index - 1) // 3
+    fields, *_ = _slice(index, f"P{patient:03d}", patient % 3 + 1, rng)
+    _matlab_v73(root / f"{index}.mat", fields)
+    folds.append(patient % 5 + 1)
+  scipy_io.savemat(root / "cvind.mat", {"cvind": np.asarray(folds, np.float64)[:, None]})
+  (root / "README.txt").write_text("figshare item notes")
+  _write_png(root / "slices.png", np.zeros((4, 4), np.uint8))
+  for config in (brain_tumor_mri.make_brain_config("default", image_size=8,
+                                                   split_fractions=(0.5, 0.25, 0.25)),
+                 brain_tumor_mri.make_brain_config("fold2", image_size=8)):
+    builder = _prepare(brain_tumor_mri.BrainTumorMri, config, tmp_path / config.name, root)
+    splits = {split: _records(builder, split) for split in ("train", "validation", "test")}
+    assert sum(len(records) for records in splits.values()) == 36
+    _assert_patient_disjoint(splits)
+  assert builder.info.metadata["unhandled_files"] == ["slices.png"]  # not a .mat or .zip
 
 
 def test_brain_corrupt_slice_fails_or_is_recorded(tmp_path):
@@ -525,6 +625,7 @@ def test_modalities_labels_from_folders(tmp_path):
     assert record["image"].shape == (16, 16, 3)
   for split_records in records.values():
     assert sorted(r["label"] for r in split_records) == list(range(7))
+  assert builder.info.metadata["unhandled_files"] == ["Abdomen CT/notes.txt"]  # not dropped
 
 
 def test_modalities_any_class_set_and_split_layout(tmp_path):

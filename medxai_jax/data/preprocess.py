@@ -1,8 +1,8 @@
 """On-device preprocessing from stored uint8/uint16 images to model inputs.
 
 The second half holds host-side (numpy) image functions that the dataset builders run once at
-prepare time: decoding 8-/16-bit PNG/JPEG, bit-depth scaling, gray <-> RGB, resizing with
-aspect-preserving padding, CLAHE and removal of a uniform border frame.
+prepare time: decoding 8-/16-bit PNG/JPEG and DICOM, bit-depth scaling, gray <-> RGB, resizing
+with aspect-preserving padding, CLAHE and removal of a uniform border frame.
 """
 
 from __future__ import annotations
@@ -225,6 +225,248 @@ def read_image(source: str | os.PathLike | bytes, *, name: str | None = None) ->
   if array.shape[-1] == 1 or array.shape[-1] == 3:
     return np.ascontiguousarray(array)
   raise CorruptImageError(label, f"unexpected pixel array shape {array.shape}")
+
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+# Transfer syntaxes pydicom cannot decode without an extra package: UID -> what to install.
+_JPEG_LIBJPEG = "pip install pylibjpeg pylibjpeg-libjpeg"
+_JPEG_OPENJPEG = "pip install pylibjpeg pylibjpeg-openjpeg"
+DICOM_DECODER_PACKAGES = {
+  "1.2.840.10008.1.2.4.51": _JPEG_LIBJPEG,  # JPEG Extended (12-bit)
+  "1.2.840.10008.1.2.4.57": _JPEG_LIBJPEG,  # JPEG Lossless
+  "1.2.840.10008.1.2.4.70": _JPEG_LIBJPEG,  # JPEG Lossless, first-order prediction
+  "1.2.840.10008.1.2.4.80": _JPEG_LIBJPEG + " (or: pip install pyjpegls)",  # JPEG-LS lossless
+  "1.2.840.10008.1.2.4.81": _JPEG_LIBJPEG + " (or: pip install pyjpegls)",  # JPEG-LS near-lossless
+  "1.2.840.10008.1.2.4.90": _JPEG_OPENJPEG,  # JPEG 2000 lossless
+  "1.2.840.10008.1.2.4.91": _JPEG_OPENJPEG,  # JPEG 2000
+  "1.2.840.10008.1.2.4.201": _JPEG_OPENJPEG,  # HTJ2K lossless
+  "1.2.840.10008.1.2.4.202": _JPEG_OPENJPEG,  # HTJ2K lossless RPCL
+  "1.2.840.10008.1.2.4.203": _JPEG_OPENJPEG,  # HTJ2K
+}
+_ANY_DECODER = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)"
+_VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+
+
+class MissingDicomDecoderError(RuntimeError):
+  """A compressed DICOM whose transfer syntax needs a decoder package that is not installed.
+
+  Not a CorruptImageError: the file is fine, so on_corrupt='skip' does not drop it; the message
+  names the file, the transfer syntax and the package to install.
+  """
+
+  def __init__(self, path: str, syntax: str, install: str, detail: str):
+    self.path = str(path)
+    self.install = install
+    super().__init__(f"Cannot decode DICOM {self.path}: its transfer syntax {syntax} needs a "
+                     f"decoder that is not installed; install one with `{install}`. "
+                     f"pydicom says: {detail}")
+
+
+def is_dicom_path(path: str | os.PathLike) -> bool:
+  """Whether a file name ends in a DICOM suffix (.dcm, .dicom; any case)."""
+  return os.fspath(path).lower().endswith(DICOM_SUFFIXES)
+
+
+def has_dicom_magic(path: str | os.PathLike) -> bool:
+  """Whether a file holds DICOM's 'DICM' prefix after the 128-byte preamble (PACS exports often
+  name DICOM files without .dcm, e.g. by their UID or 'IM0001'); False for unreadable files."""
+  try:
+    with open(path, "rb") as handle:
+      return handle.read(132)[128:] == b"DICM"
+  except OSError:
+    return False
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+  """Whether a file is read as DICOM: a DICOM suffix, or the 'DICM' prefix (`has_dicom_magic`)."""
+  return is_dicom_path(path) or has_dicom_magic(path)
+
+
+def read_dicom_dataset(source: str | os.PathLike | bytes, label: str):
+  """A DICOM file parsed by pydicom; one without the 128-byte preamble and 'DICM' prefix is read
+  again with force=True. Raises CorruptImageError naming the file when it cannot be parsed or
+  holds no PixelData; a missing file raises FileNotFoundError."""
+  import pydicom  # host-only dependency, kept local
+  from pydicom.errors import InvalidDicomError
+
+  handle = (lambda: io.BytesIO(source)) if isinstance(source, bytes) else (lambda: source)
+  try:
+    try:
+      dataset = pydicom.dcmread(handle())
+    except InvalidDicomError:
+      dataset = pydicom.dcmread(handle(), force=True)
+    has_pixels = "PixelData" in dataset
+  except FileNotFoundError:
+    raise
+  except Exception as error:  # pydicom raises InvalidDicomError, OSError, struct/value errors...
+    raise CorruptImageError(label, f"not a readable DICOM file ({type(error).__name__}: "
+                                   f"{error})") from error
+  if not has_pixels:
+    raise CorruptImageError(label, "DICOM file has no PixelData element")
+  return dataset
+
+
+def dicom_stored_pixels(dataset, label: str) -> np.ndarray:
+  """The stored pixel values of a single-frame DICOM ([H, W] or [H, W, 3] RGB), decoded.
+
+  Raises MissingDicomDecoderError when its compression needs a package that is not installed,
+  CorruptImageError (naming the file) when the pixel data cannot be decoded or has several frames.
+  """
+  syntax_uid = str(getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", "") or "")
+  try:
+    pixels = dataset.pixel_array
+  except RuntimeError as error:
+    if "missing dependencies" in str(error) or "no pixel data handlers" in str(error).lower():
+      syntax = getattr(dataset.file_meta.TransferSyntaxUID, "name", syntax_uid)
+      raise MissingDicomDecoderError(label, f"{syntax} ({syntax_uid})",
+                                     DICOM_DECODER_PACKAGES.get(syntax_uid, _ANY_DECODER),
+                                     str(error)) from error
+    raise CorruptImageError(label, f"undecodable DICOM pixel data ({error})") from error
+  except Exception as error:  # truncated data, inconsistent Rows/Columns/BitsAllocated...
+    raise CorruptImageError(label, f"undecodable DICOM pixel data ({type(error).__name__}: "
+                                   f"{error})") from error
+  frames = int(dataset.get("NumberOfFrames", 1) or 1)
+  samples = int(dataset.get("SamplesPerPixel", 1))
+  if frames != 1:
+    raise CorruptImageError(label, f"DICOM holds {frames} frames (NumberOfFrames); only "
+                                   "single-frame images are read")
+  if pixels.ndim != (2 if samples == 1 else 3):
+    raise CorruptImageError(label, f"DICOM pixel array has shape {pixels.shape} for "
+                                   f"SamplesPerPixel={samples}")
+  return pixels
+
+
+def stored_value_range(bits_stored: int, signed: bool) -> tuple[int, int]:
+  """(lowest, highest) value a BitsStored-bit pixel can hold (two's complement when signed)."""
+  if signed:
+    return -(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1
+  return 0, 2**bits_stored - 1
+
+
+def window_to_unit(values: np.ndarray, center: float, width: float,
+                   function: str = "LINEAR") -> np.ndarray:
+  """Modality values windowed to float32 [0, 1] by DICOM PS3.3 C.11.2.1.2 (VOI LUT Function).
+
+  LINEAR (the default): 0 where x <= c - 0.5 - (w - 1) / 2, 1 where x > c - 0.5 + (w - 1) / 2,
+  else (x - (c - 0.5)) / (w - 1) + 0.5 (needs w >= 1). LINEAR_EXACT: (x - c) / w + 0.5 clipped
+  to [0, 1]; SIGMOID: 1 / (1 + exp(-4 (x - c) / w)) (both need w > 0).
+  """
+  x = np.asarray(values, np.float64)
+  if function not in _VOI_FUNCTIONS:
+    raise ValueError(f"VOILUTFunction {function!r} is not one of {list(_VOI_FUNCTIONS)}.")
+  if function == "LINEAR":
+    if width < 1:
+      raise ValueError(f"WindowWidth must be >= 1 for a LINEAR window, got {width}.")
+    low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+    ramp = (x - (center - 0.5)) / max(width - 1, 1e-12) + 0.5
+    out = np.where(x <= low, 0.0, np.where(x > high, 1.0, ramp))
+  elif width <= 0:
+    raise ValueError(f"WindowWidth must be > 0 for a {function} window, got {width}.")
+  elif function == "LINEAR_EXACT":
+    out = np.clip((x - center) / width + 0.5, 0.0, 1.0)
+  else:
+    out = 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+  return out.astype(np.float32)
+
+
+def _first_value(value) -> float:
+  """The first of a multi-valued DICOM number (WindowCenter may list several windows)."""
+  try:
+    return float(value[0])
+  except TypeError:
+    return float(value)
+
+
+def dicom_to_unit(dataset, pixels: np.ndarray, label: str) -> np.ndarray:
+  """Stored DICOM pixels to float32 [0, 1] [H, W, 1] (gray) or [H, W, 3] (RGB), as displayed.
+
+  Gray (MONOCHROME1/2), in the standard's order: the modality transform (RescaleSlope /
+  RescaleIntercept, or a Modality LUT; pydicom's apply_modality_lut), then the VOI transform:
+  - a VOI LUT Sequence (pydicom's apply_voi_lut, first LUT): entries / (2**LUT bits - 1);
+  - else a window (first WindowCenter / WindowWidth, VOILUTFunction): `window_to_unit`;
+  - else the full range the BitsStored bits can hold, after the modality transform, maps linearly
+    onto [0, 1]: without a Modality LUT that is (stored - lowest) / (2**BitsStored - 1), lowest
+    being 0 (unsigned) or -2**(BitsStored-1) (signed), so a 12-bit image is divided by 4095 and
+    keeps its 4096 levels (exact in uint16 with storage_bits=16); a negative RescaleSlope flips it.
+  Then MONOCHROME1 (white is low) is inverted: 1 - value. RGB / YBR (converted to RGB by pydicom)
+  is divided by 2**BitsStored - 1. Raises CorruptImageError naming the file and the field for
+  an unsupported PhotometricInterpretation, values outside BitsStored or a malformed window.
+  """
+  from pydicom.pixels import apply_modality_lut, apply_voi_lut  # host-only dependency
+
+  photometric = str(dataset.get("PhotometricInterpretation", "")).strip().upper()
+  bits = int(dataset.get("BitsStored", dataset.get("BitsAllocated", 8)))
+  signed = int(dataset.get("PixelRepresentation", 0)) == 1
+  lowest, highest = stored_value_range(bits, signed)
+  if pixels.size and (int(pixels.min()) < lowest or int(pixels.max()) > highest):
+    raise CorruptImageError(label, f"pixel values {int(pixels.min())}..{int(pixels.max())} "
+                                   f"exceed BitsStored={bits} ({lowest}..{highest})")
+  if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT"):
+    return ((pixels.astype(np.float64) - lowest) / (highest - lowest)).astype(np.float32)
+  if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    raise CorruptImageError(label, f"unsupported PhotometricInterpretation {photometric!r} "
+                                   "(MONOCHROME1, MONOCHROME2, RGB and YBR are read)")
+  try:
+    values = np.asarray(apply_modality_lut(pixels, dataset), np.float64)
+    if "VOILUTSequence" in dataset and len(dataset.VOILUTSequence):
+      lut_bits = int(dataset.VOILUTSequence[0].LUTDescriptor[2])
+      integral = np.array_equal(values, np.rint(values))  # LUTs index integers
+      voi = np.asarray(apply_voi_lut(values.astype(np.int64) if integral else values, dataset,
+                                     index=0, prefer_lut=True), np.float64)
+      unit = (voi / (2**lut_bits - 1)).astype(np.float32)
+    elif "WindowCenter" in dataset or "WindowWidth" in dataset:
+      if "WindowCenter" not in dataset or "WindowWidth" not in dataset:
+        raise ValueError("WindowCenter and WindowWidth must both be present")
+      function = str(dataset.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+      unit = window_to_unit(values, _first_value(dataset.WindowCenter),
+                            _first_value(dataset.WindowWidth), function)
+    else:
+      if "ModalityLUTSequence" in dataset and len(dataset.ModalityLUTSequence):
+        low, high = 0.0, float(2 ** int(dataset.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+      else:
+        slope = float(dataset.get("RescaleSlope", 1) or 1)
+        intercept = float(dataset.get("RescaleIntercept", 0) or 0)
+        # A negative slope flips `values` already; the range is sorted so it stays flipped.
+        low, high = sorted((slope * lowest + intercept, slope * highest + intercept))
+      unit = ((values - low) / (high - low)).astype(np.float32)
+  except CorruptImageError:
+    raise
+  except Exception as error:  # malformed LUT descriptors, windows, slopes...
+    raise CorruptImageError(label, f"cannot apply the DICOM modality/VOI transform "
+                                   f"({type(error).__name__}: {error})") from error
+  if unit.size and (unit.min() < 0 or unit.max() > 1):
+    raise CorruptImageError(label, f"DICOM values map to {unit.min():.4g}..{unit.max():.4g}, "
+                                   "outside [0, 1] (Modality/VOI LUT entries beyond their bits)")
+  if photometric == "MONOCHROME1":
+    unit = 1.0 - unit
+  return unit[..., None]
+
+
+def read_dicom_unit(source: str | os.PathLike | bytes, *, name: str | None = None) -> np.ndarray:
+  """A single-frame DICOM image as displayed, float32 [0, 1] [H, W, 1|3] (see `dicom_to_unit`).
+
+  Raises CorruptImageError naming the file (`name`, else the path) when it is not a readable
+  DICOM, MissingDicomDecoderError when its compression needs a package that is not installed.
+  """
+  label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+  dataset = read_dicom_dataset(source, label)
+  return dicom_to_unit(dataset, dicom_stored_pixels(dataset, label), label)
+
+
+def read_dicom_patient_id(path: str | os.PathLike) -> str:
+  """The PatientID of a DICOM file (header only, stripped), or '' when it has none or the header
+  cannot be parsed (reading its pixels then raises CorruptImageError, naming it)."""
+  import pydicom  # host-only dependency, kept local
+
+  try:
+    dataset = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"],
+                              force=True)
+    return str(dataset.get("PatientID", "") or "").strip()
+  except FileNotFoundError:
+    raise
+  except Exception:  # an unreadable header: the image read reports it under the corrupt policy
+    return ""
 
 
 def to_unit_float(image: np.ndarray, bit_depth: int | None = None) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 Registered names (`tfds.builder(name, config=...)`, or `config.dataset.name` /
 `config.dataset.builder_config`): radiograph_phantoms, mura, tb_cxr, brain_tumor_mri,
-covid_radiography, medical_modalities.
+brain_tumor_kaggle, covid_radiography, medical_modalities.
 Each builder class declares `LOCALISATION_MASK_KEY` (the mask feature localisation scores use, or
 None) and `MARKER_MASK_KEY` (a shortcut marker's mask, or None); `mask_keys(name)` reads them.
 """
@@ -30,6 +30,11 @@ from medxai_jax.data.builders.brain_tumor_mri import (
   BrainTumorConfig,
   BrainTumorMri,
   make_brain_config,
+)
+from medxai_jax.data.builders.brain_tumor_kaggle import (
+  BrainKaggleConfig,
+  BrainTumorKaggle,
+  make_brain_kaggle_config,
 )
 from medxai_jax.data.builders.covid_radiography import (
   CovidRadiography,
@@ -77,6 +82,9 @@ __all__ = [
   "BrainTumorConfig",
   "BrainTumorMri",
   "make_brain_config",
+  "BrainKaggleConfig",
+  "BrainTumorKaggle",
+  "make_brain_kaggle_config",
   "CovidRadiography",
   "CovidRadiographyConfig",
   "make_covid_config",

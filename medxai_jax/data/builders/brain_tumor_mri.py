@@ -13,7 +13,9 @@ border points as shipped (MATLAB's 1-based [x = column, y = row] in the original
 the original size, fold, patient id and slice number. Splits: the default config splits patients
 60/10/30 (003 tests on 30%; its 70% training share gives up 10 points to validation), stratified
 by tumour type; configs `fold1`..`fold5` test on that cvind fold, validate on the next one and
-train on the other three.
+train on the other three. Both are patient-wise: no PID is in two splits (unless cvind.mat
+itself spreads a patient over folds, which is logged). Files under manual_dir other than .mat and
+.zip files (and .txt notes) are listed in info.metadata['unhandled_files'].
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ from medxai_jax.data.builders.common import (
   fit_to_config,
   group_by_split,
   image_feature,
+  list_unhandled,
   manual_dir,
   mask_feature,
   missing_error,
+  record_unhandled,
   validate_config,
 )
 
@@ -311,6 +315,8 @@ class BrainTumorMri(ManualImageBuilder):
       raise missing_error(self.name, "<n>.mat slices (files or brainTumorDataPublic_*.zip)",
                           manual, BRAIN_INSTRUCTIONS)
     folds = read_cvind(cvind_file)
+    record_unhandled(self.info, list_unhandled(manual, (".txt",), read_suffixes=(".mat", ".zip")),
+                     manual)
     expected = set(range(1, folds.size + 1))
     missing, extra = sorted(expected - set(files)), sorted(set(files) - expected)
     if missing or extra:

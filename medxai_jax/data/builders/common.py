@@ -34,7 +34,8 @@ from medxai_jax.data import preprocess
 SPLITS = ("train", "validation", "test")
 CORRUPT_POLICIES = ("fail", "skip")
 RESIZE_MODES = ("pad", "stretch")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif",
+                  *preprocess.DICOM_SUFFIXES)  # what read_unit_image reads
 _CHUNK = 64  # images decoded at a time (bounded memory, ordered output)
 
 _Item = TypeVar("_Item")
@@ -159,10 +160,16 @@ def mask_feature(config: ImageBuilderConfig) -> tfds.features.Image:
 def read_unit_image(path: os.PathLike | str, channels: int = 1) -> np.ndarray:
   """An image file as float32 [0, 1] [H, W, channels]: 1 = gray (BT.601 luma), 3 = RGB.
 
-  8-/16-bit files are scaled by their dtype's maximum; an undecodable file raises
-  `preprocess.CorruptImageError` naming it (the corrupt-image policy then applies).
+  8-/16-bit PNG/JPEG/... files are scaled by their dtype's maximum; DICOM files (.dcm, .dicom,
+  or any name with DICOM's 'DICM' prefix) as displayed, by `preprocess.read_dicom_unit`
+  (modality and VOI transforms, MONOCHROME1 inverted, BitsStored kept). An undecodable file
+  raises `preprocess.CorruptImageError` naming it (the corrupt-image policy then applies); a
+  DICOM whose compression needs a missing package raises `preprocess.MissingDicomDecoderError`.
   """
-  image = preprocess.to_unit_float(preprocess.read_image(path))
+  if preprocess.is_dicom_file(path):
+    image = preprocess.read_dicom_unit(path)
+  else:
+    image = preprocess.to_unit_float(preprocess.read_image(path))
   return preprocess.to_rgb(image) if channels == 3 else preprocess.to_gray(image)
 
 
@@ -377,10 +384,54 @@ class ManualImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     return result
 
 
+def is_image_file(path: pathlib.Path) -> bool:
+  """Whether `read_unit_image` reads a file: an IMAGE_SUFFIXES suffix, or DICOM's 'DICM' prefix
+  whatever the name (`preprocess.has_dicom_magic`)."""
+  return path.suffix.lower() in IMAGE_SUFFIXES or preprocess.has_dicom_magic(path)
+
+
 def list_images(folder: pathlib.Path) -> list[pathlib.Path]:
-  """Image files under `folder` (recursively, by suffix, hidden files excluded), sorted."""
+  """Image files under `folder` (recursively, by `is_image_file`, so DICOMs named without .dcm
+  too; hidden files excluded), sorted; `list_unhandled` names the files this leaves out."""
   return sorted(
     path for path in folder.rglob("*")
-    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
-    and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    and is_image_file(path)
   )
+
+
+# Operating-system clutter that is never data (matched by lower-cased file name).
+SYSTEM_FILE_NAMES = frozenset({"thumbs.db", ".ds_store", "desktop.ini"})
+
+
+def list_unhandled(folder: pathlib.Path, expected_suffixes: Sequence[str] = (),
+                   relative_to: pathlib.Path | None = None, *,
+                   read_suffixes: Sequence[str] | None = None) -> list[str]:
+  """Files under `folder` that no reader handles, as sorted posix paths relative to `relative_to`
+  (default `folder`): every file (hidden ones too) that the builder does not read, by suffix
+  (`read_suffixes`) or, by default (None), by `is_image_file` (images and DICOMs), and whose
+  suffix is not one of `expected_suffixes` (a builder's companions such as '.txt' readings or
+  '.csv' listings), except operating-system clutter (SYSTEM_FILE_NAMES)."""
+  base = relative_to or folder
+  expected = {suffix.lower() for suffix in expected_suffixes}
+  read = None if read_suffixes is None else {suffix.lower() for suffix in read_suffixes}
+
+  def unhandled(path: pathlib.Path) -> bool:
+    if path.suffix.lower() in expected or path.name.lower() in SYSTEM_FILE_NAMES:
+      return False
+    return not is_image_file(path) if read is None else path.suffix.lower() not in read
+
+  return sorted(path.relative_to(base).as_posix() for path in folder.rglob("*")
+                if path.is_file() and unhandled(path))
+
+
+def record_unhandled(info: tfds.core.DatasetInfo, unhandled: Sequence[str], where: os.PathLike | str
+                     ) -> None:
+  """Lists files no reader handles in `info.metadata['unhandled_files']` (saved with the dataset)
+  and logs their count with a few examples, so nothing under the image folders is left out
+  silently."""
+  info.metadata["unhandled_files"] = sorted(unhandled)
+  if unhandled:
+    logging.warning("%s: %d file(s) under %s are not images and were not read, e.g. %s; all are "
+                    "listed in the dataset's metadata.json (info.metadata['unhandled_files']).",
+                    info.full_name, len(unhandled), os.fspath(where), list(unhandled)[:5])

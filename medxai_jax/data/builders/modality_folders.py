@@ -15,7 +15,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import tensorflow_datasets as tfds
+from absl import logging
 
+from medxai_jax.data import preprocess
 from medxai_jax.data.builders.common import (  # noqa: F401  (unused ones: the old import path)
   CORRUPT_POLICIES,
   IMAGE_SUFFIXES,
@@ -34,11 +36,13 @@ from medxai_jax.data.builders.common import (  # noqa: F401  (unused ones: the o
   group_by_split,
   image_feature,
   list_images,
+  list_unhandled,
   manual_dir,
   mask_feature,
   missing_error,
   process_in_order,
   read_unit_image,
+  record_unhandled,
   split_examples,
   validate_config,
 )
@@ -56,8 +60,14 @@ MODALITY_INSTRUCTIONS = """\
 Any folder of class-named subfolders (004 pooled its images from Open-i, ImageCLEF2013, TCIA,
 MESSIDOR and DRIVE; it ships no archive). Point manual_dir at a folder laid out either as
 
-  <manual_dir>/<class>/**/<image>.{png,jpg,jpeg,bmp,tif,tiff,gif}
+  <manual_dir>/<class>/**/<image>.{png,jpg,jpeg,bmp,tif,tiff,gif,dcm,dicom}
   or, already split,  <manual_dir>/{train,val|validation,test}/<class>/**/<image>
+
+DICOM files are read as displayed (Rescale, VOI LUT or window, MONOCHROME1 inverted; see
+medxai_jax.data.preprocess.dicom_to_unit), and their PatientID is kept: splits the builder makes
+put all images of one patient into one split (set dicom_patient_ids=False in the builder config
+if your PatientIDs were anonymised to one value). Any other file under manual_dir is not read: it
+is listed in the prepared dataset's metadata (info.metadata['unhandled_files']) and logged.
 
 Class folders are matched to the config's class names after lower-casing and turning runs of
 other characters into '_' ('Abdomen CT' -> 'abdomen_ct'). The default config expects 004's seven
@@ -75,11 +85,14 @@ class ModalityFoldersConfig(ImageBuilderConfig):
   images repeated), 1 stores gray (BT.601 luma). split_fractions: train/validation/test shares
   for a flat layout, stratified by class (004: 5000/500/500 of 6000 per class); a pre-split
   layout keeps its split folders and carves validation from train only when it has none.
+  dicom_patient_ids: group DICOM files by their PatientID in the splits this builder makes (other
+  files, and DICOMs without one, are their own group), so no patient is in two splits.
   """
 
   class_names: tuple[str, ...] = MODALITIES
   channels: int = 3
   split_fractions: tuple[float, ...] = (10 / 12, 1 / 12, 1 / 12)
+  dicom_patient_ids: bool = True
 
 
 _DEFAULT_MODALITY_CONFIG = ModalityFoldersConfig(
@@ -112,6 +125,32 @@ def _split_folders(manual: pathlib.Path) -> dict[str, pathlib.Path]:
           if name in _SPLIT_FOLDER_NAMES}
 
 
+def patient_of(path: pathlib.Path, use_dicom_ids: bool) -> str:
+  """The patient id of an image: a DICOM's PatientID (when `use_dicom_ids`), else ''."""
+  if use_dicom_ids and preprocess.is_dicom_file(path):
+    return preprocess.read_dicom_patient_id(path)
+  return ""
+
+
+def split_groups(paths: list[pathlib.Path], patients: list[str]) -> list[str]:
+  """The group of every image for `assign_splits`: its patient, or its own path without one."""
+  return [f"patient:{patient}" if patient else f"file:{path}"
+          for path, patient in zip(paths, patients)]
+
+
+def warn_dominant_patient(patients: list[str], where: pathlib.Path) -> None:
+  """Logs when one PatientID holds over a quarter of the images (anonymised ids, most likely)."""
+  named = [patient for patient in patients if patient]
+  if len(named) < 8:
+    return
+  top = max(set(named), key=named.count)
+  if named.count(top) > len(patients) / 4:
+    logging.warning("medical_modalities: PatientID %r holds %d of the %d images under %s, so "
+                    "they all go to one split; if the ids were anonymised, set "
+                    "dicom_patient_ids=False in the builder config.", top, named.count(top),
+                    len(patients), where)
+
+
 def config_from_folder(folder: str | os.PathLike, **fields: Any) -> ModalityFoldersConfig:
   """A config whose classes are the (canonical, sorted) subfolder names of `folder` (or of its
   train/ folder if it is split), so any folder of class-named subfolders can be prepared."""
@@ -130,14 +169,19 @@ class MedicalModalities(ManualImageBuilder):
   # shortcut-marker mask (None: none); see `builders.mask_keys`.
   LOCALISATION_MASK_KEY: str | None = None
   MARKER_MASK_KEY: str | None = None
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.0.0": "Initial release.",
+    "1.1.0": "DICOM files; patient_id (DICOM PatientID) and patient-wise splits; non-image "
+             "files listed in metadata['unhandled_files'].",
+  }
   BUILDER_CONFIGS = [_DEFAULT_MODALITY_CONFIG]
   DEFAULT_BUILDER_CONFIG_NAME = _DEFAULT_MODALITY_CONFIG.name
   MANUAL_DOWNLOAD_INSTRUCTIONS = MODALITY_INSTRUCTIONS
 
   def _info(self) -> tfds.core.DatasetInfo:
-    """Features: image, label (the class folder), path (relative to manual_dir)."""
+    """Features: image, label (the class folder), patient id (a DICOM's PatientID, else ''),
+    path (relative to manual_dir)."""
     config = self.builder_config
     validate_config(config)
     if config.channels not in (1, 3):
@@ -149,14 +193,16 @@ class MedicalModalities(ManualImageBuilder):
       {
         "image": image_feature(config, config.channels),
         "label": tfds.features.ClassLabel(names=names),
+        "patient_id": tfds.features.Text(),
         "path": tfds.features.Text(),
       },
       citation="Kim, Rajaraman and Antani, 'Visual Interpretation of Convolutional Neural "
       "Network Predictions in Classifying Medical Image Modalities', Diagnostics, 2019.",
     )
 
-  def _class_images(self, folder: pathlib.Path) -> list[tuple[pathlib.Path, int]]:
-    """(image path, label) of every image in a folder of class subfolders; checks the classes."""
+  def _class_images(self, folder: pathlib.Path) -> list[tuple[pathlib.Path, int, str]]:
+    """(image path, label, patient id) of every image in a folder of class subfolders; checks
+    the classes."""
     names = self.info.features["label"].names
     found = _class_folders(folder)
     unknown = sorted(set(found) - set(names))
@@ -173,11 +219,13 @@ class MedicalModalities(ManualImageBuilder):
       if not images:
         raise ValueError(f"{self.name}: class folder {found[name]} holds no images "
                          f"({', '.join(IMAGE_SUFFIXES)}).")
-      items.extend((path, label) for path in images)
+      use_ids = self.builder_config.dicom_patient_ids
+      items.extend((path, label, patient_of(path, use_ids)) for path in images)
     return items
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
-    """Lists and checks every file first, so a malformed folder fails before anything is written."""
+    """Lists and checks every file first, so a malformed folder fails before anything is written;
+    files that are not images are listed in info.metadata['unhandled_files']."""
     config = self.builder_config
     manual = manual_dir(dl_manager, self.name)
     split_folders = _split_folders(manual)
@@ -187,24 +235,44 @@ class MedicalModalities(ManualImageBuilder):
         raise missing_error(self.name, "train/ and test/ split folders (a split layout needs "
                             "both)", manual, MODALITY_INSTRUCTIONS)
       per_split = {split: self._class_images(folder) for split, folder in split_folders.items()}
+      self._warn_shared_patients(per_split)
       if "validation" not in per_split:
         train = per_split["train"]
         share = fractions[1] / (fractions[0] + fractions[1])
-        which = assign_splits([str(path) for path, _ in train], (1 - share, share),
-                              config.split_seed, strata=[label for _, label in train])
+        warn_dominant_patient([patient for _, _, patient in train], split_folders["train"])
+        which = assign_splits(split_groups([path for path, _, _ in train],
+                                           [patient for _, _, patient in train]),
+                              (1 - share, share), config.split_seed,
+                              strata=[label for _, label, _ in train])
         per_split.update(group_by_split(train, which, ("train", "validation")))
     else:
       items = self._class_images(manual)
-      which = assign_splits([str(path) for path, _ in items], fractions, config.split_seed,
-                            strata=[label for _, label in items])
+      warn_dominant_patient([patient for _, _, patient in items], manual)
+      which = assign_splits(split_groups([path for path, _, _ in items],
+                                         [patient for _, _, patient in items]),
+                            fractions, config.split_seed,
+                            strata=[label for _, label, _ in items])
       per_split = group_by_split(items, which)
 
-    def make_example(item: tuple[pathlib.Path, int]) -> dict[str, Any]:
-      path, label = item
+    record_unhandled(self.info, list_unhandled(manual), manual)
+
+    def make_example(item: tuple[pathlib.Path, int, str]) -> dict[str, Any]:
+      path, label, patient = item
       relative = path.relative_to(manual).as_posix()
       image = read_unit_image(path, config.channels)
       return {"image": encode_image(fit_to_config(image, config), config), "label": label,
-              "path": relative}
+              "patient_id": patient, "path": relative}
 
     return self._split_iterators(
       {split: per_split[split] for split in SPLITS if split in per_split}, make_example)
+
+  def _warn_shared_patients(self, per_split: dict[str, list[tuple[pathlib.Path, int, str]]]
+                            ) -> None:
+    """Warns when the user's own split folders put one PatientID into two splits (kept as given)."""
+    patients = {split: {patient for _, _, patient in items if patient}
+                for split, items in per_split.items()}
+    shared = sorted({patient for first in patients for second in patients if first < second
+                     for patient in patients[first] & patients[second]})
+    if shared:
+      logging.warning("%s: the split folders put %d PatientID(s) into more than one split, e.g. "
+                      "%s; the folders are kept as given.", self.name, len(shared), shared[:5])

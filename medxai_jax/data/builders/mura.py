@@ -4,7 +4,10 @@ Examples are single images (what 000 and 001 train on) with their study's label,
 patient and study ids; `study_groups` / `study_scores` give the study-level view (MURA labels
 studies, and its official metric averages the image predictions of a study). Splits: `train` and
 `validation` partition the official training set by patient (`validation_fraction` of its
-patients, seeded), `test` is the official validation set (the official test set is hidden). To
+patients, seeded; all images of a patient, whatever the body part, go to one of them), `test` is
+the official validation set (the official test set is hidden; MURA's official splits are
+patient-disjoint). Files under MURA-v1.1/ that are neither images nor CSVs are listed in
+info.metadata['unhandled_files']. To
 select epochs on the official validation set as 000 does, set
 `--config.dataset.validation_split=test`.
 """
@@ -32,9 +35,11 @@ from medxai_jax.data.builders.common import (
   fit_to_config,
   group_by_split,
   image_feature,
+  list_unhandled,
   manual_dir,
   missing_error,
   read_unit_image,
+  record_unhandled,
   validate_config,
 )
 
@@ -218,12 +223,19 @@ class Mura(ManualImageBuilder):
     if missing:
       raise missing_error(self.name, f"{len(missing)} listed image(s), e.g. {missing[:3]},",
                           base, MURA_INSTRUCTIONS)
+    shared = sorted({image.patient_id for image in listings["train"]}
+                    & {image.patient_id for image in listings["valid"]})
+    if shared:
+      raise ValueError(f"{self.name}: {len(shared)} patient(s) are in both the official train and "
+                       f"valid listings, e.g. {shared[:5]}; MURA's splits are patient-disjoint, "
+                       f"so the copy under {root} is mixed up.")
     train = listings["train"]
     carved = assign_splits([image.patient_id for image in train],
                            (1 - config.validation_fraction, config.validation_fraction),
                            config.split_seed)
     per_split = {**group_by_split(train, carved, ("train", "validation")),
                  "test": listings["valid"]}
+    record_unhandled(self.info, list_unhandled(root, (".csv",), base), root)
     parts = {BODY_PARTS.index(part) for part in config.body_parts} or set(range(len(BODY_PARTS)))
     for split, images in per_split.items():
       kept = [image for image in images if image.body_part in parts]

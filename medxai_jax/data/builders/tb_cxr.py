@@ -12,8 +12,15 @@ CLAHE, so the stored values are the original 12-bit ones times 65535/4095 up to 
 train on it, pass `--config.dataset.builder_config=montgomery_16bit` with
 `--config.preprocess.bit_depth=16` (the default None infers 16 bits from uint16 as well; 12 would
 be wrong here, as the stored values already span 0..65535).
-Montgomery's left and right lung masks are combined into one `lung_mask`; Shenzhen ships none, so
-its masks are empty with `has_lung_mask` False. The clinical reading text is kept whole, with sex
+Montgomery's left and right lung masks are combined into one `lung_mask`. Shenzhen's set ships
+none, but a separately released set of Shenzhen lung masks is read when present (in
+`ChinaSet_AllFiles/` or manual_dir, a folder `mask/`, `masks/` or `extra_lung_masks/` holding
+`CHNCXR_####_{0,1}_mask.png` or `CHNCXR_####_{0,1}.png`); a Shenzhen image without one is kept
+with an empty mask and `has_lung_mask` False. Masks are binarised at half of their own maximum
+value (the Shenzhen masks are antialiased 8-bit PNGs; Montgomery's are 0/255).
+Splits are by patient (`patient_id`, the file name without the label digit), so no patient is
+in two splits. Files that are not images, readings or ReadMe documents are listed in
+info.metadata['unhandled_files']. The clinical reading text is kept whole, with sex
 and age parsed from it (unknown / -1 when the text does not say).
 """
 
@@ -40,9 +47,11 @@ from medxai_jax.data.builders.common import (
   fit_to_config,
   group_by_split,
   image_feature,
+  list_unhandled,
   manual_dir,
   mask_feature,
   missing_error,
+  record_unhandled,
   validate_config,
 )
 
@@ -65,6 +74,10 @@ and unzip both into manual_dir, keeping their folders as shipped:
   MontgomerySet/ClinicalReadings/MCUCXR_####_{0,1}.txt
   ChinaSet_AllFiles/CXR_png/CHNCXR_####_{0,1}.png
   ChinaSet_AllFiles/ClinicalReadings/CHNCXR_####_{0,1}.txt
+  ChinaSet_AllFiles/mask/CHNCXR_####_{0,1}_mask.png      (optional: the separately released
+                                                          Shenzhen lung masks; also accepted as
+                                                          masks/ or extra_lung_masks/, directly
+                                                          in manual_dir, or named like the image)
 
 The configs 'montgomery' and 'shenzhen' need only their own set.
 """
@@ -139,18 +152,51 @@ class TbImage:
   label: int
   patient_id: str  # the file name without the label digit, e.g. 'MCUCXR_0001'
   reading: pathlib.Path
-  masks: tuple[pathlib.Path, ...]  # left, right (Montgomery) or none
+  masks: tuple[pathlib.Path, ...]  # left, right (Montgomery), one lung mask (Shenzhen) or none
+
+
+SHENZHEN_MASK_FOLDERS = ("mask", "masks", "extra_lung_masks")
+# Companion files of the releases that are not images: clinical readings and the ReadMe documents.
+COMPANION_SUFFIXES = (".txt", ".pdf", ".doc", ".docx")
+
+
+def find_shenzhen_masks(manual: pathlib.Path, folder: pathlib.Path
+                        ) -> dict[str, pathlib.Path]:
+  """Image stem ('CHNCXR_0001_0') -> its lung mask, from the mask folders (SHENZHEN_MASK_FOLDERS)
+  in the Shenzhen folder or in manual_dir, named '<stem>_mask.png' or '<stem>.png'; a stem with
+  two masks raises ValueError naming both."""
+  found: dict[str, pathlib.Path] = {}
+  for parent in dict.fromkeys((folder, manual)):
+    for name in SHENZHEN_MASK_FOLDERS:
+      mask_dir = parent / name
+      if not mask_dir.is_dir():
+        continue
+      for path in sorted(mask_dir.iterdir()):
+        if path.suffix.lower() != ".png":
+          continue
+        stem = path.stem[:-len("_mask")] if path.stem.lower().endswith("_mask") else path.stem
+        if stem in found:
+          raise ValueError(f"tb_cxr: two lung masks for {stem}.png: {found[stem]} and {path}; "
+                           "keep one.")
+        found[stem] = path
+  return found
+
+
+def read_binary_mask(path: pathlib.Path) -> np.ndarray:
+  """[H, W] bool mask: the first channel above half of the mask's own maximum, so 0/1, 0/255 and
+  antialiased 0..255 masks all binarise at their edge (an all-zero mask stays empty)."""
+  pixels = preprocess.read_image(path)[..., 0]
+  return pixels.astype(np.float64) > float(pixels.max()) / 2
 
 
 def list_source(manual: pathlib.Path, source: str) -> list[TbImage]:
   """Every radiograph of one set with its reading and masks; raises naming any missing file."""
-  folder = manual / _FOLDERS[source]
-  if not folder.is_dir() and manual.name == _FOLDERS[source]:
-    folder = manual
+  folder = source_folder(manual, source)
   images_dir = folder / "CXR_png"
   if not images_dir.is_dir():
     raise missing_error("tb_cxr", f"the {source} image folder", images_dir, TB_INSTRUCTIONS)
   images, unmatched = [], []
+  shenzhen_masks = find_shenzhen_masks(manual, folder) if source == "shenzhen" else {}
   for path in sorted(images_dir.iterdir()):
     if path.suffix.lower() != ".png":
       continue  # e.g. Thumbs.db
@@ -168,6 +214,8 @@ def list_source(manual: pathlib.Path, source: str) -> list[TbImage]:
       for mask in masks:
         if not mask.is_file():
           raise missing_error("tb_cxr", f"the lung mask of {path.name}", mask, TB_INSTRUCTIONS)
+    elif path.stem in shenzhen_masks:
+      masks = (shenzhen_masks[path.stem],)
     images.append(TbImage(source=SOURCES.index(source), path=path, label=int(match["label"]),
                           patient_id=f"{_PREFIXES[source]}_{match['number']}", reading=reading,
                           masks=masks))
@@ -177,7 +225,21 @@ def list_source(manual: pathlib.Path, source: str) -> list[TbImage]:
   if not images:
     raise missing_error("tb_cxr", f"{_PREFIXES[source]}_####_{{0,1}}.png images", images_dir,
                         TB_INSTRUCTIONS)
+  orphans = sorted(set(shenzhen_masks) - {image.path.stem for image in images})
+  if orphans:
+    logging.warning("tb_cxr: %d Shenzhen lung mask(s) match no image in %s and are not used, "
+                    "e.g. %s", len(orphans), images_dir, [str(shenzhen_masks[stem])
+                                                          for stem in orphans[:5]])
+  if source == "shenzhen":
+    logging.info("tb_cxr: %d of %d Shenzhen images have a lung mask.",
+                 sum(bool(image.masks) for image in images), len(images))
   return images
+
+
+def source_folder(manual: pathlib.Path, source: str) -> pathlib.Path:
+  """The folder of one set: manual_dir/<MontgomerySet|ChinaSet_AllFiles>, or manual_dir itself."""
+  folder = manual / _FOLDERS[source]
+  return manual if not folder.is_dir() and manual.name == _FOLDERS[source] else folder
 
 
 class TbCxr(ManualImageBuilder):
@@ -187,8 +249,11 @@ class TbCxr(ManualImageBuilder):
   # shortcut-marker mask (None: none); see `builders.mask_keys`.
   LOCALISATION_MASK_KEY: str | None = "lung_mask"
   MARKER_MASK_KEY: str | None = None
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.0.0": "Initial release.",
+    "1.1.0": "Shenzhen lung masks read when present; masks binarised at half their maximum.",
+  }
   BUILDER_CONFIGS = _CONFIGS
   DEFAULT_BUILDER_CONFIG_NAME = "combined"
   MANUAL_DOWNLOAD_INSTRUCTIONS = TB_INSTRUCTIONS
@@ -229,6 +294,10 @@ class TbCxr(ManualImageBuilder):
     which = assign_splits([image.patient_id for image in images], config.split_fractions,
                           config.split_seed, strata=[(image.source, image.label)
                                                      for image in images])
+    record_unhandled(self.info, [
+      path for source in SOURCES if source in config.sources
+      for path in list_unhandled(source_folder(manual, source), COMPANION_SUFFIXES, manual)],
+      manual)
 
     def make_example(image: TbImage) -> dict[str, Any]:
       raw = preprocess.read_image(image.path)
@@ -241,12 +310,12 @@ class TbCxr(ManualImageBuilder):
                          "--config.dataset.builder.montgomery_bit_depth=N; now "
                          f"{config.montgomery_bit_depth})") from error
       if image.masks:
-        parts = [preprocess.read_image(path)[..., 0] > 0 for path in image.masks]
+        parts = [read_binary_mask(path) for path in image.masks]
         for path, part in zip(image.masks, parts):
           if part.shape != pixels.shape[:2]:
             raise ValueError(f"Mask {path} is {part.shape}, its image {image.path} "
                              f"{pixels.shape[:2]}.")
-        mask = np.logical_or(*parts)
+        mask = np.logical_or.reduce(parts)
       else:
         mask = np.zeros(pixels.shape[:2], bool)
       pixels = fit_to_config(pixels, config)
