@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 from medxai_jax.data import builders
 
 NAMES = ["radiograph_phantoms", "mura", "tb_cxr", "brain_tumor_mri", "covid_radiography",
-         "medical_modalities"]
+         "medical_modalities", "brain_tumor_kaggle"]
 
 
 @pytest.mark.parametrize("name", NAMES)
