@@ -46,7 +46,7 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str,
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel(name)
     ax.grid(alpha=0.3)
-  acc_ax.legend(loc="lower right", fontsize=8)
+  acc_ax.legend(loc="best", fontsize=8)
   return save_figure(fig, path)
 
 

@@ -398,7 +398,8 @@ def class_balance_section(files: RunFiles) -> report.Section:
     paragraphs += [f"The {split} split has no example of class {names[k]}."
                    for k, v in enumerate(values) if v == 0]
   tables = [report.Table(["split", *names, "total"], count_rows, caption="Examples per class."),
-            report.Table(["split", *names], share_rows, caption="Share of each split.")]
+            report.Table(["share of the split", *names], share_rows,
+                         caption="Share of each class in each split.")]
   return report.Section(title, paragraphs=paragraphs, tables=tables)
 
 
