@@ -416,3 +416,18 @@ def test_train_binary_writes_the_report(tmp_path):
       [str(c) for c in row] for row in metrics["test"]["confusion_matrix"]]
   epochs = table_with_header(parsed, "epoch")
   assert [row[0] for row in epochs[1:]] == ["1", "2"]
+
+
+def test_explained_inputs_reads_the_chosen_records_and_their_masks():
+  rng = np.random.default_rng(0)
+  source = [{"image": rng.integers(0, 255, (8, 8, 1), dtype=np.uint8),
+             "lung_mask": rng.integers(0, 2, (8, 8, 1), dtype=np.uint8), "label": k % 2}
+            for k in range(5)]
+  images, masks = run_report.explained_inputs(source, [4, 1], "lung_mask")
+  np.testing.assert_array_equal(images, np.stack([source[4]["image"], source[1]["image"]]))
+  np.testing.assert_array_equal(masks, np.stack([source[4]["lung_mask"][..., 0],
+                                                 source[1]["lung_mask"][..., 0]]))
+  assert run_report.explained_inputs(source, [0], None)[1] is None
+  assert run_report.explained_inputs(source, [0], "tumor_mask")[1] is None
+  with pytest.raises(ValueError, match="Index 5 is outside the split's 5 records"):
+    run_report.explained_inputs(source, [5], None)

@@ -251,7 +251,7 @@ def plot_overlay_grid(images: np.ndarray, maps_by_method: Mapping[str, np.ndarra
   normalised per image by `overlay_strength` (|map| for signed maps, clipped at its own
   `percentile`), stretched to the image size when it is smaller, and drawn with
   `overlay_rgba`: transparent below `low_cut`, opacity rising to `alpha_max` at the maximum.
-  `masks` [N,H,W] (optional) are outlined in white on the input column; `titles` label the rows.
+  `masks` [N,H,W] (optional) are outlined in red on the input column; `titles` label the rows.
   One colour bar serves every panel.
   """
   images = np.asarray(images)
@@ -278,8 +278,8 @@ def plot_overlay_grid(images: np.ndarray, maps_by_method: Mapping[str, np.ndarra
     height, width = gray.shape
     axes[row, 0].imshow(gray, cmap="gray", vmin=0, vmax=1, interpolation="lanczos")
     if masks is not None and np.any(masks[row]):
-      axes[row, 0].contour(np.asarray(masks[row]).squeeze(), levels=[0.5], colors="white",
-                           linewidths=0.9)
+      axes[row, 0].contour(np.asarray(masks[row]).squeeze(), levels=[0.5], colors="red",
+                           linewidths=1.0)
     if titles is not None:
       axes[row, 0].set_ylabel(titles[row], fontsize=9)
     for column, method in enumerate(methods, start=1):

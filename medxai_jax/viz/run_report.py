@@ -527,6 +527,25 @@ def _explained_methods(summary: Mapping[str, Any]) -> tuple[list[str], dict[str,
   return [m for m in info if m not in skipped], skipped
 
 
+def explained_inputs(source: Sequence[Mapping[str, Any]], indices: Sequence[int],
+                     mask_key: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+  """The stored images (and `mask_key` masks, when given and present) of records `indices` of a
+  split's random-access source, for `explanation_section`."""
+  if not len(indices):
+    raise ValueError("explained_inputs needs at least one index.")
+  records = []
+  for index in indices:
+    if not 0 <= int(index) < len(source):
+      raise ValueError(f"Index {index} is outside the split's {len(source)} records.")
+    records.append(source[int(index)])
+  images = np.stack([np.asarray(record["image"]) for record in records])
+  if mask_key is None or mask_key not in records[0]:
+    return images, None
+  return images, np.stack([np.asarray(record[mask_key]).squeeze(-1)
+                           if np.ndim(record[mask_key]) == 3 else np.asarray(record[mask_key])
+                           for record in records])
+
+
 def explanation_section(explain_workdir: str, summary: Mapping[str, Any], run_dir: str, *,
                         images: np.ndarray | None = None, masks: np.ndarray | None = None,
                         low_cut: float = 0.2, alpha_max: float = 0.6) -> report.Section:
@@ -573,8 +592,8 @@ def explanation_section(explain_workdir: str, summary: Mapping[str, Any], run_di
         os.path.relpath(overlay, run_dir),
         f"Each method's map over the input ('jet'): |map| normalised per image by its 99th "
         f"percentile, fully transparent below {low_cut:g}, opacity rising to {alpha_max:g} at "
-        "the maximum." + (" White outline: the localisation mask." if masks is not None
-                          else "")))
+        "the maximum." + (" Red outline: the localisation mask." if masks is not None
+                          and np.any(masks) else "")))
   elif maps:
     paragraphs.append("No input images were given to the report, so the maps are not drawn "
                       "over them.")
