@@ -358,6 +358,8 @@ def test_plot_overlay_grid_on_real_radiographs(tmp_path):
   assert rendered.shape[0] < rendered.shape[1]  # 2 rows, 3 columns and a colour bar
   with pytest.raises(ValueError, match=r"maps_by_method\['blob'\] holds 1 maps for 2 images"):
     figures.plot_overlay_grid(images, {"blob": blob[None]}, str(tmp_path / "bad.png"))
+  with pytest.raises(ValueError, match=r"masks\[0\] has shape \(16, 16\); its image is 64x64"):
+    figures.plot_overlay_grid(images, maps, str(tmp_path / "bad.png"), masks=np.ones((2, 16, 16)))
   with pytest.raises(ValueError, match="1 titles for 2 images"):
     figures.plot_overlay_grid(images, maps, str(tmp_path / "bad.png"), titles=["x"])
 

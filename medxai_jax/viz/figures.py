@@ -118,6 +118,9 @@ def plot_attribution_grid(images: np.ndarray, maps_by_method: Mapping[str, np.nd
                            squeeze=False)
   for row in range(rows):
     axes[row, 0].imshow(images[row], cmap="gray")
+    if masks is not None and np.asarray(masks[row]).squeeze().shape != (height, width):
+      raise ValueError(f"masks[{row}] has shape {np.shape(masks[row])}; its image is "
+                       f"{height}x{width}.")
     if masks is not None and np.any(masks[row]):
       axes[row, 0].contour(np.asarray(masks[row]).squeeze(), levels=[0.5], colors="red",
                            linewidths=0.6)
@@ -249,7 +252,7 @@ def plot_overlay_grid(images: np.ndarray, maps_by_method: Mapping[str, np.ndarra
 
   `images` [N,H,W(,C)] in any range (shown in gray, min-max scaled); each map [N,h,w(,C)] is
   normalised per image by `overlay_strength` (|map| for signed maps, clipped at its own
-  `percentile`), stretched to the image size when it is smaller, and drawn with
+  `percentile`), stretched to the image's size when they differ, and drawn with
   `overlay_rgba`: transparent below `low_cut`, opacity rising to `alpha_max` at the maximum.
   `masks` [N,H,W] (optional) are outlined in red on the input column; `titles` label the rows.
   One colour bar serves every panel.
@@ -277,6 +280,9 @@ def plot_overlay_grid(images: np.ndarray, maps_by_method: Mapping[str, np.ndarra
     gray = _display_image(images[row])
     height, width = gray.shape
     axes[row, 0].imshow(gray, cmap="gray", vmin=0, vmax=1, interpolation="lanczos")
+    if masks is not None and np.asarray(masks[row]).squeeze().shape != (height, width):
+      raise ValueError(f"masks[{row}] has shape {np.shape(masks[row])}; its image is "
+                       f"{height}x{width}.")
     if masks is not None and np.any(masks[row]):
       axes[row, 0].contour(np.asarray(masks[row]).squeeze(), levels=[0.5], colors="red",
                            linewidths=1.0)
