@@ -118,9 +118,6 @@ def plot_attribution_grid(images: np.ndarray, maps_by_method: Mapping[str, np.nd
                            squeeze=False)
   for row in range(rows):
     axes[row, 0].imshow(images[row], cmap="gray")
-    if masks is not None and np.asarray(masks[row]).squeeze().shape != (height, width):
-      raise ValueError(f"masks[{row}] has shape {np.shape(masks[row])}; its image is "
-                       f"{height}x{width}.")
     if masks is not None and np.any(masks[row]):
       axes[row, 0].contour(np.asarray(masks[row]).squeeze(), levels=[0.5], colors="red",
                            linewidths=0.6)
