@@ -301,8 +301,17 @@ def test_add_section_replaces_a_key_in_place_and_keeps_the_others(tmp_path):
   with pytest.raises(FileNotFoundError, match="nothing.png"):
     run_report.add_section(str(run), "x", report.Section("x", figures=[
         report.Figure("nothing.png")]))
+  assert not (run / "report_sections" / "x.json").exists()  # a refused section leaves nothing
   with pytest.raises(ValueError, match="Section key"):
     run_report.add_section(str(run), "../x", report.Section("x"))
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    run_report.add_section(str(tmp_path / "nowhere"), "x", report.Section("x"))
+  assert not (tmp_path / "nowhere").exists()
+  (run / "report_sections" / "evaluation.json").write_text('{"order": 2}')
+  parsed = parse(run_report.write_run_report(str(run)))
+  assert parsed.titles[6:] == ["Explanations v2", "Section evaluation"]
+  assert any("evaluation.json is unreadable (no 'section' with a 'title')" in p
+             for p in parsed.paragraphs)
 
 
 def test_report_layout_scrolls_wide_tables_and_keeps_the_demo_api(tmp_path):

@@ -468,12 +468,15 @@ def _read_added(run_dir: str) -> list[dict[str, Any]]:
   stored = []
   for name in sorted(os.listdir(folder)):
     if name.endswith(".json"):
-      path = os.path.join(folder, name)
+      path, key = os.path.join(folder, name), name[:-len(".json")]
       try:
-        stored.append(dict(_read_json(path), key=name[:-len(".json")]))
+        entry = _read_json(path)
+        if not isinstance(entry, dict) or "title" not in (entry.get("section") or {}):
+          raise ValueError("no 'section' with a 'title'")
+        stored.append(dict(entry, key=key))
       except (OSError, ValueError) as error:
-        stored.append({"key": name[:-len(".json")], "order": float("inf"),
-                       "section": {"title": f"Section {name}",
+        stored.append({"key": key, "order": float("inf"),
+                       "section": {"title": f"Section {key}",
                                    "paragraphs": [f"{path} is unreadable ({error})."]}})
   return sorted(stored, key=lambda entry: entry.get("order", float("inf")))
 
@@ -498,15 +501,18 @@ def add_section(run_dir: str, key: str, section: report.Section) -> str:
   Figure paths are relative to `run_dir` (or absolute). A section added again under the same
   key replaces the old one in its place. Returns the report's path.
   """
+  if not os.path.isdir(run_dir):
+    raise FileNotFoundError(f"Run directory {run_dir} does not exist.")
   path = _section_path(run_dir, key)
   stored = {entry["key"]: entry for entry in _read_added(run_dir)}
   orders = [e["order"] for e in stored.values() if isinstance(e.get("order"), int)]
   order = stored[key]["order"] if isinstance(stored.get(key, {}).get("order"), int) else \
       max(orders, default=0) + 1
+  text = json.dumps({"order": order, "section": section_to_json(section, run_dir)}, indent=1,
+                    allow_nan=False)  # before opening the file: a bad section leaves no trace
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as file:
-    json.dump({"order": order, "section": section_to_json(section, run_dir)}, file, indent=1,
-              allow_nan=False)
+    file.write(text)
   return write_run_report(run_dir)
 
 
