@@ -442,3 +442,19 @@ def test_explained_inputs_reads_the_chosen_records_and_their_masks():
   assert run_report.explained_inputs(source, [0], "tumor_mask")[1] is None
   with pytest.raises(ValueError, match="Index 5 is outside the split's 5 records"):
     run_report.explained_inputs(source, [5], None)
+
+
+def test_the_module_renders_the_report_of_an_existing_run_from_the_command_line(tmp_path):
+  labels, probabilities = binary_predictions()
+  run = tmp_path / "old_run"
+  fabricate_run(str(run), ["a", "b"], labels, probabilities, test_auc=0.5,
+                skip=("predictions_test.npz", "splits.json"))
+  command = [sys.executable, "-m", "medxai_jax.viz.run_report"]
+  result = subprocess.run([*command, str(run)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == str(run / "report.html")
+  assert "predictions_test.npz is missing" in result.stderr
+  assert_images_exist(parse(run / "report.html"), str(run))
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0 and "usage" in result.stderr
