@@ -3,7 +3,10 @@ r"""Trains a classifier from a config and evaluates the selected epoch on the te
   python -m experiments.train --config=configs/demo.py --workdir=runs/demo \
       --config.num_epochs=3 --config.learning_rate=3e-4
 
-Re-running with the same --workdir resumes from the last end-of-epoch checkpoint.
+Re-running with the same --workdir resumes from the last end-of-epoch checkpoint. At the end,
+<workdir>/report.html shows the test metrics, confusion matrix, ROC curves, training curves and
+class balance (medxai_jax/viz/run_report.py; explain and evaluate_explanations add their
+sections to it later).
 
 Every local device trains data-parallel (medxai_jax/train/parallel.py): config.batch_size is the
 global batch, split over the devices, so it must be a multiple of the device count. Optional:
@@ -36,11 +39,14 @@ $MEDXAI_DISTRIBUTED=1 acts as --multihost, and $JAX_COORDINATOR_ADDRESS as --coo
 
 from absl import app
 from absl import flags
+from absl import logging
+import jax
 from ml_collections import config_flags
 
 from medxai_jax import logs
 from medxai_jax.train import loop
 from medxai_jax.train import parallel
+from medxai_jax.viz import run_report
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -66,6 +72,8 @@ def main(argv: list[str]) -> None:
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   auto=_MULTIHOST.value)
   loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if jax.process_index() == 0:  # the process that wrote the run's JSON files
+    logging.info("Report: %s", run_report.write_run_report(_WORKDIR.value))
 
 
 if __name__ == "__main__":
