@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs import cpu_trial
 from medxai_jax.data import augment
 from medxai_jax.train import freeze
 from medxai_jax.train import loop
@@ -299,3 +300,22 @@ def test_precision_and_accumulation_fields_are_checked():
   model = loop.build_components(config)[0]
   assert model.module.dtype == jax.numpy.bfloat16
   assert loop.build_components(config, compute_dtype="float32")[0].module.dtype == np.float32
+
+
+@pytest.mark.parametrize("dataset", sorted(cpu_trial.TRIAL_DATASETS))
+def test_cpu_trial_outputs_match_the_builders_default_classes(dataset, tmp_path):
+  import tensorflow_datasets as tfds
+
+  import medxai_jax.data.builders  # noqa: F401  (registers the builders)
+
+  config = cpu_trial.get_config(dataset)
+  loop.check_config(config)
+  label = tfds.builder(dataset, data_dir=str(tmp_path),
+                       config=config.dataset.builder_config).info.features["label"]
+  expected = 1 if label.num_classes == 2 else label.num_classes  # binary: one sigmoid logit
+  assert config.model.num_outputs == expected
+
+
+def test_cpu_trial_names_its_datasets():
+  with pytest.raises(ValueError, match="choose one of"):
+    cpu_trial.get_config("no_such_collection")
