@@ -12,7 +12,7 @@ fixed scale) and quantised to `storage_bits`; the tumour mask (for scoring expla
 border points as shipped (MATLAB's 1-based [x = column, y = row] in the original image);
 the original size, fold, patient id and slice number. Splits: the default config splits patients
 60/10/30 (003 tests on 30%; its 70% training share gives up 10 points to validation), stratified
-by tumour type; configs `fold1`..`fold5` test on that cvind fold, validate on the next one and
+by tumour type (a split left empty by too few patients for its share is refused at preparation); configs `fold1`..`fold5` test on that cvind fold, validate on the next one and
 train on the other three. Both are patient-wise: no PID is in two splits (unless cvind.mat
 itself spreads a patient over folds, which is logged). Files under manual_dir other than .mat and
 .zip files (and .txt notes) are listed in info.metadata['unhandled_files'].
@@ -366,7 +366,11 @@ class BrainTumorMri(ManualImageBuilder):
       }
 
     per_split = group_by_split(indices, [split_of[index] for index in indices])
-    return self._split_iterators(per_split, make_example)
+    if config.test_fold:  # cvind's folds: an empty one is logged and left out
+      return self._split_iterators(per_split, make_example)
+    return self._split_iterators(
+      per_split, make_example, fractions=config.split_fractions,
+      label_of=lambda index: LABEL_NAMES[headers[index]["label"] - 1] if headers[index] else "unreadable")
 
   def _check_folds(self, indices: list[int], headers: dict[int, Any], folds: np.ndarray) -> None:
     """Warns if cvind puts one patient's slices into several folds (it should not)."""
