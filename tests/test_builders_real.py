@@ -456,6 +456,16 @@ def test_brain_default_split_is_patient_wise(tmp_path):
   assert all(r["image"].shape == (16, 16, 1) for r in _records(builder, "test"))
 
 
+def test_brain_default_split_too_small_is_refused_naming_the_counts(tmp_path):
+  _make_brain(tmp_path / "manual")  # 6 patients, 2 per tumour type: 10% of 2 rounds to none
+  config = brain_tumor_mri.make_brain_config("default", image_size=16)
+  with pytest.raises(ValueError, match="split 'validation' came out empty") as error:
+    _prepare(brain_tumor_mri.BrainTumorMri, config, tmp_path, tmp_path / "manual")
+  message = str(error.value)
+  assert "12 images" in message and "'meningioma': 4" in message and "(0.6, 0.1, 0.3)" in message
+  assert "--config.dataset.builder.split_fractions" in message
+
+
 def test_brain_no_patient_in_two_splits(tmp_path):
   rng = np.random.default_rng(9)
   root = tmp_path / "manual"
