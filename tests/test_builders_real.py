@@ -466,6 +466,18 @@ def test_brain_default_split_too_small_is_refused_naming_the_counts(tmp_path):
   assert "--config.dataset.builder.split_fractions" in message
 
 
+def test_brain_int16_slices_reduced_to_8_bits_only_when_allowed(tmp_path):
+  _make_brain(tmp_path / "manual")
+  config = brain_tumor_mri.make_brain_config("fold1", image_size=16,
+                                             allow_bit_depth_reduction=False)
+  with pytest.raises(ValueError, match=r"\.mat holds 16-bit pixels.*storage_bits=16"):
+    _prepare(brain_tumor_mri.BrainTumorMri, config, tmp_path, tmp_path / "manual")
+  kept = brain_tumor_mri.make_brain_config("fold1", image_size=0, storage_bits=16,
+                                           allow_bit_depth_reduction=False)
+  builder = _prepare(brain_tumor_mri.BrainTumorMri, kept, tmp_path / "kept", tmp_path / "manual")
+  assert all(r["image"].dtype == np.uint16 for r in _records(builder, "test"))
+
+
 def test_brain_no_patient_in_two_splits(tmp_path):
   rng = np.random.default_rng(9)
   root = tmp_path / "manual"

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -420,3 +422,37 @@ def test_covid_metadata_sheet_that_cannot_be_decoded_names_the_file(tmp_path):
   with pytest.raises(ValueError, match="Cannot read the metadata sheet .*COVID.metadata.xlsx") as e:
     covid_radiography.read_source_urls(sheet)
   assert "line 2" in str(e.value) and "read_metadata=False" in str(e.value)
+
+
+def _png_16_bit_rgb(values: np.ndarray) -> bytes:
+  """A 16-bit RGB PNG written from the specification (Pillow cannot write one)."""
+  height, width, _ = values.shape
+  big_endian = values.astype(">u2")
+  rows = b"".join(b"\x00" + big_endian[row].tobytes() for row in range(height))
+
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+  header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+          + chunk(b"IEND", b""))
+
+
+def test_16_bit_colour_png_that_pillow_reads_as_8_bits_is_refused(tmp_path):
+  values = RNG.integers(0, 65536, (4, 5, 3)).astype(np.uint16)
+  path = tmp_path / "colour16.png"
+  path.write_bytes(_png_16_bit_rgb(values))
+  assert preprocess.png_sample_bits(path) == 16
+  np.testing.assert_array_equal(preprocess.read_image(path), values >> 8)  # Pillow's top byte
+  for bits in (8, 16):
+    config = modality_folders.make_modality_config(storage_bits=bits)
+    with pytest.raises(ValueError, match="colour16.png is a 16-bit colour"):
+      common.read_unit_image(path, 3, config)
+  allowed = modality_folders.make_modality_config(allow_bit_depth_reduction=True)
+  np.testing.assert_allclose(common.read_unit_image(path, 3, allowed), (values >> 8) / 255,
+                             atol=1e-7)
+  eight = tmp_path / "rgb8.png"
+  Image.fromarray((values >> 8).astype(np.uint8)).save(eight)
+  assert preprocess.png_sample_bits(eight) == 8
+  common.read_unit_image(eight, 3, modality_folders.make_modality_config())  # 8 bits: fine

@@ -271,6 +271,25 @@ def exif_orientation(source: str | os.PathLike | bytes) -> int:
   return int(value) if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_sample_bits(source: str | os.PathLike | bytes) -> int | None:
+  """Bits per sample (1, 2, 4, 8, 16) of a PNG file, from its IHDR chunk; None for other files.
+
+  Pillow decodes 16-bit gray PNGs as 16 bits but 16-bit colour and gray+alpha PNGs as their top
+  8 bits only, so this tells when decoded uint8 pixels came from a 16-bit file.
+  """
+  if isinstance(source, bytes):
+    header = source[:26]
+  else:
+    with open(source, "rb") as handle:
+      header = handle.read(26)
+  if len(header) < 26 or header[:8] != _PNG_SIGNATURE or header[12:16] != b"IHDR":
+    return None
+  return int(header[24])
+
+
 def composite_on_black(array: np.ndarray) -> np.ndarray:
   """[H, W, C + 1] uint8 colour + alpha to [H, W, C] uint8: round(colour * alpha / 255), i.e.
   the image as displayed over a black background (opaque pixels unchanged, transparent ones 0)."""

@@ -197,6 +197,22 @@ def check_bit_depth_kept(path: os.PathLike | str, bits: int, config: ImageBuilde
     f"{option_flag('allow_bit_depth_reduction', True)}.{hint}")
 
 
+def check_decoded_depth(path: os.PathLike | str, raw: np.ndarray,
+                        config: ImageBuilderConfig) -> None:
+  """Raises ValueError, naming the file, when a 16-bit colour or gray+alpha PNG was decoded to
+  8 bits (Pillow keeps only the top byte of such files, whatever storage_bits is), unless the
+  config allows bit-depth reduction."""
+  if raw.dtype != np.uint8 or config.allow_bit_depth_reduction:
+    return
+  if preprocess.png_sample_bits(path) == 16:
+    raise ValueError(
+      f"{os.fspath(path)} is a 16-bit colour (or gray + alpha) PNG, which the image reader "
+      "(Pillow) decodes to its top 8 bits only, whatever storage_bits is. Convert such files to "
+      "16-bit gray PNGs without alpha (read as 16 bits; then use "
+      f"{option_flag('storage_bits', 16)}), or accept 8 bits with "
+      f"{option_flag('allow_bit_depth_reduction', True)}.")
+
+
 def read_unit_image(path: os.PathLike | str, channels: int = 1,
                     config: ImageBuilderConfig | None = None) -> np.ndarray:
   """An image file as float32 [0, 1] [H, W, channels]: 1 = gray (BT.601 luma), 3 = RGB.
@@ -219,6 +235,7 @@ def read_unit_image(path: os.PathLike | str, channels: int = 1,
   else:
     raw = preprocess.read_image(path)
     if config is not None:
+      check_decoded_depth(path, raw, config)
       check_bit_depth_kept(path, source_bits(raw), config,
                            int(raw.max()) if raw.size and raw.dtype == np.uint16 else None)
     image = preprocess.to_unit_float(raw)

@@ -136,7 +136,8 @@ def _read_csv_rows(path: pathlib.Path) -> list[list[str]]:
   try:
     rows = [[cell.strip() for cell in row] for row in reader]
   except csv.Error as error:
-    raise ValueError(f"{path}, line {reader.line_num}: not a readable CSV line ({error}).") from None
+    raise ValueError(f"{path}, line {reader.line_num}: not a readable CSV line ({error})."
+                     ) from None
   return [row for row in rows if row and any(row)]
 
 

@@ -51,6 +51,7 @@ from medxai_jax.data.builders.common import (
   ManualImageBuilder,
   assign_splits,
   check_bit_depth_kept,
+  check_decoded_depth,
   check_mask_orientation,
   config_by_name,
   encode_image,
@@ -340,6 +341,7 @@ class TbCxr(ManualImageBuilder):
       raw = preprocess.read_image(image.path)
       bits = config.montgomery_bit_depth if (
         raw.dtype == np.uint16 and SOURCES[image.source] == "montgomery") else None
+      check_decoded_depth(image.path, raw, config)
       check_bit_depth_kept(image.path, bits or source_bits(raw), config,
                            int(raw.max()) if raw.size and raw.dtype == np.uint16 else None)
       for path in image.masks:
