@@ -66,6 +66,9 @@ class ImageBuilderConfig(tfds.core.BuilderConfig):
   allow_bit_depth_reduction: with storage_bits=8, a source of more than 8 bits (16-bit PNG/TIFF,
     DICOM BitsStored > 8) stops the preparation naming the file (False, the default) or is
     quantised to 8 bits (True: its values divided by 65535, or its BitsStored range, times 255).
+    16-bit colour or gray+alpha PNGs, which Pillow decodes to 8 bits, are refused whatever
+    storage_bits is unless this is True. tb_cxr and brain_tumor_mri default to True (their
+    papers' 8-bit configs reduce Montgomery's 12 bits and the int16 MRI slices on purpose).
   on_corrupt: 'fail' stops at the first undecodable image, naming it; 'skip' leaves such images
     out, logs each and lists them in `info.metadata['skipped_files']`.
   split_seed: seed of every split this builder carves.
@@ -184,17 +187,16 @@ def check_bit_depth_kept(path: os.PathLike | str, bits: int, config: ImageBuilde
   (allow_bit_depth_reduction); `highest`, the file's largest value, hints at 12-bit data."""
   if bits <= config.storage_bits or config.allow_bit_depth_reduction:
     return
-  hint = ""
+  training = "--config.preprocess.bit_depth=16 or leave it unset"
   if highest is not None and highest < 2**12:
-    hint = (f" Its values reach only {highest} (< 4096, 12-bit data most likely): stored with "
-            "storage_bits=16 they keep their values, so train with "
-            "--config.preprocess.bit_depth=12.")
+    training = (f"--config.preprocess.bit_depth=12: its values reach only {highest}, < 4096, so "
+                "they are most likely 12-bit values, which are stored unchanged")
   raise ValueError(
     f"{os.fspath(path)} holds {bits}-bit pixels, but the config stores "
     f"storage_bits={config.storage_bits}: preparing would throw away {bits - config.storage_bits} "
     f"bits of every pixel. Keep them with {option_flag('storage_bits', 16)} (then train with "
-    f"--config.preprocess.bit_depth=16 or leave it unset), or reduce them knowingly with "
-    f"{option_flag('allow_bit_depth_reduction', True)}.{hint}")
+    f"{training}), or reduce them knowingly with "
+    f"{option_flag('allow_bit_depth_reduction', True)}.")
 
 
 def check_decoded_depth(path: os.PathLike | str, raw: np.ndarray,
@@ -492,11 +494,11 @@ class ManualImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     With `fractions` (the shares the items were split by, in SPLITS order), a split that came out
     empty although its share is > 0 raises `empty_split_error` (with images per class when
     `label_of` names an item's class); other empty splits are dropped with a warning. Builders
-    that carve validation out of a given train split pass `validation_fraction` instead (and
-    their given splits count as share 1: never empty).
+    that carve validation out of a given train split pass `validation_fraction` instead: then
+    only validation is checked (an empty given split is dropped with a warning, as before).
     """
     if validation_fraction is not None:
-      fractions = (1.0 - validation_fraction, validation_fraction, 1.0)
+      fractions = (0.0, validation_fraction, 0.0)
     result = {}
     for split, items in per_split.items():
       if not items:
