@@ -165,7 +165,8 @@ def test_mura_body_part_config_and_frame_removal(tmp_path):
   framed = np.zeros((30, 34), np.uint8)
   framed[4:24, 3:29] = inner
   expected = _make_mura(tmp_path / "manual", framed_image=framed)
-  config = mura.make_mura_config("wrist_noborder", image_size=0)
+  # Too few patients for a validation carve (refused at preparation): leave validation out.
+  config = mura.make_mura_config("wrist_noborder", image_size=0, validation_fraction=0.0)
   builder = _prepare(mura.Mura, config, tmp_path, tmp_path / "manual")
   records = [r for split in builder.info.splits for r in _records(builder, split)]
   assert sorted(r["path"] for r in records) == sorted(
@@ -179,7 +180,7 @@ def test_mura_named_config_loads_through_the_pipeline(tmp_path):
   _make_mura(tmp_path / "manual")
   sources = pipeline.load_sources(
     {"name": "mura", "data_dir": str(tmp_path / "data"), "manual_dir": str(tmp_path / "manual"),
-     "builder_config": "finger"}, ["train", "test"])
+     "builder_config": "finger", "builder": {"validation_fraction": 0.0}}, ["train", "test"])
   assert len(sources["test"]) == 1
   record = sources["test"][0]
   assert record["image"].shape == (320, 320, 1) and record["body_part"] == mura.BODY_PARTS.index(
@@ -282,7 +283,8 @@ def test_tb_labels_masks_readings_and_splits(tmp_path):
 
 def test_tb_montgomery_16bit_keeps_12_bit_precision(tmp_path):
   expected = _make_tb(tmp_path / "manual")
-  config = tb_cxr.make_tb_config("montgomery_16bit", image_size=0)
+  config = tb_cxr.make_tb_config("montgomery_16bit", image_size=0,
+                                 split_fractions=(0.5, 0.25, 0.25))  # 8 images: no empty split
   builder = _prepare(tb_cxr.TbCxr, config, tmp_path, tmp_path / "manual")
   records = [r for split in builder.info.splits for r in _records(builder, split)]
   assert len(records) == 8
@@ -294,7 +296,7 @@ def test_tb_montgomery_16bit_keeps_12_bit_precision(tmp_path):
 
 def test_tb_clahe_and_resize(tmp_path):
   _make_tb(tmp_path / "manual")
-  config = tb_cxr.make_tb_config("shenzhen", image_size=24)
+  config = tb_cxr.make_tb_config("shenzhen", image_size=24, split_fractions=(0.5, 0.25, 0.25))
   builder = _prepare(tb_cxr.TbCxr, config, tmp_path, tmp_path / "manual")
   records = [r for split in builder.info.splits for r in _records(builder, split)]
   assert len(records) == 8 and all(r["source"] == 1 for r in records)
@@ -315,8 +317,8 @@ def test_tb_missing_mask_is_named(tmp_path):
     _prepare(tb_cxr.TbCxr, tb_cxr.make_tb_config("montgomery", image_size=16), tmp_path,
              tmp_path / "manual")
   # Shenzhen alone does not need Montgomery's files.
-  builder = _prepare(tb_cxr.TbCxr, tb_cxr.make_tb_config("shenzhen", image_size=16), tmp_path,
-                     tmp_path / "manual")
+  builder = _prepare(tb_cxr.TbCxr, tb_cxr.make_tb_config(
+    "shenzhen", image_size=16, split_fractions=(0.5, 0.25, 0.25)), tmp_path, tmp_path / "manual")
   assert sum(split.num_examples for split in builder.info.splits.values()) == 8
 
 
@@ -452,6 +454,28 @@ def test_brain_default_split_is_patient_wise(tmp_path):
   assert patients["train"].isdisjoint(patients["test"])
   assert len(patients["train"]) == len(patients["test"]) == 3  # one patient per type each
   assert all(r["image"].shape == (16, 16, 1) for r in _records(builder, "test"))
+
+
+def test_brain_default_split_too_small_is_refused_naming_the_counts(tmp_path):
+  _make_brain(tmp_path / "manual")  # 6 patients, 2 per tumour type: 10% of 2 rounds to none
+  config = brain_tumor_mri.make_brain_config("default", image_size=16)
+  with pytest.raises(ValueError, match="split 'validation' came out empty") as error:
+    _prepare(brain_tumor_mri.BrainTumorMri, config, tmp_path, tmp_path / "manual")
+  message = str(error.value)
+  assert "12 images" in message and "'meningioma': 4" in message and "(0.6, 0.1, 0.3)" in message
+  assert "--config.dataset.builder.split_fractions" in message
+
+
+def test_brain_int16_slices_reduced_to_8_bits_only_when_allowed(tmp_path):
+  _make_brain(tmp_path / "manual")
+  config = brain_tumor_mri.make_brain_config("fold1", image_size=16,
+                                             allow_bit_depth_reduction=False)
+  with pytest.raises(ValueError, match=r"\.mat holds 16-bit pixels.*storage_bits=16"):
+    _prepare(brain_tumor_mri.BrainTumorMri, config, tmp_path, tmp_path / "manual")
+  kept = brain_tumor_mri.make_brain_config("fold1", image_size=0, storage_bits=16,
+                                           allow_bit_depth_reduction=False)
+  builder = _prepare(brain_tumor_mri.BrainTumorMri, kept, tmp_path / "kept", tmp_path / "manual")
+  assert all(r["image"].dtype == np.uint16 for r in _records(builder, "test"))
 
 
 def test_brain_no_patient_in_two_splits(tmp_path):

@@ -227,6 +227,35 @@ def test_dicom_class_folder_prepares_with_unhandled_files_listed(tmp_path):
   assert reloaded.info.metadata["unhandled_files"] == ["dicom/report.docx"]  # persisted
 
 
+def test_12_bit_dicom_with_8_bit_storage_is_refused_unless_reduction_is_allowed(tmp_path):
+  manual = tmp_path / "manual"
+  stored = {}
+  for folder in ("ct", "cr"):
+    (manual / folder).mkdir(parents=True)
+    stored[f"{folder}/a.dcm"] = np.random.default_rng(4).integers(0, 4096, (6, 5)).astype(
+      np.uint16)
+    _write_dicom(manual / folder / "a.dcm", stored[f"{folder}/a.dcm"], bits_stored=12)
+  config = modality_folders.config_from_folder(manual, image_size=0, channels=1,
+                                               split_fractions=(1.0, 0.0, 0.0))
+  with pytest.raises(ValueError, match="a.dcm holds 12-bit pixels") as error:
+    modality_folders.MedicalModalities(
+      config=config, data_dir=str(tmp_path / "data"), file_format="array_record"
+    ).download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+  assert "--config.dataset.builder.storage_bits=16" in str(error.value)
+  allowed = modality_folders.config_from_folder(manual, image_size=0, channels=1,
+                                                allow_bit_depth_reduction=True,
+                                                split_fractions=(1.0, 0.0, 0.0))
+  builder = modality_folders.MedicalModalities(config=allowed, data_dir=str(tmp_path / "data"),
+                                               file_format="array_record")
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+  source = builder.as_data_source(split="train")
+  for record in (source[i] for i in range(len(source))):
+    assert record["image"].dtype == np.uint8  # the 4096 levels quantised to 256, as displayed
+    naive = np.floor(stored[record["path"].decode()] / 4095 * 255 + 0.5)
+    np.testing.assert_array_equal(record["image"][..., 0], naive)
+
+
 def test_dicom_class_folders_split_by_patient_and_keep_12_bits(tmp_path):
   rng = np.random.default_rng(3)
   manual = tmp_path / "manual"

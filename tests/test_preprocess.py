@@ -94,6 +94,7 @@ def test_read_image_modes():
   gray = rng.integers(0, 256, (5, 7), dtype=np.uint8)
   np.testing.assert_array_equal(preprocess.read_image(_png(gray))[..., 0], gray)
   rgba = rng.integers(0, 256, (5, 7, 4), dtype=np.uint8)
+  rgba[..., 3] = 255  # opaque: the RGB as stored (transparency is tested in test_decoding.py)
   decoded = preprocess.read_image(_png(rgba))
   assert decoded.shape == (5, 7, 3)
   np.testing.assert_array_equal(decoded, rgba[..., :3])

@@ -7,13 +7,16 @@ with aspect-preserving padding, CLAHE and removal of a uniform border frame.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-from typing import Callable, Sequence
+import threading
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -184,33 +187,168 @@ class CorruptImageError(ValueError):
     super().__init__(f"Cannot decode image {self.path}: {reason}")
 
 
+# The EXIF tag that says how a camera or scanner held the image (1 = as stored; 2..8 = mirrored
+# and/or rotated, TIFF 6.0 / EXIF 2.3).
+EXIF_ORIENTATION_TAG = 0x0112
+
+# What decoding may change about a file's pixels, reported once per collection (`DecodeNotes`).
+ALPHA_COMPOSITED = "alpha_composited"  # transparent pixels composited on black
+EXIF_TRANSPOSED = "exif_transposed"  # rotated/mirrored by the EXIF orientation
+DECODE_NOTE_KINDS = (ALPHA_COMPOSITED, EXIF_TRANSPOSED)
+_DECODE_NOTE_TEXT = {
+  ALPHA_COMPOSITED: "had transparent pixels, composited on black (alpha removed)",
+  EXIF_TRANSPOSED: "carried an EXIF orientation and were rotated/mirrored upright as displayed",
+}
+
+
+class DecodeNotes:
+  """A thread-safe tally of the files whose pixels decoding changed, per kind (DECODE_NOTE_KINDS),
+  so a whole collection is reported with one log line per kind rather than one per image."""
+
+  def __init__(self) -> None:
+    self._lock = threading.Lock()
+    self._files: dict[str, list[str]] = {kind: [] for kind in DECODE_NOTE_KINDS}
+
+  def add(self, kind: str, file: str) -> None:
+    """Records that decoding `file` changed its pixels in the way `kind` names."""
+    if kind not in self._files:
+      raise ValueError(f"Unknown decode note {kind!r}; known: {list(DECODE_NOTE_KINDS)}.")
+    with self._lock:
+      self._files[kind].append(str(file))
+
+  def files(self, kind: str) -> list[str]:
+    """The files recorded under `kind`, sorted."""
+    with self._lock:
+      return sorted(self._files[kind])
+
+  def summary(self, where: str) -> list[str]:
+    """One sentence per kind with files: the count, what happened and one file, for `where`."""
+    lines = []
+    for kind in DECODE_NOTE_KINDS:
+      files = self.files(kind)
+      if files:
+        lines.append(f"{where}: {len(files)} image file(s) {_DECODE_NOTE_TEXT[kind]}, e.g. "
+                     f"{files[0]}")
+    return lines
+
+
+_ACTIVE_NOTES = threading.local()
+
+
+@contextlib.contextmanager
+def collecting_decode_notes(notes: DecodeNotes) -> Iterator[DecodeNotes]:
+  """Within this block, on this thread, `read_image` records what it changes in `notes` instead
+  of logging it for every file."""
+  previous = getattr(_ACTIVE_NOTES, "notes", None)
+  _ACTIVE_NOTES.notes = notes
+  try:
+    yield notes
+  finally:
+    _ACTIVE_NOTES.notes = previous
+
+
+def _note_decoding(kind: str, label: str) -> None:
+  """Records a decode note in the active `DecodeNotes`, or logs it when none is collecting."""
+  notes = getattr(_ACTIVE_NOTES, "notes", None)
+  if notes is not None:
+    notes.add(kind, label)
+  else:
+    logging.warning("%s: the image %s.", label, _DECODE_NOTE_TEXT[kind].replace(" were ", " was "))
+
+
+def exif_orientation(source: str | os.PathLike | bytes) -> int:
+  """The EXIF orientation (1..8) of an image file, 1 when it has none (or is not an image)."""
+  from PIL import Image  # host-only dependency, kept local
+
+  handle = io.BytesIO(source) if isinstance(source, bytes) else source
+  try:
+    with Image.open(handle) as image:
+      value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+  except FileNotFoundError:
+    raise
+  except Exception:  # not an image: reading its pixels reports it, naming the file
+    return 1
+  return int(value) if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_sample_bits(source: str | os.PathLike | bytes) -> int | None:
+  """Bits per sample (1, 2, 4, 8, 16) of a PNG file, from its IHDR chunk; None for other files.
+
+  Pillow decodes 16-bit gray PNGs as 16 bits but 16-bit colour and gray+alpha PNGs as their top
+  8 bits only, so this tells when decoded uint8 pixels came from a 16-bit file.
+  """
+  if isinstance(source, bytes):
+    header = source[:26]
+  else:
+    with open(source, "rb") as handle:
+      header = handle.read(26)
+  if len(header) < 26 or header[:8] != _PNG_SIGNATURE or header[12:16] != b"IHDR":
+    return None
+  return int(header[24])
+
+
+def composite_on_black(array: np.ndarray) -> np.ndarray:
+  """[H, W, C + 1] uint8 colour + alpha to [H, W, C] uint8: round(colour * alpha / 255), i.e.
+  the image as displayed over a black background (opaque pixels unchanged, transparent ones 0)."""
+  colour = array[..., :-1].astype(np.uint32)
+  alpha = array[..., -1:].astype(np.uint32)
+  return ((colour * alpha * 2 + 255) // 510).astype(np.uint8)
+
+
+_EXPANDED_MODES = {"1": "L", "P": "RGB", "PA": "RGBA", "La": "LA", "RGBa": "RGBA",
+                   "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
+_WITH_ALPHA = {"1": "LA", "L": "LA", "P": "RGBA", "RGB": "RGBA"}
+
+
+def decoded_mode(mode: str, has_transparency: bool) -> str:
+  """The Pillow mode `read_image` converts a `mode` image to before taking its pixels: L, LA, RGB
+  or RGBA for the 8-bit modes (with alpha when the file holds transparency: an alpha channel or
+  a tRNS entry, `has_transparency`), unchanged for I, I;16* and anything it does not know."""
+  if has_transparency and mode in _WITH_ALPHA:
+    return _WITH_ALPHA[mode]
+  return _EXPANDED_MODES.get(mode, mode)
+
+
 def read_image(source: str | os.PathLike | bytes, *, name: str | None = None) -> np.ndarray:
-  """Decodes a PNG/JPEG (any Pillow format) to [H, W, C] uint8 or uint16 with values unchanged.
+  """Decodes a PNG/JPEG/TIFF (any Pillow format) to [H, W, C] uint8 or uint16, as displayed.
 
   C is 1 for gray and 3 for colour. 8-bit gray/colour stays uint8; 16-bit gray PNGs (Pillow modes
   I;16*, or I within [0, 65535]) become uint16 with their stored values, so a 12-bit image keeps
-  values 0..4095. Alpha is dropped; palette, bilevel and CMYK images are expanded to gray/RGB.
-  Raises CorruptImageError naming the file (`name`, else the path) when it cannot be decoded;
-  a missing file raises FileNotFoundError.
+  values 0..4095. An EXIF orientation (JPEG, PNG eXIf, TIFF) is applied (Pillow's
+  `ImageOps.exif_transpose`), so the array is upright as viewers show it. Transparency (RGBA, LA,
+  palette or gray/RGB images with a tRNS entry) is composited on black (`composite_on_black`);
+  palette, bilevel and CMYK images are expanded to gray/RGB. Both changes are recorded in the
+  active `DecodeNotes` (`collecting_decode_notes`; the builders report one line per split), or
+  logged for this file when none is active. Raises CorruptImageError naming the file (`name`,
+  else the path) when it cannot be decoded; a missing file raises FileNotFoundError.
   """
-  from PIL import Image  # host-only dependency, kept local
+  from PIL import Image, ImageOps  # host-only dependency, kept local
 
   label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
   handle = io.BytesIO(source) if isinstance(source, bytes) else source
   try:
     with Image.open(handle) as image:
       image.load()
-      mode = image.mode
-      if mode in ("1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
-        image = image.convert("RGBA" if mode in ("P", "PA") else ("L" if mode == "1" else "RGB"))
-        mode = image.mode
-      array = np.asarray(image)
+      orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+      upright = ImageOps.exif_transpose(image) if orientation not in (None, 1) else image
+      target = decoded_mode(upright.mode, "transparency" in upright.info)
+      if target != upright.mode:
+        upright = upright.convert(target)
+      mode = upright.mode
+      array = np.asarray(upright)
   except FileNotFoundError:
     raise
   except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, zlib errors...
     raise CorruptImageError(label, f"{type(error).__name__}: {error}") from error
+  if orientation not in (None, 1):
+    _note_decoding(EXIF_TRANSPOSED, label)
   if mode in ("LA", "RGBA"):
-    array = array[..., :-1]
+    if (array[..., -1] < 255).any():
+      _note_decoding(ALPHA_COMPOSITED, label)
+    array = composite_on_black(array)
   elif mode == "I":
     if array.size and (array.min() < 0 or array.max() > 65535):
       raise CorruptImageError(label, f"32-bit integer pixels outside [0, 65535] "
@@ -337,6 +475,11 @@ def dicom_stored_pixels(dataset, label: str) -> np.ndarray:
   return pixels
 
 
+def dicom_bits_stored(dataset) -> int:
+  """The significant bits of a DICOM's pixels: BitsStored, else BitsAllocated, else 8."""
+  return int(dataset.get("BitsStored", dataset.get("BitsAllocated", 8)))
+
+
 def stored_value_range(bits_stored: int, signed: bool) -> tuple[int, int]:
   """(lowest, highest) value a BitsStored-bit pixel can hold (two's complement when signed)."""
   if signed:
@@ -396,7 +539,7 @@ def dicom_to_unit(dataset, pixels: np.ndarray, label: str) -> np.ndarray:
   from pydicom.pixels import apply_modality_lut, apply_voi_lut  # host-only dependency
 
   photometric = str(dataset.get("PhotometricInterpretation", "")).strip().upper()
-  bits = int(dataset.get("BitsStored", dataset.get("BitsAllocated", 8)))
+  bits = dicom_bits_stored(dataset)
   signed = int(dataset.get("PixelRepresentation", 0)) == 1
   lowest, highest = stored_value_range(bits, signed)
   if pixels.size and (int(pixels.min()) < lowest or int(pixels.max()) > highest):

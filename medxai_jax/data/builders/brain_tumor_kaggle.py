@@ -18,6 +18,10 @@ and listed in info.metadata['duplicate_files'] (all are kept). Images are stored
 as gray (BT.601 luma; the RGB JPEGs hold gray slices) or RGB (`channels=3`), fitted to
 `image_size` with their aspect ratio kept (`resize_mode='pad'`). There are no tumour masks.
 Files under the release that are not images are listed in info.metadata['unhandled_files'].
+A validation carve left empty by too few images (with validation_fraction > 0) stops the
+preparation naming the class counts. EXIF orientations are applied, transparency is composited
+on black, and a 16-bit source is refused with the default storage_bits=8 (pass
+--config.dataset.builder.storage_bits=16, or allow_bit_depth_reduction=True).
 """
 
 from __future__ import annotations
@@ -169,8 +173,12 @@ class BrainTumorKaggle(ManualImageBuilder):
   # shortcut-marker mask (None: none); see `builders.mask_keys`.
   LOCALISATION_MASK_KEY: str | None = None
   MARKER_MASK_KEY: str | None = None
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.0.0": "Initial release.",
+    "1.1.0": "EXIF orientation applied, transparency composited on black; sources above "
+             "storage_bits refused unless allow_bit_depth_reduction; empty splits refused.",
+  }
   BUILDER_CONFIGS = _CONFIGS
   DEFAULT_BUILDER_CONFIG_NAME = "default"
   MANUAL_DOWNLOAD_INSTRUCTIONS = KAGGLE_BRAIN_INSTRUCTIONS
@@ -223,9 +231,10 @@ class BrainTumorKaggle(ManualImageBuilder):
 
     def make_example(item: tuple[pathlib.Path, int]) -> dict[str, Any]:
       path, label = item
-      image = read_unit_image(path, config.channels)
+      image = read_unit_image(path, config.channels, config)
       return {"image": encode_image(fit_to_config(image, config), config), "label": label,
               "original_size": np.asarray(image.shape[:2], np.int32),
               "path": path.relative_to(root).as_posix()}
 
-    return self._split_iterators(per_split, make_example)
+    return self._split_iterators(per_split, make_example, validation_fraction=fraction,
+                                 label_of=lambda item: LABEL_NAMES[item[1]])

@@ -12,7 +12,8 @@ fixed scale) and quantised to `storage_bits`; the tumour mask (for scoring expla
 border points as shipped (MATLAB's 1-based [x = column, y = row] in the original image);
 the original size, fold, patient id and slice number. Splits: the default config splits patients
 60/10/30 (003 tests on 30%; its 70% training share gives up 10 points to validation), stratified
-by tumour type; configs `fold1`..`fold5` test on that cvind fold, validate on the next one and
+by tumour type (a split left empty by too few patients for its share is refused at
+preparation); configs `fold1`..`fold5` test on that cvind fold, validate on the next one and
 train on the other three. Both are patient-wise: no PID is in two splits (unless cvind.mat
 itself spreads a patient over folds, which is logged). Files under manual_dir other than .mat and
 .zip files (and .txt notes) are listed in info.metadata['unhandled_files'].
@@ -37,6 +38,7 @@ from medxai_jax.data.builders.common import (
   ImageBuilderConfig,
   ManualImageBuilder,
   assign_splits,
+  check_bit_depth_kept,
   config_by_name,
   encode_image,
   encode_mask,
@@ -72,8 +74,12 @@ class BrainTumorConfig(ImageBuilderConfig):
   test_fold: 0 splits patients by split_fractions (train/validation/test), stratified by tumour
   type and seeded by split_seed; k in 1..5 tests on fold k, validates on fold k % 5 + 1 and
   trains on the rest.
+  allow_bit_depth_reduction: True here (unlike the folder builders): the int16 slices are
+  min-max scaled per slice and, with the default storage_bits=8, quantised to 8 bits knowingly
+  (003 trains on 8-bit images); False refuses that (use storage_bits=16 to keep the levels).
   """
 
+  allow_bit_depth_reduction: bool = True
   test_fold: int = 0
   split_fractions: tuple[float, ...] = (0.6, 0.1, 0.3)
 
@@ -352,6 +358,8 @@ class BrainTumorMri(ManualImageBuilder):
 
     def make_example(index: int) -> dict[str, Any]:
       data = read_cjdata(files[index])
+      bits = min(16, 8 * data["image"].dtype.itemsize)  # int16 slices: 16
+      check_bit_depth_kept(files[index].location, bits, config)
       image = intensity_to_unit(data["image"])[..., None]
       return {
         "image": encode_image(fit_to_config(image, config), config),
@@ -366,7 +374,12 @@ class BrainTumorMri(ManualImageBuilder):
       }
 
     per_split = group_by_split(indices, [split_of[index] for index in indices])
-    return self._split_iterators(per_split, make_example)
+    if config.test_fold:  # cvind's folds: an empty one is logged and left out
+      return self._split_iterators(per_split, make_example)
+    return self._split_iterators(
+      per_split, make_example, fractions=config.split_fractions,
+      label_of=lambda index: (LABEL_NAMES[headers[index]["label"] - 1] if headers[index]
+                              else "unreadable"))
 
   def _check_folds(self, indices: list[int], headers: dict[int, Any], folds: np.ndarray) -> None:
     """Warns if cvind puts one patient's slices into several folds (it should not)."""

@@ -8,7 +8,15 @@ corrupt-image policy, patient-wise splitting and the ordered, threaded example w
 Every builder prepares offline in the `array_record` format and is read back with
 `builder.as_data_source(split=...)`, like the phantoms. Images are stored as PNG bytes that we
 encode with Pillow (8-bit, what the training pipeline reads), or, with `storage_bits=16`, as
-zlib-compressed uint16 tensors (tfds cannot decode 16-bit PNGs without OpenCV). Corrupt images
+zlib-compressed uint16 tensors (tfds cannot decode 16-bit PNGs without OpenCV).
+
+Decoding keeps what the file shows: EXIF orientations are applied, transparency is composited on
+black (one warning per split names a file and the count), and a source with more than 8 bits
+(16-bit PNG/TIFF, DICOM with BitsStored > 8) is never reduced to 8 bits silently: with
+`storage_bits=8` its preparation stops naming the file, unless `allow_bit_depth_reduction=True`
+(see `check_bit_depth_kept`). Splits left empty by too few images for their share are refused at
+preparation (`empty_split_error`), and text companions that cannot be decoded name the file and
+line (`read_text_file`). Corrupt images
 fail the preparation naming the file (`on_corrupt='fail'`, the default) or are left out with a
 warning each and listed in `builder.info.metadata['skipped_files'][split]` (`on_corrupt='skip'`).
 """
@@ -51,7 +59,16 @@ class ImageBuilderConfig(tfds.core.BuilderConfig):
     and the training pipeline, which stacks images, cannot batch them).
   resize_mode: 'pad' scales to fit and centres on black (aspect ratio kept, 001) or 'stretch'.
   storage_bits: 8 stores uint8 PNG; 16 stores uint16 (zlib tensor) for full precision, which
-    training scales by 65535 (`--config.preprocess.bit_depth=16`, or the default None).
+    training scales by 65535 (`--config.preprocess.bit_depth=16`, or the default None). A 16-bit
+    PNG/TIFF is stored with its values unchanged, so one holding 12-bit values (0..4095) is
+    trained with `--config.preprocess.bit_depth=12`; a DICOM is stored as displayed, its
+    BitsStored levels spread over 0..65535 (train with 16 or None).
+  allow_bit_depth_reduction: with storage_bits=8, a source of more than 8 bits (16-bit PNG/TIFF,
+    DICOM BitsStored > 8) stops the preparation naming the file (False, the default) or is
+    quantised to 8 bits (True: its values divided by 65535, or its BitsStored range, times 255).
+    16-bit colour or gray+alpha PNGs, which Pillow decodes to 8 bits, are refused whatever
+    storage_bits is unless this is True. tb_cxr and brain_tumor_mri default to True (their
+    papers' 8-bit configs reduce Montgomery's 12 bits and the int16 MRI slices on purpose).
   on_corrupt: 'fail' stops at the first undecodable image, naming it; 'skip' leaves such images
     out, logs each and lists them in `info.metadata['skipped_files']`.
   split_seed: seed of every split this builder carves.
@@ -60,6 +77,7 @@ class ImageBuilderConfig(tfds.core.BuilderConfig):
   image_size: int = 0
   resize_mode: str = "pad"
   storage_bits: int = 8
+  allow_bit_depth_reduction: bool = False
   on_corrupt: str = "fail"
   split_seed: int = 0
 
@@ -157,20 +175,87 @@ def mask_feature(config: ImageBuilderConfig) -> tfds.features.Image:
   return tfds.features.Image(shape=(size, size, 1), encoding_format="png")
 
 
-def read_unit_image(path: os.PathLike | str, channels: int = 1) -> np.ndarray:
+def source_bits(image: np.ndarray) -> int:
+  """Bits of a decoded PNG/JPEG/TIFF's container: 8 for uint8, 16 for uint16."""
+  return preprocess.STORED_BITS[np.dtype(image.dtype)]
+
+
+def check_bit_depth_kept(path: os.PathLike | str, bits: int, config: ImageBuilderConfig,
+                         highest: int | None = None) -> None:
+  """Raises ValueError, naming the file and the options, when storing a `bits`-bit source with
+  the config's storage_bits would lose precision and the config does not allow that
+  (allow_bit_depth_reduction); `highest`, the file's largest value, hints at 12-bit data."""
+  if bits <= config.storage_bits or config.allow_bit_depth_reduction:
+    return
+  training = "--config.preprocess.bit_depth=16 or leave it unset"
+  if highest is not None and highest < 2**12:
+    training = (f"--config.preprocess.bit_depth=12: its values reach only {highest}, < 4096, so "
+                "they are most likely 12-bit values, which are stored unchanged")
+  raise ValueError(
+    f"{os.fspath(path)} holds {bits}-bit pixels, but the config stores "
+    f"storage_bits={config.storage_bits}: preparing would throw away {bits - config.storage_bits} "
+    f"bits of every pixel. Keep them with {option_flag('storage_bits', 16)} (then train with "
+    f"{training}), or reduce them knowingly with "
+    f"{option_flag('allow_bit_depth_reduction', True)}.")
+
+
+def check_decoded_depth(path: os.PathLike | str, raw: np.ndarray,
+                        config: ImageBuilderConfig) -> None:
+  """Raises ValueError, naming the file, when a 16-bit colour or gray+alpha PNG was decoded to
+  8 bits (Pillow keeps only the top byte of such files, whatever storage_bits is), unless the
+  config allows bit-depth reduction."""
+  if raw.dtype != np.uint8 or config.allow_bit_depth_reduction:
+    return
+  if preprocess.png_sample_bits(path) == 16:
+    raise ValueError(
+      f"{os.fspath(path)} is a 16-bit colour (or gray + alpha) PNG, which the image reader "
+      "(Pillow) decodes to its top 8 bits only, whatever storage_bits is. Convert such files to "
+      "16-bit gray PNGs without alpha (read as 16 bits; then use "
+      f"{option_flag('storage_bits', 16)}), or accept 8 bits with "
+      f"{option_flag('allow_bit_depth_reduction', True)}.")
+
+
+def read_unit_image(path: os.PathLike | str, channels: int = 1,
+                    config: ImageBuilderConfig | None = None) -> np.ndarray:
   """An image file as float32 [0, 1] [H, W, channels]: 1 = gray (BT.601 luma), 3 = RGB.
 
-  8-/16-bit PNG/JPEG/... files are scaled by their dtype's maximum; DICOM files (.dcm, .dicom,
-  or any name with DICOM's 'DICM' prefix) as displayed, by `preprocess.read_dicom_unit`
-  (modality and VOI transforms, MONOCHROME1 inverted, BitsStored kept). An undecodable file
+  8-/16-bit PNG/JPEG/... files are decoded by `preprocess.read_image` (EXIF orientation applied,
+  transparency composited on black) and scaled by their dtype's maximum; DICOM files (.dcm,
+  .dicom, or any name with DICOM's 'DICM' prefix) as displayed, by `preprocess.dicom_to_unit`
+  (modality and VOI transforms, MONOCHROME1 inverted, BitsStored kept). With `config`, a source
+  of more bits than config.storage_bits is refused (`check_bit_depth_kept`). An undecodable file
   raises `preprocess.CorruptImageError` naming it (the corrupt-image policy then applies); a
   DICOM whose compression needs a missing package raises `preprocess.MissingDicomDecoderError`.
   """
   if preprocess.is_dicom_file(path):
-    image = preprocess.read_dicom_unit(path)
+    label = str(path)
+    dataset = preprocess.read_dicom_dataset(path, label)
+    pixels = preprocess.dicom_stored_pixels(dataset, label)
+    if config is not None:
+      check_bit_depth_kept(path, preprocess.dicom_bits_stored(dataset), config)
+    image = preprocess.dicom_to_unit(dataset, pixels, label)
   else:
-    image = preprocess.to_unit_float(preprocess.read_image(path))
+    raw = preprocess.read_image(path)
+    if config is not None:
+      check_decoded_depth(path, raw, config)
+      check_bit_depth_kept(path, source_bits(raw), config,
+                           int(raw.max()) if raw.size and raw.dtype == np.uint16 else None)
+    image = preprocess.to_unit_float(raw)
   return preprocess.to_rgb(image) if channels == 3 else preprocess.to_gray(image)
+
+
+def check_mask_orientation(image_path: os.PathLike | str, mask_path: os.PathLike | str) -> None:
+  """Raises ValueError naming both files when an image and its mask carry different EXIF
+  orientations: each is turned upright by its own, so the mask would no longer lie on the image
+  (whether it was drawn on the stored or the displayed image cannot be told from the files)."""
+  image_orientation = preprocess.exif_orientation(image_path)
+  mask_orientation = preprocess.exif_orientation(mask_path)
+  if image_orientation != mask_orientation:
+    raise ValueError(
+      f"{os.fspath(image_path)} has EXIF orientation {image_orientation} but its mask "
+      f"{os.fspath(mask_path)} has {mask_orientation}: images and masks are turned upright by "
+      "their own EXIF orientation, so these two would disagree. Save both with the same "
+      "orientation (e.g. apply it to the image's pixels and remove its EXIF tag).")
 
 
 def fit_to_config(image: np.ndarray, config: ImageBuilderConfig,
@@ -266,16 +351,21 @@ def group_by_split(items: Sequence[_Item], which: Sequence[int],
 
 
 def process_in_order(fn: Callable[[_Item], dict[str, Any]], items: Sequence[_Item], *,
-                     on_corrupt: str, skipped: list[str]) -> Iterator[dict[str, Any]]:
+                     on_corrupt: str, skipped: list[str],
+                     notes: preprocess.DecodeNotes | None = None) -> Iterator[dict[str, Any]]:
   """fn(item) for every item, computed on threads (Pillow releases the GIL), yielded in order.
 
   A `preprocess.CorruptImageError` raised by fn is re-raised (on_corrupt='fail') or logged and
-  its path appended to `skipped` (on_corrupt='skip'); other errors always propagate.
+  its path appended to `skipped` (on_corrupt='skip'); other errors always propagate. What
+  decoding changed (transparency, EXIF orientation) is recorded in `notes` when given.
   """
 
   def guarded(item: _Item) -> dict[str, Any] | preprocess.CorruptImageError:
     try:
-      return fn(item)
+      if notes is None:
+        return fn(item)
+      with preprocess.collecting_decode_notes(notes):
+        return fn(item)
     except preprocess.CorruptImageError as error:
       return error
 
@@ -297,12 +387,17 @@ def split_examples(info: tfds.core.DatasetInfo, split: str, items: Sequence[_Ite
                    make_example: Callable[[_Item], dict[str, Any]],
                    on_corrupt: str) -> Iterator[tuple[int, dict[str, Any]]]:
   """(key, example) pairs of one split in item order (integer keys keep that order on disk);
-  skipped corrupt files are recorded in `info.metadata['skipped_files'][split]`."""
+  skipped corrupt files are recorded in `info.metadata['skipped_files'][split]`, and what decoding
+  changed (transparency composited, EXIF orientation applied) is logged once per kind."""
   skipped: list[str] = []
+  notes = preprocess.DecodeNotes()
   key = 0
-  for example in process_in_order(make_example, items, on_corrupt=on_corrupt, skipped=skipped):
+  for example in process_in_order(make_example, items, on_corrupt=on_corrupt, skipped=skipped,
+                                  notes=notes):
     yield key, example
     key += 1
+  for line in notes.summary(f"{info.full_name}/{split}"):
+    logging.warning("%s", line)
   info.metadata.setdefault("skipped_files", {})[split] = sorted(skipped)
   if skipped:
     logging.warning("%s/%s: skipped %d corrupt image(s), listed in the dataset's metadata.json "
@@ -320,18 +415,46 @@ def class_counts(items: Sequence[Any], label_of: Callable[[Any], str]) -> dict[s
 
 def empty_split_error(builder_name: str, split: str, per_split: Mapping[str, Sequence[Any]],
                       fractions: Sequence[float],
-                      label_of: Callable[[Any], str] | None = None) -> ValueError:
-  """The error for a split left empty by too few images for the split fractions: it names the
-  split, the images per class and per split, the fractions and the option to change."""
+                      label_of: Callable[[Any], str] | None = None, *,
+                      validation_fraction: float | None = None) -> ValueError:
+  """The error for a split left empty by too few images for its share: it names the split, the
+  images per class and per split, the shares and the option to change (split_fractions, or
+  validation_fraction for builders that carve validation out of a given train split)."""
   all_items = [item for items in per_split.values() for item in items]
   per_class = (f"; images per class: {class_counts(all_items, label_of)}"
                if label_of is not None else "")
   sizes = {name: len(items) for name, items in per_split.items()}
+  if validation_fraction is not None:
+    shares = (f"validation_fraction {validation_fraction} (the share of the train split carved "
+              f"out as validation) gives {sizes}")
+    change = (f"raise it with {OPTION_FLAG_PREFIX}validation_fraction=F (0 < F < 1), or leave "
+              f"validation out with {option_flag('validation_fraction', 0.0)}")
+  else:
+    shares = f"split fractions {tuple(fractions)} (train, validation, test) give {sizes}"
+    change = (f"change the fractions with {OPTION_FLAG_PREFIX}split_fractions=TRAIN,VALIDATION,"
+              "TEST (a share of 0 leaves that split out)")
   return ValueError(
-    f"{builder_name}: split {split!r} came out empty: {len(all_items)} images{per_class}; split "
-    f"fractions {tuple(fractions)} (train, validation, test) give {sizes}. Add images, or "
-    f"change the fractions with {OPTION_FLAG_PREFIX}split_fractions=TRAIN,VALIDATION,TEST (each "
-    "share is rounded to whole images, or patients, within each class).")
+    f"{builder_name}: split {split!r} came out empty: {len(all_items)} images{per_class}; "
+    f"{shares}. Add images, or {change}; each share is rounded to whole images, or patients, "
+    "within each class.")
+
+
+def read_text_file(path: os.PathLike | str, *, fallback: str | None = None) -> tuple[str, str]:
+  """(text, encoding) of a text file: UTF-8 (a byte-order mark is dropped), else `fallback`
+  (e.g. 'latin-1', which decodes any bytes) when given. Without a fallback, bytes that are not
+  UTF-8 raise ValueError naming the file, the line and the byte offset."""
+  data = pathlib.Path(path).read_bytes()
+  try:
+    return data.decode("utf-8-sig"), "utf-8"
+  except UnicodeDecodeError as error:
+    if fallback is not None:
+      return data.decode(fallback), fallback
+    line = data.count(b"\n", 0, error.start) + 1
+    column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+    raise ValueError(
+      f"{os.fspath(path)}, line {line}, byte {column} of the line: not UTF-8 (byte "
+      f"{data[error.start:error.start + 1]!r}: {error.reason}); save the file as UTF-8 (e.g. "
+      "`iconv -f latin1 -t utf-8`).") from None
 
 
 class ManualImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -364,19 +487,25 @@ class ManualImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
                        make_example: Callable[[Any], dict[str, Any]], *,
                        fractions: Sequence[float] | None = None,
                        label_of: Callable[[Any], str] | None = None,
+                       validation_fraction: float | None = None,
                        ) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
     """Generators of the splits that have items.
 
     With `fractions` (the shares the items were split by, in SPLITS order), a split that came out
     empty although its share is > 0 raises `empty_split_error` (with images per class when
-    `label_of` names an item's class); other empty splits are dropped with a warning.
+    `label_of` names an item's class); other empty splits are dropped with a warning. Builders
+    that carve validation out of a given train split pass `validation_fraction` instead: then
+    only validation is checked (an empty given split is dropped with a warning, as before).
     """
+    if validation_fraction is not None:
+      fractions = (0.0, validation_fraction, 0.0)
     result = {}
     for split, items in per_split.items():
       if not items:
         share = fractions[SPLITS.index(split)] if fractions is not None else 0.0
         if share > 0:
-          raise empty_split_error(self.name, split, per_split, fractions, label_of)
+          raise empty_split_error(self.name, split, per_split, fractions, label_of,
+                                  validation_fraction=validation_fraction)
         logging.warning("%s: split %r has no examples and is not written.", self.info.full_name,
                         split)
         continue

@@ -7,7 +7,11 @@ neighbour), plus `<Class>.metadata.xlsx` whose URL column names each image's sou
 config: `three` (003: COVID, Lung_Opacity, Normal; the default) or `four`. The collection has no
 patient ids, so the split is by image, stratified by class: 60/10/30 (003 tests on 30%).
 
-The .xlsx files are read with the standard library (zip + XML), so openpyxl is not needed.
+The .xlsx files are read with the standard library (zip + XML), so openpyxl is not needed; an
+unreadable sheet stops the preparation naming it. EXIF orientations are applied to images and
+masks (an image and mask with different orientations stop the preparation naming both),
+transparency is composited on black, and a 16-bit source is refused with the default
+storage_bits=8 (pass --config.dataset.builder.storage_bits=16, or allow_bit_depth_reduction=True).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from medxai_jax.data.builders.common import (
   ManualImageBuilder,
   assign_splits,
   canonical_name,
+  check_mask_orientation,
   collection_root,
   config_by_name,
   encode_image,
@@ -173,8 +178,12 @@ class CovidRadiography(ManualImageBuilder):
   # shortcut-marker mask (None: none); see `builders.mask_keys`.
   LOCALISATION_MASK_KEY: str | None = "lung_mask"
   MARKER_MASK_KEY: str | None = None
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.0.0": "Initial release.",
+    "1.1.0": "EXIF orientation applied, transparency composited on black; sources above "
+             "storage_bits refused unless allow_bit_depth_reduction.",
+  }
   BUILDER_CONFIGS = _CONFIGS
   DEFAULT_BUILDER_CONFIG_NAME = "three"
   MANUAL_DOWNLOAD_INSTRUCTIONS = COVID_INSTRUCTIONS
@@ -287,10 +296,11 @@ class CovidRadiography(ManualImageBuilder):
 
     def make_example(item: tuple[pathlib.Path, pathlib.Path | None, int, str]) -> dict[str, Any]:
       path, mask_path, label, url = item
-      pixels = read_unit_image(path)
+      pixels = read_unit_image(path, 1, config)
       if mask_path is None:
         mask = np.zeros(pixels.shape[:2] + (1,), np.uint8)
       else:
+        check_mask_orientation(path, mask_path)
         mask = (preprocess.read_image(mask_path)[..., :1] > 0).astype(np.uint8)
         mask = preprocess.resize_np(mask, *pixels.shape[:2], method="nearest")
       return {

@@ -74,6 +74,12 @@ other characters into '_' ('Abdomen CT' -> 'abdomen_ct'). The default config exp
 classes: abdomen_ct, brain_mri, cardiac_abdomen_ultrasound, chest_xray, fluorescence_microscopy,
 retinal_funduscopy, statistical_graph. For other class sets build the config with
 `modality_folders.config_from_folder(path)`.
+
+Bit depth: the default stores 8-bit PNGs. A 16-bit PNG/TIFF or a DICOM with BitsStored > 8 then
+stops the preparation, naming the file: pass --config.dataset.builder.storage_bits=16 to keep
+every value (train with --config.preprocess.bit_depth=16, or 12 for 12-bit values in 16-bit
+PNGs, which are stored unchanged), or --config.dataset.builder.allow_bit_depth_reduction=True to
+store 8 bits knowingly. EXIF orientations are applied and transparency is composited on black.
 """
 
 
@@ -169,11 +175,13 @@ class MedicalModalities(ManualImageBuilder):
   # shortcut-marker mask (None: none); see `builders.mask_keys`.
   LOCALISATION_MASK_KEY: str | None = None
   MARKER_MASK_KEY: str | None = None
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {
     "1.0.0": "Initial release.",
     "1.1.0": "DICOM files; patient_id (DICOM PatientID) and patient-wise splits; non-image "
              "files listed in metadata['unhandled_files'].",
+    "1.2.0": "EXIF orientation applied, transparency composited on black; sources above "
+             "storage_bits refused unless allow_bit_depth_reduction; empty splits refused.",
   }
   BUILDER_CONFIGS = [_DEFAULT_MODALITY_CONFIG]
   DEFAULT_BUILDER_CONFIG_NAME = _DEFAULT_MODALITY_CONFIG.name
@@ -259,12 +267,14 @@ class MedicalModalities(ManualImageBuilder):
     def make_example(item: tuple[pathlib.Path, int, str]) -> dict[str, Any]:
       path, label, patient = item
       relative = path.relative_to(manual).as_posix()
-      image = read_unit_image(path, config.channels)
+      image = read_unit_image(path, config.channels, config)
       return {"image": encode_image(fit_to_config(image, config), config), "label": label,
               "patient_id": patient, "path": relative}
 
+    names = self.info.features["label"].names
     return self._split_iterators(
-      {split: per_split[split] for split in SPLITS if split in per_split}, make_example)
+      {split: per_split[split] for split in SPLITS if split in per_split}, make_example,
+      fractions=fractions, label_of=lambda item: names[item[1]])
 
   def _warn_shared_patients(self, per_split: dict[str, list[tuple[pathlib.Path, int, str]]]
                             ) -> None:

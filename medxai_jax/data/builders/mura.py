@@ -10,12 +10,20 @@ patient-disjoint). Files under MURA-v1.1/ that are neither images nor CSVs are l
 info.metadata['unhandled_files']. To
 select epochs on the official validation set as 000 does, set
 `--config.dataset.validation_split=test`.
+
+The CSVs are read as UTF-8 (a byte-order mark is accepted); other bytes stop the preparation
+naming the file and line. A validation carve left empty by too few patients (with
+validation_fraction > 0) is refused at preparation, naming the class counts. EXIF orientations
+are applied, transparency is composited on black, and a 16-bit source is refused with the
+default storage_bits=8 (pass --config.dataset.builder.storage_bits=16, or
+allow_bit_depth_reduction=True).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import pathlib
 import re
 from collections.abc import Iterator, Sequence
@@ -38,6 +46,7 @@ from medxai_jax.data.builders.common import (
   list_unhandled,
   manual_dir,
   missing_error,
+  read_text_file,
   read_unit_image,
   record_unhandled,
   validate_config,
@@ -120,9 +129,15 @@ class MuraImage:
 
 
 def _read_csv_rows(path: pathlib.Path) -> list[list[str]]:
-  """Non-empty rows of a headerless CSV, whitespace stripped."""
-  with open(path, newline="", encoding="utf-8") as handle:
-    rows = [[cell.strip() for cell in row] for row in csv.reader(handle)]
+  """Non-empty rows of a headerless UTF-8 CSV (a byte-order mark is dropped), whitespace
+  stripped; undecodable bytes or malformed CSV raise ValueError naming the file and line."""
+  text, _ = read_text_file(path)
+  reader = csv.reader(io.StringIO(text, newline=""))
+  try:
+    rows = [[cell.strip() for cell in row] for row in reader]
+  except csv.Error as error:
+    raise ValueError(f"{path}, line {reader.line_num}: not a readable CSV line ({error})."
+                     ) from None
   return [row for row in rows if row and any(row)]
 
 
@@ -180,8 +195,13 @@ class Mura(ManualImageBuilder):
   # shortcut-marker mask (None: none); see `builders.mask_keys`.
   LOCALISATION_MASK_KEY: str | None = None
   MARKER_MASK_KEY: str | None = None
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.0.0": "Initial release.",
+    "1.1.0": "EXIF orientation applied, transparency composited on black; sources above "
+             "storage_bits refused unless allow_bit_depth_reduction; empty validation refused; "
+             "CSVs with a byte-order mark accepted.",
+  }
   BUILDER_CONFIGS = _CONFIGS
   DEFAULT_BUILDER_CONFIG_NAME = "all"
   MANUAL_DOWNLOAD_INSTRUCTIONS = MURA_INSTRUCTIONS
@@ -242,7 +262,7 @@ class Mura(ManualImageBuilder):
       per_split[split] = sorted(kept, key=lambda image: (image.study_id, image.view))
 
     def make_example(image: MuraImage) -> dict[str, Any]:
-      pixels = read_unit_image(base / image.path)
+      pixels = read_unit_image(base / image.path, 1, config)
       if config.remove_border:
         pixels = preprocess.remove_uniform_border(pixels, tolerance=config.border_tolerance)
       return {
@@ -255,7 +275,9 @@ class Mura(ManualImageBuilder):
         "path": image.path,
       }
 
-    return self._split_iterators(per_split, make_example)
+    return self._split_iterators(per_split, make_example,
+                                 validation_fraction=config.validation_fraction,
+                                 label_of=lambda image: LABEL_NAMES[image.label])
 
 
 def read_metadata(builder: tfds.core.DatasetBuilder, split: str,

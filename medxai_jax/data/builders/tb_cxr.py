@@ -21,7 +21,16 @@ value (the Shenzhen masks are antialiased 8-bit PNGs; Montgomery's are 0/255).
 Splits are by patient (`patient_id`, the file name without the label digit), so no patient is
 in two splits. Files that are not images, readings or ReadMe documents are listed in
 info.metadata['unhandled_files']. The clinical reading text is kept whole, with sex
-and age parsed from it (unknown / -1 when the text does not say).
+and age parsed from it (unknown / -1 when the text does not say); readings are free text, read as
+UTF-8 and, when a file is not UTF-8, as Latin-1 (which decodes any bytes; logged once, with the
+count and one file), so no reading is refused or altered with replacement characters.
+
+Bit depth: the 8-bit configs reduce Montgomery's 12 bits to 8 on purpose (002 equalises 8-bit
+images), so this builder's `allow_bit_depth_reduction` defaults to True; set it False to have
+any 16-bit source refused with storage_bits=8. A split left empty by too few images for its
+share stops the preparation, naming the counts per source and label. Images and masks are turned
+upright by their EXIF orientation; an image and mask with different orientations stop the
+preparation naming both (`common.check_mask_orientation`); transparency is composited on black.
 """
 
 from __future__ import annotations
@@ -41,6 +50,9 @@ from medxai_jax.data.builders.common import (
   ImageBuilderConfig,
   ManualImageBuilder,
   assign_splits,
+  check_bit_depth_kept,
+  check_decoded_depth,
+  check_mask_orientation,
   config_by_name,
   encode_image,
   encode_mask,
@@ -51,7 +63,9 @@ from medxai_jax.data.builders.common import (
   manual_dir,
   mask_feature,
   missing_error,
+  read_text_file,
   record_unhandled,
+  source_bits,
   validate_config,
 )
 
@@ -90,8 +104,11 @@ class TbCxrConfig(ImageBuilderConfig):
   sources: 'montgomery' and/or 'shenzhen'. clahe: equalise after resizing (002;
   `preprocess.clahe`, MATLAB adapthist's defaults). montgomery_bit_depth: significant bits of
   Montgomery's 16-bit PNGs (12). split_fractions: train/validation/test (002: 70/20/10).
+  allow_bit_depth_reduction: True here (unlike the other builders): 002's 8-bit configs quantise
+  Montgomery's 12-bit values to 8 bits knowingly; `montgomery_16bit` keeps them.
   """
 
+  allow_bit_depth_reduction: bool = True
   sources: tuple[str, ...] = SOURCES
   clahe: bool = True
   montgomery_bit_depth: int = 12
@@ -236,6 +253,24 @@ def list_source(manual: pathlib.Path, source: str) -> list[TbImage]:
   return images
 
 
+READING_FALLBACK_ENCODING = "latin-1"
+
+
+def read_readings(images: list[TbImage]) -> dict[pathlib.Path, str]:
+  """Reading file -> its text (stripped), UTF-8 or else READING_FALLBACK_ENCODING; the files
+  that needed the fallback are logged once, with their count and one of them."""
+  texts, fallen_back = {}, []
+  for image in images:
+    text, encoding = read_text_file(image.reading, fallback=READING_FALLBACK_ENCODING)
+    texts[image.reading] = text.strip()
+    if encoding != "utf-8":
+      fallen_back.append(str(image.reading))
+  if fallen_back:
+    logging.warning("tb_cxr: %d clinical reading(s) are not UTF-8 and were read as %s, e.g. %s.",
+                    len(fallen_back), READING_FALLBACK_ENCODING, fallen_back[0])
+  return texts
+
+
 def source_folder(manual: pathlib.Path, source: str) -> pathlib.Path:
   """The folder of one set: manual_dir/<MontgomerySet|ChinaSet_AllFiles>, or manual_dir itself."""
   folder = manual / _FOLDERS[source]
@@ -249,10 +284,12 @@ class TbCxr(ManualImageBuilder):
   # shortcut-marker mask (None: none); see `builders.mask_keys`.
   LOCALISATION_MASK_KEY: str | None = "lung_mask"
   MARKER_MASK_KEY: str | None = None
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {
     "1.0.0": "Initial release.",
     "1.1.0": "Shenzhen lung masks read when present; masks binarised at half their maximum.",
+    "1.2.0": "Readings that are not UTF-8 read as Latin-1 (not with replacement characters); "
+             "EXIF orientation applied, transparency composited on black; empty splits refused.",
   }
   BUILDER_CONFIGS = _CONFIGS
   DEFAULT_BUILDER_CONFIG_NAME = "combined"
@@ -294,6 +331,7 @@ class TbCxr(ManualImageBuilder):
     which = assign_splits([image.patient_id for image in images], config.split_fractions,
                           config.split_seed, strata=[(image.source, image.label)
                                                      for image in images])
+    readings = read_readings(images)
     record_unhandled(self.info, [
       path for source in SOURCES if source in config.sources
       for path in list_unhandled(source_folder(manual, source), COMPANION_SUFFIXES, manual)],
@@ -303,6 +341,11 @@ class TbCxr(ManualImageBuilder):
       raw = preprocess.read_image(image.path)
       bits = config.montgomery_bit_depth if (
         raw.dtype == np.uint16 and SOURCES[image.source] == "montgomery") else None
+      check_decoded_depth(image.path, raw, config)
+      check_bit_depth_kept(image.path, bits or source_bits(raw), config,
+                           int(raw.max()) if raw.size and raw.dtype == np.uint16 else None)
+      for path in image.masks:
+        check_mask_orientation(image.path, path)
       try:
         pixels = preprocess.to_gray(preprocess.to_unit_float(raw, bits))
       except ValueError as error:
@@ -321,7 +364,7 @@ class TbCxr(ManualImageBuilder):
       pixels = fit_to_config(pixels, config)
       if config.clahe:
         pixels = preprocess.clahe(np.clip(pixels, 0.0, 1.0))
-      text = image.reading.read_text(encoding="utf-8", errors="replace").strip()
+      text = readings[image.reading]
       sex, age = parse_reading(text)
       return {
         "image": encode_image(pixels, config),
@@ -336,4 +379,6 @@ class TbCxr(ManualImageBuilder):
         "path": image.path.relative_to(manual).as_posix(),
       }
 
-    return self._split_iterators(group_by_split(images, which), make_example)
+    return self._split_iterators(
+      group_by_split(images, which), make_example, fractions=config.split_fractions,
+      label_of=lambda image: f"{SOURCES[image.source]} {LABEL_NAMES[image.label]}")
