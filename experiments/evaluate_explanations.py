@@ -214,6 +214,13 @@ def mask_coverage(key: str | None, masks: jax.Array | None, chosen: np.ndarray
           "indices_without_mask": np.asarray(chosen)[~present].tolist()}
 
 
+def move_to_end(scores: dict[str, Any], keys: Sequence[str]) -> None:
+  """Moves the `keys` that `scores` has to its end, in the order given (in place)."""
+  for key in keys:
+    if key in scores:
+      scores[key] = scores.pop(key)
+
+
 def make_scorer(model: base.Classifier, options: ScoreOptions, margin: int):
   """Jitted (variables, images, targets, maps [B,H,W], lesion, marker) -> per-image scores.
 
@@ -436,8 +443,6 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
                                           lesion, marker))
     per_image[name] = {k: np.asarray(v) for k, v in scores.items()}
     curves[name] = {k: np.asarray(v) for k, v in curve.items()}
-  late = {name: {k: scores.pop(k) for k in CHEXLOCALIZE_METRICS if k in scores}
-          for name, scores in per_image.items()}
 
   data_test = None
   if shuffled_labels_checkpoint:
@@ -455,8 +460,8 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
     per_image[name]["cascade_spearman"] = cascade["spearman"][-1]
     per_image[name]["cascade_spearman_abs"] = cascade["spearman_abs"][-1]
 
-  for name, scores in late.items():  # last, so the other metrics keep their bootstrap seeds
-    per_image[name].update(scores)
+  for scores in per_image.values():  # last, so the other metrics keep their bootstrap seeds
+    move_to_end(scores, CHEXLOCALIZE_METRICS)
   present = {k for scores in per_image.values() for k in scores}
   metrics = [m for m in metric_order(score_options.top_percents) if m in present]
   not_scored = not_scored_metrics(problems, score_options.top_percents, list(sanity),
