@@ -19,9 +19,9 @@ marker): the share of attribution on it. An image whose mask is empty (all zeros
 that cannot be scored at all are listed with the reason (`not_scored` in evaluation.json, under
 the table in leaderboard.md, in the report section). Writes into --workdir: `leaderboard.csv`
 and `leaderboard.md` (mean and 95% percentile-bootstrap interval per method and metric, seconds
-per image), `gallery.png` (input with the mask outline, one column per method), `curves.png`
-(mean deletion / insertion curves), `sanity.png` + `sanity.csv` (per-layer randomisation
-curves), `scores.npz` (every per-image score) and `evaluation.json`.
+per image), `gallery.png` (input with the mask outline, images with a mask first, one column
+per method), `curves.png` (mean deletion / insertion curves), `sanity.png` + `sanity.csv`
+(per-layer randomisation curves), `scores.npz` (every per-image score) and `evaluation.json`.
 """
 
 from __future__ import annotations
@@ -219,6 +219,14 @@ def move_to_end(scores: dict[str, Any], keys: Sequence[str]) -> None:
   for key in keys:
     if key in scores:
       scores[key] = scores.pop(key)
+
+
+def gallery_rows_shown(masks: jax.Array | None, count: int, rows: int) -> np.ndarray:
+  """Positions of the images the gallery shows: those with a non-empty mask first, in order."""
+  if masks is None:
+    return np.arange(min(rows, count))
+  empty = ~np.asarray(masks).any(axis=(1, 2))
+  return np.argsort(empty, kind="stable")[:rows]
 
 
 def make_scorer(model: base.Classifier, options: ScoreOptions, margin: int):
@@ -472,7 +480,7 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
   seconds = {name: info.get(name, {}).get("seconds_per_image") for name in leaderboard}
   csv_path, md_path = write_leaderboard(leaderboard, metrics, seconds, workdir,
                                         not_scored=not_scored)
-  shown = slice(0, gallery_rows)
+  shown = gallery_rows_shown(lesion, len(chosen), gallery_rows)
   gallery = figures.plot_attribution_grid(
       examples["image"][chosen][shown], {n: m[shown] for n, m in maps_by_method.items()
                                          if n != RANDOM},

@@ -200,5 +200,9 @@ def test_scoring_masks_use_has_flags_and_name_what_is_missing():
   assert problems["localisation"] == "mura declares no localisation mask"
   with pytest.raises(ValueError, match="lung_mask"):
     ee.scoring_masks("tb_cxr", {"lung_mask": np.zeros((3, 8, 8, 2))}, np.arange(3), shape)
+  masks = np.zeros((4, 8, 8), bool)
+  masks[[1, 3], 2, 2] = True
+  np.testing.assert_array_equal(ee.gallery_rows_shown(masks, 4, 3), [1, 3, 0])
+  np.testing.assert_array_equal(ee.gallery_rows_shown(None, 4, 6), [0, 1, 2, 3])
   reasons = ee.not_scored_metrics({"localisation": "why"}, (1.0,), ("gradients",), True)
   assert set(reasons) == set(ee.localisation_metrics((1.0,))) and set(reasons.values()) == {"why"}
