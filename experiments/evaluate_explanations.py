@@ -1,4 +1,4 @@
-r"""Scores every explanation method of a trained model against the phantoms' masks: a leaderboard.
+r"""Scores every explanation method of a trained model on any dataset: a leaderboard.
 
   python -m experiments.evaluate_explanations --config=configs/demo.py --checkpoint=runs/demo \
       --workdir=runs/demo/explanations --num_images=32
@@ -6,16 +6,22 @@ r"""Scores every explanation method of a trained model against the phantoms' mas
 --checkpoint is a training run directory (its selected, 'best' checkpoint is explained). Each
 method of `medxai_jax.explain.METHODS` (plus a uniform random map as the contrast) explains the
 first --num_images test images of --label for their label, and is scored per image
-(`medxai_jax.analysis.faithfulness`): pointing game, energy in the lesion, IoU / precision of the
-top-k% region, deletion and insertion AUC, the share of attribution on the L/R marker, and
-(for --sanity_methods) the Spearman correlation with the maps of the model after cascading
-randomisation of all its layers, and with --shuffled_labels_checkpoint (a run trained with
+(`medxai_jax.analysis.faithfulness`): deletion and insertion AUC, (for --sanity_methods) the
+Spearman correlation with the maps of the model after cascading randomisation of all its
+layers, and with --shuffled_labels_checkpoint (a run trained with
 --config.dataset.shuffle_labels=True) with the maps of that model (the data-randomisation
-test). Writes into --workdir: `leaderboard.csv` and `leaderboard.md`
-(mean and 95% percentile-bootstrap interval per method and metric, seconds per image),
-`gallery.png` (input with the lesion outline, one column per method), `curves.png` (mean
-deletion / insertion curves), `sanity.png` + `sanity.csv` (per-layer randomisation curves),
-`scores.npz` (every per-image score) and `evaluation.json`.
+test): these need no mask. Against the localisation mask the dataset declares
+(`medxai_jax.data.builders.mask_keys`: the phantoms' lesion_mask, covid_radiography's and
+tb_cxr's lung_mask, brain_tumor_mri's tumor_mask): pointing game, energy, IoU / precision of the
+top-k% region, and CheXlocalize's mIoU and hit rate; against a marker mask (the phantoms' L/R
+marker): the share of attribution on it. An image whose mask is empty (all zeros, or its
+`has_<mask>` feature False) gets NaN for those scores, left out of means and counts; metrics
+that cannot be scored at all are listed with the reason (`not_scored` in evaluation.json, under
+the table in leaderboard.md, in the report section). Writes into --workdir: `leaderboard.csv`
+and `leaderboard.md` (mean and 95% percentile-bootstrap interval per method and metric, seconds
+per image), `gallery.png` (input with the mask outline, images with a mask first, one column
+per method), `curves.png` (mean deletion / insertion curves), `sanity.png` + `sanity.csv`
+(per-layer randomisation curves), `scores.npz` (every per-image score) and `evaluation.json`.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import csv
 import dataclasses
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, NamedTuple, Sequence
 
 from absl import app
 from absl import flags
@@ -70,13 +76,24 @@ class ScoreOptions:
   sanity_methods: tuple[str, ...] = ("gradients", "grad_cam")
   sanity_how: str = "init"
   num_resamples: int = 2000
+  # CheXlocalize's mIoU and hit rate (Saporta et al. 2022): the map binarised by Otsu's method
+  # (their default) or 'fixed' (normalised map > binarisation_threshold, their tuned option).
+  binarisation: str = "otsu"
+  binarisation_threshold: float = 0.5
+  miou_true_positive_only: bool = True  # their default: an empty segmentation is not scored
+  hit_ties: str = "first"  # 'first' maximal pixel in raster order (theirs) or the tied 'share'
 
 
-def _fit_masks(masks: np.ndarray, shape: Sequence[int]) -> jax.Array:
+def _fit_masks(masks: np.ndarray, shape: Sequence[int], name: str = "masks") -> jax.Array:
   """Stored masks [N, h, w(, 1)] as bool [N, H, W] at the maps' size (nearest neighbour)."""
   masks = np.asarray(masks)
   if masks.ndim == 4:
+    if masks.shape[-1] != 1:
+      raise ValueError(f"The {name} feature must have one channel; got shape {masks.shape}.")
     masks = masks[..., 0]
+  if masks.ndim != 3 or len(masks) != shape[0]:
+    raise ValueError(f"The {name} feature must be [N, h, w(, 1)] with N = {shape[0]} images; got "
+                     f"shape {masks.shape}.")
   masks = jnp.asarray(masks > 0, jnp.float32)
   if masks.shape[1:] != tuple(shape[1:]):
     masks = jax.image.resize(masks, (masks.shape[0], *shape[1:]), method="nearest")
@@ -90,16 +107,133 @@ def pointing_margin(options: ScoreOptions, image_size: int) -> int:
   return int(round(POINTING_MARGIN_AT_224 * image_size / 224))
 
 
+def localisation_metrics(top_percents: Sequence[float]) -> list[str]:
+  """The scores that need a localisation mask, in leaderboard order."""
+  return ["pointing_game", "energy", "hit_rate", "miou", "rank_accuracy", "iou_mask_size",
+          *[f"{kind}_top{p:g}%" for p in top_percents for kind in ("iou", "precision")]]
+
+
+MARKER_METRICS = ("marker_share",)
+CHEXLOCALIZE_METRICS = ("hit_rate", "miou")
+CASCADE_METRICS = ("cascade_spearman", "cascade_spearman_abs")
+DATA_METRICS = ("data_spearman", "data_spearman_abs")
+
+
 def metric_order(top_percents: Sequence[float]) -> list[str]:
   """Leaderboard columns: localisation, faithfulness, shortcut, sanity."""
-  return ["pointing_game", "energy", "rank_accuracy", "iou_mask_size",
-          *[f"{kind}_top{p:g}%" for p in top_percents for kind in ("iou", "precision")],
-          "deletion_auc", "insertion_auc", "marker_share", "cascade_spearman",
-          "cascade_spearman_abs", "data_spearman", "data_spearman_abs"]
+  return [*localisation_metrics(top_percents), "deletion_auc", "insertion_auc", *MARKER_METRICS,
+          *CASCADE_METRICS, *DATA_METRICS]
+
+
+class ScoringMasks(NamedTuple):
+  """The masks [N, H, W] (bool) the scores use, None where a kind cannot be scored."""
+
+  localisation: jax.Array | None
+  marker: jax.Array | None
+  localisation_key: str | None
+  marker_key: str | None
+
+
+def dataset_mask_keys(dataset_name: str):
+  """The dataset's declared localisation and marker mask features (`builders.mask_keys`)."""
+  from medxai_jax.data import builders  # registers the TFDS builders: a heavy import, kept local
+
+  return builders.mask_keys(dataset_name)
+
+
+def mask_problem(dataset_name: str, kind: str, key: str | None,
+                 available: Collection[str]) -> str | None:
+  """Why `kind` ('localisation' / 'marker') masks cannot be read from a split, or None."""
+  if key is None:
+    return f"{dataset_name} declares no {kind} mask"
+  if key not in available:
+    return (f"the test split of {dataset_name} has no {key!r} feature (prepared by an older "
+            "builder version?)")
+  return None
+
+
+def empty_mask_problem(dataset_name: str, key: str, masks: np.ndarray,
+                       indices: Sequence[int]) -> str | None:
+  """A reason when no chosen image has a non-empty mask (nothing to score against), or None."""
+  if np.asarray(masks).any(axis=(1, 2)).any():
+    return None
+  return (f"{key} is empty (all zeros) on all {len(indices)} chosen test images of "
+          f"{dataset_name} (a collection shipped or built without these masks)")
+
+
+def scoring_masks(dataset_name: str, examples: Mapping[str, np.ndarray], chosen: np.ndarray,
+                  shape: Sequence[int]) -> tuple[ScoringMasks, dict[str, str]]:
+  """The dataset's localisation and marker masks of the chosen images, and why any is missing.
+
+  A `has_<key>` feature (tb_cxr's `has_lung_mask`) empties the masks of images it marks False.
+  An image whose mask is empty gets NaN for that kind of score; when every chosen image's is
+  empty, the kind is not scored at all (reason returned, keyed 'localisation' / 'marker').
+  """
+  keys = dataset_mask_keys(dataset_name)
+  masks, problems = {}, {}
+  for kind, key in (("localisation", keys.localisation), ("marker", keys.marker)):
+    problem = mask_problem(dataset_name, kind, key, examples)
+    fitted = None
+    if problem is None:
+      fitted = np.asarray(_fit_masks(examples[key][chosen], shape, key))
+      flag = f"has_{key}"
+      if flag in examples:
+        fitted = fitted & np.asarray(examples[flag][chosen], bool)[:, None, None]
+      problem = empty_mask_problem(dataset_name, key, fitted, chosen)
+    if problem is None:
+      masks[kind] = jnp.asarray(fitted)
+    else:
+      problems[kind] = problem
+  return ScoringMasks(masks.get("localisation"), masks.get("marker"), keys.localisation,
+                      keys.marker), problems
+
+
+def not_scored_metrics(problems: Mapping[str, str], top_percents: Sequence[float],
+                       sanity_methods: Sequence[str], data_test: bool) -> dict[str, str]:
+  """Every leaderboard metric that is not computed, with the reason."""
+  reasons = {}
+  if "localisation" in problems:
+    reasons.update(dict.fromkeys(localisation_metrics(top_percents), problems["localisation"]))
+  if "marker" in problems:
+    reasons.update(dict.fromkeys(MARKER_METRICS, problems["marker"]))
+  if not sanity_methods:
+    reasons.update(dict.fromkeys(CASCADE_METRICS, "no sanity method chosen (--sanity_methods)"))
+  if not data_test:
+    reasons.update(dict.fromkeys(DATA_METRICS, "no shuffled-label run given "
+                                 "(--shuffled_labels_checkpoint)"))
+  return reasons
+
+
+def mask_coverage(key: str | None, masks: jax.Array | None, chosen: np.ndarray
+                  ) -> dict[str, Any] | None:
+  """Which chosen images have a non-empty mask (the others' scores are NaN), or None."""
+  if masks is None:
+    return None
+  present = np.asarray(masks).any(axis=(1, 2))
+  return {"feature": key, "num_images": int(len(chosen)), "num_with_mask": int(present.sum()),
+          "indices_without_mask": np.asarray(chosen)[~present].tolist()}
+
+
+def move_to_end(scores: dict[str, Any], keys: Sequence[str]) -> None:
+  """Moves the `keys` that `scores` has to its end, in the order given (in place)."""
+  for key in keys:
+    if key in scores:
+      scores[key] = scores.pop(key)
+
+
+def gallery_rows_shown(masks: jax.Array | None, count: int, rows: int) -> np.ndarray:
+  """Positions of the images the gallery shows: those with a non-empty mask first, in order."""
+  if masks is None:
+    return np.arange(min(rows, count))
+  empty = ~np.asarray(masks).any(axis=(1, 2))
+  return np.argsort(empty, kind="stable")[:rows]
 
 
 def make_scorer(model: base.Classifier, options: ScoreOptions, margin: int):
-  """Jitted (variables, images, targets, maps [B,H,W], lesion, marker) -> per-image scores."""
+  """Jitted (variables, images, targets, maps [B,H,W], lesion, marker) -> per-image scores.
+
+  `lesion` (the localisation masks) or `marker` may be None: those scores are left out.
+  """
 
   def score(variables, images, targets, maps, lesion, marker):
     curve = dict(num_steps=options.curve_steps, patch_size=options.patch_size,
@@ -107,12 +241,19 @@ def make_scorer(model: base.Classifier, options: ScoreOptions, margin: int):
                  baseline=options.baseline, chunk_size=options.chunk_size)
     deletion = faithfulness.deletion_curve(model, variables, images, targets, maps, **curve)
     insertion = faithfulness.insertion_curve(model, variables, images, targets, maps, **curve)
-    scores = faithfulness.localisation_scores(maps, lesion, margin=margin,
-                                              top_percents=options.top_percents)
+    scores = {}
+    if lesion is not None:
+      scores.update(faithfulness.localisation_scores(maps, lesion, margin=margin,
+                                                     top_percents=options.top_percents))
+      scores.update(faithfulness.chexlocalize_scores(
+          maps, lesion, binarisation=options.binarisation,
+          threshold=options.binarisation_threshold,
+          true_positive_only=options.miou_true_positive_only, ties=options.hit_ties))
     scores["deletion_auc"] = deletion.auc
     scores["insertion_auc"] = insertion.auc
-    scores["marker_share"] = faithfulness.marker_reliance(
-        maps, marker, options.marker_attribution, margin=margin)["per_image"]
+    if marker is not None:
+      scores["marker_share"] = faithfulness.marker_reliance(
+          maps, marker, options.marker_attribution, margin=margin)["per_image"]
     curves = {"fractions": deletion.fractions, "deletion": deletion.scores,
               "insertion": insertion.scores}
     return scores, curves
@@ -172,10 +313,22 @@ def leaderboard_rows(leaderboard: Mapping[str, Mapping[str, faithfulness.Interva
   return header, rows
 
 
+def not_scored_lines(not_scored: Mapping[str, str]) -> list[str]:
+  """'metric, metric: reason' per distinct reason, in the metrics' order."""
+  by_reason: dict[str, list[str]] = {}
+  for metric, reason in not_scored.items():
+    by_reason.setdefault(reason, []).append(metric)
+  return [f"{', '.join(metrics)}: {reason}" for reason, metrics in by_reason.items()]
+
+
 def write_leaderboard(leaderboard: Mapping[str, Mapping[str, faithfulness.Interval]],
                       metrics: Sequence[str], seconds: Mapping[str, float | None],
-                      workdir: str) -> tuple[str, str]:
-  """Writes leaderboard.csv (mean, low, high, n per metric) and leaderboard.md; returns paths."""
+                      workdir: str, not_scored: Mapping[str, str] | None = None
+                      ) -> tuple[str, str]:
+  """Writes leaderboard.csv (mean, low, high, n per metric) and leaderboard.md; returns paths.
+
+  `not_scored` (metric -> reason) is listed under the table in leaderboard.md.
+  """
   csv_path = os.path.join(workdir, "leaderboard.csv")
   with open(csv_path, "w", newline="") as file:
     writer = csv.writer(file)
@@ -196,6 +349,10 @@ def write_leaderboard(leaderboard: Mapping[str, Mapping[str, faithfulness.Interv
     file.write("|" + "---|" * len(header) + "\n")
     for row in rows:
       file.write("| " + " | ".join(row) + " |\n")
+    if not_scored:
+      file.write("\nNot scored:\n")
+      for line in not_scored_lines(not_scored):
+        file.write(f"- {line}\n")
   return csv_path, md_path
 
 
@@ -266,18 +423,16 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
   workdir = loop.prepare_workdir(workdir)
   model, variables = loop.restore_selected_model(config, checkpoint_dir)
   _, _, preprocess = loop.build_components(config)
+  keys = dataset_mask_keys(config.dataset.name)
+  wanted = [k for key in keys if key is not None for k in (key, f"has_{key}")]
   examples = explain.load_split(config, config.dataset.test_split,
-                                ("image", "label", "lesion_mask", "marker_mask", "index"))
+                                ("image", "label", *wanted, "index"))
   chosen = explain.choose_indices(examples["label"], num_images, label, indices)
   images = jax.jit(preprocess)(jnp.asarray(examples["image"][chosen]))
   targets = jnp.asarray(examples["label"][chosen], jnp.int32)
   shape = images.shape[:3]
-  missing = [k for k in ("lesion_mask", "marker_mask") if k not in examples]
-  if missing:
-    raise ValueError(f"The test split of {config.dataset.name!r} has no {missing}; the scores "
-                     "need the phantoms' lesion and marker masks.")
-  lesion = _fit_masks(examples["lesion_mask"][chosen], shape)
-  marker = _fit_masks(examples["marker_mask"][chosen], shape)
+  masks, problems = scoring_masks(config.dataset.name, examples, chosen, shape)
+  lesion, marker = masks.localisation, masks.marker
 
   key = jax.random.key(seed)
   methods_key, random_key, sanity_key = jax.random.split(key, 3)
@@ -313,18 +468,24 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
     per_image[name]["cascade_spearman"] = cascade["spearman"][-1]
     per_image[name]["cascade_spearman_abs"] = cascade["spearman_abs"][-1]
 
+  for scores in per_image.values():  # last, so the other metrics keep their bootstrap seeds
+    move_to_end(scores, CHEXLOCALIZE_METRICS)
   present = {k for scores in per_image.values() for k in scores}
   metrics = [m for m in metric_order(score_options.top_percents) if m in present]
+  not_scored = not_scored_metrics(problems, score_options.top_percents, list(sanity),
+                                  data_test is not None)
   leaderboard = {name: faithfulness.summarise(scores, seed=seed,
                                               num_resamples=score_options.num_resamples)
                  for name, scores in per_image.items()}
   seconds = {name: info.get(name, {}).get("seconds_per_image") for name in leaderboard}
-  csv_path, md_path = write_leaderboard(leaderboard, metrics, seconds, workdir)
-  shown = slice(0, gallery_rows)
+  csv_path, md_path = write_leaderboard(leaderboard, metrics, seconds, workdir,
+                                        not_scored=not_scored)
+  shown = gallery_rows_shown(lesion, len(chosen), gallery_rows)
   gallery = figures.plot_attribution_grid(
       examples["image"][chosen][shown], {n: m[shown] for n, m in maps_by_method.items()
                                          if n != RANDOM},
-      os.path.join(workdir, "gallery.png"), masks=np.asarray(lesion)[shown],
+      os.path.join(workdir, "gallery.png"),
+      masks=None if lesion is None else np.asarray(lesion)[shown],
       titles=[f"#{i}" for i in chosen[shown]])
   files = {"leaderboard_csv": csv_path, "leaderboard_md": md_path, "gallery": gallery,
            "curves": plot_curves(curves, os.path.join(workdir, "curves.png"))}
@@ -338,11 +499,15 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
   summary = {
       "checkpoint": os.path.abspath(checkpoint_dir), "split": config.dataset.test_split,
       "indices": chosen.tolist(), "targets": np.asarray(targets).tolist(),
-      "num_images": len(chosen), "metrics": metrics,
+      "num_images": len(chosen), "metrics": metrics, "not_scored": not_scored,
+      "masks": {"localisation": masks.localisation_key, "marker": masks.marker_key,
+                "localisation_coverage": mask_coverage(masks.localisation_key, lesion, chosen),
+                "marker_coverage": mask_coverage(masks.marker_key, marker, chosen)},
       "leaderboard": {name: {m: interval._asdict() for m, interval in intervals.items()}
                       for name, intervals in leaderboard.items()},
       "seconds_per_image": seconds, "methods": info,
-      "marker_share": {name: leaderboard[name]["marker_share"].mean for name in leaderboard},
+      "marker_share": {name: leaderboard[name]["marker_share"].mean for name in leaderboard
+                       if "marker_share" in leaderboard[name]},
       "sanity": {name: {mode: {"layers": values["layers"],
                                "spearman": np.nanmean(values["spearman"], axis=1).tolist(),
                                "spearman_abs": np.nanmean(values["spearman_abs"],
@@ -400,22 +565,42 @@ def leaderboard_section(summary: Mapping[str, Any], report_dir: str,
   header, rows = leaderboard_rows(leaderboard, metrics, summary["seconds_per_image"])
   options = summary["score_options"]
   replaced_by = "a blurred copy" if options["replacement"] == "blur" else "a constant baseline"
+  masks = summary.get("masks", {"localisation": "lesion_mask", "marker": "marker_mask"})
+  mask_name = masks.get("localisation") or "localisation mask"
   paragraphs = [
       f"Every method explains {summary['num_images']} test images for their label; each cell is "
       "the mean over images with a 95% percentile-bootstrap interval (arrows: the better "
       "direction). 'random' is a uniform random map, the contrast every score should beat.",
-      f"Localisation against the lesion mask: pointing game (maximum inside the mask, tolerance "
-      f"{options['margin']} px), energy (share of positive attribution inside it), IoU and "
-      "precision of the top-k% pixels, and rank accuracy (precision of the top-|mask| pixels). "
+  ]
+  if "pointing_game" in metrics:
+    coverage = masks.get("localisation_coverage") or {}
+    covered = ("" if coverage.get("num_with_mask", 0) == coverage.get("num_images", 0) else
+               f" Only {coverage['num_with_mask']} of the {coverage['num_images']} images have a "
+               f"non-empty {mask_name}; the others get no localisation score (not 0).")
+    binarised = ("Otsu's threshold" if options.get("binarisation", "otsu") == "otsu" else
+                 f"the threshold {options.get('binarisation_threshold')}")
+    paragraphs.append(
+        f"Localisation against the {mask_name}: pointing game (maximum inside the mask, "
+        f"tolerance {options['margin']} px), energy (share of positive attribution inside it), "
+        "IoU and precision of the top-k% pixels, and rank accuracy (precision of the top-|mask| "
+        "pixels). CheXlocalize's scores (Saporta et al. 2022): miou, the IoU of the map "
+        f"normalised to [0, 1] and binarised by {binarised} with the mask (images whose "
+        "segmentation is empty left out, as theirs), and hit_rate, the map's maximal pixel "
+        f"inside the mask (no tolerance).{covered}")
+  paragraphs.append(
       "Faithfulness: deletion / insertion AUC of the target probability over "
       f"{options['curve_steps']} steps of {options['patch_size']}x{options['patch_size']} "
-      f"patches replaced by {replaced_by} "
-      "(deletion: lower is better; insertion: higher). marker_share: share of "
-      f"{options['marker_attribution']} attribution on the L/R marker (its glyph grown by "
-      f"{options['margin']} px), the shortcut (lower is better; 'random' gives the region's "
-      "area share). cascade_spearman(_abs): rank correlation of the maps with those of the model "
-      "whose every layer was re-initialised (Adebayo et al. 2018; close to 0 passes).",
-  ]
+      f"patches replaced by {replaced_by} (deletion: lower is better; insertion: higher)."
+      + (" marker_share: share of "
+         f"{options['marker_attribution']} attribution on the L/R marker (its glyph grown by "
+         f"{options['margin']} px), the shortcut (lower is better; 'random' gives the region's "
+         "area share)." if "marker_share" in metrics else "")
+      + (" cascade_spearman(_abs): rank correlation of the maps with those of the model whose "
+         "every layer was re-initialised (Adebayo et al. 2018; close to 0 passes)."
+         if "cascade_spearman" in metrics else ""))
+  not_scored = summary.get("not_scored") or {}
+  if not_scored:
+    paragraphs.append("Not scored: " + "; ".join(not_scored_lines(not_scored)) + ".")
   data_test = summary.get("data_randomisation")
   if data_test:
     accuracy = data_test.get("test_accuracy_shuffled_model")
@@ -425,8 +610,10 @@ def leaderboard_section(summary: Mapping[str, Any], report_dir: str,
         "randomisation test; close to 0 passes: the explanation depends on what the model "
         "learned from the labels)"
         + ("." if accuracy is None else f"; that model's test accuracy is {accuracy:.3f}."))
+  outlined = (f"the {mask_name} outlined in red" if "pointing_game" in metrics else
+              "no mask to outline")
   figures_ = [report.Figure(os.path.relpath(summary["files"]["gallery"], report_dir),
-                            "Input with the lesion outlined in red, then each method's |map|."),
+                            f"Input with {outlined}, then each method's |map|."),
               report.Figure(os.path.relpath(summary["files"]["curves"], report_dir),
                             "Mean deletion (left) and insertion (right) curves; dashed: random "
                             "order.")]

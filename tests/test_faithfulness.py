@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 import scipy.stats
+import skimage.filters
 
 from medxai_jax.analysis import faithfulness as fa
 from medxai_jax.attribution import gradients
@@ -149,6 +150,105 @@ def test_top_region_iou_and_precision_match_a_numpy_loop():
       np.testing.assert_allclose(scores[f"iou_top{percent}%"][b],
                                  inter / np.sum(region | truth), rtol=1e-6)
       np.testing.assert_allclose(scores[f"precision_top{percent}%"][b], inter / count, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# CheXlocalize: binarised maps, mIoU and hit rate.
+
+
+def naive_levels(saliency: np.ndarray) -> np.ndarray:
+  """CheXlocalize's quantisation: uint8(255 * (m - min) / (max - min)) in float32."""
+  saliency = saliency.astype(np.float32)
+  normalised = (saliency - saliency.min()) / (saliency.max() - saliency.min())
+  return np.uint8(np.float32(255) * normalised)
+
+
+def bimodal_maps(seed: int, count: int = 4) -> np.ndarray:
+  """Maps whose values come from two separated normal modes (a 'hot' region and background)."""
+  rng = np.random.default_rng(seed)
+  hot = rng.random((count, SIZE, SIZE)) < rng.uniform(0.1, 0.5, (count, 1, 1))
+  return np.where(hot, rng.normal(4.0, 1.0, hot.shape),
+                  rng.normal(0.0, 1.0, hot.shape)).astype(np.float32)
+
+
+def test_otsu_binarisation_equals_skimage_on_bimodal_maps():
+  maps = bimodal_maps(3, count=5)
+  segmentations = np.asarray(jax.jit(fa.binarise_maps)(maps))
+  for saliency, segmentation in zip(maps, segmentations):
+    levels = naive_levels(saliency)
+    expected = levels > skimage.filters.threshold_otsu(levels)
+    np.testing.assert_array_equal(segmentation, expected)
+    assert 0.05 < expected.mean() < 0.6  # a real split of the two modes, not all or nothing
+
+
+def test_fixed_binarisation_thresholds_the_normalised_map():
+  maps = bimodal_maps(4)
+  for threshold in (0.2, 0.5, 0.8):
+    normalised = np.stack([(m - m.min()) / (m.max() - m.min()) for m in maps])
+    np.testing.assert_array_equal(fa.binarise_maps(maps, "fixed", threshold),
+                                  normalised > threshold)
+  constant = np.full((1, SIZE, SIZE), 3.0, np.float32)
+  assert not np.asarray(fa.binarise_maps(constant)).any()
+  assert not np.asarray(fa.binarise_maps(constant, "fixed", 0.0)).any()
+  with pytest.raises(ValueError, match="binarisation"):
+    fa.binarise_maps(maps, "mean")
+  with pytest.raises(ValueError, match=r"\[0, 1\)"):
+    fa.binarise_maps(maps, "fixed", 1.5)
+
+
+def test_segmentation_iou_of_rectangles_and_empty_cases():
+  predicted = square(0, 0, 8)      # 64 pixels
+  truth = square(4, 4, 8)          # 64 pixels, 16 shared: IoU 16 / 112
+  inside = square(2, 2, 4)         # 16 pixels inside `predicted`: IoU 16 / 64
+  maps = np.stack([predicted, predicted, predicted, np.zeros_like(predicted)]).astype(np.float32)
+  masks = np.stack([truth, inside, np.zeros_like(truth), truth])
+  iou = np.asarray(fa.segmentation_iou(maps, masks))
+  np.testing.assert_allclose(iou[:2], [16 / 112, 16 / 64], rtol=1e-6)
+  assert np.isnan(iou[2])          # empty mask: no score, never 0
+  assert np.isnan(iou[3])          # empty segmentation (constant map): left out by default
+  counted = np.asarray(fa.segmentation_iou(maps, masks, true_positive_only=False))
+  assert np.isnan(counted[2]) and counted[3] == 0.0
+
+
+def test_segmentation_iou_matches_a_numpy_loop_with_skimage_otsu():
+  maps = bimodal_maps(5)
+  masks = np.stack([square(0, 0, 16), square(8, 8, 20), square(3, 20, 10), square(16, 0, 16)])
+  iou = np.asarray(fa.segmentation_iou(maps, masks))
+  for index, (saliency, mask) in enumerate(zip(maps, masks)):
+    levels = naive_levels(saliency)
+    segmentation = levels > skimage.filters.threshold_otsu(levels)
+    expected = (segmentation & mask).sum() / (segmentation | mask).sum()
+    assert iou[index] == pytest.approx(expected, rel=1e-6)
+
+
+def test_hit_rate_is_one_when_the_maximum_is_inside_the_mask():
+  mask = square(10, 10, 4)
+  maps = np.zeros((4, SIZE, SIZE), np.float32)
+  maps[0, 12, 12] = 1.0                      # inside
+  maps[1, 9, 12] = 1.0                       # one row above: a miss (no tolerance)
+  maps[2, 0, 0] = maps[2, 11, 11] = 1.0      # tied maxima, the first (raster order) outside
+  maps[3, 11, 11] = maps[3, 30, 30] = 1.0    # tied maxima, the first inside
+  masks = np.repeat(mask[None], 4, axis=0)
+  first = np.asarray(fa.hit_rate(maps, masks))
+  naive = [float(m[np.unravel_index(np.argmax(s), s.shape)]) for s, m in zip(maps, masks)]
+  np.testing.assert_array_equal(first, naive)
+  np.testing.assert_array_equal(first, [1, 0, 0, 1])
+  np.testing.assert_array_equal(fa.hit_rate(maps, masks, ties="share"), [1, 0, 0.5, 0.5])
+  assert np.isnan(fa.hit_rate(maps[:1], np.zeros((1, SIZE, SIZE), bool))[0])
+  with pytest.raises(ValueError, match="ties"):
+    fa.hit_rate(maps, masks, ties="last")
+
+
+def test_chexlocalize_scores_are_vmapped_per_image():
+  maps = bimodal_maps(6, count=3)
+  masks = np.stack([square(0, 0, 16), square(8, 8, 20), np.zeros((SIZE, SIZE), bool)])
+  batched = jax.jit(fa.chexlocalize_scores)(maps, masks)
+  for index in range(3):
+    single = fa.chexlocalize_scores(maps[index:index + 1], masks[index:index + 1])
+    for name in ("miou", "hit_rate"):
+      np.testing.assert_array_equal(np.asarray(batched[name])[index:index + 1],
+                                    np.asarray(single[name]), err_msg=name)
+  assert np.isnan(np.asarray(batched["miou"])[2]) and np.isnan(np.asarray(batched["hit_rate"])[2])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,16 @@ Localisation:
 - Top-k% region: R_k = the round(k/100 * H * W) highest-valued pixels (ties broken in raster
   order); IoU_k = |R_k & G| / |R_k | G| and precision_k = |R_k & G| / |R_k|. With |R| = |G|
   (`mask_sized`), precision is the relevance rank accuracy of Arras et al. (2022).
+- CheXlocalize (Saporta et al. 2022, "Benchmarking saliency methods for chest X-ray
+  interpretation"): each map is min-max normalised to [0, 1] (a constant map to 0) and binarised
+  into a segmentation S. The default is theirs: Otsu's method on the map quantised to 256 levels
+  floor(255 m) (OpenCV's THRESH_OTSU: the level t maximising the between-class variance of
+  <= t and > t, first maximum; S = levels > t); the alternative is their tuned-threshold option,
+  S = m > threshold. 'miou' per image is |S & G| / |S | G|, NaN when G is empty and (their
+  default `true_pos_only`) when S is empty; its mean over images is the mIoU. 'hit_rate' per
+  image is 1 when the map's maximal pixel lies in G (no tolerance; the first maximum in raster
+  order, as numpy's argmax, or the share of tied maxima), NaN when G is empty; its mean is the
+  hit rate. Their maps are upsampled to the image first; here maps already have its size.
 
 Faithfulness (Petsiuk et al. 2018, RISE): units (pixels or p x p patches) are ranked by the map
 (a patch by its mean value, ties in raster order). Deletion starts from x and replaces the top
@@ -65,6 +75,9 @@ REPLACEMENTS = ("blur", "baseline")
 RANDOMISATION_MODES = ("cascading", "independent")
 REINIT_METHODS = ("init", "normal")
 SHARE_ATTRIBUTIONS = ("positive", "absolute")
+BINARISATIONS = ("otsu", "fixed")
+HIT_TIES = ("first", "share")
+OTSU_LEVELS = 256  # CheXlocalize quantises the normalised map to uint8 before Otsu
 # RISE's replacement blur: sigma 5 at 224 px; scaled to the image size when blur_sigma is None.
 RISE_BLUR_SIGMA = 5.0
 RISE_IMAGE_SIZE = 224
@@ -207,6 +220,106 @@ def localisation_scores(maps: jax.Array, masks: jax.Array, *, margin: int = 0,
   return {"pointing_game": pointing_game(maps, masks, margin),
           "energy": energy_pointing_game(maps, masks),
           **top_region_scores(maps, masks, top_percents)}
+
+
+# ---------------------------------------------------------------------------------------------
+# CheXlocalize: maps binarised into a segmentation (Saporta et al. 2022).
+
+
+def normalise_maps(maps: jax.Array) -> jax.Array:
+  """Maps [B, H, W] min-max scaled per image to [0, 1]; a constant map becomes all zeros."""
+  maps = as_maps(maps)
+  low = maps.min(axis=(1, 2), keepdims=True)
+  span = maps.max(axis=(1, 2), keepdims=True) - low
+  return jnp.where(span > 0, (maps - low) / jnp.where(span > 0, span, 1.0), 0.0)
+
+
+def otsu_level(levels: jax.Array, num_levels: int = OTSU_LEVELS) -> jax.Array:
+  """Otsu's threshold t of one integer image (values 0..num_levels - 1): foreground is > t.
+
+  t maximises the between-class variance w0 w1 (mu0 - mu1)^2 of the classes <= t and > t (the
+  first such t; num_levels - 1, so nothing is foreground, when the image has a single value).
+  """
+  counts = jnp.zeros(num_levels, jnp.float32).at[levels.reshape(-1)].add(1.0)
+  share = counts / levels.size
+  below = jnp.cumsum(share)                                    # w0(t)
+  moment = jnp.cumsum(share * jnp.arange(num_levels, dtype=jnp.float32))
+  above = 1.0 - below
+  valid = (below > 0) & (above > 0)
+  between = (moment[-1] * below - moment) ** 2 / jnp.where(valid, below * above, 1.0)
+  between = jnp.where(valid, between, -1.0)
+  return jnp.where(valid.any(), jnp.argmax(between), num_levels - 1)
+
+
+def binarise_maps(maps: jax.Array, method: str = "otsu", threshold: float = 0.5) -> jax.Array:
+  """CheXlocalize's segmentation [B, H, W] (bool) of each min-max normalised map.
+
+  'otsu' (their default): the normalised map quantised to uint8 levels floor(255 m), foreground
+  where the level exceeds Otsu's threshold of that image. 'fixed' (their tuned-threshold
+  option): foreground where the normalised map exceeds `threshold`.
+  """
+  if method not in BINARISATIONS:
+    raise ValueError(f"binarisation must be one of {BINARISATIONS}; got {method!r}.")
+  normalised = normalise_maps(maps)
+  if method == "fixed":
+    if not 0.0 <= threshold < 1.0:
+      raise ValueError(f"A fixed binarisation threshold must lie in [0, 1) (the maps are "
+                       f"min-max normalised); got {threshold}.")
+    return normalised > threshold
+  levels = jnp.floor(normalised * (OTSU_LEVELS - 1)).astype(jnp.int32)
+  thresholds = jax.vmap(otsu_level)(levels)
+  return levels > thresholds[:, None, None]
+
+
+def _segmentation_iou(segmentation: jax.Array, mask: jax.Array, true_positive_only: bool
+                      ) -> jax.Array:
+  """IoU of one binary segmentation with a mask; NaN for an empty mask (or segmentation)."""
+  intersection = jnp.sum(segmentation & mask)
+  union = jnp.sum(segmentation | mask)
+  valid = mask.any() & (segmentation.any() if true_positive_only else True)
+  return _nan_unless(valid, intersection / jnp.maximum(union, 1))
+
+
+def segmentation_iou(maps: jax.Array, masks: jax.Array, method: str = "otsu",
+                     threshold: float = 0.5, true_positive_only: bool = True) -> jax.Array:
+  """Per-image IoU [B] of the binarised map with the mask (its mean over images is the mIoU).
+
+  NaN where the mask is empty; with `true_positive_only` (CheXlocalize's default) also where
+  the segmentation is empty, otherwise such an image scores 0.
+  """
+  maps = as_maps(maps)
+  masks = as_masks(masks, maps.shape)
+  segmentations = binarise_maps(maps, method, threshold)
+  return jax.vmap(lambda s, g: _segmentation_iou(s, g, true_positive_only))(segmentations, masks)
+
+
+def _first_peak_hit(saliency: jax.Array, mask: jax.Array) -> jax.Array:
+  """Whether one map's first maximal pixel (raster order) lies in the mask; NaN if it is empty."""
+  peak = jnp.argmax(saliency.reshape(-1))
+  return _nan_unless(mask.any(), mask.reshape(-1)[peak].astype(jnp.float32))
+
+
+def hit_rate(maps: jax.Array, masks: jax.Array, ties: str = "first") -> jax.Array:
+  """Per-image hit [B] of CheXlocalize's hit rate: the map's maximum inside the mask (no margin).
+
+  ties='first' takes the first maximal pixel in raster order (numpy's argmax, as CheXlocalize);
+  'share' scores the share of the maximal pixels inside (`pointing_game` with margin 0).
+  """
+  if ties not in HIT_TIES:
+    raise ValueError(f"ties must be one of {HIT_TIES}; got {ties!r}.")
+  if ties == "share":
+    return pointing_game(maps, masks, 0)
+  maps = as_maps(maps)
+  masks = as_masks(masks, maps.shape)
+  return jax.vmap(_first_peak_hit)(maps, masks)
+
+
+def chexlocalize_scores(maps: jax.Array, masks: jax.Array, *, binarisation: str = "otsu",
+                        threshold: float = 0.5, true_positive_only: bool = True,
+                        ties: str = "first") -> dict[str, jax.Array]:
+  """Per-image 'miou' (IoU of the binarised map) and 'hit_rate' (peak inside the mask) [B]."""
+  return {"hit_rate": hit_rate(maps, masks, ties),
+          "miou": segmentation_iou(maps, masks, binarisation, threshold, true_positive_only)}
 
 
 # ---------------------------------------------------------------------------------------------
