@@ -1,8 +1,8 @@
 """Scoring explanations on real radiographs: without masks, with lung masks, with has_lung_mask.
 
-The sets are prepared from copies of ../shared/real_radiographs with derived builder configs;
-`pipeline.load_builder` reads a prepared derived config back by its name (tfds falls back to
-the files in data_dir), so the training and scoring code run unchanged on them.
+The sets are prepared from copies of ../shared/real_radiographs through the command-line path:
+`config.dataset.manual_dir` and `config.dataset.builder.<option>`, as `experiments/train.py` gets
+them, so training and scoring run unchanged on them.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import ml_collections
 import numpy as np
 import pytest
 import skimage.filters
-import tensorflow_datasets as tfds
 from PIL import Image
 
 import real_data
@@ -24,7 +23,6 @@ from configs import common
 from experiments import evaluate_explanations as ee
 from medxai_jax import explain
 from medxai_jax.analysis import faithfulness
-from medxai_jax.data.builders import covid_radiography, tb_cxr
 from medxai_jax.train import loop
 
 SIZE = 48  # the tiny custom CNN's five poolings need at least 32 px
@@ -33,19 +31,14 @@ FAST = ee.ScoreOptions(curve_steps=4, sanity_methods=("gradients",), num_resampl
 METHODS = ("gradients", "grad_cam")
 
 
-def _prepare(builder_cls, builder_config, data_dir: pathlib.Path, manual: pathlib.Path) -> None:
-  """Prepares a (derived) builder config from `manual` into `data_dir`."""
-  builder = builder_cls(config=builder_config, data_dir=str(data_dir),
-                        file_format="array_record")
-  builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
-
-
-def _config(data_dir: pathlib.Path, name: str, builder_config: str, num_outputs: int,
-            batch_size: int = 8) -> ml_collections.ConfigDict:
-  """A tiny custom-CNN training config on a prepared set."""
+def _config(data_dir: pathlib.Path, manual: pathlib.Path, name: str, builder_config: str,
+            num_outputs: int, batch_size: int = 8, **options) -> ml_collections.ConfigDict:
+  """A tiny custom-CNN training config on `manual`, with builder options `options`."""
   config = common.base_config()
-  config.dataset.update(dict(name=name, builder_config=builder_config, data_dir=str(data_dir)))
+  config.dataset.update(dict(name=name, builder_config=builder_config, data_dir=str(data_dir),
+                             manual_dir=str(manual)))
+  for option, value in dict(image_size=SIZE, **options).items():
+    config.dataset.builder[option] = value
   config.model = ml_collections.ConfigDict(dict(
     name="custom_cnn", num_outputs=num_outputs, input_shape=(SIZE, SIZE, 1),
     conv_widths=(4, 8, 8, 8, 8), dense_widths=(16, 16), dropout_rate=0.0, init_std=None))
@@ -77,17 +70,15 @@ def _write_lung_masks(root: pathlib.Path) -> dict[str, bool]:
 def covid(tmp_path_factory):
   """A covid run trained without masks, and the same images prepared with and without masks."""
   base = tmp_path_factory.mktemp("covid")
-  manual = real_data.copy_real("covid", base / "manual")
-  plain = covid_radiography.make_covid_config("four", classes=COVID_CLASSES, with_masks=False,
-                                              read_metadata=False, image_size=SIZE)
-  _prepare(covid_radiography.CovidRadiography, plain, base / "data", manual)
-  has_mask = _write_lung_masks(manual / "COVID-19_Radiography_Dataset")
-  masked = covid_radiography.make_covid_config("four", classes=COVID_CLASSES, with_masks=True,
-                                               read_metadata=False, image_size=SIZE)
-  _prepare(covid_radiography.CovidRadiography, masked, base / "data", manual)
-  config = _config(base / "data", "covid_radiography", plain.name, len(COVID_CLASSES))
+  plain_manual = real_data.copy_real("covid", base / "plain")
+  masked_manual = real_data.copy_real("covid", base / "masked")
+  has_mask = _write_lung_masks(masked_manual / "COVID-19_Radiography_Dataset")
+  options = dict(classes=COVID_CLASSES, read_metadata=False)
+  config = _config(base / "data", plain_manual, "covid_radiography", "four", len(COVID_CLASSES),
+                   with_masks=False, **options)
   loop.train_and_evaluate(config, str(base / "run"))
-  masked_config = _config(base / "data", "covid_radiography", masked.name, len(COVID_CLASSES))
+  masked_config = _config(base / "data", masked_manual, "covid_radiography", "four",
+                          len(COVID_CLASSES), with_masks=True, **options)
   return {"config": config, "masked_config": masked_config, "run": str(base / "run"),
           "has_mask": has_mask, "base": base}
 
@@ -168,20 +159,36 @@ def test_covid_with_lung_masks_scores_localisation_only_where_a_mask_exists(covi
   assert "Only" in " ".join(ee.leaderboard_section(summary, str(covid["base"])).paragraphs)
 
 
-def test_tb_shenzhen_without_masks_is_never_scored_zero(tmp_path):
+def test_tb_shenzhen_real_lung_masks_scored_where_present_never_zero_elsewhere(tmp_path):
   manual = real_data.copy_real("tb", tmp_path / "manual")
-  builder_config = tb_cxr.make_tb_config("shenzhen", image_size=SIZE, clahe=False,
-                                         split_fractions=(0.4, 0.2, 0.4))
-  _prepare(tb_cxr.TbCxr, builder_config, tmp_path / "data", manual)
-  config = _config(tmp_path / "data", "tb_cxr", builder_config.name, 1, batch_size=4)
+  masks = sorted((manual / "ChinaSet_AllFiles" / "extra_lung_masks").glob("*_mask.png"))
+  removed = {path.name.replace("_mask.png", ".png") for path in masks[::2]}
+  for path in masks[::2]:
+    path.unlink()  # these images keep has_lung_mask False
+  config = _config(tmp_path / "data", manual, "tb_cxr", "shenzhen", 1, batch_size=4,
+                   clahe=False, split_fractions=(0.4, 0.2, 0.4))
   loop.train_and_evaluate(config, str(tmp_path / "run"))
   summary = ee.evaluate_run(config, str(tmp_path / "run"), str(tmp_path / "scores"),
-                            methods=("gradients",), num_images=3, label=0,
+                            methods=("gradients",), num_images=4, label=0,
                             score_options=FAST, gallery_rows=1)
-  assert summary["num_images"] == 3 and set(summary["targets"]) == {0}  # Shenzhen: normals
-  assert "lung_mask" in summary["not_scored"]["miou"]
-  assert not {"pointing_game", "miou", "hit_rate"} & set(summary["metrics"])
-  assert summary["leaderboard"]["gradients"]["insertion_auc"]["count"] == 3
+  assert summary["num_images"] == 4 and set(summary["targets"]) == {0}  # Shenzhen: normals
+  examples = explain.load_split(config, "test", ("label", "path", "has_lung_mask"))
+  chosen = np.asarray(summary["indices"])
+  names = [pathlib.Path(p.decode() if isinstance(p, bytes) else str(p)).name
+           for p in examples["path"][chosen]]
+  present = np.asarray([name not in removed for name in names])
+  np.testing.assert_array_equal(examples["has_lung_mask"][chosen], present)
+  assert summary["leaderboard"]["gradients"]["insertion_auc"]["count"] == 4
+  scores = np.load(tmp_path / "scores" / "scores.npz")
+  for metric in ("pointing_game", "miou", "hit_rate", "energy"):
+    values = scores[f"gradients/{metric}"]
+    assert np.isnan(values[~present]).all(), metric  # never 0 without a mask
+    assert np.isfinite(values[present]).all() or metric == "miou", metric
+    assert summary["leaderboard"]["gradients"][metric]["count"] <= present.sum()
+  if present.any():
+    assert {"pointing_game", "hit_rate", "energy"} <= set(summary["metrics"])
+  else:
+    assert "lung_mask" in summary["not_scored"]["miou"]
 
 
 def test_scoring_masks_use_has_flags_and_name_what_is_missing():
