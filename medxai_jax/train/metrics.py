@@ -552,3 +552,11 @@ def write_json(path: str, value: Any, indent: int | None = 2) -> list[str]:
   with open(path, "w") as file:
     file.write(text)
   return replaced
+
+
+def rewrite_strict_json(path: str) -> list[str]:
+  """Rewrites a JSON file (Python's json may have written NaN / Infinity) as strict JSON;
+  returns the paths made null."""
+  with open(path) as file:
+    content = json.load(file)
+  return write_json(path, content)
