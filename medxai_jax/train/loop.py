@@ -190,23 +190,24 @@ def evaluate(state: steps.TrainState, source: pipeline.RandomAccessSource, *, ev
   if features is not None:
     features.update({key: np.concatenate(values) for key, values in columns.items()})
   result = defined_metrics(metrics_lib.classification_metrics(labels_all, logits_all),
-                           split or "evaluated", warned)
+                           f"the {split} split" if split else "the evaluated split", warned)
   result["loss"] = float(np.concatenate(losses).mean())
   return result, logits_all, labels_all
 
 
-def defined_metrics(summary: Mapping[str, Any], split: str,
+def defined_metrics(summary: Mapping[str, Any], where: str,
                     warned: set[tuple[str, str]] | None = None) -> dict[str, Any]:
-  """`summary` (metrics_lib's) with its undefined metrics set to None, each one warned about."""
+  """`summary` (metrics_lib's) with its undefined metrics set to None, each one warned about
+  (`where`, e.g. 'the test split', names the data in the warning)."""
   result = dict(summary)
   for metric, reason in metrics_lib.undefined_metrics(
       np.asarray(summary["confusion_matrix"])).items():
     result[metric] = None
-    if warned is None or (split, metric) not in warned:
-      logging.warning("%s is undefined on the %s split (%d examples): %s; it is reported as "
-                      "null.", metric, split, summary["num_examples"], reason)
+    if warned is None or (where, metric) not in warned:
+      logging.warning("%s is undefined on %s (%d examples): %s; it is reported as null.",
+                      metric, where, summary["num_examples"], reason)
       if warned is not None:
-        warned.add((split, metric))
+        warned.add((where, metric))
   return result
 
 
@@ -396,7 +397,7 @@ def text_column(values: np.ndarray, names: Sequence[str] | None = None) -> np.nd
 
 
 def study_level_metrics(labels: np.ndarray, probabilities: np.ndarray, study_ids: np.ndarray,
-                        split: str, warned: set[tuple[str, str]] | None = None
+                        where: str, warned: set[tuple[str, str]] | None = None
                         ) -> dict[str, Any]:
   """MURA's study-level metrics: each study's probabilities are the mean of its images'
   (Rajpurkar et al.; `mura.study_scores`), thresholded as one image's would be."""
@@ -404,7 +405,7 @@ def study_level_metrics(labels: np.ndarray, probabilities: np.ndarray, study_ids
 
   _, means, study_labels = mura.study_scores(probabilities, study_ids, labels)
   return defined_metrics(metrics_lib.probability_metrics(study_labels, means),
-                         f"{split} (study level)", warned)
+                         f"{where}, per study", warned)
 
 
 def grouped_metrics(labels: np.ndarray, logits: np.ndarray, features: Mapping[str, np.ndarray],
@@ -415,14 +416,14 @@ def grouped_metrics(labels: np.ndarray, logits: np.ndarray, features: Mapping[st
   probabilities = metrics_lib.probabilities_from_logits(logits)
   studies = features.get("study_id")
   if studies is not None:
-    result[f"{split}_by_study"] = study_level_metrics(labels, probabilities, studies, split,
-                                                      warned)
+    result[f"{split}_by_study"] = study_level_metrics(labels, probabilities, studies,
+                                                      f"the {split} split", warned)
   parts = features.get("body_part")
   if parts is not None:
     by_part = {}
     for part in sorted(set(parts.tolist())):
       rows = parts == part
-      where = f"{split}[body_part={part}]"
+      where = f"the {split} split's {part} images"
       entry = {"image": defined_metrics(
           metrics_lib.classification_metrics(labels[rows], logits[rows]), where, warned)}
       if studies is not None:
