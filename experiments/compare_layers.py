@@ -38,8 +38,8 @@ _CONFIG_A = config_flags.DEFINE_config_file(
     "config_a", None, "Optional: a training config for model a instead of its run's "
     "config.json (the differences are printed).", lock_config=True)
 _CONFIG_B = config_flags.DEFINE_config_file(
-    "config_b", None, "Optional: the same for model b (default: its run's config.json).",
-    lock_config=True)
+    "config_b", None, "Optional: the same for model b (default: its run's config.json, or "
+    "--config_a for a run without one).", lock_config=True)
 _WORKDIR_A = flags.DEFINE_string("workdir_a", None, "Training work directory of model a.")
 _WORKDIR_B = flags.DEFINE_string("workdir_b", None, "Training work directory of model b.")
 _TAPS_A = flags.DEFINE_list("taps_a", [], "Taps of model a (default: all, in forward order).")
@@ -94,7 +94,10 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.setup_console_logging()
   config_a = runs.resolve_config(_WORKDIR_A.value, _CONFIG_A.value, flag="--config_a")
-  config_b = runs.resolve_config(_WORKDIR_B.value, _CONFIG_B.value, flag="--config_b")
+  given_b, flag_b = _CONFIG_B.value, "--config_b"
+  if given_b is None and not os.path.exists(runs.config_path(_WORKDIR_B.value)):
+    given_b, flag_b = _CONFIG_A.value, "--config_a"  # a run without config.json: a's config
+  config_b = runs.resolve_config(_WORKDIR_B.value, given_b, flag=flag_b)
   model_a, vars_a = loop.restore_selected_model(config_a, _WORKDIR_A.value)
   model_b, vars_b = loop.restore_selected_model(config_b, _WORKDIR_B.value)
   preprocess_a = loop.build_components(config_a)[2]

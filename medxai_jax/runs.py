@@ -139,7 +139,17 @@ def merge_config(run_config: ml_collections.ConfigDict,
 def resolve_config(run_dir: str, given: ml_collections.ConfigDict | None = None,
                    *, flag: str = "--config") -> ml_collections.ConfigDict:
   """The run's config, or with `given` (a command-line config) applied after printing how they
-  differ (one line per field: path, run value -> given value)."""
+  differ (one line per field: path, run value -> given value).
+
+  A run directory without config.json (checkpoints made by hand or elsewhere) is used with
+  `given` alone, with a warning; without `given` that is an error naming the file.
+  """
+  path = config_path(run_dir)
+  if given is not None and os.path.isdir(os.path.dirname(path)) and not os.path.exists(path):
+    message = f"{path} does not exist; using {flag} as given."
+    print(message)
+    logging.warning(message)
+    return given
   run_config = read_run_config(run_dir)
   if given is None:
     return run_config

@@ -94,6 +94,9 @@ def test_differences_are_listed_and_the_given_config_is_applied(tmp_path, capsys
   assert merged.model.conv_widths == (32, 64, 64, 64, 64)
   assert merged.annotation.num_folds == trained.annotation.num_folds
   assert runs.resolve_config(run_dir).model.num_outputs == 2  # without --config: the run's
+  (tmp_path / "by_hand").mkdir()  # checkpoints made elsewhere, no config.json: --config alone
+  assert runs.resolve_config(str(tmp_path / "by_hand"), given) is given
+  assert "using --config as given" in capsys.readouterr().out
 
 
 def test_incompatible_init_from_architecture_names_both_models():
