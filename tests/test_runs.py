@@ -272,3 +272,16 @@ def test_mura_metadata_in_predictions_matches_the_builder(mura_run):
   assert sum(splits["counts"]["train"]) + len(
       mura.read_metadata(builder, "validation", keys=("label",))["label"]) == 12  # 6 x 2 images
   assert splits["counts"]["validation"] == splits["counts"]["test"]  # validation_split='test'
+
+
+def test_load_run_gives_the_config_the_selected_model_and_the_split_files(mura_run):
+  workdir, result = mura_run
+  run = runs.load_run(workdir)
+  assert run.config.dataset.name == "mura" and run.config.model.input_shape == (48, 48, 1)
+  assert run.metrics()["test"] == result["test"]
+  assert run.splits()["class_names"] == ["normal", "abnormal"]
+  model, variables = run.restore_selected_model()
+  assert model.input_shape == (48, 48, 1) and "params" in variables
+  assert runs.source_run_dir(workdir) == workdir
+  assert runs.source_run_dir(os.path.join(workdir, "selected_model")) == workdir
+  assert runs.source_run_dir(os.path.dirname(workdir)) is None

@@ -175,7 +175,8 @@ def evaluate(state: steps.TrainState, source: pipeline.RandomAccessSource, *, ev
   for batch in pipeline.prefetch(pipeline.iterate_batches(
       source, batch_size=batch_size, label_key=label_key,
       keys=("image", *[k for k in feature_keys if k != label_key]))):
-    extra = {key: batch.pop(key) for key in feature_keys if key in batch}
+    extra = {key: batch["label"] if key == label_key else batch.pop(key)
+             for key in feature_keys}  # iterate_batches renames the label feature 'label'
     for key in feature_keys:
       columns[key].append(extra[key][np.asarray(batch["weight"]) > 0])
     out = jax.device_get(eval_fn(state, batch))
