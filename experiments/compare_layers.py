@@ -1,11 +1,13 @@
 r"""Layer x layer similarity of two trained models (001's figure 14: CCA between the layers of
 two networks), written as CSV, NPY and a heat map PNG.
 
-  python -m experiments.compare_layers --config_a=configs/demo.py --workdir_a=runs/a \
-      --config_b=configs/demo.py --workdir_b=runs/b --method=minibatch_cka \
-      --taps_a=conv1,conv2,conv3,conv4,conv5,fc6,fc7 --output_dir=runs/compare
+  python -m experiments.compare_layers --workdir_a=runs/a --workdir_b=runs/b \
+      --method=minibatch_cka --taps_a=conv1,conv2,conv3,conv4,conv5,fc6,fc7 \
+      --output_dir=runs/compare
 
-Each model is the selected (best) checkpoint of its training run. Images come from config_a's
+Each model is the selected (best) checkpoint of its training run, built from the run's own
+`config.json`. --config_a / --config_b are optional: when given, their differences from the
+run's config are printed (field, run value -> given value) and then used. Images come from a's
 dataset (`--split`, default its validation split as in 001), each model applying its own
 preprocessing. Writes `<output_dir>/similarity_<method>.{csv,npy,png}`; rows of the matrix are
 model a's taps, columns model b's.
@@ -26,15 +28,18 @@ import numpy as np
 from ml_collections import config_flags
 
 from medxai_jax import logs
+from medxai_jax import runs
 from medxai_jax.analysis import similarity
 from medxai_jax.data import pipeline
 from medxai_jax.train import loop
 from medxai_jax.viz import analysis_figures
 
-_CONFIG_A = config_flags.DEFINE_config_file("config_a", None, "Training config of model a.",
-                                            lock_config=True)
+_CONFIG_A = config_flags.DEFINE_config_file(
+    "config_a", None, "Optional: a training config for model a instead of its run's "
+    "config.json (the differences are printed).", lock_config=True)
 _CONFIG_B = config_flags.DEFINE_config_file(
-    "config_b", None, "Training config of model b (default: --config_a).", lock_config=True)
+    "config_b", None, "Optional: the same for model b (default: its run's config.json, or "
+    "--config_a for a run without one).", lock_config=True)
 _WORKDIR_A = flags.DEFINE_string("workdir_a", None, "Training work directory of model a.")
 _WORKDIR_B = flags.DEFINE_string("workdir_b", None, "Training work directory of model b.")
 _TAPS_A = flags.DEFINE_list("taps_a", [], "Taps of model a (default: all, in forward order).")
@@ -60,7 +65,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the spatial position draws.")
 _LABEL_A = flags.DEFINE_string("label_a", "", "Axis label of model a (default: its workdir).")
 _LABEL_B = flags.DEFINE_string("label_b", "", "Axis label of model b (default: its workdir).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "", "Output directory (default: --workdir_a).")
-flags.mark_flags_as_required(["config_a", "workdir_a", "workdir_b"])
+flags.mark_flags_as_required(["workdir_a", "workdir_b"])
 
 
 def limited_batches(source: pipeline.RandomAccessSource, batch_size: int, num_examples: int):
@@ -88,12 +93,11 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.setup_console_logging()
-  config_a = _CONFIG_A.value
-  config_b = _CONFIG_B.value if _CONFIG_B.value is not None else config_a
-  for name, workdir in (("--workdir_a", _WORKDIR_A.value), ("--workdir_b", _WORKDIR_B.value)):
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-      raise FileNotFoundError(f"{name}={workdir!r} holds no checkpoints/ directory; train a "
-                              "model there first (python -m experiments.train).")
+  config_a = runs.resolve_config(_WORKDIR_A.value, _CONFIG_A.value, flag="--config_a")
+  given_b, flag_b = _CONFIG_B.value, "--config_b"
+  if given_b is None and not os.path.exists(runs.config_path(_WORKDIR_B.value)):
+    given_b, flag_b = _CONFIG_A.value, "--config_a"  # a run without config.json: a's config
+  config_b = runs.resolve_config(_WORKDIR_B.value, given_b, flag=flag_b)
   model_a, vars_a = loop.restore_selected_model(config_a, _WORKDIR_A.value)
   model_b, vars_b = loop.restore_selected_model(config_b, _WORKDIR_B.value)
   preprocess_a = loop.build_components(config_a)[2]

@@ -1,11 +1,13 @@
 r"""Scores every explanation method of a trained model on any dataset: a leaderboard.
 
-  python -m experiments.evaluate_explanations --config=configs/demo.py --checkpoint=runs/demo \
+  python -m experiments.evaluate_explanations --checkpoint=runs/demo \
       --workdir=runs/demo/explanations --num_images=32
 
---checkpoint is a training run directory (its selected, 'best' checkpoint is explained). Each
-method of `medxai_jax.explain.METHODS` (plus a uniform random map as the contrast) explains the
-first --num_images test images of --label for their label, and is scored per image
+--checkpoint is a training run directory (its selected, 'best' checkpoint is explained), read
+with its own `config.json`; --config is optional, and when given its differences from the run's
+config are printed and then used. Each method of `medxai_jax.explain.METHODS` (plus a uniform
+random map as the contrast) explains --num_images test images of --label (a seeded sample;
+--label=-1: class-balanced, `explain.choose_indices`) for their label, and is scored per image
 (`medxai_jax.analysis.faithfulness`): deletion and insertion AUC, (for --sanity_methods) the
 Spearman correlation with the maps of the model after cascading randomisation of all its
 layers, and with --shuffled_labels_checkpoint (a run trained with
@@ -46,9 +48,11 @@ from ml_collections import config_flags  # noqa: E402
 
 from medxai_jax import explain  # noqa: E402
 from medxai_jax import logs  # noqa: E402
+from medxai_jax import runs  # noqa: E402
 from medxai_jax.analysis import faithfulness  # noqa: E402
 from medxai_jax.models import base  # noqa: E402
 from medxai_jax.train import loop  # noqa: E402
+from medxai_jax.train import metrics as metrics_lib  # noqa: E402
 from medxai_jax.viz import figures  # noqa: E402
 from medxai_jax.viz import report  # noqa: E402
 
@@ -427,7 +431,7 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
   wanted = [k for key in keys if key is not None for k in (key, f"has_{key}")]
   examples = explain.load_split(config, config.dataset.test_split,
                                 ("image", "label", *wanted, "index"))
-  chosen = explain.choose_indices(examples["label"], num_images, label, indices)
+  chosen = explain.choose_indices(examples["label"], num_images, label, indices, seed=seed)
   images = jax.jit(preprocess)(jnp.asarray(examples["image"][chosen]))
   targets = jnp.asarray(examples["label"][chosen], jnp.int32)
   shape = images.shape[:3]
@@ -523,8 +527,7 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
       "score_options": {**dataclasses.asdict(score_options), "margin": margin},
       "files": {k: os.path.abspath(v) for k, v in files.items()},
   }
-  with open(os.path.join(workdir, "evaluation.json"), "w") as file:
-    json.dump(summary, file, indent=2, default=float)
+  metrics_lib.write_json(os.path.join(workdir, "evaluation.json"), summary)
   return summary
 
 
@@ -533,15 +536,13 @@ def data_randomisation(config: ml_collections.ConfigDict, shuffled_labels_checkp
                        key: jax.Array, options: explain.ExplainOptions) -> dict[str, Any]:
   """Spearman [B] per method between `maps` and the shuffled-label model's maps of `images`."""
   metrics_path = os.path.join(shuffled_labels_checkpoint, "metrics.json")
-  trained = {}
-  if os.path.exists(os.path.join(shuffled_labels_checkpoint, "config.json")):
-    with open(os.path.join(shuffled_labels_checkpoint, "config.json")) as file:
-      trained = json.load(file)
-  if not trained.get("dataset", {}).get("shuffle_labels", False):
+  shuffled_config = (runs.read_run_config(shuffled_labels_checkpoint)
+                     if os.path.exists(runs.config_path(shuffled_labels_checkpoint)) else None)
+  if shuffled_config is None or not shuffled_config.dataset.get("shuffle_labels", False):
     raise ValueError(f"{shuffled_labels_checkpoint} was not trained with "
                      "config.dataset.shuffle_labels=True (see its config.json); the data-"
                      "randomisation test needs a model fit to shuffled training labels.")
-  model, variables = loop.restore_selected_model(config, shuffled_labels_checkpoint)
+  model, variables = loop.restore_selected_model(shuffled_config, shuffled_labels_checkpoint)
   shuffled_maps, _ = explain.run_methods(model, variables, images, targets, list(maps), key,
                                          options)
   per_image = {}
@@ -639,13 +640,14 @@ def _define_flags() -> None:
       getattr(flags, f"DEFINE_{kind}")(name, default, help_text, **kwargs)
 
   if "config" not in defined:
-    config_flags.DEFINE_config_file("config", None, "Training config of the model.",
-                                    lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", None, "Optional: a training config to use instead of the run's config.json "
+        "(the differences are printed).", lock_config=True)
   define("string", "checkpoint", None, "Training run directory to evaluate.")
   define("string", "workdir", None, "Output directory.")
   define("list", "methods", None, "Methods (default: all of explain.METHODS).")
   define("integer", "num_images", 16, "Test images to score.")
-  define("integer", "label", 1, "Score test images of this label (-1: any).")
+  define("integer", "label", 1, "Score test images of this label (-1: any, class-balanced).")
   define("list", "indices", [], "Test-split indices (overrides --label).")
   define("integer", "steps", 64, "IG / Blur IG / Guided IG gradient evaluations.")
   define("integer", "samples", 32, "SmoothGrad noise samples.")
@@ -663,7 +665,7 @@ def _define_flags() -> None:
   define("string", "shuffled_labels_checkpoint", None,
          "A run of the same config trained with --config.dataset.shuffle_labels=True: adds "
          "Adebayo et al.'s data-randomisation test (data_spearman columns).")
-  flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
+  flags.mark_flags_as_required(["checkpoint", "workdir"])
 
 
 def main(argv: list[str]) -> None:
@@ -677,12 +679,14 @@ def main(argv: list[str]) -> None:
                                curve_steps=value("curve_steps"),
                                patch_size=value("patch_size"), replacement=value("replacement"),
                                sanity_methods=tuple(m for m in value("sanity_methods") if m))
-  summary = evaluate_run(value("config"), value("checkpoint"), value("workdir"),
+  config = runs.resolve_config(value("checkpoint"), value("config"))
+  summary = evaluate_run(config, value("checkpoint"), value("workdir"),
                          methods=value("methods"), num_images=value("num_images"),
                          label=value("label"), indices=value("indices"), options=options,
                          score_options=score_options, gallery_rows=value("gallery_rows"),
                          seed=value("seed"),
                          shuffled_labels_checkpoint=value("shuffled_labels_checkpoint"))
+  metrics_lib.rewrite_strict_json(os.path.join(value("workdir"), "evaluation.json"))
   with open(summary["files"]["leaderboard_md"]) as file:
     print(file.read())
 

@@ -1,14 +1,19 @@
 r"""Explains a trained model's predictions on chosen test images with chosen methods.
 
-  python -m experiments.explain --config=configs/demo.py --checkpoint=runs/demo \
-      --workdir=runs/demo/explain --methods=gradients,smoothgrad,ig,grad_cam --num_images=8
+  python -m experiments.explain --checkpoint=runs/demo --workdir=runs/demo/explain \
+      --methods=gradients,smoothgrad,ig,grad_cam --num_images=8 --label=-1
 
---checkpoint is a training run directory (its selected, 'best' checkpoint is explained).
+--checkpoint is a training run directory (its selected, 'best' checkpoint is explained); the
+model, preprocessing and dataset are those of its `config.json`, every training override
+included. --config is optional: when given (e.g. `--config=configs/demo.py
+--config.dataset.data_dir=/elsewhere`), its differences from the run's config are printed
+(field, run value -> given value) and then used.
 Writes into --workdir: one raw map array per method (`maps_<method>.npy`, [N, H, W] or
 [N, H, W, C]), `attributions.png` (003's figures 8-9: the input, then one gray magnitude map per
 method with the same percentile clip), `explain.json` (images, targets, seconds per image per
-method). The explained images are the first --num_images test images of --label (or
---indices). Methods: see `medxai_jax.explain.METHODS`.
+method; strict JSON). The explained images are --num_images test images of --label drawn with
+--seed, or with --label=-1 a class-balanced sample (`medxai_jax.explain.choose_indices`), or
+--indices. Methods: see `medxai_jax.explain.METHODS`.
 """
 
 from __future__ import annotations
@@ -21,19 +26,23 @@ from ml_collections import config_flags
 
 from medxai_jax import explain
 from medxai_jax import logs
+from medxai_jax import runs
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config of the model.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Optional: a training config to use instead of the run's config.json (the "
+    "differences are printed).", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training run directory to explain.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 _METHODS = flags.DEFINE_list("methods", None, "Methods (default: all); see explain.METHODS.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "Images to explain.")
-_LABEL = flags.DEFINE_integer("label", 1, "Explain test images of this label (-1: any).")
+_LABEL = flags.DEFINE_integer("label", 1, "Explain test images of this label (-1: any, "
+                              "class-balanced).")
 _INDICES = flags.DEFINE_list("indices", [], "Test-split indices (overrides --label).")
 _STEPS = flags.DEFINE_integer("steps", 64, "IG / Blur IG / Guided IG / XRAI gradient steps.")
 _SAMPLES = flags.DEFINE_integer("samples", 32, "SmoothGrad noise samples.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random parts (SmoothGrad noise).")
-flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random parts (image sample, SmoothGrad "
+                             "noise).")
+flags.mark_flags_as_required(["checkpoint", "workdir"])
 
 
 def main(argv: list[str]) -> None:
@@ -41,7 +50,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.setup_console_logging()
   options = explain.ExplainOptions(steps=_STEPS.value, samples=_SAMPLES.value)
-  summary = explain.explain_run(_CONFIG.value, _CHECKPOINT.value, _WORKDIR.value,
+  config = runs.resolve_config(_CHECKPOINT.value, _CONFIG.value)
+  summary = explain.explain_run(config, _CHECKPOINT.value, _WORKDIR.value,
                                 methods=_METHODS.value, num_images=_NUM_IMAGES.value,
                                 label=_LABEL.value, indices=_INDICES.value, options=options,
                                 seed=_SEED.value)

@@ -8,11 +8,11 @@ maps [B,H,W] or [B,H,W,C]; `run_methods` runs a list of them (jitted where they 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,6 +26,7 @@ from medxai_jax.attribution import xrai
 from medxai_jax.data import pipeline
 from medxai_jax.models import base
 from medxai_jax.train import loop
+from medxai_jax.train import metrics as metrics_lib
 from medxai_jax.viz import figures
 
 # A method: (model, variables, images, targets, key, options) -> maps [B, H, W(, C)].
@@ -158,17 +159,44 @@ def run_methods(model: base.Classifier, variables: base.Variables, images: jax.A
 
 
 def choose_indices(labels: np.ndarray, num_images: int, label: int,
-                   indices: Sequence[int] = ()) -> np.ndarray:
-  """Test-split indices to explain: given ones, or the first `num_images` of `label`."""
+                   indices: Sequence[int] = (), seed: int = 0) -> np.ndarray:
+  """Test-split indices to explain: `indices` if given, else a seeded sample of `num_images`.
+
+  label >= 0: a random sample (seeded) of the images of that label. label = -1: a class-balanced
+  sample, round-robin over the classes present (in class order) each drawn from a seeded
+  permutation of its images, so every class gets num_images / K images, one more or less, and
+  the first images shown alternate classes; a class with too few images gives its turn to the
+  others. Records are often stored in class (or body-part) order, so the first N would not be
+  a fair choice. Returns fewer than `num_images` (with a warning) only when the split holds
+  fewer candidates.
+  """
+  labels = np.asarray(labels)
   if indices:
     chosen = np.asarray([int(i) for i in indices])
     if chosen.min() < 0 or chosen.max() >= len(labels):
       raise ValueError(f"--indices must lie in [0, {len(labels)}); got {list(indices)}.")
     return chosen
-  candidates = np.arange(len(labels)) if label < 0 else np.flatnonzero(labels == label)
-  if not len(candidates):
-    raise ValueError(f"No test image has label {label}.")
-  return candidates[:num_images]
+  if num_images < 1:
+    raise ValueError(f"--num_images must be at least 1; got {num_images}.")
+  rng = np.random.default_rng(seed)
+  if label >= 0:
+    candidates = np.flatnonzero(labels == label)
+    if not len(candidates):
+      raise ValueError(f"No test image has label {label}; the labels present are "
+                       f"{np.unique(labels).tolist()}.")
+    chosen = rng.permutation(candidates)[:num_images]
+  elif label == -1:
+    pools = [rng.permutation(np.flatnonzero(labels == k)) for k in np.unique(labels)]
+    order = [pool[turn] for turn in range(max(map(len, pools), default=0)) for pool in pools
+             if turn < len(pool)]
+    chosen = np.asarray(order[:num_images], np.int64)
+  else:
+    raise ValueError(f"--label must be a class index or -1 (any, class-balanced); got {label}.")
+  if len(chosen) < num_images:
+    logging.warning("Only %d test images %s; explaining %d, not --num_images=%d.",
+                    len(chosen), "in all" if label < 0 else f"have label {label}", len(chosen),
+                    num_images)
+  return chosen
 
 
 def load_split(config: ml_collections.ConfigDict, split: str,
@@ -185,13 +213,16 @@ def explain_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir:
                 methods: Sequence[str] | None = None, num_images: int = 8, label: int = 1,
                 indices: Sequence[int] = (), options: ExplainOptions = ExplainOptions(),
                 seed: int = 0) -> dict[str, Any]:
-  """Explains the selected model of a training run; writes maps, the grid figure and JSON."""
-  workdir = loop.prepare_workdir(workdir)
+  """Explains the selected model of a training run; writes maps, the grid figure and JSON.
+
+  The images are `choose_indices(labels, num_images, label, indices, seed)` of the test split.
+  """
   model, variables = loop.restore_selected_model(config, checkpoint_dir)
+  workdir = loop.prepare_workdir(workdir)
   _, _, preprocess = loop.build_components(config)
   examples = load_split(config, config.dataset.test_split,
                         ("image", "label", "lesion_mask", "index"))
-  chosen = choose_indices(examples["label"], num_images, label, indices)
+  chosen = choose_indices(examples["label"], num_images, label, indices, seed)
   images = jax.jit(preprocess)(jnp.asarray(examples["image"][chosen]))
   targets = jnp.asarray(examples["label"][chosen], jnp.int32)
   methods = list(methods or METHODS)
@@ -205,8 +236,8 @@ def explain_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir:
       titles=[f"#{i}" for i in chosen])
   summary = {"checkpoint": os.path.abspath(checkpoint_dir), "split": config.dataset.test_split,
              "indices": chosen.tolist(), "targets": np.asarray(targets).tolist(),
+             "label": label, "seed": seed,
              "options": dataclasses.asdict(options), "methods": info,
              "figure": os.path.basename(figure)}
-  with open(os.path.join(workdir, "explain.json"), "w") as file:
-    json.dump(summary, file, indent=2)
+  metrics_lib.write_json(os.path.join(workdir, "explain.json"), summary)
   return summary

@@ -108,3 +108,85 @@ def test_data_randomisation_test_through_the_binaries(demo_run, tmp_path, data_d
   result = run("experiments.evaluate_explanations", *scoring, f"--workdir={tmp_path / 'bad'}",
                f"--shuffled_labels_checkpoint={checkpoint}", data_dir=data_dir)
   assert result.returncode != 0 and "shuffle_labels=True" in result.stderr
+
+
+# A run trained with overrides the demo config does not have: the binaries must read them back.
+# (config_flags concatenates a repeated tuple override, so TINY's own ones are replaced.)
+OVERRIDDEN_TINY = [flag for flag in TINY if not flag.startswith(("--config.model.conv_widths",
+                                                                  "--config.num_epochs"))] + [
+    "--config.model.num_outputs=2", "--config.model.conv_widths=(4, 8, 8, 8, 6)",
+    "--config.num_epochs=1"]
+
+
+def _strict_loads(text):
+  """json.loads that refuses NaN / Infinity, as strict JSON readers do."""
+  def refuse(constant):
+    raise ValueError(f"non-standard JSON constant {constant}")
+  return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def overridden_run(tmp_path_factory, data_dir):
+  workdir = tmp_path_factory.mktemp("runs") / "overridden"
+  result = run("experiments.train", "--config=configs/demo.py", f"--workdir={workdir}",
+               *OVERRIDDEN_TINY, data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_explain_reads_the_run_config_and_samples_both_classes(overridden_run, tmp_path,
+                                                               data_dir):
+  workdir = tmp_path / "explain"
+  result = run("experiments.explain", f"--checkpoint={overridden_run}", f"--workdir={workdir}",
+               "--methods=gradients,grad_cam", "--num_images=4", "--label=-1", "--steps=4",
+               data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = _strict_loads((workdir / "explain.json").read_text())
+  assert sorted(summary["targets"]) == [0, 0, 1, 1]  # class-balanced, not the first four
+  assert np.load(workdir / "maps_gradients.npy").shape[:3] == (4, 48, 48)
+
+
+def test_a_given_config_is_compared_printed_and_applied(overridden_run, tmp_path, data_dir):
+  result = run("experiments.explain", "--config=configs/demo.py", *OVERRIDDEN_TINY,
+               "--config.explain.num_images=5", f"--checkpoint={overridden_run}",
+               f"--workdir={tmp_path / 'same'}", "--methods=gradients", "--num_images=2",
+               data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "differs from" in result.stdout and "explain.num_images: 3 -> 5" in result.stdout
+  assert "model.num_outputs" not in result.stdout
+  # The demo config without the run's overrides: the differences are shown, then the
+  # restore fails because the given model is not the trained one.
+  result = run("experiments.explain", "--config=configs/demo.py", *TINY,
+               f"--checkpoint={overridden_run}", f"--workdir={tmp_path / 'other'}",
+               "--methods=gradients", "--num_images=2", data_dir=data_dir)
+  assert result.returncode != 0
+  assert "model.num_outputs: 2 -> 1" in result.stdout
+  assert "model.conv_widths: (4, 8, 8, 8, 6) -> (4, 8, 8, 8, 8)" in result.stdout
+  assert "does not match the model" in result.stderr
+
+
+def test_evaluate_and_compare_layers_need_only_the_run(overridden_run, tmp_path, data_dir):
+  workdir = tmp_path / "scores"
+  result = run("experiments.evaluate_explanations", f"--checkpoint={overridden_run}",
+               f"--workdir={workdir}", "--num_images=2", "--methods=gradients",
+               "--curve_steps=4", "--sanity_methods=", "--gallery_rows=2", "--label=-1",
+               data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = _strict_loads((workdir / "evaluation.json").read_text())
+  assert sorted(summary["targets"]) == [0, 1]
+  output = tmp_path / "compare"
+  result = run("experiments.compare_layers", f"--workdir_a={overridden_run}",
+               f"--workdir_b={overridden_run}", "--taps_a=conv1,fc7", "--taps_b=conv1,fc7",
+               "--num_examples=8", "--batch_size=8", f"--output_dir={output}",
+               data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  matrix = np.load(output / "similarity_minibatch_cka.npy")
+  np.testing.assert_allclose(np.diag(matrix), 1.0, atol=1e-5)  # a model against itself
+
+
+def test_a_missing_checkpoint_is_a_clear_error_that_creates_nothing(tmp_path, data_dir):
+  missing = tmp_path / "no_run"
+  result = run("experiments.explain", f"--checkpoint={missing}",
+               f"--workdir={tmp_path / 'out'}", data_dir=data_dir)
+  assert result.returncode != 0 and "no_run" in result.stderr and "does not exist" in result.stderr
+  assert not missing.exists() and not (tmp_path / "out").exists()

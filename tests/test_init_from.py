@@ -73,6 +73,18 @@ def test_head_training_from_ported_backbone_keeps_it_exactly(tmp_path, ported_di
   config.init_from = workdir
   second = loop.train_and_evaluate(config, str(tmp_path / "second"))
   assert second["init_from"]["kept_from_init"] == 0
+  source = second["init_from"]["source_run"]  # read from the first run's config.json
+  assert source["directory"] == workdir and source["dataset"] == "radiograph_phantoms"
+  assert source["model"]["growth_rate"] == TINY_DENSENET["growth_rate"]
+  assert source["test_accuracy"] == result["test"]["accuracy"]
+  with open(os.path.join(tmp_path, "second", "metrics.json")) as file:
+    assert json.load(file)["init_from"]["source_run"]["model"]["name"] == "densenet"
+
+  # A source run of another architecture is refused, naming both models.
+  config.model.growth_rate = 8
+  with pytest.raises(ValueError, match=r"config.model cannot start from config.init_from=.*run"
+                                       r".*growth_rate: 4 vs 8"):
+    loop.train_and_evaluate(config, str(tmp_path / "third"))
 
 
 def test_init_from_errors_name_the_path(tmp_path, ported_dir):

@@ -468,3 +468,74 @@ def test_classification_metrics_rejects_bad_shapes_and_threshold():
     metrics.classification_metrics(np.zeros(0, dtype=int), np.zeros(0))
   with pytest.raises(ValueError, match="threshold"):
     metrics.classification_metrics(np.zeros(2, dtype=int), np.zeros(2), threshold=1.5)
+
+
+# --- undefined metrics, probabilities and strict JSON
+
+
+def _naive_undefined(confusion: np.ndarray) -> set[str]:
+  """Which of AUC, kappa and MCC divide by zero, from their textbook denominators."""
+  n = confusion.sum()
+  rows, columns = confusion.sum(axis=1), confusion.sum(axis=0)
+  k = len(rows)
+  undefined = set()
+  if sum(int(r > 0) for r in rows) < 2:  # AUC needs a positive and a negative
+    undefined.add("roc_auc")
+  expected_agreement = sum(rows[i] * columns[i] for i in range(k)) / n**2
+  if expected_agreement == 1.0:  # kappa = (p_o - p_e) / (1 - p_e)
+    undefined.add("cohen_kappa")
+  if (n**2 - sum(c * c for c in columns)) * (n**2 - sum(r * r for r in rows)) == 0:
+    undefined.add("mcc")
+  return undefined
+
+
+def test_undefined_metrics_match_the_zero_denominators():
+  rng = np.random.default_rng(0)
+  cases = [np.array([[5, 0], [0, 0]]), np.array([[0, 5], [0, 0]]), np.array([[3, 2], [0, 0]]),
+           np.array([[2, 0], [3, 0]]), np.array([[1, 1], [1, 1]]),
+           np.array([[0, 0, 0], [0, 4, 0], [0, 0, 0]])]
+  for _ in range(200):
+    k = int(rng.integers(2, 4))
+    matrix = rng.integers(0, 3, (k, k)) * (rng.random((k, k)) < 0.4)
+    if matrix.sum():
+      cases.append(matrix)
+  for matrix in cases:
+    reasons = metrics.undefined_metrics(matrix)
+    assert set(reasons) == _naive_undefined(matrix.astype(float)), matrix.tolist()
+  assert metrics.undefined_metrics(np.array([[4, 1], [0, 0]]))["roc_auc"] == (
+      "the labels hold only class 0")
+  assert "no examples" in metrics.undefined_metrics(np.zeros((2, 2)))["mcc"]
+
+
+def test_json_safe_nulls_every_non_finite_number_and_names_it():
+  value = {"a": math.nan, "b": [1.0, np.float32("inf"), {"c": np.array([0.5, np.nan])}],
+           "d": (np.int64(3), "text", None), "e": -math.inf}
+  safe, replaced = metrics.json_safe(value)
+  assert replaced == ["a", "b[1]", "b[2].c[1]", "e"]
+  assert safe == {"a": None, "b": [1.0, None, {"c": [0.5, None]}], "d": [3, "text", None],
+                  "e": None}
+  text = metrics.strict_json_dumps(value)
+  assert "NaN" not in text and "Infinity" not in text and json.loads(text) == safe
+
+
+def test_probability_metrics_agree_with_logit_metrics():
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, 2, 40)
+  logits = rng.normal(size=40) + labels
+  probabilities = metrics.probabilities_from_logits(logits)
+  np.testing.assert_allclose(probabilities[:, 1], 1 / (1 + np.exp(-logits)))
+  np.testing.assert_allclose(probabilities.sum(axis=1), 1.0)
+  from_logits = metrics.classification_metrics(labels, logits)
+  from_probabilities = metrics.probability_metrics(labels, probabilities)
+  assert from_probabilities.keys() == from_logits.keys()
+  assert from_probabilities.pop("confusion_matrix") == from_logits.pop("confusion_matrix")
+  for key, value in from_logits.items():
+    assert from_probabilities[key] == pytest.approx(value), key
+  labels3 = rng.integers(0, 3, 40)
+  logits3 = rng.normal(size=(40, 3))
+  soft = metrics.probabilities_from_logits(logits3)
+  np.testing.assert_allclose(soft, np.exp(logits3) / np.exp(logits3).sum(1, keepdims=True))
+  assert metrics.probability_metrics(labels3, soft)["accuracy"] == pytest.approx(
+      np.mean(np.argmax(logits3, 1) == labels3))
+  with pytest.raises(ValueError, match=r"\[N,K\] with K >= 2"):
+    metrics.probability_metrics(labels, probabilities[:, 1])

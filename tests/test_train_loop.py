@@ -193,3 +193,79 @@ def test_filtered_shuffled_label_run_selects_by_training_accuracy(data_dir, tmp_
   with pytest.raises(ValueError, match="only a selection metric"):
     loop.check_config(tiny_config(data_dir, early_stopping=dict(
         patience=1, metric="train_accuracy", mode="")))
+
+
+def _strict_loads(text: str):
+  """json.loads that refuses NaN / Infinity, as strict JSON readers do."""
+  def refuse(constant):
+    raise ValueError(f"non-standard JSON constant {constant}")
+  return json.loads(text, parse_constant=refuse)
+
+
+def test_report_files_follow_the_contract(finished_run):
+  config, workdir, result = finished_run
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    written = _strict_loads(f.read())
+  assert written["class_names"] == ["normal", "abnormal"]
+  test_source = pipeline.load_sources(config.dataset, ["test"])["test"]
+  labels = pipeline.read_feature(test_source, "label")
+  predictions = np.load(os.path.join(workdir, loop.PREDICTIONS_FILE))
+  np.testing.assert_array_equal(predictions["labels"], labels)
+  assert predictions["labels"].dtype == np.int64
+  assert predictions["logits"].dtype == np.float32 and predictions["logits"].shape == (32, 1)
+  probabilities = predictions["probabilities"]
+  assert probabilities.dtype == np.float32 and probabilities.shape == (32, 2)
+  p = 1.0 / (1.0 + np.exp(-predictions["logits"][:, 0].astype(np.float64)))
+  np.testing.assert_allclose(probabilities, np.stack([1 - p, p], axis=1), atol=1e-6)
+  naive = np.zeros((2, 2), int)
+  for label, abnormal in zip(labels, p >= 0.5):
+    naive[label, int(abnormal)] += 1
+  assert written["test"]["confusion_matrix"] == naive.tolist()
+  from medxai_jax.data import phantoms
+  np.testing.assert_array_equal(
+      predictions["body_part"],
+      [phantoms.BODY_PARTS[k] for k in pipeline.read_feature(test_source, "body_part")])
+  assert set(written["test_by_body_part"]) == set(predictions["body_part"].tolist())
+  assert "test_by_study" not in written  # the phantoms have no studies
+  with open(os.path.join(workdir, loop.SPLITS_FILE)) as f:
+    splits = _strict_loads(f.read())
+  assert splits["class_names"] == ["normal", "abnormal"]
+  sources = pipeline.load_sources(config.dataset, ["train", "validation", "test"])
+  for split, source in sources.items():
+    assert splits["counts"][split] == np.bincount(pipeline.read_feature(source, "label"),
+                                                  minlength=2).tolist()
+
+
+def test_one_class_test_split_reports_null_auc_with_a_warning(data_dir, tmp_path, caplog):
+  config = tiny_config(data_dir, num_epochs=1)
+  config.dataset.filter = "label=normal"  # every split holds only class 0
+  workdir = str(tmp_path / "one_class")
+  with caplog.at_level("WARNING"):
+    result = loop.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    text = f.read()
+  with pytest.raises(ValueError):
+    _strict_loads('{"roc_auc": NaN}')  # the parser used below does refuse NaN
+  written = _strict_loads(text)
+  test = written["test"]
+  assert test["roc_auc"] is None and test["mcc"] is None
+  assert (test["cohen_kappa"] is None) == (test["confusion_matrix"][0][1] == 0)
+  assert result["test"]["roc_auc"] is None
+  assert "roc_auc is undefined on the test split" in caplog.text
+  assert "labels hold only class 0" in caplog.text
+  for line in open(os.path.join(workdir, "history.jsonl")):
+    assert _strict_loads(line)["val_roc_auc"] is None
+  assert all(part["image"]["roc_auc"] is None for part in written["test_by_body_part"].values())
+
+
+def test_restoring_a_missing_run_is_a_clear_error_that_creates_nothing(data_dir, tmp_path):
+  config = tiny_config(data_dir)
+  missing = tmp_path / "no_such_run"
+  with pytest.raises(FileNotFoundError, match="no_such_run.*does not exist"):
+    loop.restore_selected_model(config, str(missing))
+  assert not missing.exists()
+  empty = tmp_path / "empty_run"
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError, match="has no checkpoint"):
+    loop.restore_selected_model(config, str(empty))
+  assert list(empty.iterdir()) == []

@@ -8,7 +8,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from absl import logging
 import jax
@@ -159,11 +159,26 @@ def resolve_class_weights(spec: Any, counts: np.ndarray) -> np.ndarray | None:
 
 
 def evaluate(state: steps.TrainState, source: pipeline.RandomAccessSource, *, eval_fn,
-             batch_size: int, label_key: str) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-  """Metrics over a whole split, plus its logits and labels (padding removed)."""
+             batch_size: int, label_key: str, split: str = "",
+             warned: set[tuple[str, str]] | None = None, feature_keys: Sequence[str] = (),
+             features: dict[str, np.ndarray] | None = None
+             ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+  """Metrics over a whole split, plus its logits and labels (padding removed).
+
+  A metric that is undefined on the split (AUC with one class, ...) is None, with a warning
+  naming it, the split and why (once per split and metric when `warned` is given). The scalar
+  record features `feature_keys` (e.g. 'study_id') of the evaluated rows are put into
+  `features` (one process only: on several, each host batch holds only its own rows).
+  """
   logits, labels, losses = [], [], []
+  columns: dict[str, list[np.ndarray]] = {key: [] for key in feature_keys}
   for batch in pipeline.prefetch(pipeline.iterate_batches(
-      source, batch_size=batch_size, label_key=label_key)):
+      source, batch_size=batch_size, label_key=label_key,
+      keys=("image", *[k for k in feature_keys if k != label_key]))):
+    extra = {key: batch["label"] if key == label_key else batch.pop(key)
+             for key in feature_keys}  # iterate_batches renames the label feature 'label'
+    for key in feature_keys:
+      columns[key].append(extra[key][np.asarray(batch["weight"]) > 0])
     out = jax.device_get(eval_fn(state, batch))
     # On several hosts each host batch holds only this process's rows; the step then returns
     # the global batch's labels and weights (replicated) with its logits.
@@ -173,9 +188,40 @@ def evaluate(state: steps.TrainState, source: pipeline.RandomAccessSource, *, ev
     labels.append(np.asarray(out.get("label", batch["label"]))[real])
   logits_all = np.concatenate(logits)
   labels_all = np.concatenate(labels)
-  result = metrics_lib.classification_metrics(labels_all, logits_all)
+  if features is not None:
+    features.update({key: np.concatenate(values) for key, values in columns.items()})
+  result = defined_metrics(metrics_lib.classification_metrics(labels_all, logits_all),
+                           f"the {split} split" if split else "the evaluated split", warned)
   result["loss"] = float(np.concatenate(losses).mean())
   return result, logits_all, labels_all
+
+
+def defined_metrics(summary: Mapping[str, Any], where: str,
+                    warned: set[tuple[str, str]] | None = None) -> dict[str, Any]:
+  """`summary` (metrics_lib's) with its undefined metrics set to None, each one warned about
+  (`where`, e.g. 'the test split', names the data in the warning)."""
+  result = dict(summary)
+  for metric, reason in metrics_lib.undefined_metrics(
+      np.asarray(summary["confusion_matrix"])).items():
+    result[metric] = None
+    if warned is None or (where, metric) not in warned:
+      logging.warning("%s is undefined on %s (%d examples): %s; it is reported as null.",
+                      metric, where, summary["num_examples"], reason)
+      if warned is not None:
+        warned.add((where, metric))
+  return result
+
+
+def _format_metric(value: float | None) -> str:
+  """'0.1234', or 'undefined' for None."""
+  return "undefined" if value is None else f"{value:.4f}"
+
+
+def _monitored(value: Any, mode: str) -> float:
+  """A monitored value as a float; an undefined (None) one is the worst value of its mode."""
+  if value is None:
+    return -math.inf if mode == "max" else math.inf
+  return float(value)
 
 
 def selection_score(metric: str, train_accuracy: float, validation: Mapping[str, Any]) -> float:
@@ -188,7 +234,7 @@ def selection_score(metric: str, train_accuracy: float, validation: Mapping[str,
     return float(train_accuracy)
   if metric == "train_val_gap":
     return -abs(train_accuracy - validation["accuracy"])
-  return float(validation[metric])
+  return _monitored(validation[metric], _mode(metric, None))
 
 
 def _mode(metric: str, mode: str | None) -> str:
@@ -215,9 +261,10 @@ def plateau_step(config: ml_collections.ConfigDict, learning_rate: float,
                  ) -> tuple[float, optim.PlateauState]:
   """Next epoch's rate under config.schedule ('plateau') after an epoch's validation metrics."""
   schedule = config.schedule
+  mode = _mode(schedule.metric, schedule.get("mode"))
   return optim.plateau_update(
-      learning_rate, float(validation[schedule.metric]), plateau,
-      mode=_mode(schedule.metric, schedule.get("mode")), factor=schedule.factor,
+      learning_rate, _monitored(validation[schedule.metric], mode), plateau,
+      mode=mode, factor=schedule.factor,
       patience=schedule.patience, max_reductions=schedule.max_reductions or None,
       min_lr=schedule.min_learning_rate)
 
@@ -227,8 +274,9 @@ def early_stopping_step(config: ml_collections.ConfigDict, validation: Mapping[s
                         ) -> tuple[float | None, int, bool]:
   """(best, epochs without improvement, stop now?) after an epoch, under config.early_stopping."""
   stopping = config.early_stopping
-  value = float(validation[stopping.metric])
-  if optim.improved(value, best, _mode(stopping.metric, stopping.get("mode"))):
+  mode = _mode(stopping.metric, stopping.get("mode"))
+  value = _monitored(validation[stopping.metric], mode)
+  if optim.improved(value, best, mode):
     best, epochs_since_improvement = value, 0
   else:
     epochs_since_improvement += 1
@@ -238,7 +286,7 @@ def early_stopping_step(config: ml_collections.ConfigDict, validation: Mapping[s
 def _append_jsonl(path: str, record: Mapping[str, Any]) -> None:
   """Appends one JSON line."""
   with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
+    f.write(metrics_lib.strict_json_dumps(record) + "\n")
 
 
 def _truncate_history(path: str, completed_epochs: int) -> None:
@@ -296,6 +344,107 @@ def model_fields(config: ml_collections.ConfigDict, compute_dtype: str | None = 
 
 
 SELECTED_MODEL_DIR = "selected_model"
+PREDICTIONS_FILE = "predictions_test.npz"
+SPLITS_FILE = "splits.json"
+# Record features copied into predictions_test.npz and grouped by in metrics.json, when present.
+RECORD_FEATURES = ("study_id", "body_part", "patient_id", "path")
+
+
+def dataset_features(dataset_config: Mapping[str, Any]) -> Any:
+  """The TFDS feature dictionary of the configured dataset (None if the builder has none)."""
+  return getattr(pipeline.load_builder(dataset_config).info, "features", None)
+
+
+def feature_names(features: Any, key: str) -> list[str] | None:
+  """Class names of a ClassLabel feature, or None."""
+  spec = features[key] if features is not None and key in features else None
+  names = getattr(spec, "names", None)
+  return list(names) if names else None
+
+
+def class_names(features: Any, label_key: str, num_classes: int) -> list[str]:
+  """The label feature's class names, or '0'..'K-1' when it has none (or not K of them)."""
+  names = feature_names(features, label_key)
+  if names and len(names) == num_classes:
+    return names
+  if names:
+    logging.warning("The label feature %r has %d class names %s but the model has %d classes; "
+                    "classes are named by index.", label_key, len(names), names, num_classes)
+  return [str(k) for k in range(num_classes)]
+
+
+def class_counts(labels: np.ndarray, num_classes: int, split: str) -> list[int]:
+  """Examples per class [K]; raises ValueError naming the split for a label outside [0, K)."""
+  labels = np.asarray(labels).astype(np.int64)
+  outside = np.unique(labels[(labels < 0) | (labels >= num_classes)])
+  if outside.size:
+    raise ValueError(f"The {split!r} split has label(s) {outside.tolist()[:5]} outside [0, "
+                     f"{num_classes}), the classes of config.model; check model.num_outputs "
+                     "and config.dataset.label_key.")
+  return np.bincount(labels, minlength=num_classes).tolist()
+
+
+def text_column(values: np.ndarray, names: Sequence[str] | None = None) -> np.ndarray:
+  """A feature column as str [N]: bytes decoded, class indices named by `names`."""
+  def text(value: Any) -> str:
+    value = value.item() if isinstance(value, np.generic) or (
+        isinstance(value, np.ndarray) and value.ndim == 0) else value
+    if isinstance(value, bytes):
+      return value.decode()
+    if names is not None and isinstance(value, (int, np.integer)):
+      return names[int(value)]
+    return str(value)
+  return np.asarray([text(value) for value in np.asarray(values, dtype=object)], dtype=str)
+
+
+def study_level_metrics(labels: np.ndarray, probabilities: np.ndarray, study_ids: np.ndarray,
+                        where: str, warned: set[tuple[str, str]] | None = None
+                        ) -> dict[str, Any]:
+  """MURA's study-level metrics: each study's probabilities are the mean of its images'
+  (Rajpurkar et al.; `mura.study_scores`), thresholded as one image's would be."""
+  from medxai_jax.data.builders import mura  # imports tensorflow_datasets
+
+  _, means, study_labels = mura.study_scores(probabilities, study_ids, labels)
+  return defined_metrics(metrics_lib.probability_metrics(study_labels, means),
+                         f"{where}, per study", warned)
+
+
+def grouped_metrics(labels: np.ndarray, logits: np.ndarray, features: Mapping[str, np.ndarray],
+                    split: str, warned: set[tuple[str, str]] | None = None) -> dict[str, Any]:
+  """'<split>_by_study' (when records carry study_id) and '<split>_by_body_part' (body_part:
+  name -> {'image': metrics, 'study': metrics}) as 000 and the MURA paper report them."""
+  result: dict[str, Any] = {}
+  probabilities = metrics_lib.probabilities_from_logits(logits)
+  studies = features.get("study_id")
+  if studies is not None:
+    result[f"{split}_by_study"] = study_level_metrics(labels, probabilities, studies,
+                                                      f"the {split} split", warned)
+  parts = features.get("body_part")
+  if parts is not None:
+    by_part = {}
+    for part in sorted(set(parts.tolist())):
+      rows = parts == part
+      where = f"the {split} split's {part} images"
+      entry = {"image": defined_metrics(
+          metrics_lib.classification_metrics(labels[rows], logits[rows]), where, warned)}
+      if studies is not None:
+        entry["study"] = study_level_metrics(labels[rows], probabilities[rows], studies[rows],
+                                             where, warned)
+      by_part[part] = entry
+    result[f"{split}_by_body_part"] = by_part
+  return result
+
+
+def write_predictions(path: str, labels: np.ndarray, logits: np.ndarray,
+                      features: Mapping[str, np.ndarray]) -> str:
+  """predictions_test.npz: labels int64 [N], logits float32 [N, K'], probabilities float32
+  [N, K] and the record features as str [N]."""
+  logits = np.asarray(logits, np.float32)
+  logits = logits.reshape(len(logits), -1)
+  np.savez(path, labels=np.asarray(labels, np.int64), logits=logits,
+           probabilities=metrics_lib.probabilities_from_logits(logits).astype(np.float32),
+           **{key: np.asarray(value, dtype=str) for key, value in features.items()})
+  return path
 
 
 def resolve_init_from(path: str) -> str:
@@ -314,6 +463,7 @@ def initialise_from(state: steps.TrainState, init_from: str, model_config: Mappi
   """`state` with every parameter / BatchNorm statistic that `init_from` holds (same path and
   shape) loaded; the rest (e.g. a new head) keeps its fresh initialisation."""
   directory = resolve_init_from(init_from)
+  source_run = describe_source_run(init_from, model_config)
   pretrained, metadata = checkpoint.load_variables(directory)
   skip = tuple(metadata.get("kept_from_init", ()))  # random leaves a port did not fill
   merged, loaded, kept = porting.merge_variables(state.variables, pretrained, skip)
@@ -331,8 +481,38 @@ def initialise_from(state: steps.TrainState, init_from: str, model_config: Mappi
   state = state.replace(params=jax.tree_util.tree_map(jnp.asarray, merged["params"]),
                         batch_stats=jax.tree_util.tree_map(
                             jnp.asarray, merged.get("batch_stats", {})))
-  return state, {"init_from": directory, "loaded": len(loaded), "kept_from_init": kept,
-                 "preprocessing": metadata.get("preprocessing")}
+  report = {"init_from": directory, "loaded": len(loaded), "kept_from_init": kept,
+            "preprocessing": metadata.get("preprocessing")}
+  if source_run is not None:
+    report["source_run"] = source_run
+  return state, report
+
+
+def describe_source_run(init_from: str, model_config: Mapping[str, Any]
+                        ) -> dict[str, Any] | None:
+  """What a training run given as config.init_from was (its config.json: dataset, model, test
+  accuracy), or None for other weights; raises ValueError naming both models when its
+  architecture is not config.model's (only the head and input size may differ)."""
+  from medxai_jax import runs  # runs uses this module
+
+  run_dir = runs.source_run_dir(init_from)
+  if run_dir is None:
+    return None
+  source = runs.read_run_config(run_dir)
+  differing = runs.check_compatible_models(
+      source.model, model_config, source_name=f"config.init_from={run_dir!r}",
+      target_name="config.model")
+  metrics = runs.Run(run_dir, source).metrics() or {}
+  description = {"directory": run_dir, "dataset": source.dataset.name,
+                 "builder_config": source.dataset.get("builder_config", ""),
+                 "filter": source.dataset.get("filter", ""), "model": source.model.to_dict(),
+                 "head_fields_changed": differing,
+                 "test_accuracy": (metrics.get("test") or {}).get("accuracy")}
+  logging.info("config.init_from is the training run %s (dataset %s, model %s, test accuracy "
+               "%s)%s.", run_dir, description["dataset"], description["model"],
+               description["test_accuracy"],
+               f"; new values of {differing}" if differing else "")
+  return description
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -340,6 +520,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Writes `config.json`, `history.jsonl` (one line per epoch) and `metrics.json` into `workdir`,
   checkpoints into `workdir/checkpoints/{latest,best}`, and returns the metrics.json content.
+  metrics.json (strict JSON: an undefined metric is null, with a warning) holds `class_names`,
+  the test metrics and, when the test records carry `study_id` / `body_part`, `test_by_study`
+  (MURA's study-level metrics) and `test_by_body_part`. Also writes `splits.json` (class names,
+  examples per class of each split after config.dataset.filter) and `predictions_test.npz`
+  (`write_predictions`).
   `config.train` freezes parameters (`freeze.py`: the head only, the last N layers, a head-only
   warm-up), sets the compute dtype and gradient accumulation; `config.augment` transforms
   training batches on the device (`data/augment.py`).
@@ -369,10 +554,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_source = sources[dataset.train_split]
   model, tx, preprocess = build_components(config)
   classes = model.num_classes
-
-  weights = resolve_class_weights(
-      config.class_weights, pipeline.label_counts(train_source, dataset.label_key, classes)
-      if config.class_weights == "balanced" else np.zeros(classes))
+  features = dataset_features(dataset)
+  names = class_names(features, dataset.label_key, classes)
+  # After config.dataset.filter; shuffled training labels are a permutation: the same counts.
+  counts = {role: class_counts(pipeline.read_feature(sources[split], dataset.label_key),
+                               classes, split)
+            for role, split in zip(("train", "validation", "test"), splits)}
+  weights = resolve_class_weights(config.class_weights, np.asarray(counts["train"]))
+  warned: set[tuple[str, str]] = set()
   state = steps.create_train_state(model, tx, jax.random.key(config.seed))
   store = checkpoint.CheckpointStore(os.path.join(workdir, "checkpoints"),
                                      max_to_keep=config.checkpoint.max_to_keep)
@@ -481,7 +670,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_accuracy = totals["correct"] / totals["count"]
     validation, _, _ = evaluate(
         state, host_source(sources[dataset.validation_split], eval_batch_size),
-        eval_fn=eval_fn, batch_size=eval_batch_size, label_key=dataset.label_key)
+        eval_fn=eval_fn, batch_size=eval_batch_size, label_key=dataset.label_key,
+        split=dataset.validation_split, warned=warned)
     completed = epoch + 1
 
     score = selection_score(selection_metric, train_accuracy, validation)
@@ -509,17 +699,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if is_best:
       store.save_best(completed, state, metadata)
     store.save_latest(completed, state, metadata)
-    logging.info("epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f auc %.3f%s",
+    logging.info("epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f auc %s%s",
                  completed, train_loss, train_accuracy, validation["loss"],
-                 validation["accuracy"], validation["roc_auc"], " (best)" if is_best else "")
+                 validation["accuracy"], _format_metric(validation["roc_auc"]),
+                 " (best)" if is_best else "")
     if loop.stopped_early:
       logging.info("Early stopping after epoch %d (%s did not improve for %d epochs).",
                    completed, stopping.metric, stopping.patience)
       break
 
   best_state, best_metadata = store.restore_best(state)
-  test, _, _ = evaluate(best_state, host_source(sources[dataset.test_split], eval_batch_size),
-                        eval_fn=eval_fn, batch_size=eval_batch_size, label_key=dataset.label_key)
+  test_source = sources[dataset.test_split]
+  present = [key for key in RECORD_FEATURES if key in test_source.__getitems__([0])[0]]
+  single = jax.process_count() == 1
+  test_features: dict[str, np.ndarray] = {}
+  test, test_logits, test_labels = evaluate(
+      best_state, host_source(test_source, eval_batch_size), eval_fn=eval_fn,
+      batch_size=eval_batch_size, label_key=dataset.label_key, split=dataset.test_split,
+      warned=warned, feature_keys=present if single else (), features=test_features)
+  if not single:  # host batches hold this process's rows only: read the features in order
+    test_features = pipeline.read_features(test_source, present)
+  test_features = {key: text_column(value, feature_names(features, key))
+                   for key, value in test_features.items()}
   store.close()
   result = {"selected_epoch": best_metadata["loop"]["best_epoch"],
             "selection_metric": selection_metric, "epochs_run": loop.epoch,
@@ -531,7 +732,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "global_batch_size": config.batch_size,
             "per_device_batch_size": config.batch_size // parallel.num_shards(mesh),
             "eval_batch_size": eval_batch_size, "accumulation_steps": accumulation_steps,
-            "compute_dtype": fine_tuning["compute_dtype"]}
+            "compute_dtype": fine_tuning["compute_dtype"], "class_names": names,
+            **grouped_metrics(test_labels, test_logits, test_features, "test", warned)}
   if init_report is not None:
     result["init_from"] = {k: v for k, v in init_report.items() if k != "kept_from_init"}
     result["init_from"]["kept_from_init"] = len(init_report["kept_from_init"])
@@ -540,17 +742,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       {"model_config": config.model.to_dict(), "selected_epoch": result["selected_epoch"],
        "kept_from_init": []})
   if lead:
-    with open(os.path.join(workdir, "metrics.json"), "w") as f:
-      json.dump(result, f, indent=2)
-  logging.info("Test (epoch %d): accuracy %.4f, ROC AUC %.4f, kappa %.4f.",
-               result["selected_epoch"], test["accuracy"], test["roc_auc"], test["cohen_kappa"])
+    metrics_lib.write_json(os.path.join(workdir, "metrics.json"), result)
+    metrics_lib.write_json(os.path.join(workdir, SPLITS_FILE),
+                           {"class_names": names, "counts": counts})
+    write_predictions(os.path.join(workdir, PREDICTIONS_FILE), test_labels, test_logits,
+                      test_features)
+  logging.info("Test (epoch %d): accuracy %.4f, ROC AUC %s, kappa %s.",
+               result["selected_epoch"], test["accuracy"], _format_metric(test["roc_auc"]),
+               _format_metric(test["cohen_kappa"]))
+  if "test_by_study" in result:
+    study = result["test_by_study"]
+    logging.info("Test, study level (%d studies): accuracy %.4f, ROC AUC %s, kappa %s.",
+                 study["num_examples"], study["accuracy"], _format_metric(study["roc_auc"]),
+                 _format_metric(study["cohen_kappa"]))
   return result
+
+
+def check_trained(workdir: str) -> str:
+  """The absolute `workdir`; raises FileNotFoundError, creating nothing, unless it holds a
+  selected ('best') checkpoint of a training run."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  best = os.path.join(workdir, "checkpoints", "best")
+  steps_saved = [n for n in os.listdir(best) if n.isdigit()] if os.path.isdir(best) else []
+  if not steps_saved:
+    where = "does not exist" if not os.path.isdir(workdir) else f"has no checkpoint in {best}"
+    raise FileNotFoundError(f"The training run {workdir!r} {where}; give the --workdir of a "
+                            "`python -m experiments.train` run that finished an epoch.")
+  return workdir
 
 
 def restore_selected_model(config: ml_collections.ConfigDict, workdir: str
                            ) -> tuple[base.Classifier, dict[str, Any]]:
   """The model of a config (computing in float32, whatever config.train.compute_dtype) and the
   variables of its best checkpoint in `workdir`."""
+  check_trained(workdir)
   model, tx, _ = build_components(config, compute_dtype="float32")
   template = steps.create_train_state(model, tx, jax.random.key(config.seed))
   store = checkpoint.CheckpointStore(os.path.join(os.path.abspath(workdir), "checkpoints"))

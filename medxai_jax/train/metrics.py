@@ -8,12 +8,17 @@ Conventions shared by every function here:
   denominator is zero is reported as 0.0, and Cohen's kappa and the MCC are 0.0 when
   undefined (e.g. every example, true and predicted, in one class).
 * ROC AUC is NaN when it is undefined, i.e. when the labels hold only one class.
+
+`undefined_metrics` says which summary metrics of a confusion matrix are undefined and why, and
+`json_safe` / `write_json` turn NaN and infinities into null (what the binaries write is
+strict JSON).
 """
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 import numpy as np
 
@@ -418,3 +423,140 @@ def classification_metrics(
   if is_binary:
     summary.update(_binary_rates(confusion))
   return summary
+
+
+def probability_metrics(
+  labels: np.ndarray, probabilities: np.ndarray, *, threshold: float = 0.5
+) -> dict[str, object]:
+  """`classification_metrics`' summary from class probabilities [N,K] (K >= 2) instead of logits.
+
+  Binary: class 1 predicted when p1 >= `threshold`, AUC of p1; K > 2: argmax (ties to the lower
+  index), macro precision/recall/F1 and one-vs-rest macro AUC. Used for MURA's study-level view,
+  where a study's probabilities are the mean of its images' (Rajpurkar et al.).
+  """
+  if not 0.0 <= threshold <= 1.0:
+    raise ValueError(f"threshold must lie in [0, 1]; got {threshold}.")
+  label_indices = _as_class_indices(labels, "labels")
+  values = np.asarray(probabilities, dtype=np.float64)
+  if values.ndim != 2 or values.shape[1] < 2:
+    raise ValueError(f"probabilities must have shape [N,K] with K >= 2; got {values.shape}.")
+  _check_same_length(label_indices, "labels", values, "probabilities")
+  if label_indices.size == 0:
+    raise ValueError("probability_metrics needs at least one example; got N = 0.")
+  if not np.all(np.isfinite(values)) or np.any(values < 0) or np.any(values > 1):
+    raise ValueError("probabilities must be finite and lie in [0, 1].")
+  num_classes = values.shape[1]
+  _check_class_range(label_indices, "labels", num_classes)
+  is_binary = num_classes == 2
+  if is_binary:
+    predictions = (values[:, 1] >= threshold).astype(np.int64)
+  else:
+    predictions = np.argmax(values, axis=1).astype(np.int64)
+  confusion = confusion_matrix(label_indices, predictions, num_classes)
+  precision, recall, f1 = precision_recall_f1(confusion, "binary" if is_binary else "macro")
+  auc = roc_auc(label_indices, values[:, 1]) if is_binary else roc_auc_ovr(label_indices, values)
+  summary: dict[str, object] = {
+    "num_examples": int(label_indices.size),
+    "num_classes": int(num_classes),
+    "accuracy": accuracy(label_indices, predictions),
+    "precision": precision,
+    "recall": recall,
+    "f1": f1,
+    "cohen_kappa": cohen_kappa(confusion),
+    "mcc": matthews_corrcoef(confusion),
+    "roc_auc": float(auc),
+    "confusion_matrix": confusion.tolist(),
+  }
+  if is_binary:
+    summary.update(_binary_rates(confusion))
+  return summary
+
+
+def probabilities_from_logits(logits: np.ndarray) -> np.ndarray:
+  """Class probabilities [N,K] of logits [N] / [N,1] (sigmoid: columns 1 - p, p) or [N,K]
+  (softmax)."""
+  logit_values = _as_logits(logits)
+  if logit_values.ndim == 1 or logit_values.shape[1] == 1:
+    positive = _sigmoid(logit_values.reshape(-1))
+    return np.stack([1.0 - positive, positive], axis=1)
+  return np.exp(_log_softmax(logit_values))
+
+
+# --- undefined values and strict JSON
+
+
+def undefined_metrics(confusion: np.ndarray) -> dict[str, str]:
+  """Metric name -> why it is undefined, for the summary metrics of a confusion matrix [K,K].
+
+  ROC AUC needs examples of two classes (one-vs-rest: of at least two); Cohen's kappa needs an
+  expected disagreement above zero (not every label and prediction in one same class); the MCC
+  needs labels of two classes and predictions of two classes. The functions above report 0.0
+  (kappa, MCC) or NaN (AUC) in these cases; a summary that is written should say null.
+  """
+  matrix = _as_confusion(confusion)
+  true_counts = matrix.sum(axis=1)
+  predicted_counts = matrix.sum(axis=0)
+  true_classes = np.flatnonzero(true_counts).tolist()
+  predicted_classes = np.flatnonzero(predicted_counts).tolist()
+  reasons = {}
+  if matrix.sum() == 0:
+    return {name: "there are no examples" for name in ("roc_auc", "cohen_kappa", "mcc")}
+  if len(true_classes) < 2:
+    reasons["roc_auc"] = f"the labels hold only class {true_classes[0]}"
+  if len(true_classes) < 2 and predicted_classes == true_classes:
+    reasons["cohen_kappa"] = (f"every label and every prediction is class {true_classes[0]} "
+                              "(no expected disagreement)")
+  if len(true_classes) < 2:
+    reasons["mcc"] = f"the labels hold only class {true_classes[0]}"
+  elif len(predicted_classes) < 2:
+    reasons["mcc"] = f"every prediction is class {predicted_classes[0]}"
+  return reasons
+
+
+def json_safe(value: Any, path: str = "") -> tuple[Any, list[str]]:
+  """(`value` with every NaN / infinite float as None, the dotted paths that were replaced).
+
+  Numpy scalars and arrays become Python numbers and lists; tuples become lists.
+  """
+  if isinstance(value, Mapping):
+    result, replaced = {}, []
+    for key, item in value.items():
+      result[key], inner = json_safe(item, f"{path}.{key}" if path else str(key))
+      replaced += inner
+    return result, replaced
+  if isinstance(value, np.ndarray):
+    value = value.tolist()
+  if isinstance(value, (list, tuple)):
+    result, replaced = [], []
+    for index, item in enumerate(value):
+      converted, inner = json_safe(item, f"{path}[{index}]")
+      result.append(converted)
+      replaced += inner
+    return result, replaced
+  if isinstance(value, np.generic):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None, [path]
+  return value, []
+
+
+def strict_json_dumps(value: Any, **kwargs: Any) -> str:
+  """`json.dumps` of `json_safe(value)`, which never writes NaN or Infinity."""
+  return json.dumps(json_safe(value)[0], allow_nan=False, **kwargs)
+
+
+def write_json(path: str, value: Any, indent: int | None = 2) -> list[str]:
+  """Writes `value` as strict JSON (NaN / inf as null); returns the paths made null."""
+  safe, replaced = json_safe(value)
+  text = json.dumps(safe, allow_nan=False, indent=indent)
+  with open(path, "w") as file:
+    file.write(text)
+  return replaced
+
+
+def rewrite_strict_json(path: str) -> list[str]:
+  """Rewrites a JSON file (Python's json may have written NaN / Infinity) as strict JSON;
+  returns the paths made null."""
+  with open(path) as file:
+    content = json.load(file)
+  return write_json(path, content)

@@ -1,0 +1,233 @@
+"""A training run read back from its directory: its config, its selected model, its splits.
+
+`experiments/train.py --workdir=RUN` writes `RUN/config.json` (the full training config, every
+override included), `RUN/checkpoints/best` (the selected epoch), `RUN/metrics.json` and
+`RUN/splits.json`. The binaries that use a trained model (explain, evaluate_explanations,
+compare_layers) read the config from there, so no training override is typed twice; a config
+given on their command line is compared with the run's (`config_differences`) and then applied
+(`merge_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+from absl import logging
+import ml_collections
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+SPLITS_FILE = "splits.json"
+PREDICTIONS_FILE = "predictions_test.npz"
+# Fields every training config has (configs/common.py); a config.json without them is not one.
+REQUIRED_FIELDS = ("dataset", "model", "preprocess")
+# config.model fields that may differ between an init_from source run and the model it starts:
+# the head is rebuilt (new classes), the input size only changes the spatial grid.
+HEAD_FIELDS = frozenset({"num_outputs", "head", "head_hidden_widths", "dropout_rate",
+                         "input_shape", "dtype", "bn_epsilon"})
+_ABSENT = "<absent>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Difference:
+  """One field whose value differs between a run's config and another config."""
+
+  path: str  # dotted, e.g. 'model.num_outputs'
+  run_value: Any  # '<absent>' when the run's config has no such field
+  given_value: Any  # '<absent>' when the given config has no such field
+
+  def __str__(self) -> str:
+    return f"{self.path}: {self.run_value!r} -> {self.given_value!r}"
+
+
+def _tuples(value: Any) -> Any:
+  """JSON lists as tuples (the config files write sequences as tuples), recursively."""
+  if isinstance(value, dict):
+    return {key: _tuples(item) for key, item in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(item) for item in value)
+  return value
+
+
+def config_path(run_dir: str) -> str:
+  """Absolute path of a run's config.json."""
+  return os.path.join(os.path.abspath(os.path.expanduser(run_dir)), CONFIG_FILE)
+
+
+def read_run_config(run_dir: str) -> ml_collections.ConfigDict:
+  """The training config a run was trained with (`<run_dir>/config.json`), unlocked.
+
+  Sequences come back as tuples, null fields (e.g. an unset `preprocess.bit_depth`) as None.
+  Raises FileNotFoundError naming the file when it is missing, ValueError when it is not a
+  training config.
+  """
+  path = config_path(run_dir)
+  if not os.path.isdir(os.path.dirname(path)):
+    raise FileNotFoundError(f"The run directory {os.path.dirname(path)!r} does not exist; give "
+                            "the --workdir of a finished `python -m experiments.train` run.")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} does not exist: {os.path.dirname(path)!r} is not a training "
+                            "run directory (experiments/train.py writes config.json into its "
+                            "--workdir).")
+  try:
+    with open(path) as file:
+      content = json.load(file)
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{path} is not valid JSON: {error}.") from error
+  missing = [field for field in REQUIRED_FIELDS
+             if not isinstance(content, dict) or not isinstance(content.get(field), dict)]
+  if missing:
+    raise ValueError(f"{path} is not a training config: it lacks the section(s) {missing} that "
+                     "experiments/train.py writes.")
+  return ml_collections.ConfigDict(_tuples(content))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Nested mapping -> {'a.b': leaf}; an empty section is one leaf."""
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, (Mapping, ml_collections.ConfigDict)) and len(value):
+      flat.update(_flatten(value, name + "."))
+    else:
+      flat[name] = value
+  return flat
+
+
+def _comparable(value: Any) -> Any:
+  """A value as JSON would store it (tuples as lists), for comparison."""
+  if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+    return {key: _comparable(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_comparable(item) for item in value]
+  return value
+
+
+def config_differences(run_config: ml_collections.ConfigDict,
+                       given: ml_collections.ConfigDict) -> list[Difference]:
+  """Fields whose values differ between a run's config and `given`, sorted by path."""
+  run_flat = _flatten(run_config.to_dict() if hasattr(run_config, "to_dict") else run_config)
+  given_flat = _flatten(given.to_dict() if hasattr(given, "to_dict") else given)
+  differences = []
+  for path in sorted(set(run_flat) | set(given_flat)):
+    run_value = run_flat.get(path, _ABSENT)
+    given_value = given_flat.get(path, _ABSENT)
+    if _comparable(run_value) != _comparable(given_value):
+      differences.append(Difference(path, run_value, given_value))
+  return differences
+
+
+def merge_config(run_config: ml_collections.ConfigDict,
+                 given: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`given`, plus the fields only the run's config has (a copy; neither input changes)."""
+  merged = _tuples(json.loads(run_config.to_json_best_effort()))
+
+  def apply(node: dict[str, Any], patch: Mapping[str, Any]) -> None:
+    for key, value in patch.items():
+      if isinstance(value, Mapping) and isinstance(node.get(key), dict):
+        apply(node[key], value)
+      else:
+        node[key] = value
+
+  apply(merged, given.to_dict())
+  return ml_collections.ConfigDict(merged)
+
+
+def resolve_config(run_dir: str, given: ml_collections.ConfigDict | None = None,
+                   *, flag: str = "--config") -> ml_collections.ConfigDict:
+  """The run's config, or with `given` (a command-line config) applied after printing how they
+  differ (one line per field: path, run value -> given value).
+
+  A run directory without config.json (checkpoints made by hand or elsewhere) is used with
+  `given` alone, with a warning; without `given` that is an error naming the file.
+  """
+  path = config_path(run_dir)
+  if given is not None and os.path.isdir(os.path.dirname(path)) and not os.path.exists(path):
+    message = f"{path} does not exist; using {flag} as given."
+    print(message)
+    logging.warning(message)
+    return given
+  run_config = read_run_config(run_dir)
+  if given is None:
+    return run_config
+  differences = config_differences(run_config, given)
+  header = (f"{flag} differs from {config_path(run_dir)} in {len(differences)} field(s) "
+            "(run value -> given value); the given values are used:" if differences else
+            f"{flag} matches {config_path(run_dir)}.")
+  print(header)
+  for difference in differences:
+    print(f"  {difference}")
+  logging.info("%s%s", header, "".join(f"\n  {d}" for d in differences))
+  return merge_config(run_config, given)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A finished training run: its directory and config (see `load_run`)."""
+
+  directory: str
+  config: ml_collections.ConfigDict
+
+  def restore_selected_model(self):
+    """(model computing in float32, variables of the selected epoch)."""
+    from medxai_jax.train import loop  # loop reads runs for init_from: imported here
+
+    return loop.restore_selected_model(self.config, self.directory)
+
+  def metrics(self) -> dict[str, Any] | None:
+    """metrics.json (None before training finished)."""
+    return _read_optional_json(os.path.join(self.directory, METRICS_FILE))
+
+  def splits(self) -> dict[str, Any] | None:
+    """splits.json: class names and examples per class of each split (None if absent)."""
+    return _read_optional_json(os.path.join(self.directory, SPLITS_FILE))
+
+
+def _read_optional_json(path: str) -> dict[str, Any] | None:
+  """A JSON file's content, or None when there is no such file."""
+  if not os.path.isfile(path):
+    return None
+  with open(path) as file:
+    return json.load(file)
+
+
+def load_run(run_dir: str, given: ml_collections.ConfigDict | None = None, *,
+             flag: str = "--config") -> Run:
+  """The run in `run_dir` with its config (`resolve_config`: `given` applied if not None)."""
+  directory = os.path.abspath(os.path.expanduser(run_dir))
+  return Run(directory, resolve_config(directory, given, flag=flag))
+
+
+def source_run_dir(init_from: str) -> str | None:
+  """The training run directory an init_from path names (the run or its selected_model/), or
+  None when it is not a training run (e.g. weights written by experiments/port_weights.py)."""
+  path = os.path.abspath(os.path.expanduser(init_from))
+  for candidate in (path, os.path.dirname(path)):
+    if os.path.isfile(os.path.join(candidate, CONFIG_FILE)) and os.path.isdir(
+        os.path.join(candidate, "selected_model")):
+      return candidate
+  return None
+
+
+def check_compatible_models(source: Mapping[str, Any], target: Mapping[str, Any], *,
+                            source_name: str, target_name: str,
+                            allowed: Sequence[str] = tuple(HEAD_FIELDS)) -> list[str]:
+  """Raises ValueError naming both models unless `target` has `source`'s architecture (its
+  name and every field both set, but those in `allowed`); returns the allowed fields that differ."""
+  source = _comparable(dict(source))
+  target = _comparable(dict(target))
+  structural = sorted(key for key in set(source) & set(target)
+                      if key not in allowed and source[key] != target[key])
+  if source.get("name") != target.get("name") and "name" not in structural:
+    structural.insert(0, "name")
+  if structural:
+    details = ", ".join(f"{key}: {source.get(key)!r} vs {target.get(key)!r}"
+                        for key in structural)
+    raise ValueError(f"{target_name} cannot start from {source_name}: the architectures differ "
+                     f"({details}). {source_name}: model {source}; {target_name}: model "
+                     f"{target}.")
+  return sorted(key for key in set(source) & set(target) & set(allowed)
+                if source[key] != target[key])
