@@ -27,6 +27,7 @@ from medxai_jax.data import pipeline
 from medxai_jax.models import base
 from medxai_jax import logs
 from medxai_jax.train import loop
+from medxai_jax.train import metrics as metrics_lib
 from medxai_jax.viz import figures
 from medxai_jax.viz import report
 
@@ -117,8 +118,7 @@ def main(argv: list[str]) -> None:
   figures.plot_training_curves(history, os.path.join(workdir, "training_curves.png"),
                                result["selected_epoch"])
   result["demo_wall_seconds"] = time.time() - start
-  with open(os.path.join(workdir, "metrics.json"), "w") as f:
-    json.dump(result, f, indent=2, default=float)
+  metrics_lib.write_json(os.path.join(workdir, "metrics.json"), result)
 
   test, validation, short = result["test"], result["validation"], result["shortcut"]
   metric_names = ("accuracy", "precision", "recall", "f1", "cohen_kappa", "mcc", "roc_auc")

@@ -23,7 +23,9 @@ the table in leaderboard.md, in the report section). Writes into --workdir: `lea
 and `leaderboard.md` (mean and 95% percentile-bootstrap interval per method and metric, seconds
 per image), `gallery.png` (input with the mask outline, images with a mask first, one column
 per method), `curves.png` (mean deletion / insertion curves), `sanity.png` + `sanity.csv`
-(per-layer randomisation curves), `scores.npz` (every per-image score) and `evaluation.json`.
+(per-layer randomisation curves), `scores.npz` (every per-image score) and `evaluation.json`
+(default --workdir: <checkpoint>/evaluation). The run's `report.html` gets an "evaluation"
+section with the leaderboard and the figures.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from medxai_jax.train import loop  # noqa: E402
 from medxai_jax.train import metrics as metrics_lib  # noqa: E402
 from medxai_jax.viz import figures  # noqa: E402
 from medxai_jax.viz import report  # noqa: E402
+from medxai_jax.viz import run_report  # noqa: E402
 
 
 RANDOM = "random"
@@ -644,7 +647,7 @@ def _define_flags() -> None:
         "config", None, "Optional: a training config to use instead of the run's config.json "
         "(the differences are printed).", lock_config=True)
   define("string", "checkpoint", None, "Training run directory to evaluate.")
-  define("string", "workdir", None, "Output directory.")
+  define("string", "workdir", None, "Output directory (default: <checkpoint>/evaluation).")
   define("list", "methods", None, "Methods (default: all of explain.METHODS).")
   define("integer", "num_images", 16, "Test images to score.")
   define("integer", "label", 1, "Score test images of this label (-1: any, class-balanced).")
@@ -665,7 +668,16 @@ def _define_flags() -> None:
   define("string", "shuffled_labels_checkpoint", None,
          "A run of the same config trained with --config.dataset.shuffle_labels=True: adds "
          "Adebayo et al.'s data-randomisation test (data_spearman columns).")
-  flags.mark_flags_as_required(["checkpoint", "workdir"])
+  if "binarisation" not in defined:
+    flags.DEFINE_enum("binarisation", "otsu", list(faithfulness.BINARISATIONS),
+                      "CheXlocalize mIoU: how a map becomes a segmentation (Otsu, or "
+                      "--binarisation_threshold on the min-max normalised map).")
+  define("float", "binarisation_threshold", 0.5, "Threshold of --binarisation=fixed, in [0, 1).")
+  if "hit_ties" not in defined:
+    flags.DEFINE_enum("hit_ties", "first", list(faithfulness.HIT_TIES),
+                      "CheXlocalize hit rate with tied maxima: the first in raster order, or the "
+                      "share of tied maxima inside the mask.")
+  flags.mark_flags_as_required(["checkpoint"])
 
 
 def main(argv: list[str]) -> None:
@@ -678,17 +690,23 @@ def main(argv: list[str]) -> None:
   score_options = ScoreOptions(margin=None if margin < 0 else margin,
                                curve_steps=value("curve_steps"),
                                patch_size=value("patch_size"), replacement=value("replacement"),
-                               sanity_methods=tuple(m for m in value("sanity_methods") if m))
+                               sanity_methods=tuple(m for m in value("sanity_methods") if m),
+                               binarisation=value("binarisation"),
+                               binarisation_threshold=value("binarisation_threshold"),
+                               hit_ties=value("hit_ties"))
   config = runs.resolve_config(value("checkpoint"), value("config"))
-  summary = evaluate_run(config, value("checkpoint"), value("workdir"),
+  workdir = value("workdir") or os.path.join(value("checkpoint"), "evaluation")
+  summary = evaluate_run(config, value("checkpoint"), workdir,
                          methods=value("methods"), num_images=value("num_images"),
                          label=value("label"), indices=value("indices"), options=options,
                          score_options=score_options, gallery_rows=value("gallery_rows"),
                          seed=value("seed"),
                          shuffled_labels_checkpoint=value("shuffled_labels_checkpoint"))
-  metrics_lib.rewrite_strict_json(os.path.join(value("workdir"), "evaluation.json"))
+  report_path = run_report.add_section(value("checkpoint"), "evaluation",
+                                       leaderboard_section(summary, value("checkpoint")))
   with open(summary["files"]["leaderboard_md"]) as file:
     print(file.read())
+  print(f"Scores in {workdir}; report: {report_path}")
 
 
 if __name__ == "__main__":
