@@ -474,7 +474,8 @@ def test_classification_metrics_rejects_bad_shapes_and_threshold():
 
 
 def _naive_undefined(confusion: np.ndarray) -> set[str]:
-  """Which of AUC, kappa and MCC divide by zero, from their textbook denominators."""
+  """Which metrics divide by zero, from their textbook denominators (binary: also precision,
+  recall, sensitivity, specificity, F1)."""
   n = confusion.sum()
   rows, columns = confusion.sum(axis=1), confusion.sum(axis=0)
   k = len(rows)
@@ -486,6 +487,11 @@ def _naive_undefined(confusion: np.ndarray) -> set[str]:
     undefined.add("cohen_kappa")
   if (n**2 - sum(c * c for c in columns)) * (n**2 - sum(r * r for r in rows)) == 0:
     undefined.add("mcc")
+  if k == 2:  # precision = TP / (TP + FP), recall = TP / (TP + FN), ...
+    tp, fp, fn, tn = confusion[1, 1], confusion[0, 1], confusion[1, 0], confusion[0, 0]
+    undefined |= {name for name, denominator in (
+        ("precision", tp + fp), ("recall", tp + fn), ("sensitivity", tp + fn),
+        ("specificity", tn + fp), ("f1", 2 * tp + fp + fn)) if denominator == 0}
   return undefined
 
 

@@ -490,8 +490,10 @@ def undefined_metrics(confusion: np.ndarray) -> dict[str, str]:
 
   ROC AUC needs examples of two classes (one-vs-rest: of at least two); Cohen's kappa needs an
   expected disagreement above zero (not every label and prediction in one same class); the MCC
-  needs labels of two classes and predictions of two classes. The functions above report 0.0
-  (kappa, MCC) or NaN (AUC) in these cases; a summary that is written should say null.
+  needs labels of two classes and predictions of two classes. For two classes also precision
+  (no positive prediction), recall and sensitivity (no positive label), specificity (no negative
+  label) and F1 (no positive label or prediction). The functions above report 0.0 (kappa, MCC,
+  precision, ...) or NaN (AUC) in these cases; a summary that is written should say null.
   """
   matrix = _as_confusion(confusion)
   true_counts = matrix.sum(axis=1)
@@ -510,6 +512,16 @@ def undefined_metrics(confusion: np.ndarray) -> dict[str, str]:
     reasons["mcc"] = f"the labels hold only class {true_classes[0]}"
   elif len(predicted_classes) < 2:
     reasons["mcc"] = f"every prediction is class {predicted_classes[0]}"
+  if matrix.shape == (2, 2):
+    (true_negatives, false_positives), (false_negatives, true_positives) = matrix
+    if true_positives + false_positives == 0:
+      reasons["precision"] = "no example is predicted positive (class 1)"
+    if true_positives + false_negatives == 0:
+      reasons["recall"] = reasons["sensitivity"] = "no example is labelled positive (class 1)"
+    if true_negatives + false_positives == 0:
+      reasons["specificity"] = "no example is labelled negative (class 0)"
+    if 2 * true_positives + false_positives + false_negatives == 0:
+      reasons["f1"] = "no example is labelled or predicted positive (class 1)"
   return reasons
 
 
