@@ -259,3 +259,218 @@ def test_view_bounds_agree_with_a_naive_walk_over_every_index():
     aliased = any(n > 1 and s < 1 for n, s in zip(size, stride)) and addresses
     assert (problem is None) == (in_bounds and not aliased), (size, stride, offset, numel,
                                                                problem)
+
+
+# ----------------------------------------------------------------------------- attribution inputs
+
+import jax  # noqa: E402  (the porting tests above need no JAX)
+import jax.numpy as jnp  # noqa: E402
+
+from medxai_jax.attribution import activations  # noqa: E402
+from medxai_jax.attribution import cam  # noqa: E402
+from medxai_jax.attribution import common  # noqa: E402
+from medxai_jax.attribution import crm  # noqa: E402
+from medxai_jax.attribution import gradients  # noqa: E402
+from medxai_jax.attribution import integrated  # noqa: E402
+from medxai_jax.attribution import xrai  # noqa: E402
+from medxai_jax.models import custom_cnn  # noqa: E402
+from medxai_jax.models import densenet  # noqa: E402
+from medxai_jax.models import vgg  # noqa: E402
+
+SIDE = 32
+_KEY = jax.random.key(0)
+# Every method that takes targets, at its cheapest settings (the errors come before any work).
+TARGETED = {
+    "vanilla_gradients": gradients.vanilla_gradients,
+    "smoothgrad": lambda m, v, x, t: gradients.smoothgrad(m, v, x, t, key=_KEY, num_samples=2,
+                                                          chunk_size=2),
+    "integrated_gradients": lambda m, v, x, t: integrated.integrated_gradients(
+        m, v, x, t, num_steps=2, chunk_size=2),
+    "blur_ig": lambda m, v, x, t: integrated.blur_ig(m, v, x, t, num_steps=2, max_sigma=2.0),
+    "guided_ig": lambda m, v, x, t: integrated.guided_ig(m, v, x, t, num_steps=2),
+    "grad_cam": cam.grad_cam,
+    "cam": cam.cam,
+    "xrai": lambda m, v, x, t: xrai.xrai(m, v, x, t, num_steps=2),
+    "fast_xrai": lambda m, v, x, t: xrai.fast_xrai(m, v, x, t, num_steps=2),
+}
+# Methods without targets.
+UNTARGETED = {
+    "crm": lambda m, v, x, t: crm.crm(m, v, x),
+    "activations_at": lambda m, v, x, t: activations.activations_at(m, v, x),
+}
+ALL_METHODS = {**TARGETED, **UNTARGETED}
+
+
+def _tiny_densenet(num_outputs: int):
+  head = "sigmoid" if num_outputs == 1 else "softmax"
+  model = densenet.densenet(block_sizes=(1, 1, 1, 1), growth_rate=4, stem_width=8,
+                            num_outputs=num_outputs, head=head, input_shape=(SIDE, SIDE, 1))
+  return model, jax.jit(model.init)(jax.random.key(1))
+
+
+@pytest.fixture(scope="module")
+def one_logit():
+  return _tiny_densenet(1)
+
+
+@pytest.fixture(scope="module")
+def three_class():
+  return _tiny_densenet(3)
+
+
+def _images(batch: int = 2, side: int = SIDE) -> jax.Array:
+  return jax.random.uniform(jax.random.key(2), (batch, side, side, 1))
+
+
+@pytest.mark.parametrize("name", sorted(TARGETED))
+def test_out_of_range_targets_are_refused_by_every_method(name, one_logit, three_class):
+  """Target 5 on a one-logit model, 9 or -1 on a 3-class model: ValueError naming the target,
+  its index and the valid range (grad_cam/cam used to return some other class's map)."""
+  method = TARGETED[name]
+  cases = [(one_logit, [0, 5], "target 5 (targets[1])", "[0, 2)"),
+           (three_class, [9, 0], "target 9 (targets[0])", "[0, 3)"),
+           (three_class, [2, -1], "target -1 (targets[1])", "[0, 3)")]
+  for (model, variables), targets, names, valid in cases:
+    with pytest.raises(ValueError) as error:
+      method(model, variables, _images(), jnp.asarray(targets, jnp.int32))
+    assert names in str(error.value) and valid in str(error.value), str(error.value)
+
+
+def test_one_logit_targets_mean_negative_and_positive_class(one_logit):
+  """For one logit z, target 1 explains z and target 0 explains -z: the Grad-CAM maps before
+  the ReLU (and the input gradients) of the two targets are exact negatives."""
+  model, variables = one_logit
+  images = _images()
+  positive = cam.grad_cam(model, variables, images, jnp.ones(2, jnp.int32), relu=False)
+  negative = cam.grad_cam(model, variables, images, jnp.zeros(2, jnp.int32), relu=False)
+  np.testing.assert_allclose(negative, -positive, rtol=1e-5, atol=1e-7)
+  assert float(jnp.abs(positive).max()) > 0
+  grad_one = gradients.vanilla_gradients(model, variables, images, 1)
+  grad_zero = gradients.vanilla_gradients(model, variables, images, 0)
+  np.testing.assert_allclose(grad_zero, -grad_one, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_METHODS))
+def test_a_non_finite_pixel_is_refused_naming_the_image(name, three_class):
+  """One NaN pixel in image 1 (and an Inf in image 2): ValueError naming images[1], the pixel,
+  and the other image; never a NaN map."""
+  model, variables = three_class
+  images = _images(3).at[1, 7, 11, 0].set(jnp.nan).at[2, 0, 3, 0].set(jnp.inf)
+  with pytest.raises(ValueError) as error:
+    ALL_METHODS[name](model, variables, images, jnp.zeros(3, jnp.int32))
+  message = str(error.value)
+  assert "images[1]" in message and "NaN at row 7, column 11" in message, message
+  assert "[2]" in message, message
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32])
+@pytest.mark.parametrize("name", sorted(ALL_METHODS))
+def test_integer_images_are_refused_with_the_expected_range(name, dtype, three_class):
+  """Raw 0-255 integer images: ValueError naming the dtype and the [0, 1] float input the
+  models expect (they used to give maps ~145x larger than for the same images in [0, 1])."""
+  model, variables = three_class
+  images = np.asarray(_images() * 255, dtype)
+  with pytest.raises(ValueError) as error:
+    ALL_METHODS[name](model, variables, images, jnp.zeros(2, jnp.int32))
+  message = str(error.value)
+  assert f"dtype {np.dtype(dtype).name}" in message and "[0, 1]" in message, message
+
+
+@pytest.mark.parametrize("name", sorted(ALL_METHODS))
+def test_an_empty_batch_is_refused(name, three_class):
+  model, variables = three_class
+  with pytest.raises(ValueError, match=r"empty batch \(shape \(0, 32, 32, 1\)\)"):
+    ALL_METHODS[name](model, variables, _images(0), jnp.zeros(0, jnp.int32))
+
+
+@pytest.mark.parametrize("name", sorted(ALL_METHODS))
+def test_images_below_the_architecture_minimum_name_it(name, three_class):
+  """16x16 images into a DenseNet whose minimum is 29x29: ValueError naming both sizes (it used
+  to be a ZeroDivisionError in the map resize, or NaN logits)."""
+  model, variables = three_class
+  assert model.min_input_size == 29
+  with pytest.raises(ValueError) as error:
+    ALL_METHODS[name](model, variables, _images(2, 16), jnp.zeros(2, jnp.int32))
+  assert "16x16" in str(error.value) and "29x29" in str(error.value), str(error.value)
+
+
+def test_training_and_init_refuse_inputs_below_the_minimum(three_class):
+  """config.model.input_shape below the minimum fails at init (VGG16's classic head used to
+  raise ZeroDivisionError in its initialiser: a zero fan-in); train_apply checks each batch."""
+  with pytest.raises(ValueError, match=r"16x16 .*32x32 minimum of VGG16"):
+    vgg.vgg16(num_outputs=2, head="classic", input_shape=(16, 16, 3)).init(jax.random.key(0))
+  model, variables = three_class
+  with pytest.raises(ValueError, match=r"20x40 .*29x29"):
+    model.train_apply(variables, jnp.zeros((1, 20, 40, 1)), jax.random.key(0))
+
+
+def _head_input_side(model, side: int) -> int:
+  """Independent oracle: the side of the map the head reads, by abstract evaluation of the
+  module itself (no size arithmetic), 0 for an empty map."""
+  channels = model.input_shape[-1]
+  variables = jax.eval_shape(model.init, jax.random.key(0))
+  module = model.module
+
+  def head_input(v, x):
+    feature_map = module.apply(v, x, model.resolve_tap("last_conv"), train=False,
+                               method="features")
+    if isinstance(module, vgg.VGG16):
+      return module.apply(v, feature_map, method=lambda m, f: m._pool_input(f))
+    if isinstance(module, custom_cnn.CustomCNN) and module.pool_after[-1]:
+      return custom_cnn._max_pool(feature_map)
+    return feature_map
+
+  shape = jax.eval_shape(head_input, variables,
+                         jax.ShapeDtypeStruct((1, side, side, channels), jnp.float32)).shape
+  return min(shape[1], shape[2])
+
+
+@pytest.mark.parametrize("model", [
+    densenet.densenet(block_sizes=(1, 1, 1, 1), growth_rate=4, stem_width=8,
+                      input_shape=(64, 64, 1)),
+    densenet.densenet(depth=121, input_shape=(224, 224, 3)),
+    vgg.vgg16(head="gap", num_outputs=2, input_shape=(64, 64, 3)),
+    vgg.vgg16(head="classic", num_outputs=2, input_shape=(224, 224, 3)),
+    custom_cnn.custom_cnn(num_outputs=2, input_shape=(64, 64, 1), conv_widths=(4, 4, 4, 4, 4),
+                          dense_widths=(4,)),
+    custom_cnn.custom_cnn(num_outputs=2, input_shape=(64, 64, 1), conv_widths=(4, 4, 4, 4, 4),
+                          first_kernel_size=11, first_stride=4,
+                          pool_after=(True, False, False, False, False), dense_widths=(4,)),
+], ids=["densenet_tiny", "densenet121", "vgg_gap", "vgg_classic", "custom_cnn", "custom_cnn_k11"])
+def test_min_input_size_is_the_smallest_side_with_a_non_empty_map(model):
+  """min_input_size s: the module's own head input is non-empty at s and empty at s - 1."""
+  minimum = model.min_input_size
+  assert _head_input_side(model, minimum) >= 1
+  assert _head_input_side(model, minimum - 1) == 0
+
+
+def test_check_method_inputs_covers_jitted_callers(three_class):
+  """Under jit the finite check cannot run (the images are tracers); a caller that jits a method
+  checks the concrete batch with check_method_inputs first, which raises what the eager method
+  raises, and the jitted method still gives the eager maps on clean images."""
+  model, variables = three_class
+  clean = _images()
+  targets = jnp.asarray([0, 2], jnp.int32)
+  jitted = jax.jit(lambda x, t: cam.grad_cam(model, variables, x, t))
+  np.testing.assert_allclose(jitted(clean, targets), cam.grad_cam(model, variables, clean, targets),
+                             rtol=1e-5, atol=1e-6)
+  common.check_method_inputs(model, variables, clean, targets)
+  with pytest.raises(ValueError, match=r"images\[0\] has non-finite"):
+    common.check_method_inputs(model, variables, clean.at[0, 1, 1, 0].set(jnp.nan), targets)
+  with pytest.raises(ValueError, match=r"target 3 \(targets\[1\]\)"):
+    common.check_method_inputs(model, variables, clean, jnp.asarray([0, 3], jnp.int32))
+
+
+def test_class_average_crm_refuses_nan_and_unscaled_integer_batches(three_class):
+  """The dataset-level CRM jits its step, so it checks each stored batch on the host: a NaN
+  batch names the batch and image; integer images without a preprocess are refused."""
+  model, variables = three_class
+  images = np.asarray(_images(4))
+  labels = np.zeros(4, np.int64)
+  bad = images.copy()
+  bad[3, 2, 2, 0] = np.nan
+  with pytest.raises(ValueError, match=r"batch 1 images\[1\] has non-finite"):
+    crm.class_average_crm(model, variables, (bad, labels), batch_size=2, method="ablation")
+  with pytest.raises(ValueError, match="dtype uint8"):
+    crm.class_average_crm(model, variables, ((images * 255).astype(np.uint8), labels),
+                          batch_size=2, method="ablation")
