@@ -445,9 +445,10 @@ def test_min_input_size_is_the_smallest_side_with_a_non_empty_map(model):
 
 
 def test_check_method_inputs_covers_jitted_callers(three_class):
-  """Under jit the finite check cannot run (the images are tracers); a caller that jits a method
-  checks the concrete batch with check_method_inputs first, which raises what the eager method
-  raises, and the jitted method still gives the eager maps on clean images."""
+  """When the images are jit arguments the finite check cannot run (they are tracers); a caller
+  that jits a method checks the concrete batch with check_method_inputs first, which raises what
+  the eager method raises. Images closed over as constants are still checked under jit, and the
+  jitted method gives the eager maps on clean images."""
   model, variables = three_class
   clean = _images()
   targets = jnp.asarray([0, 2], jnp.int32)
@@ -455,8 +456,12 @@ def test_check_method_inputs_covers_jitted_callers(three_class):
   np.testing.assert_allclose(jitted(clean, targets), cam.grad_cam(model, variables, clean, targets),
                              rtol=1e-5, atol=1e-6)
   common.check_method_inputs(model, variables, clean, targets)
+  with_nan = clean.at[0, 1, 1, 0].set(jnp.nan)
   with pytest.raises(ValueError, match=r"images\[0\] has non-finite"):
-    common.check_method_inputs(model, variables, clean.at[0, 1, 1, 0].set(jnp.nan), targets)
+    common.check_method_inputs(model, variables, with_nan, targets)
+  # Concrete images closed over by a jitted function (only the variables traced) are checked.
+  with pytest.raises(ValueError, match=r"images\[0\] has non-finite"):
+    jax.jit(lambda v: gradients.vanilla_gradients(model, v, with_nan, targets))(variables)
   with pytest.raises(ValueError, match=r"target 3 \(targets\[1\]\)"):
     common.check_method_inputs(model, variables, clean, jnp.asarray([0, 3], jnp.int32))
 

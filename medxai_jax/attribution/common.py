@@ -67,7 +67,7 @@ def check_image_values(images: jax.Array, name: str = "images") -> None:
   `jax.experimental.checkify`, which makes every caller wrap the method and unpack an error
   value, or a host callback, which raises a JaxRuntimeError asynchronously and syncs the device
   on every call. Every method entry point checks its concrete input, and callers that jit a
-  method check the concrete batch first (`check_method_inputs`, as `explain.run_methods` does).
+  method check the concrete batch first with `check_method_inputs` (explain.run_methods).
   """
   dtype = jnp.result_type(images)
   if not jnp.issubdtype(dtype, jnp.floating):
@@ -75,10 +75,11 @@ def check_image_values(images: jax.Array, name: str = "images") -> None:
         f"{name} have dtype {dtype}; the models take preprocessed float images: pixels scaled "
         "to [0, 1] (8-bit / 255, 16-bit / 65535) then normalised with config.preprocess.mean/std, "
         "as medxai_jax.data.preprocess.make_preprocess_fn does. Preprocess raw integer images "
-        "first (their 0-255 scale would inflate the maps about 255-fold).")
+        "first (on their 0-255 scale the maps come out orders of magnitude too large).")
   if is_traced(images):
     return
-  finite = np.asarray(jnp.isfinite(images).all(axis=(1, 2, 3)))
+  with jax.ensure_compile_time_eval():  # concrete images closed over by a jitted caller
+    finite = np.asarray(jnp.isfinite(images).all(axis=(1, 2, 3)))
   if not finite.all():
     raise ValueError(_non_finite_message(np.asarray(images), np.flatnonzero(~finite), name))
 
