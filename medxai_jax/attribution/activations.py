@@ -36,7 +36,7 @@ def grid_taps(model: base.Classifier) -> tuple[str, ...]:
 def activations_at(model: base.Classifier, variables: base.Variables, images: jax.Array,
                    taps: Sequence[str] | None = None) -> dict[str, jax.Array]:
   """Activations {tap: [B, h, w, C]} at `taps` (default `grid_taps(model)`), inference mode."""
-  common.check_images(images)
+  common.check_inputs(model, images)
   taps = grid_taps(model) if taps is None else tuple(taps)
   return {tap: model.features(variables, images, tap) for tap in taps}
 

@@ -7,6 +7,7 @@ A^k); for a GAP + dense head alpha_k^c = w_k^c / Z, so Grad-CAM before its ReLU 
 Maps are bilinearly resized to the input. Grad-CAM also runs at any spatial tap: the gradient
 w.r.t. the tap's activation comes from `Classifier.split_at_tap` (the network re-run from the tap).
 004 writes alpha_k^c as a sum over cells; we average (Selvaraju et al.'s 1/Z), a constant factor.
+Images and targets follow the contract of `common` (checked and range-checked as for IG).
 """
 
 from __future__ import annotations
@@ -15,14 +16,11 @@ import flax.errors
 import jax
 import jax.numpy as jnp
 
+from medxai_jax.attribution import common
 from medxai_jax.models import base
 
-
-def target_scores(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Score of each image's target class; for one logit z: z for class 1, -z for class 0."""
-  if logits.shape[-1] == 1:
-    return jnp.where(targets == 1, logits[:, 0], -logits[:, 0])
-  return jnp.take_along_axis(logits, targets[:, None].astype(jnp.int32), axis=-1)[:, 0]
+# Score of each image's target class (z for class 1 and -z for class 0 of a one-logit model).
+target_scores = common.target_scores
 
 
 def resize_maps(maps: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -52,6 +50,7 @@ def cam(model: base.Classifier, variables: base.Variables, images: jax.Array,
   = W A(x, y), so no parameter names are needed. With `check_head` (not under jit) a head that is
   not affine in the pooled features raises a ValueError instead of returning a wrong map.
   """
+  targets = common.resolve_targets(model, variables, images, targets)
   feature_map = model.features(variables, images, "last_conv")
   per_cell = _head_at_each_location(model, variables, feature_map)
   bias = model.head(variables, jnp.zeros_like(feature_map[:, :1, :1]))      # [B, classes]
@@ -71,6 +70,7 @@ def cam(model: base.Classifier, variables: base.Variables, images: jax.Array,
 def tap_gradients(model: base.Classifier, variables: base.Variables, images: jax.Array,
                   targets: jax.Array, tap: str = "last_conv") -> tuple[jax.Array, jax.Array]:
   """The activation A at `tap` and dS_c/dA (same shape) of each image's target score."""
+  targets = common.resolve_targets(model, variables, images, targets)
   name = model.resolve_tap(tap)
   if name == model.resolve_tap("last_conv"):
     activation = model.features(variables, images, name)

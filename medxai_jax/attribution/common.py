@@ -2,7 +2,11 @@
 
 Notation: a classifier with logits z(x) for images x [B, H, W, C]; the explained score of an
 image is S_c(x) = z_c(x) for its target class c (for a one-logit model, z for c = 1 and -z for
-c = 0, as `cam.target_scores`), and every method is built from the input gradient dS_c/dx.
+c = 0, as `target_scores`), and every method is built from the input gradient dS_c/dx.
+
+The input contract every method shares (`check_inputs`, `resolve_targets`): a non-empty rank-4
+float batch, finite, at least the architecture's minimum size; targets in [0, num_classes),
+where a one-logit (sigmoid) model has the classes {0: negative, 1: positive}.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medxai_jax.attribution import cam
 from medxai_jax.models import base
 
 Targets = jax.Array | np.ndarray | int | str
@@ -21,11 +24,72 @@ ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
 CHANNEL_REDUCTIONS = ("abs_sum", "sum", "max_abs")
 
 
+def target_scores(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Score of each image's target class; for one logit z: z for class 1, -z for class 0."""
+  if logits.shape[-1] == 1:
+    return jnp.where(targets == 1, logits[:, 0], -logits[:, 0])
+  return jnp.take_along_axis(logits, targets[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
+def is_traced(array: Any) -> bool:
+  """True while `array` is abstract (inside jit, vmap or grad), False for concrete values."""
+  return isinstance(array, jax.core.Tracer)
+
+
 def check_images(images: jax.Array, name: str = "images") -> None:
-  """Raises a ValueError unless the array is a rank-4 [B, H, W, C] batch."""
+  """Raises a ValueError unless the array is a non-empty rank-4 [B, H, W, C] batch."""
   if jnp.ndim(images) != 4:
     raise ValueError(
         f"{name} must be a rank-4 batch [B, H, W, C]; got shape {tuple(jnp.shape(images))}.")
+  if jnp.shape(images)[0] == 0:
+    raise ValueError(f"{name} is an empty batch (shape {tuple(jnp.shape(images))}); pass at "
+                     "least one image.")
+
+
+def _non_finite_message(images: np.ndarray, bad_images: np.ndarray, name: str) -> str:
+  """Names the first image with NaN/Inf values, its first such pixel and how many others."""
+  first = int(bad_images[0])
+  image = images[first]
+  row, col, channel = (int(i) for i in np.argwhere(~np.isfinite(image))[0])
+  kind = "NaN" if np.isnan(image[row, col, channel]) else "Inf"
+  others = (f"; {len(bad_images) - 1} more image(s) too: {bad_images[1:11].tolist()}"
+            if len(bad_images) > 1 else "")
+  return (f"{name}[{first}] has non-finite values ({kind} at row {row}, column {col}, channel "
+          f"{channel}, {int((~np.isfinite(image)).sum())} non-finite values){others}; "
+          "attribution maps of such images would be NaN. Fix or drop these images.")
+
+
+def check_image_values(images: jax.Array, name: str = "images") -> None:
+  """Raises a ValueError unless the images are floating point and, when concrete, finite.
+
+  The dtype is checked always (it is static). The finite check runs on concrete arrays only
+  and is skipped while `images` is traced: checking inside jit/vmap would need either
+  `jax.experimental.checkify`, which makes every caller wrap the method and unpack an error
+  value, or a host callback, which raises a JaxRuntimeError asynchronously and syncs the device
+  on every call. Every method entry point checks its concrete input, and callers that jit a
+  method check the concrete batch first with `check_method_inputs` (explain.run_methods).
+  """
+  dtype = jnp.result_type(images)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+        f"{name} have dtype {dtype}; the models take preprocessed float images: pixels scaled "
+        "to [0, 1] (8-bit / 255, 16-bit / 65535) then normalised with config.preprocess.mean/std, "
+        "as medxai_jax.data.preprocess.make_preprocess_fn does. Preprocess raw integer images "
+        "first (on their 0-255 scale the maps come out orders of magnitude too large).")
+  if is_traced(images):
+    return
+  with jax.ensure_compile_time_eval():  # concrete images closed over by a jitted caller
+    finite = np.asarray(jnp.isfinite(images).all(axis=(1, 2, 3)))
+  if not finite.all():
+    raise ValueError(_non_finite_message(np.asarray(images), np.flatnonzero(~finite), name))
+
+
+def check_inputs(model: base.Classifier, images: jax.Array, name: str = "images") -> None:
+  """The images' side of the contract: a non-empty float [B, H, W, C] batch, finite when
+  concrete, and at least the architecture's minimum size (`Classifier.min_input_size`)."""
+  check_images(images, name)
+  check_image_values(images, name)
+  model.check_input_shape(tuple(jnp.shape(images)), name)
 
 
 def check_positive(name: str, value: int) -> None:
@@ -36,24 +100,29 @@ def check_positive(name: str, value: int) -> None:
 
 def _concrete_values(targets: jax.Array) -> np.ndarray | None:
   """The targets as a numpy array, or None while they are traced under jit."""
-  if isinstance(targets, jax.core.Tracer):
+  if is_traced(targets):
     return None
   return np.asarray(targets)
 
 
-def _check_target_values(values: np.ndarray, count: int) -> None:
-  """Raises a ValueError naming the first target outside [0, count)."""
-  invalid = values[(values < 0) | (values >= count)]
-  if invalid.size:
+def _check_target_values(values: np.ndarray, count: int, one_logit: bool = False) -> None:
+  """Raises a ValueError naming the first target outside [0, count) and its index."""
+  bad = np.flatnonzero((values < 0) | (values >= count))
+  if bad.size:
+    meaning = (" (a one-logit sigmoid model: 0 = negative, 1 = positive class)"
+               if one_logit else "")
     raise ValueError(
-        f"target {int(invalid[0])} is out of range: targets must lie in [0, {count}) for a "
-        f"model with {count} classes.")
+        f"target {int(values[bad[0]])} (targets[{int(bad[0])}]) is out of range: targets must "
+        f"lie in [0, {count}) for a model with {count} classes{meaning}.")
 
 
 def resolve_targets(model: base.Classifier, variables: base.Variables, images: jax.Array,
                     targets: Targets) -> jax.Array:
-  """Int32 targets [B] from an array [B], a python int, or "predicted"."""
-  check_images(images)
+  """Int32 targets [B] from an array [B], a python int, or "predicted", range-checked.
+
+  Also checks the images (`check_inputs`): every method that takes targets resolves them here.
+  """
+  check_inputs(model, images)
   batch = images.shape[0]
   if isinstance(targets, str):
     if targets != "predicted":
@@ -61,21 +130,33 @@ def resolve_targets(model: base.Classifier, variables: base.Variables, images: j
     return base.predicted_classes(model.logits(variables, images))
   if isinstance(targets, (int, np.integer)):
     targets = jnp.full((batch,), targets, jnp.int32)
+  if not jnp.issubdtype(jnp.result_type(targets), jnp.integer):
+    raise ValueError(f"targets must be integer class indices; got dtype "
+                     f"{jnp.result_type(targets)}.")
   if jnp.ndim(targets) != 1 or jnp.shape(targets)[0] != batch:
     raise ValueError(
         f"targets must have shape [B] = ({batch},) to match the images; got shape "
         f"{tuple(jnp.shape(targets))}.")
   values = _concrete_values(targets)
   if values is not None:
-    _check_target_values(values, model.num_classes)
+    _check_target_values(values, model.num_classes, model.num_outputs == 1)
   return jnp.asarray(targets, jnp.int32)
+
+
+def check_method_inputs(model: base.Classifier, variables: base.Variables, images: jax.Array,
+                        targets: Targets | None = None) -> None:
+  """The whole contract on concrete arrays, for callers that jit or vmap a method: raises what
+  the method itself would raise outside jit (images and, if given, targets)."""
+  check_inputs(model, images)
+  if targets is not None:
+    resolve_targets(model, variables, images, targets)
 
 
 def score_fn(model: base.Classifier, variables: base.Variables) -> ScoreFn:
   """The map (images, targets) -> per-image target scores S_c(x) [B]."""
 
   def scores(images: jax.Array, targets: jax.Array) -> jax.Array:
-    return cam.target_scores(model.logits(variables, images), targets)
+    return target_scores(model.logits(variables, images), targets)
 
   return scores
 

@@ -27,7 +27,7 @@ the network re-runs (`Classifier.split_at_tap`), vmapped over cells in chunks.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -181,7 +181,7 @@ def crm(model: base.Classifier, variables: base.Variables, images: jax.Array, *,
   any other spatial tap the cells are ablated there and the rest of the network re-run
   ('auto' or 'ablation'). `chunk_size` bounds how many cells are evaluated at once.
   """
-  common.check_images(images)
+  common.check_inputs(model, images)
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
   name = model.resolve_tap(tap)
@@ -204,6 +204,13 @@ def crm(model: base.Classifier, variables: base.Variables, images: jax.Array, *,
 
 
 # ----------------------------------------------------------------------------- dataset level
+
+
+def _check_raw_images(images: np.ndarray, preprocess: Callable | None, index: int) -> None:
+  """A stored batch before the jitted step: finite, and float unless `preprocess` scales it."""
+  if preprocess is not None and not np.issubdtype(np.asarray(images).dtype, np.floating):
+    return
+  common.check_image_values(images, f"batch {index} images")
 
 
 def _batch_parts(batch: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -288,7 +295,8 @@ def class_average_crm(model: base.Classifier, variables: base.Variables, data: A
   resolved = None
   compiled = None
   sums, counts = None, np.zeros(num_classes, np.int64)
-  for images, labels, weights in iterate_batches(data, batch_size):
+  for batch_index, (images, labels, weights) in enumerate(iterate_batches(data, batch_size)):
+    _check_raw_images(images, preprocess, batch_index)
     if compiled is None:
       resolved = method
       if method == "auto" and model.resolve_tap(tap) == model.resolve_tap("last_conv"):
@@ -356,7 +364,8 @@ def roi_size_table(model: base.Classifier, variables: base.Variables, data: Any,
   chosen, compiled = None, None
   totals = counts = None
   image_size = None
-  for images, labels, weights in iterate_batches(data, batch_size):
+  for batch_index, (images, labels, weights) in enumerate(iterate_batches(data, batch_size)):
+    _check_raw_images(images, preprocess, batch_index)
     if compiled is None:
       inputs = prepare(images)
       resolved = crm_method

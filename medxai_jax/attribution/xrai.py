@@ -391,7 +391,7 @@ def _run_xrai(rank_fn: Callable[[np.ndarray, np.ndarray], Ranking], model: base.
   if isinstance(images, jax.core.Tracer):
     raise ValueError("xrai/fast_xrai segment on the host and cannot run under jit or vmap; "
                      "jit xrai_attributions instead and pass its output as attributions=.")
-  common.check_images(images)
+  common.check_inputs(model, images)
   if channel_reduction not in CHANNEL_REDUCTIONS:
     raise ValueError(f"Unknown channel_reduction {channel_reduction!r}; expected one of "
                      f"{CHANNEL_REDUCTIONS}.")

@@ -19,6 +19,25 @@ PERTURBATIONS = "perturbations"
 _PERTURBATION_SUFFIX = "_delta"
 
 
+# Largest input side searched for an architecture's minimum input size.
+_MAX_SEARCHED_SIZE = 8192
+
+
+def window_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
+  """Output length along one axis of a conv/pool window over `size` cells with `padding` cells
+  added in total; 0 when the window does not fit."""
+  padded = size + padding
+  return 0 if padded < kernel else (padded - kernel) // stride + 1
+
+
+def smallest_input_size(output_size: Callable[[int], int]) -> int:
+  """Smallest side s >= 1 whose output_size(s) >= 1 (output sizes grow with the input)."""
+  for size in range(1, _MAX_SEARCHED_SIZE + 1):
+    if output_size(size) >= 1:
+      return size
+  raise ValueError(f"No input side up to {_MAX_SEARCHED_SIZE} gives a non-empty feature map.")
+
+
 def perturbation_name(tap: str) -> str:
   """Name of the perturbation variable at `tap` (suffixed: tap names may equal layer names)."""
   return tap + _PERTURBATION_SUFFIX
@@ -55,6 +74,29 @@ class Classifier:
     """Classes the model separates (a one-logit sigmoid model separates two)."""
     return 2 if self.num_outputs == 1 else self.num_outputs
 
+  @property
+  def min_input_size(self) -> int:
+    """Smallest image height/width the architecture maps to a non-empty feature map.
+
+    Modules report it through `head_input_size(side) -> int` (the side of the map their
+    head reads for a square input of that side); a module without it accepts any size.
+    """
+    head_input_size = getattr(self.module, "head_input_size", None)
+    return 1 if head_input_size is None else smallest_input_size(head_input_size)
+
+  def check_input_shape(self, shape: tuple[int, ...], name: str = "images") -> None:
+    """Raises a ValueError naming the minimum when [B, H, W, C] images are too small."""
+    if len(shape) != 4:
+      raise ValueError(f"{name} must be a rank-4 batch [B, H, W, C]; got shape {tuple(shape)}.")
+    height, width = int(shape[1]), int(shape[2])
+    minimum = self.min_input_size
+    if min(height, width) < minimum:
+      raise ValueError(
+          f"{name} are {height}x{width} pixels (shape {tuple(shape)}), smaller than the "
+          f"{minimum}x{minimum} minimum of {type(self.module).__name__}: its strided layers "
+          f"would leave an empty feature map. Use images of at least {minimum}x{minimum} "
+          "(config.model.input_shape and the dataset's image size).")
+
   def resolve_tap(self, tap: str) -> str:
     """Returns the architecture's own name for `tap`, raising on unknown names."""
     name = self.aliases.get(tap, tap)
@@ -66,6 +108,7 @@ class Classifier:
 
   def init(self, rng: jax.Array, batch_size: int = 1) -> Variables:
     """Initialises variables for a batch of the model's input shape."""
+    self.check_input_shape((batch_size, *self.input_shape), "input_shape")
     params_rng, dropout_rng = jax.random.split(rng)
     dummy = jnp.zeros((batch_size, *self.input_shape), jnp.float32)
     return self.module.init({"params": params_rng, "dropout": dropout_rng}, dummy, train=False,
@@ -73,10 +116,12 @@ class Classifier:
 
   def logits(self, variables: Variables, images: jax.Array) -> jax.Array:
     """Inference logits [B, num_outputs] (dropout off, BatchNorm in inference mode)."""
+    self.check_input_shape(jnp.shape(images))
     return self.module.apply(variables, images, train=False)
 
   def features(self, variables: Variables, images: jax.Array, tap: str) -> jax.Array:
     """Activations at a named tap (inference mode)."""
+    self.check_input_shape(jnp.shape(images))
     return self.module.apply(
         variables, images, self.resolve_tap(tap), train=False, method="features")
 
@@ -93,6 +138,7 @@ class Classifier:
     `delta` (d logits / d delta at 0 is the gradient w.r.t. the activation) and vmappable over
     a leading axis of deltas with the images fixed (the layers before the tap then run once).
     """
+    self.check_input_shape(jnp.shape(images))
     name = perturbation_name(self.resolve_tap(tap))
     apply = lambda v, x: self.module.apply(v, x, train=False, mutable=[PERTURBATIONS])
     _, shapes = jax.eval_shape(apply, {k: v for k, v in variables.items()
@@ -125,6 +171,7 @@ class Classifier:
   def train_apply(self, variables: Variables, images: jax.Array, dropout_rng: jax.Array
                   ) -> tuple[jax.Array, dict[str, Any]]:
     """Training-mode logits and the updated mutable collections (e.g. batch_stats)."""
+    self.check_input_shape(jnp.shape(images))
     mutable = [name for name in variables if name != "params"]
     logits, updates = self.module.apply(
         variables, images, train=True, rngs={"dropout": dropout_rng}, mutable=mutable)

@@ -86,6 +86,15 @@ class CustomCNN(nn.Module):
                                name=f"fc{len(self.dense_widths) + 6}")
     self.dropout = nn.Dropout(self.dropout_rate)
 
+  def head_input_size(self, side: int) -> int:
+    """Side of the map the FC layers flatten (after pool5, if any) for a square input of
+    `side` pixels (0: empty)."""
+    side = base.window_output_size(side, self.first_kernel_size, stride=self.first_stride)
+    for pooled in self.pool_after:                      # 3x3 convs keep the size (padding 1)
+      if pooled:
+        side = base.window_output_size(side, 3, stride=2)
+    return side
+
   def _conv_stack(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
     """Runs conv1..conv5 and returns each post-ReLU activation by tap name."""
     activations = {}

@@ -105,6 +105,14 @@ class DenseNet(nn.Module):
     self.classifier = heads.make_head(self.head_kind, self.num_outputs, self.head_hidden_widths,
                                       self.head_dropout_rate, self.dtype)
 
+  def head_input_size(self, side: int) -> int:
+    """Side of the 'last_conv' map for a square input of `side` pixels (0: empty)."""
+    side = base.window_output_size(side, 7, stride=2, padding=6)        # conv1_conv
+    side = base.window_output_size(side, 3, stride=2, padding=2)        # stem max-pool
+    for _ in range(len(tuple(self.block_sizes) or BLOCK_SIZES.get(self.depth, ())) - 1):
+      side = base.window_output_size(side, 2, stride=2)                 # transition pools
+    return side
+
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Logits [B, num_outputs]."""
     return self.classifier(self.backbone(x, train)["embedding"], train)

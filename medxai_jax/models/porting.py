@@ -18,11 +18,13 @@ mean/var. A mismatch raises `PortingError` listing every missing, unexpected and
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import pickle
 import re
 import zipfile
+import zlib
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -45,7 +47,11 @@ BN_EPSILON = {"keras": 1.001e-5, "torchvision": 1e-5}
 
 
 class PortingError(ValueError):
-  """A weights file that does not match the model it is loaded into."""
+  """A weights file that does not match the model it is loaded into, or cannot be read."""
+
+
+class RefusedPickleError(PortingError, pickle.UnpicklingError):
+  """A .pth pickle that names a global a state dict does not need (never executed)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +150,24 @@ def _head_matches_imagenet(model: base.Classifier) -> bool:
 # ----------------------------------------------------------------------------- readers
 
 
+_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile,
+                zlib.error)
+
+
+@contextlib.contextmanager
+def _reading(path: str, kind: str, extra_errors: tuple[type[Exception], ...] = ()
+             ) -> Iterator[None]:
+  """Re-raises a low-level reader error (h5py, zipfile, safetensors) as a PortingError that
+  names the file; a missing file stays a FileNotFoundError."""
+  try:
+    yield
+  except (PortingError, FileNotFoundError):
+    raise
+  except _READ_ERRORS + extra_errors as error:
+    raise PortingError(f"{path} is not a readable {kind} file (truncated or another format?): "
+                       f"{type(error).__name__}: {error}") from error
+
+
 def _keras_weight_kind(name: str) -> str:
   """'kernel', 'gamma', ... from 'conv1/bn/gamma:0' or 'conv1_bn/gamma'."""
   return name.rsplit("/", 1)[-1].split(":", 1)[0]
@@ -159,7 +183,7 @@ def read_keras_h5(path: str) -> dict[str, dict[str, np.ndarray]]:
   """Layer name -> {weight kind: array} from a layer-named Keras HDF5 weights file."""
   import h5py  # pylint: disable=import-outside-toplevel
   layers = {}
-  with h5py.File(path, "r") as file:
+  with _reading(path, "Keras HDF5"), h5py.File(path, "r") as file:
     group = file["model_weights"] if "layer_names" not in file.attrs and (
         "model_weights" in file) else file
     if "layer_names" not in group.attrs:
@@ -189,7 +213,7 @@ def read_keras3_weights(path: str) -> dict[str, list[list[np.ndarray]]]:
   """Layer class ('conv2d', ...) -> each layer's variables, in the model's layer order."""
   import h5py  # pylint: disable=import-outside-toplevel
   by_class: dict[str, list[tuple[int, list[np.ndarray]]]] = collections.defaultdict(list)
-  with h5py.File(path, "r") as file:
+  with _reading(path, "Keras 3 .weights.h5"), h5py.File(path, "r") as file:
     if "layers" not in file:
       raise PortingError(f"{path} has no 'layers' group: not a Keras 3 '.weights.h5' file.")
     for name, group in file["layers"].items():
@@ -217,13 +241,98 @@ class _StorageType:
   dtype: Any
 
 
-class _TorchUnpickler(pickle.Unpickler):
-  """Reads a torch.save state dict as numpy arrays; refuses every other pickled global."""
+@dataclasses.dataclass(frozen=True)
+class _Storage:
+  """One storage file of the archive ('data/<key>') as a flat little-endian array."""
+
+  key: str
+  values: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorRef:
+  """A tensor the pickle asks for: a strided view of a storage, not made until checked."""
+
+  storage: _Storage
+  offset: Any
+  size: Any
+  stride: Any
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _int_tuple(value: Any) -> tuple[int, ...] | None:
+  """`value` as a tuple of ints, or None when it is not a tuple/list of ints."""
+  if not isinstance(value, (tuple, list)) or not all(_is_int(v) for v in value):
+    return None
+  return tuple(int(v) for v in value)
+
+
+def tensor_view_problem(storage_numel: int, offset: Any, size: Any, stride: Any) -> str | None:
+  """Why (offset, size, stride) is not an in-bounds view of a storage of `storage_numel`
+  elements, or None when every element it addresses lies inside the storage.
+
+  Zero-element tensors address nothing; otherwise every stride of a dimension longer than one
+  must be >= 1 (a zero stride aliases elements, a negative one reads backwards) and the last
+  addressed element, offset + sum((size_i - 1) * stride_i), must be < storage_numel.
+  """
+  sizes, strides = _int_tuple(size), _int_tuple(stride)
+  if not _is_int(offset):
+    return f"storage offset {offset!r} is not an integer"
+  if sizes is None or strides is None:
+    return f"size {size!r} and stride {stride!r} must be tuples of integers"
+  if len(sizes) != len(strides):
+    return f"size {sizes} and stride {strides} have different lengths"
+  if any(n < 0 for n in sizes):
+    return f"size {sizes} has a negative dimension"
+  if offset < 0:
+    return f"storage offset {offset} is negative"
+  if offset > storage_numel:
+    return f"storage offset {offset} is past the end of the storage ({storage_numel} elements)"
+  if 0 in sizes:
+    return None
+  bad = [(n, s) for n, s in zip(sizes, strides) if n > 1 and s < 1]
+  if bad:
+    return f"stride {strides} has a {'zero' if bad[0][1] == 0 else 'negative'} stride"
+  last = offset + sum((n - 1) * s for n, s in zip(sizes, strides))
+  if last >= storage_numel:
+    return (f"size {sizes} with stride {strides} at offset {offset} reads element {last}, "
+            f"past the end of the storage ({storage_numel} elements)")
+  return None
+
+
+def _materialise(ref: _TensorRef, path: str, name: str) -> np.ndarray:
+  """A copy of the checked strided view `ref` (entry `name` of the file at `path`)."""
+  values = ref.storage.values
+  problem = tensor_view_problem(values.size, ref.offset, ref.size, ref.stride)
+  if problem:
+    raise PortingError(f"{path}: tensor {name!r} (storage data/{ref.storage.key}): {problem}.")
+  sizes, strides = _int_tuple(ref.size), _int_tuple(ref.stride)
+  if 0 in sizes:
+    return np.zeros(sizes, values.dtype)
+  itemsize = values.dtype.itemsize
+  view = np.lib.stride_tricks.as_strided(
+      values[int(ref.offset):], shape=sizes, strides=tuple(s * itemsize for s in strides),
+      writeable=False)
+  return np.array(view)
+
+
+class _TorchUnpickler(pickle._Unpickler):  # pylint: disable=protected-access
+  """Reads a torch.save state dict as numpy arrays; refuses every other pickled global.
+
+  The pure-Python unpickler, so that a dict key set twice (which pickle would silently
+  overwrite) is an error. Tensors come back as unchecked `_TensorRef`s; `read_torch_pth`
+  checks each against its storage before making the view.
+  """
+
+  dispatch = dict(pickle._Unpickler.dispatch)  # pylint: disable=protected-access
 
   def __init__(self, file, archive: zipfile.ZipFile, prefix: str, path: str):
     super().__init__(file)
     self._archive, self._prefix, self._path = archive, prefix, path
-    self._storages: dict[str, np.ndarray] = {}
+    self._storages: dict[str, _Storage] = {}
 
   def find_class(self, module: str, name: str) -> Any:
     if (module, name) == ("collections", "OrderedDict"):
@@ -235,46 +344,135 @@ class _TorchUnpickler(pickle.Unpickler):
     if module == "torch" and name in _TORCH_DTYPES:
       return _StorageType(_TORCH_DTYPES[name])
     if module == "torch" and name == "BFloat16Storage":
-      raise pickle.UnpicklingError(
+      raise RefusedPickleError(
           f"{self._path} stores bfloat16 tensors; convert the state dict to float32 first.")
-    raise pickle.UnpicklingError(
+    if module == "torch" and name.endswith("Storage"):
+      raise RefusedPickleError(
+          f"{self._path} stores tensors of the unsupported storage type torch.{name}; "
+          f"supported: {sorted(n for n in _TORCH_DTYPES if n.endswith('Storage'))}.")
+    raise RefusedPickleError(
         f"{self._path} pickles {module}.{name}, which a weights file does not need and which "
         "is not executed here; save `model.state_dict()` (tensors only) instead.")
 
-  def persistent_load(self, pid: Any) -> np.ndarray:
-    kind, storage_type, key, _, numel = pid
-    if kind != "storage":
-      raise pickle.UnpicklingError(f"{self._path}: unknown persistent id {kind!r}.")
+  def _set_item(self, mapping: Any, key: Any, value: Any) -> None:
+    """mapping[key] = value, refusing a key the pickle already set."""
+    if isinstance(mapping, Mapping) and key in mapping:
+      raise PortingError(f"{self._path}: the pickle sets key {key!r} twice; the file is "
+                         "corrupt or crafted (a state dict has each key once).")
+    mapping[key] = value
+
+  def _load_setitem(self) -> None:
+    value, key = self.stack.pop(), self.stack.pop()
+    self._set_item(self.stack[-1], key, value)
+
+  def _load_setitems(self) -> None:
+    items = self.pop_mark()
+    for index in range(0, len(items), 2):
+      self._set_item(self.stack[-1], items[index], items[index + 1])
+
+  dispatch[pickle.SETITEM[0]] = _load_setitem
+  dispatch[pickle.SETITEMS[0]] = _load_setitems
+
+  def _read_storage(self, storage_type: Any, key: Any, numel: Any) -> _Storage:
+    """The storage file data/<key>, checked against its dtype and element count."""
+    if not isinstance(key, str) or not key:
+      raise PortingError(f"{self._path}: storage key {key!r} is not a non-empty string.")
+    if not isinstance(storage_type, _StorageType):
+      raise PortingError(f"{self._path}: storage data/{key} has an unknown dtype "
+                         f"{storage_type!r}.")
+    if not _is_int(numel) or numel < 0:
+      raise PortingError(f"{self._path}: storage data/{key} has an invalid element count "
+                         f"{numel!r}.")
+    member = f"{self._prefix}data/{key}"
+    try:
+      raw = self._archive.read(member)
+    except KeyError:
+      raise PortingError(f"{self._path}: storage {member!r} (key {key!r}) is missing from the "
+                         "archive.") from None
+    dtype = np.dtype(storage_type.dtype).newbyteorder("<")
+    if len(raw) != int(numel) * dtype.itemsize:
+      raise PortingError(
+          f"{self._path}: storage {member!r} holds {len(raw)} bytes, but the pickle declares "
+          f"{int(numel)} {dtype.name} elements ({int(numel) * dtype.itemsize} bytes).")
+    return _Storage(key, np.frombuffer(raw, dtype=dtype))
+
+  def persistent_load(self, pid: Any) -> _Storage:
+    if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage":
+      raise PortingError(f"{self._path}: unknown persistent id {pid!r} (a torch.save storage "
+                         "is ('storage', type, key, location, numel)).")
+    _, storage_type, key, _, numel = pid
     if key not in self._storages:
-      dtype = storage_type.dtype if isinstance(storage_type, _StorageType) else np.uint8
-      raw = self._archive.read(f"{self._prefix}data/{key}")
-      self._storages[key] = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"),
-                                          count=numel)
+      self._storages[key] = self._read_storage(storage_type, key, numel)
+    elif self._storages[key].values.size != numel:
+      raise PortingError(f"{self._path}: storage data/{key} is declared with "
+                         f"{self._storages[key].values.size} and {numel} elements.")
     return self._storages[key]
 
-  @staticmethod
-  def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple[int, ...],
-                      stride: tuple[int, ...], *unused: Any) -> np.ndarray:
-    itemsize = storage.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(
-        storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride),
-        writeable=False)
-    return np.array(view)
+  def _rebuild_tensor(self, storage: Any, offset: Any = None, size: Any = None,
+                      stride: Any = None, *unused: Any) -> _TensorRef:
+    if not isinstance(storage, _Storage):
+      raise PortingError(f"{self._path}: a tensor is rebuilt from {type(storage).__name__}, "
+                         "not from a storage of the archive.")
+    return _TensorRef(storage, offset, size, stride)
+
+
+def _materialise_state(state: Any, path: str, prefix: str = "") -> Any:
+  """`state` with every `_TensorRef` (in nested mappings) replaced by its checked array."""
+  if isinstance(state, _TensorRef):
+    return _materialise(state, path, prefix or "<top level>")
+  if isinstance(state, Mapping):
+    return type(state)((key, _materialise_state(value, path, f"{prefix}{key}" if not prefix
+                                                 else f"{prefix}.{key}"))
+                       for key, value in state.items())
+  return state
+
+
+def _duplicate_members(names: list[str]) -> list[str]:
+  """Archive member names that occur more than once."""
+  counts = collections.Counter(names)
+  return sorted(name for name, count in counts.items() if count > 1)
 
 
 def read_torch_pth(path: str) -> dict[str, np.ndarray]:
-  """State dict of a torch.save zip file as numpy arrays, without executing pickled code."""
+  """State dict of a torch.save zip file as numpy arrays, without executing pickled code.
+
+  Every tensor's size, stride and offset are checked against its storage (whose byte length
+  must match the declared element count) before a view is made, so a crafted or truncated
+  file raises a `PortingError` naming the file, the tensor and the storage.
+  """
   if not zipfile.is_zipfile(path):
+    with open(path, "rb") as file:
+      if file.read(4) == b"PK\x03\x04":
+        raise PortingError(f"{path} is a damaged zip archive (truncated?): it starts like one "
+                           "but has no readable directory; download or copy it again.")
     raise PortingError(f"{path} is not a torch.save zip archive (torch < 1.6 legacy format?); "
                        "re-save it with a recent torch or export it as .safetensors.")
-  with zipfile.ZipFile(path) as archive:
-    pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
-    if len(pickles) != 1:
-      raise PortingError(f"{path}: expected one data.pkl in the archive, found {pickles}.")
-    prefix = pickles[0][: -len("data.pkl")]
-    with archive.open(pickles[0]) as file:
-      state = _TorchUnpickler(file, archive, prefix, path).load()
-  return _unwrap_state_dict(state, path)
+  try:
+    with zipfile.ZipFile(path) as archive:
+      names = archive.namelist()
+      duplicates = _duplicate_members(names)
+      if duplicates:
+        raise PortingError(f"{path}: the archive holds {duplicates} more than once; the file is "
+                           "corrupt or crafted.")
+      pickles = [n for n in names if n.endswith("data.pkl")]
+      if len(pickles) != 1:
+        raise PortingError(f"{path}: expected one data.pkl in the archive, found {pickles}.")
+      prefix = pickles[0][: -len("data.pkl")]
+      with archive.open(pickles[0]) as file:
+        state = _TorchUnpickler(file, archive, prefix, path).load()
+  except (zipfile.BadZipFile, EOFError, zlib.error) as error:
+    raise PortingError(f"{path} is a damaged zip archive (truncated?): {error}") from error
+  except PortingError:
+    raise
+  except pickle.UnpicklingError as error:
+    if path in str(error):
+      raise
+    raise PortingError(f"{path}: data.pkl is not a readable torch.save pickle ({error})."
+                       ) from error
+  except (ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
+    raise PortingError(f"{path}: data.pkl is not a readable torch.save pickle "
+                       f"({type(error).__name__}: {error}).") from error
+  return _unwrap_state_dict(_materialise_state(state, path), path)
 
 
 def _unwrap_state_dict(state: Any, path: str) -> dict[str, np.ndarray]:
@@ -300,10 +498,12 @@ _OLD_DENSENET_KEY = re.compile(
 def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   """A torchvision state dict from .pth/.pt, .safetensors or .npz, keys normalised."""
   if path.endswith(".safetensors"):
+    import safetensors  # pylint: disable=import-outside-toplevel
     from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-    state = dict(load_file(path))
+    with _reading(path, ".safetensors", (safetensors.SafetensorError,)):
+      state = dict(load_file(path))
   elif path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as data:
+    with _reading(path, ".npz"), np.load(path, allow_pickle=False) as data:
       state = {key: data[key] for key in data.files}
   elif path.endswith((".pth", ".pt", ".bin")):
     state = read_torch_pth(path)

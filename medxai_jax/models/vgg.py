@@ -48,6 +48,14 @@ class VGG16(nn.Module):
     self.predictions = nn.Dense(self.num_outputs, dtype=self.dtype)
     self.dropout = nn.Dropout(self.dropout_rate)
 
+  def head_input_size(self, side: int) -> int:
+    """Side of the map the head reads (the block-5 pool for 'classic', 'last_conv' for 'gap')
+    for a square input of `side` pixels (0: empty)."""
+    pools = len(BLOCK_WIDTHS) if self.head_kind == "classic" else len(BLOCK_WIDTHS) - 1
+    for _ in range(pools):
+      side = base.window_output_size(side, 2, stride=2)
+    return side
+
   def _backbone(self, x: jax.Array) -> dict[str, jax.Array]:
     """Block outputs (after pooling) and the 'last_conv' map, each marked for tap deltas."""
     taps = {}
