@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from medxai_jax.attribution import cam
+from medxai_jax.attribution import common
 from medxai_jax.attribution import crm
 from medxai_jax.attribution import gradients
 from medxai_jax.attribution import integrated
@@ -134,6 +135,8 @@ def run_methods(model: base.Classifier, variables: base.Variables, images: jax.A
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
     raise ValueError(f"Unknown methods {unknown}; choose from {list(METHODS)}.")
+  # The methods are jitted below, where they cannot see NaN pixels: check the concrete batch.
+  common.check_method_inputs(model, variables, images, targets)
   maps, info = {}, {}
   head_problem = (gap_head_problem(model, variables, images, targets)
                   if NEEDS_GAP_HEAD.intersection(methods) else None)
