@@ -30,6 +30,7 @@ from medxai_jax.train import loop
 from medxai_jax.train import metrics as metrics_lib
 from medxai_jax.viz import figures
 from medxai_jax.viz import report
+from medxai_jax.viz import run_report
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -158,7 +159,11 @@ def main(argv: list[str]) -> None:
       path_section, feature_section, representation_section,
       annotation_section, evaluate_explanations.leaderboard_section(scored, workdir),
   ]
-  report.write_report(os.path.join(workdir, "report.html"), "medxai-jax demo", sections)
+  # The run's report: the training sections every run gets (metrics, confusion matrix, ROC,
+  # curves, class balance), then the demo's; explain / evaluate_explanations add theirs later.
+  for index, section in enumerate(sections):
+    run_report.add_section(workdir, f"demo_{index:02d}", section, render=False)
+  run_report.write_run_report(workdir)
   print(f"Test accuracy {test['accuracy']:.4f} (ROC AUC {test['roc_auc']:.4f}); "
         f"demo took {result['demo_wall_seconds']:.0f} s. Report: "
         f"{os.path.join(workdir, 'report.html')}")

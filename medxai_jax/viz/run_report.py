@@ -495,11 +495,13 @@ def added_sections(run_dir: str) -> list[report.Section]:
           for entry in _read_added(run_dir)]
 
 
-def add_section(run_dir: str, key: str, section: report.Section) -> str:
+def add_section(run_dir: str, key: str, section: report.Section,
+                *, render: bool = True) -> str:
   """Stores `section` as `<run>/report_sections/<key>.json` and re-renders the report.
 
   Figure paths are relative to `run_dir` (or absolute). A section added again under the same
-  key replaces the old one in its place. Returns the report's path.
+  key replaces the old one in its place. Returns the report's path (with `render=False` the
+  section is stored and the report is not written yet: add several, then `write_run_report`).
   """
   if not os.path.isdir(run_dir):
     raise FileNotFoundError(f"Run directory {run_dir} does not exist.")
@@ -513,6 +515,8 @@ def add_section(run_dir: str, key: str, section: report.Section) -> str:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as file:
     file.write(text)
+  if not render:
+    return os.path.join(run_dir, REPORT_NAME)
   return write_run_report(run_dir)
 
 
