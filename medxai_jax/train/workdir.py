@@ -156,6 +156,12 @@ def _covered(path: str, sections: Sequence[str]) -> bool:
   return any(path == section or path.startswith(section + ".") for section in sections)
 
 
+def describe(difference: runs.Difference) -> str:
+  """'path: old -> new', the values as JSON reads them back (tuples as lists)."""
+  return (f"{difference.path}: {_plain(difference.run_value)!r} -> "
+          f"{_plain(difference.given_value)!r}")
+
+
 def refused_changes(differences: Sequence[runs.Difference], *, completed_epochs: int,
                     same_dataset: bool, step_decay: bool) -> list[str]:
   """Why each refused difference is refused, one line per field ('' list: all allowed)."""
@@ -168,12 +174,12 @@ def refused_changes(differences: Sequence[runs.Difference], *, completed_epochs:
     if difference.path == "num_epochs":
       new = difference.given_value
       if step_decay:
-        refused.append(f"{difference}: schedule.boundaries are fractions of num_epochs, so the "
-                       "decay epochs would move")
+        refused.append(f"{describe(difference)}: schedule.boundaries are fractions of "
+                       "num_epochs, so the decay epochs would move")
       elif isinstance(new, int) and new < completed_epochs:
-        refused.append(f"{difference}: {completed_epochs} epochs are already done")
+        refused.append(f"{describe(difference)}: {completed_epochs} epochs are already done")
       continue
-    refused.append(str(difference))
+    refused.append(describe(difference))
   return refused
 
 
