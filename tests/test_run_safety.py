@@ -304,3 +304,51 @@ def test_bad_every_steps_is_refused(data_dir):
   config.checkpoint.every_steps = -1
   with pytest.raises(ValueError, match=r"config.checkpoint.every_steps must be an integer >= 0"):
     loop.check_config(config)
+
+
+COVID = "COVID-19_Radiography_Dataset"
+
+
+def test_more_real_training_images_are_refused_and_a_moved_copy_is_allowed(tmp_path):
+  """The real COVID builder: an added image changes the prepared dataset the run recorded."""
+  import real_data
+  from configs import covid_radiography_vgg16
+  from medxai_jax.data import pipeline
+
+  manual = tmp_path / "manual"
+  real_data.copy_real(f"covid/{COVID}", manual / COVID,
+                      keep=["COVID/images/*", "Normal/images/*.jpg"])
+  config = covid_radiography_vgg16.get_config()
+  config.dataset.update(dict(manual_dir=str(manual), data_dir=str(tmp_path / "tfds")))
+  config.dataset.builder.update(dict(image_size=48, read_metadata=False, with_masks=False,
+                                     classes=("COVID", "Normal")))
+  config.model = demo.get_config().model
+  config.model.update(dict(input_shape=(48, 48, 1), conv_widths=(4, 4, 4, 4, 4),
+                           dense_widths=(8,)))
+  config.preprocess.update(dict(mean=(0.5,), std=(0.25,)))
+  config.update(dict(batch_size=4, eval_batch_size=4, num_epochs=1, log_every_steps=1))
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(copy.deepcopy(config), workdir)
+  prepared = pipeline.load_builder(config.dataset).builder_config.name
+  with open(os.path.join(workdir, workdir_lib.PREPARED_DATASET_FILE)) as f:
+    recorded = json.load(f)
+  assert recorded["prepared_config"] == prepared  # the directory name the builder prepared
+  assert recorded["manual_dir_files"] == sum(1 for p in manual.rglob("*") if p.is_file())
+
+  before = _snapshot(workdir)
+  normal = manual / COVID / "Normal" / "images"
+  shutil.copyfile(sorted(normal.glob("*.jpg"))[0], normal / "Normal-1000.jpg")
+  with pytest.raises(workdir_lib.ConfigChangeError, match=rf"(?s)the prepared dataset.*"
+                     rf"{prepared}.*-files(?!{prepared[-10:]})"):
+    loop.train_and_evaluate(copy.deepcopy(config), workdir)
+  assert _snapshot(workdir) == before
+  (normal / "Normal-1000.jpg").unlink()
+
+  moved = tmp_path / "moved"
+  shutil.copytree(manual, moved)  # copy2: same names, sizes and mtimes, so the same dataset
+  config.dataset.manual_dir = str(moved)
+  loop.train_and_evaluate(copy.deepcopy(config), workdir)
+  with open(os.path.join(workdir, workdir_lib.CONFIG_HISTORY_FILE)) as f:
+    (record,) = [json.loads(line) for line in f]
+  assert record["changes"] == [{"field": "dataset.manual_dir", "old": str(manual),
+                                "new": str(moved)}]
