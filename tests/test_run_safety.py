@@ -186,6 +186,7 @@ def test_extending_num_epochs_is_recorded_and_continues(finished_run, tmp_path):
   with open(os.path.join(extended, workdir_lib.CONFIG_HISTORY_FILE)) as f:
     records = [json.loads(line) for line in f]
   assert len(records) == 1 and records[0]["completed_epochs"] == 2
+  assert records[0]["partial_checkpoint_step"] is None
   assert records[0]["changes"] == [
       {"field": "checkpoint.max_to_keep", "old": 2, "new": 3},
       {"field": "log_every_steps", "old": 2, "new": 4},

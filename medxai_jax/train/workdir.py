@@ -206,20 +206,21 @@ def check_resume(run_config: Any, config: Any, *, config_file: str, completed_ep
     lines = "".join(f"\n  {line}" for line in refused)
     raise ConfigChangeError(
         f"This config changes what the run in {os.path.dirname(config_file)} was trained with "
-        f"({completed_epochs} epochs done; {config_file} holds its config). Refused "
+        f"(epochs done: {completed_epochs}; {config_file} holds its config). Refused "
         f"change(s), old -> new:{lines}\nResume with the run's config (only num_epochs may grow, "
         f"and {', '.join(RESUMABLE_FIELDS)} may change), or give another --workdir to train "
         "anew. Nothing was written.")
   return differences
 
 
-def record_config_change(workdir: str, completed_epochs: int, partial_epoch_steps: int,
+def record_config_change(workdir: str, completed_epochs: int, partial_step: int | None,
                          differences: Sequence[runs.Difference]) -> str:
-  """Appends one line (time, epochs done, steps done of the next epoch, each changed field's
-  old and new value) to `<workdir>/config_history.jsonl`; returns its path."""
+  """Appends one line (time, epochs done, the global step of the mid-epoch checkpoint or null,
+  each changed field's old and new value) to `<workdir>/config_history.jsonl`; returns its
+  path."""
   path = os.path.join(workdir, CONFIG_HISTORY_FILE)
   record = {"time": _now(), "completed_epochs": completed_epochs,
-            "partial_epoch_steps": partial_epoch_steps,
+            "partial_checkpoint_step": partial_step,
             "changes": [{"field": d.path, "old": _plain(d.run_value),
                          "new": _plain(d.given_value)} for d in differences]}
   with open(path, "a") as file:
