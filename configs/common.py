@@ -82,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
   # metric: a validation metric ('accuracy', 'loss', 'roc_auc', ...) or 'train_val_gap'.
   config.selection = ml_collections.ConfigDict(dict(metric="accuracy", mode=""))
   config.early_stopping = ml_collections.ConfigDict(dict(patience=0, metric="loss", mode=""))
-  config.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2))
+  # max_to_keep: end-of-epoch checkpoints kept. every_steps: also checkpoint every N training
+  # steps within an epoch (0 = at the end of each epoch only), so a long epoch killed midway
+  # resumes from its last such step, bit-identically. SIGTERM always checkpoints the current step.
+  config.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2, every_steps=0))
   config.log_every_steps = 50
   return config

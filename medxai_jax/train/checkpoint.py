@@ -24,12 +24,19 @@ def _abstract(tree: Any) -> Any:
 
 
 class CheckpointStore:
-  """Keeps the latest `max_to_keep` epoch checkpoints and the best one, each with JSON metadata."""
+  """Keeps the latest `max_to_keep` epoch checkpoints, the best one and the newest mid-epoch
+  one, each with JSON metadata.
+
+  Epoch checkpoints (`latest/`, `best/`) are numbered by completed epochs; the mid-epoch one
+  (`partial/`, written on preemption or every config.checkpoint.every_steps steps) by global
+  training step (epoch * steps per epoch + steps done in the epoch).
+  """
 
   def __init__(self, directory: str, max_to_keep: int = 2):
     self.directory = os.path.abspath(directory)
     self._latest = _manager(os.path.join(self.directory, "latest"), max_to_keep)
     self._best = _manager(os.path.join(self.directory, "best"), 1)
+    self._partial = _manager(os.path.join(self.directory, "partial"), 1)
 
   @staticmethod
   def _save(manager: ocp.CheckpointManager, step: int, state: Any, metadata: dict) -> None:
@@ -78,10 +85,28 @@ class CheckpointStore:
     """Restores the best checkpoint into `template`'s structure."""
     return self._restore(self._best, None, template)
 
+  def save_partial(self, global_step: int, state: Any, metadata: dict) -> None:
+    """Saves a mid-epoch state (kept: the newest one)."""
+    self._save(self._partial, global_step, state, metadata)
+
+  def partial_step(self) -> int | None:
+    """Global step of the mid-epoch checkpoint, or None."""
+    return self._partial.latest_step()
+
+  def restore_partial(self, template: Any) -> tuple[Any, dict]:
+    """Restores the mid-epoch checkpoint into `template`'s structure."""
+    return self._restore(self._partial, None, template)
+
+  def delete_partial(self) -> None:
+    """Deletes the mid-epoch checkpoints (an epoch checkpoint supersedes them)."""
+    for step in self._partial.all_steps():
+      self._partial.delete(step)
+
   def close(self) -> None:
     """Waits for pending writes and releases the managers."""
     self._latest.close()
     self._best.close()
+    self._partial.close()
 
 
 def save_variables(directory: str, variables: Any, metadata: dict) -> str:

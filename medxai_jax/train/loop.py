@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from medxai_jax import runs
 from medxai_jax.data import augment as augment_lib
 from medxai_jax.data import pipeline
 from medxai_jax.data import preprocess as preprocess_lib
@@ -27,7 +28,9 @@ from medxai_jax.train import freeze
 from medxai_jax.train import metrics as metrics_lib
 from medxai_jax.train import optim
 from medxai_jax.train import parallel
+from medxai_jax.train import preemption
 from medxai_jax.train import steps
+from medxai_jax.train import workdir as workdir_lib
 
 CONFIG_FIELDS = frozenset({
     "seed", "dataset", "preprocess", "model", "optimizer", "learning_rate", "schedule",
@@ -94,6 +97,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
                      f"config.train.accumulation_steps={settings['accumulation_steps']}.")
   augment_lib.check_augment_config(config.get("augment") or {})
+  every_steps = (config.get("checkpoint") or {}).get("every_steps", 0)
+  if not isinstance(every_steps, int) or every_steps < 0:
+    raise ValueError(f"config.checkpoint.every_steps must be an integer >= 0 (0 = checkpoint at "
+                     f"the end of each epoch only), got {every_steps!r}.")
   if not isinstance(config.get("init_from", ""), str):
     raise ValueError(f"config.init_from must be a path string ('' = random initialisation), "
                      f"got {config.init_from!r}.")
@@ -533,21 +540,89 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   global batch of config.batch_size rows split over the devices. On several hosts (after
   `parallel.initialize_distributed`) every process runs this function; process 0 writes the
   JSON files, all of them write their part of the checkpoints.
+
+  One run per workdir: the run holds `workdir.RunLock` while it runs; a second one raises
+  `workdir.WorkdirLockedError` naming the holder. A workdir holding checkpoints is resumed, after
+  `workdir.check_resume` compared the config with the run's config.json: a change to what was
+  trained raises `workdir.ConfigChangeError` before anything is written; allowed changes are
+  appended to `config_history.jsonl`. SIGTERM stops training after the current step with a
+  checkpoint of it (`checkpoints/partial`, also written every config.checkpoint.every_steps
+  steps) and raises `preemption.Preempted` (exit status 0); the next run continues from that
+  step exactly as an uninterrupted run would.
   """
   check_config(config)
   fine_tuning = train_settings(config)
-  accumulation_steps = fine_tuning["accumulation_steps"]
   mesh = parallel.make_mesh()
-  parallel.check_batch_size(config.batch_size, mesh, accumulation_steps=accumulation_steps)
+  parallel.check_batch_size(config.batch_size, mesh,
+                            accumulation_steps=fine_tuning["accumulation_steps"])
+  workdir = prepare_workdir(workdir)
+  with workdir_lib.RunLock(workdir, jax.process_index()), \
+      preemption.SigtermWatch() as sigterm:
+    return _train_in_workdir(config, workdir, mesh, sigterm)
+
+
+def record_run_start(config: ml_collections.ConfigDict, workdir: str, *, completed_epochs: int,
+                     partial_step: int | None, dataset: Mapping[str, Any], lead: bool) -> None:
+  """Checks a resumed run's config against its config.json (raising ConfigChangeError before
+  anything is written), then writes config.json, prepared_dataset.json and, for allowed
+  changes, a config_history.jsonl line. A new run (no checkpoint) starts a fresh record."""
+  config_file = runs.config_path(workdir)
+  resuming = completed_epochs > 0 or partial_step is not None
+  given = json.loads(config.to_json_best_effort())  # as config.json stores it
+  history_file = os.path.join(workdir, workdir_lib.CONFIG_HISTORY_FILE)
+  if resuming and os.path.isfile(config_file):
+    run_dataset = workdir_lib.read_prepared_dataset(workdir)
+    if run_dataset is None:
+      logging.warning("%s has no %s (a run from before it was recorded): the prepared dataset "
+                      "cannot be compared; recording the current one.", workdir,
+                      workdir_lib.PREPARED_DATASET_FILE)
+    differences = workdir_lib.check_resume(
+        runs.read_run_config(workdir), given, config_file=config_file,
+        completed_epochs=completed_epochs, run_dataset=run_dataset, dataset=dataset)
+    if differences:
+      logging.info("Resuming %s (%d epochs done) with changed field(s), recorded in %s:%s",
+                   workdir, completed_epochs, history_file,
+                   "".join(f"\n  {difference}" for difference in differences))
+      if lead:
+        workdir_lib.record_config_change(workdir, completed_epochs, partial_step, differences)
+  elif resuming:
+    logging.warning("%s holds checkpoints but no config.json: the config they were trained "
+                    "with cannot be checked; writing this one.", workdir)
+  elif lead and os.path.exists(history_file):
+    os.remove(history_file)  # the record of an earlier run that never checkpointed
+  if lead:
+    with open(config_file, "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    workdir_lib.write_prepared_dataset(workdir, dataset)
+
+
+def epoch_rows(source: pipeline.RandomAccessSource, *, seed: int, epoch: int,
+               skip: int) -> pipeline.RandomAccessSource:
+  """The training rows of `epoch` in their shuffled order (`pipeline.epoch_order`), without
+  its first `skip` rows (the steps a resumed epoch already did); iterate it unshuffled."""
+  order = pipeline.epoch_order(len(source), seed=seed, epoch=epoch, shuffle=True)
+  return pipeline.SubsetSource(source, order[skip:])
+
+
+def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any,
+                      sigterm: preemption.SigtermWatch) -> dict[str, Any]:
+  """`train_and_evaluate` in a prepared, locked workdir, SIGTERM watched by `sigterm`."""
+  fine_tuning = train_settings(config)
+  accumulation_steps = fine_tuning["accumulation_steps"]
   eval_batch_size = parallel.round_up_batch_size(
       config.get("eval_batch_size") or config.batch_size, mesh)
   replicated = parallel.replicated_sharding(mesh)
   data_sharding = parallel.batch_sharding(mesh)
   lead = jax.process_index() == 0  # writes the JSON files
-  workdir = prepare_workdir(workdir)
-  if lead:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  store = checkpoint.CheckpointStore(os.path.join(workdir, "checkpoints"),
+                                     max_to_keep=config.checkpoint.max_to_keep)
+  try:
+    record_run_start(config, workdir, completed_epochs=store.latest_step() or 0,
+                     partial_step=store.partial_step(),
+                     dataset=workdir_lib.prepared_dataset(config.dataset), lead=lead)
+  except BaseException:
+    store.close()
+    raise
   dataset = config.dataset
   splits = [dataset.train_split, dataset.validation_split, dataset.test_split]
   sources = pipeline.load_sources(dataset, splits)
@@ -562,16 +637,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             for role, split in zip(("train", "validation", "test"), splits)}
   weights = resolve_class_weights(config.class_weights, np.asarray(counts["train"]))
   warned: set[tuple[str, str]] = set()
+  steps_per_epoch = pipeline.num_batches(len(train_source), config.batch_size, True)
+  if steps_per_epoch == 0:
+    raise ValueError(f"The training split has {len(train_source)} examples, fewer than "
+                     f"config.batch_size={config.batch_size}.")
   state = steps.create_train_state(model, tx, jax.random.key(config.seed))
-  store = checkpoint.CheckpointStore(os.path.join(workdir, "checkpoints"),
-                                     max_to_keep=config.checkpoint.max_to_keep)
   history_path = os.path.join(workdir, "history.jsonl")
   loop = LoopState(learning_rate=config.learning_rate)
   init_report = None
-  if config.get("init_from") and store.latest_step() is None:
+  latest_epoch, partial_step = store.latest_step(), store.partial_step()
+  # A mid-epoch checkpoint older than the newest epoch one was superseded (a kill between them).
+  resume_partial = partial_step is not None and partial_step > (latest_epoch or 0) * (
+      steps_per_epoch)
+  position = None  # where in an epoch a mid-epoch checkpoint stopped
+  if config.get("init_from") and latest_epoch is None and not resume_partial:
     state, init_report = initialise_from(state, config.init_from, config.model)
   state = parallel.replicate(state, mesh)
-  if store.latest_step() is not None:
+  if resume_partial:
+    state, metadata = store.restore_partial(state)  # into the replicated template's sharding
+    loop = LoopState.from_json(metadata["loop"])
+    position = metadata["position"]
+    if lead:
+      _truncate_history(history_path, loop.epoch)
+    logging.info("Resumed from %s/partial at epoch %d, step %d of %d.", store.directory,
+                 loop.epoch + 1, position["step"], steps_per_epoch)
+  elif latest_epoch is not None:
     state, metadata = store.restore_latest(state)  # into the replicated template's sharding
     loop = LoopState.from_json(metadata["loop"])
     if lead:
@@ -618,17 +708,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if jax.process_count() == 1:
       return source
     return parallel.ProcessLocalSource(source, parallel.local_rows(mesh, batch_size), batch_size)
-  steps_per_epoch = pipeline.num_batches(len(train_source), config.batch_size, True)
-  if steps_per_epoch == 0:
-    raise ValueError(f"The training split has {len(train_source)} examples, fewer than "
-                     f"config.batch_size={config.batch_size}.")
   selection_metric = config.selection.metric
   selection_mode = _mode(selection_metric, config.selection.get("mode"))
   stopping = config.early_stopping
   run_start = time.time()
+  every_steps = int(config.checkpoint.get("every_steps") or 0)
+  sigterm_step = preemption.hooked_sigterm_step()
+  num_processes = jax.process_count()
+
+  def preempted(message: str) -> preemption.Preempted:
+    """Closes the checkpoints and logs why the run stops; the exception to raise."""
+    store.close()
+    logging.warning("%s", message)
+    return preemption.Preempted(message)
 
   first_epoch = loop.epoch
-  for epoch in range(first_epoch, config.num_epochs):
+  if loop.stopped_early and first_epoch < config.num_epochs:
+    logging.info("The run stopped early after epoch %d; it is not trained further.", first_epoch)
+  last_epoch = first_epoch if loop.stopped_early else config.num_epochs
+  for epoch in range(first_epoch, last_epoch):
     learning_rate = _epoch_learning_rate(config, epoch, loop)
     state = state.replace(opt_state=optim.set_learning_rate(state.opt_state, learning_rate))
     mask = freeze.epoch_mask(epoch, head_only_epochs, head_mask, main_mask)
@@ -640,17 +738,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    base.parameter_count({"params": state.params}),
                    " (head-only warm-up)" if epoch < head_only_epochs else "")
     epoch_start = time.time()
-    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    # A resumed epoch continues its training sums (same additions, same order: same floats).
+    resumed = position if position is not None and position["epoch"] == epoch else None
+    position = None
+    done_steps = int(resumed["step"]) if resumed else 0
+    totals = (dict(resumed["totals"]) if resumed else
+              {"loss_sum": 0.0, "correct": 0.0, "count": 0.0})
+    seconds_before = float(resumed["train_seconds"]) if resumed else 0.0
     pending = []
     batches = pipeline.prefetch(
         parallel.shard_batch(batch, mesh) for batch in pipeline.iterate_batches(
-            host_source(train_source, config.batch_size), batch_size=config.batch_size,
-            label_key=dataset.label_key, seed=config.seed, epoch=epoch, shuffle=True,
+            host_source(epoch_rows(train_source, seed=config.seed, epoch=epoch,
+                                   skip=done_steps * config.batch_size), config.batch_size),
+            batch_size=config.batch_size, label_key=dataset.label_key, shuffle=False,
             drop_remainder=True))
-    for index, batch in enumerate(batches, start=1):
+    for index, batch in enumerate(batches, start=done_steps + 1):
       state, stats = train_step(state, batch)
       pending.append(stats)
-      if index % config.log_every_steps == 0 or index == steps_per_epoch:
+      global_step = epoch * steps_per_epoch + index
+      if global_step == sigterm_step:
+        preemption.send_sigterm_to_self()
+      log_now = index % config.log_every_steps == 0 or index == steps_per_epoch
+      periodic = bool(every_steps) and index % every_steps == 0
+      # Several processes must agree to stop at the same step: they compare at sync points.
+      stop = index < steps_per_epoch and (sigterm.requested if num_processes == 1 else (
+          (log_now or periodic) and sigterm.agreed(num_processes)))
+      save_now = index < steps_per_epoch and (stop or periodic)
+      if log_now or save_now:
         fetched = jax.device_get(pending)
         pending = []
         for item in fetched:
@@ -658,14 +772,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         store.directory, store.latest_step())
           for key in totals:
             totals[key] += float(item[key])
+      if log_now:
         elapsed = time.time() - epoch_start
         remaining = (steps_per_epoch - index) + steps_per_epoch * (config.num_epochs - epoch - 1)
+        done_now = index - done_steps
         logging.info(
             "epoch %d/%d step %d/%d loss %.4f acc %.3f lr %.2g | %.1f img/s | ETA %.0fs",
             epoch + 1, config.num_epochs, index, steps_per_epoch,
             totals["loss_sum"] / totals["count"], totals["correct"] / totals["count"],
-            learning_rate, index * config.batch_size / elapsed, remaining * elapsed / index)
-    train_seconds = time.time() - epoch_start
+            learning_rate, done_now * config.batch_size / elapsed,
+            remaining * elapsed / done_now)
+      if save_now:
+        store.save_partial(global_step, state, {
+            "loop": loop.to_json(),
+            "position": {"epoch": epoch, "step": index, "totals": totals,
+                         "train_seconds": seconds_before + time.time() - epoch_start}})
+      if stop:
+        raise preempted(
+            f"Stopped on SIGTERM after step {index} of {steps_per_epoch} of epoch {epoch + 1}, "
+            f"checkpointed in {store.directory}/partial/{global_step}. Run the same command "
+            "again to continue from this step.")
+    train_seconds = seconds_before + time.time() - epoch_start
     train_loss = totals["loss_sum"] / totals["count"]
     train_accuracy = totals["correct"] / totals["count"]
     validation, _, _ = evaluate(
@@ -699,6 +826,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if is_best:
       store.save_best(completed, state, metadata)
     store.save_latest(completed, state, metadata)
+    store.delete_partial()  # superseded by the epoch checkpoint
     logging.info("epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f auc %s%s",
                  completed, train_loss, train_accuracy, validation["loss"],
                  validation["accuracy"], _format_metric(validation["roc_auc"]),
@@ -707,6 +835,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info("Early stopping after epoch %d (%s did not improve for %d epochs).",
                    completed, stopping.metric, stopping.patience)
       break
+    if completed < config.num_epochs and sigterm.agreed(num_processes):
+      raise preempted(f"Stopped on SIGTERM after epoch {completed}, checkpointed in "
+                      f"{store.directory}. Run the same command again to continue.")
 
   best_state, best_metadata = store.restore_best(state)
   test_source = sources[dataset.test_split]
