@@ -33,6 +33,9 @@ from ml_collections.config_flags import config_flags as config_flags_lib
 from medxai_jax.data import preprocess
 from medxai_jax.train import loop
 
+# Flags defined through this module belong to the binary that calls it (its --helpshort).
+flags.disclaim_key_flags()
+
 TRACEBACK_VARIABLE = "MEDXAI_TRACEBACK"
 TRACEBACK_HINT = f"({TRACEBACK_VARIABLE}=1 shows the traceback.)"
 # Exceptions whose message is meant for the user: bad values, files that are missing, unwritable
