@@ -33,6 +33,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from experiments import cli
 from medxai_jax import logs
 from medxai_jax.annotation import reports
 from medxai_jax.train import loop
@@ -192,4 +193,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

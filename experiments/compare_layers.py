@@ -25,8 +25,8 @@ from absl import flags
 from absl import logging
 import jax
 import numpy as np
-from ml_collections import config_flags
 
+from experiments import cli
 from medxai_jax import logs
 from medxai_jax import runs
 from medxai_jax.analysis import similarity
@@ -34,12 +34,12 @@ from medxai_jax.data import pipeline
 from medxai_jax.train import loop
 from medxai_jax.viz import analysis_figures
 
-_CONFIG_A = config_flags.DEFINE_config_file(
+_CONFIG_A = cli.define_config_file(
     "config_a", None, "Optional: a training config for model a instead of its run's "
-    "config.json (the differences are printed).", lock_config=True)
-_CONFIG_B = config_flags.DEFINE_config_file(
+    "config.json (the differences are printed).")
+_CONFIG_B = cli.define_config_file(
     "config_b", None, "Optional: the same for model b (default: its run's config.json, or "
-    "--config_a for a run without one).", lock_config=True)
+    "--config_a for a run without one).")
 _WORKDIR_A = flags.DEFINE_string("workdir_a", None, "Training work directory of model a.")
 _WORKDIR_B = flags.DEFINE_string("workdir_b", None, "Training work directory of model b.")
 _TAPS_A = flags.DEFINE_list("taps_a", [], "Taps of model a (default: all, in forward order).")
@@ -144,4 +144,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

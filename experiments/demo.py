@@ -17,8 +17,8 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ml_collections import config_flags
 
+from experiments import cli
 from experiments import demo_sections
 from experiments import evaluate_explanations
 from medxai_jax import explain
@@ -32,9 +32,9 @@ from medxai_jax.viz import figures
 from medxai_jax.viz import report
 from medxai_jax.viz import run_report
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config_file(
     "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs", "demo.py"), "Demo config file.", lock_config=True)
+                           "configs", "demo.py"), "Demo config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Output directory.")
 
 
@@ -170,4 +170,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

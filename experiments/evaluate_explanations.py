@@ -46,8 +46,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from medxai_jax import explain  # noqa: E402
 from medxai_jax import logs  # noqa: E402
 from medxai_jax import runs  # noqa: E402
@@ -643,9 +643,9 @@ def _define_flags() -> None:
       getattr(flags, f"DEFINE_{kind}")(name, default, help_text, **kwargs)
 
   if "config" not in defined:
-    config_flags.DEFINE_config_file(
+    cli.define_config_file(
         "config", None, "Optional: a training config to use instead of the run's config.json "
-        "(the differences are printed).", lock_config=True)
+        "(the differences are printed).")
   define("string", "checkpoint", None, "Training run directory to evaluate.")
   define("string", "workdir", None, "Output directory (default: <checkpoint>/evaluation).")
   define("list", "methods", None, "Methods (default: all of explain.METHODS).")
@@ -711,4 +711,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

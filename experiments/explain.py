@@ -25,8 +25,8 @@ import os
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
+from experiments import cli
 from medxai_jax import explain
 from medxai_jax import logs
 from medxai_jax import runs
@@ -34,9 +34,9 @@ from medxai_jax.data import builders
 from medxai_jax.data import pipeline
 from medxai_jax.viz import run_report
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config_file(
     "config", None, "Optional: a training config to use instead of the run's config.json (the "
-    "differences are printed).", lock_config=True)
+    "differences are printed).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training run directory to explain.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: <checkpoint>/explain).")
 _METHODS = flags.DEFINE_list("methods", None, "Methods (default: all); see explain.METHODS.")
@@ -75,4 +75,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -22,6 +22,7 @@ from absl import flags
 from absl import logging
 import jax
 
+from experiments import cli
 from medxai_jax import logs
 from medxai_jax.models import densenet
 from medxai_jax.models import porting
@@ -96,4 +97,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

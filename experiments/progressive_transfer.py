@@ -45,9 +45,9 @@ from absl import flags
 from absl import logging
 import jax
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 
+from experiments import cli
 from medxai_jax import logs
 from medxai_jax.models import registry
 from medxai_jax.train import checkpoint
@@ -56,10 +56,10 @@ from medxai_jax.train import loop
 from medxai_jax.viz import report
 from medxai_jax.viz import transfer_figures
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config_file(
     "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "configs", "progressive_transfer.py"),
-    "Progressive transfer config file.", lock_config=True)
+    "Progressive transfer config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/progressive_transfer", "Output directory.")
 
 TRANSFER_FIELDS = frozenset({"source", "imagenet_init", "arms"})
@@ -449,4 +449,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -41,15 +41,14 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-from ml_collections import config_flags
 
+from experiments import cli
 from medxai_jax import logs
 from medxai_jax.train import loop
 from medxai_jax.train import parallel
 from medxai_jax.viz import run_report
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
+_CONFIG = cli.define_config_file("config", None, "Training config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", None, "Start jax.distributed with the cluster auto-detected (SLURM, Open MPI, "
@@ -77,4 +76,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

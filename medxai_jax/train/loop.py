@@ -137,15 +137,48 @@ def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return settings
 
 
+def _nearest_existing(path: str) -> str:
+  """`path` itself if it exists, else its closest ancestor that does."""
+  while not os.path.lexists(path):
+    path = os.path.dirname(path)
+  return path
+
+
+def _why_unwritable(directory: str) -> str | None:
+  """Why no file can be created in the existing `directory` (a read-only mount, a virtual file
+  system like /proc, no permission), or None when one can (checked by creating one)."""
+  if os.statvfs(directory).f_flag & os.ST_RDONLY:
+    return "it is on a read-only file system"
+  probe = os.path.join(directory, f".medxai_write_test_{os.uname().nodename}_{os.getpid()}")
+  try:
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+  except OSError as error:
+    return f"no file can be created in it ({error.strerror})"
+  os.remove(probe)
+  return None
+
+
 def prepare_workdir(workdir: str) -> str:
-  """Absolute work directory, created if its parent exists; a clear error otherwise."""
+  """Absolute work directory, created if its parent exists; an error naming the path and what to
+  do when it is a file, lies under a file, has no parent or cannot be written."""
   if not workdir:
     raise ValueError("--workdir is required.")
   workdir = os.path.abspath(os.path.expanduser(workdir))
   parent = os.path.dirname(workdir)
-  if not os.path.isdir(parent):
+  existing = _nearest_existing(workdir)
+  if not os.path.isdir(existing):
+    if existing == workdir:
+      raise NotADirectoryError(f"--workdir={workdir!r} exists and is not a directory; give a "
+                               "directory (or move the file away).")
+    raise NotADirectoryError(f"--workdir={workdir!r} cannot be created: {existing!r} is a file, "
+                             "not a directory; give a --workdir outside it.")
+  if existing not in (workdir, parent):
     raise FileNotFoundError(f"The parent directory of --workdir={workdir!r} does not exist: "
-                            f"{parent!r}. Create it first.")
+                            f"{parent!r}. Create it first: mkdir -p {parent}")
+  reason = _why_unwritable(existing)
+  if reason:
+    raise PermissionError(f"--workdir={workdir!r} cannot be written: {existing!r}: {reason}; "
+                          "give a --workdir on a writable file system.")
   os.makedirs(workdir, exist_ok=True)
   return workdir
 

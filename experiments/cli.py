@@ -1,0 +1,217 @@
+"""The command line shared by the binaries in experiments/: config flags whose unknown fields are
+named, and user errors printed as one `error: ...` block instead of a traceback.
+
+  _CONFIG = cli.define_config_file("config", None, "Training config file.")
+  ...
+  if __name__ == "__main__":
+    cli.run(main)
+
+A mistyped override (`--config.model.widht=3`) ends with
+`error: --config.model.widht: config.model has no field 'widht'. Did you mean 'width'? Its
+fields: ...` and exit status 1. So does a user error raised by `main` (`USER_ERRORS`: a bad value,
+a missing or unwritable file, a corrupt image, ...): its message, which names the file, the field
+or the index, is printed after `error: `. Other exceptions are bugs and keep their traceback.
+$MEDXAI_TRACEBACK=1 shows the traceback of user errors too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import os
+import re
+import sys
+from typing import Any, Callable, Mapping, NoReturn, Sequence
+
+from absl import app
+from absl import flags
+import ml_collections
+from ml_collections import config_flags
+from ml_collections.config_flags import config_flags as config_flags_lib
+
+from medxai_jax.data import preprocess
+from medxai_jax.train import loop
+
+# Flags defined through this module belong to the binary that calls it (its --helpshort).
+flags.disclaim_key_flags()
+
+TRACEBACK_VARIABLE = "MEDXAI_TRACEBACK"
+TRACEBACK_HINT = f"({TRACEBACK_VARIABLE}=1 shows the traceback.)"
+# Exceptions whose message is meant for the user: bad values, files that are missing, unwritable
+# or not what they should be, corrupt images, missing decoders, a diverged training run.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,
+    IsADirectoryError, PermissionError, preprocess.MissingDicomDecoderError,
+    loop.NonFiniteLossError)
+
+# Config flag name -> its default config file, for naming a bad override of either.
+_CONFIG_FLAGS: dict[str, str | None] = {}
+
+
+def traceback_wanted() -> bool:
+  """Whether $MEDXAI_TRACEBACK asks for full tracebacks of user errors."""
+  return os.environ.get(TRACEBACK_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def exit_with_user_error(message: str) -> NoReturn:
+  """Prints `error: <message>` (and how to see the traceback) to stderr; exits with status 1."""
+  print(f"error: {message}\n{TRACEBACK_HINT}", file=sys.stderr, flush=True)
+  sys.exit(1)
+
+
+def error_message(error: BaseException) -> str:
+  """The message an exception was raised with (a KeyError's without the quotes repr adds)."""
+  if isinstance(error, KeyError) and len(error.args) == 1 and isinstance(error.args[0], str):
+    return error.args[0]
+  return str(error) or type(error).__name__
+
+
+def is_user_error(error: BaseException) -> bool:
+  """A `USER_ERRORS` exception, except a KeyError whose message is a bare key (a lookup bug)."""
+  if not isinstance(error, USER_ERRORS):
+    return False
+  return not isinstance(error, KeyError) or " " in error_message(error).strip()
+
+
+def _fields(node: Any) -> list[str] | None:
+  """The field names of a config section (ConfigDict, mapping or dataclass); None for a value."""
+  if isinstance(node, (ml_collections.ConfigDict, Mapping)):
+    return [str(key) for key in node.keys()]
+  if dataclasses.is_dataclass(node) and not isinstance(node, type):
+    return [field.name for field in dataclasses.fields(node)]
+  return None
+
+
+def _child(node: Any, name: str) -> Any:
+  """Field `name` of a config section."""
+  if isinstance(node, (ml_collections.ConfigDict, Mapping)):
+    return node[name]
+  return getattr(node, name)
+
+
+def unknown_field_message(config: Any, path: str, flag_name: str = "config") -> str | None:
+  """Why `--<flag_name>.<path>` names no field of `config` (the section's fields and the closest
+  match), or None when every part of the dotted path exists."""
+  parts = path.split(".")
+  node = config
+  for depth, part in enumerate(parts):
+    if "[" in part:  # an indexed element (`layers[0]`): not checked here
+      return None
+    section = ".".join([flag_name, *parts[:depth]])
+    fields = _fields(node)
+    if fields is None:
+      return (f"--{flag_name}.{path}: {section} is a value ({node!r}), not a section; it has no "
+              f"field {part!r}.")
+    if part not in fields:
+      close = difflib.get_close_matches(part, fields, n=1)
+      hint = f" Did you mean {close[0]!r}?" if close else ""
+      return (f"--{flag_name}.{path}: {section} has no field {part!r}.{hint} Its fields: "
+              f"{', '.join(sorted(fields))}.")
+    node = _child(node, part)
+  return None
+
+
+def config_overrides(argv: Sequence[str], flag_name: str) -> list[str]:
+  """The dotted paths overridden on the command line by `--<flag_name>.<path>[=value]`."""
+  pattern = re.compile(rf"^--?(no)?{re.escape(flag_name)}\.([^=]+)")
+  return [match.group(2) for match in map(pattern.match, argv) if match]
+
+
+def config_file_argument(argv: Sequence[str], flag_name: str) -> str | None:
+  """The value of `--<flag_name>=FILE` (or `--<flag_name> FILE`) in argv; the last one wins."""
+  value = None
+  for index, arg in enumerate(argv):
+    if re.match(rf"^--?{re.escape(flag_name)}=", arg):
+      value = arg.split("=", 1)[1]
+    elif re.fullmatch(rf"--?{re.escape(flag_name)}", arg) and index + 1 < len(argv):
+      value = argv[index + 1]
+  return value
+
+
+def config_override_error(argv: Sequence[str], error: BaseException) -> str:
+  """The one-line message for a failed `--<config>.<field>` override: the first override of a
+  config flag that names no field of its config, else the raised message."""
+  raised = error_message(error)
+  if any(raised.startswith(f"--{name}.") for name in _CONFIG_FLAGS):
+    return raised  # already names the flag and lists the choices (e.g. BuilderOptions)
+  for name, default in _CONFIG_FLAGS.items():
+    paths = config_overrides(argv, name)
+    config_file = config_file_argument(argv, name) or default
+    if not paths or not config_file:
+      continue
+    config = config_flags_lib.ConfigFileFlagParser(name=name, lock_config=False).parse(
+        config_file)
+    for path in paths:
+      message = unknown_field_message(config, path, name)
+      if message:
+        return message
+  return f"a config override failed: {raised}"
+
+
+def expand_flagfiles(argv: Sequence[str]) -> list[str]:
+  """argv with any --flagfile expanded, as config_flags reads it (unchanged when a flagfile
+  cannot be read: absl's own parsing reports that)."""
+  try:
+    return flags.FLAGS.read_flags_from_files(list(argv), force_gnu=False)
+  except flags.Error:
+    return list(argv)
+
+
+def missing_config_file_message(argv: Sequence[str]) -> str | None:
+  """The error for a `--<config>=FILE[:ARG]` whose FILE does not exist, or for overrides
+  `--<config>.<field>` of a config flag that has neither a value nor a default; else None."""
+  for name, default in _CONFIG_FLAGS.items():
+    value = config_file_argument(argv, name)
+    if value is None and default is None and config_overrides(argv, name):
+      return (f"--{name}.{config_overrides(argv, name)[0]} overrides a field of --{name}, but "
+              f"no --{name}=FILE is given; add e.g. --{name}=configs/demo.py before it.")
+    if value is not None and not os.path.isfile(value.split(":", 1)[0]):
+      return (f"--{name}={value}: the config file {value.split(':', 1)[0]!r} does not exist "
+              f"(relative paths start at {os.getcwd()!r}).")
+  return None
+
+
+def define_config_file(name: str, default: str | None, help_string: str) -> flags.FlagHolder:
+  """`config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)` whose
+  overrides of unknown fields end the program with `error: <which field, the valid ones>`."""
+  _CONFIG_FLAGS[name] = default
+  try:
+    return config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)
+  except (KeyError, AttributeError) as error:  # a default config parses its overrides right here
+    if traceback_wanted():
+      raise
+    exit_with_user_error(config_override_error(expand_flagfiles(sys.argv), error))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (usage errors print as absl prints them); a missing config file, a
+  failed config override or a config file's user error ends the program with `error: ...`."""
+  missing = missing_config_file_message(expand_flagfiles(argv))
+  if missing:
+    exit_with_user_error(missing)
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (KeyError, AttributeError) as error:
+    if traceback_wanted():
+      raise
+    exit_with_user_error(config_override_error(expand_flagfiles(argv), error))
+  except Exception as error:  # e.g. a config file's get_config() raising a ValueError
+    if traceback_wanted() or not is_user_error(error):
+      raise
+    exit_with_user_error(error_message(error))
+
+
+def _report_user_errors(main: Callable[[list[str]], Any], argv: list[str]) -> Any:
+  """Runs main(argv); a user error ends the program with `error: <message>` and status 1."""
+  try:
+    return main(argv)
+  except Exception as error:
+    if traceback_wanted() or not is_user_error(error):
+      raise
+    exit_with_user_error(error_message(error))
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+  """`app.run(main)` (flags, --help, --helpfull) with user errors as one `error: ...` block."""
+  app.run(functools.partial(_report_user_errors, main), flags_parser=parse_flags)
