@@ -32,6 +32,7 @@ from ml_collections.config_flags import config_flags as config_flags_lib
 
 from medxai_jax.data import preprocess
 from medxai_jax.train import loop
+from medxai_jax.train import workdir as workdir_lib
 
 # Flags defined through this module belong to the binary that calls it (its --helpshort).
 flags.disclaim_key_flags()
@@ -43,7 +44,7 @@ TRACEBACK_HINT = f"({TRACEBACK_VARIABLE}=1 shows the traceback.)"
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,
     IsADirectoryError, PermissionError, preprocess.MissingDicomDecoderError,
-    loop.NonFiniteLossError)
+    loop.NonFiniteLossError, workdir_lib.WorkdirLockedError)
 
 # Config flag name -> its default config file, for naming a bad override of either.
 _CONFIG_FLAGS: dict[str, str | None] = {}
