@@ -353,3 +353,42 @@ def test_more_real_training_images_are_refused_and_a_moved_copy_is_allowed(tmp_p
     (record,) = [json.loads(line) for line in f]
   assert record["changes"] == [{"field": "dataset.manual_dir", "old": str(manual),
                                 "new": str(moved)}]
+
+
+@pytest.mark.parametrize("manager_name, step", [("best", 1), ("latest", 1), ("latest", 2),
+                                                ("partial", 7)])
+def test_a_kill_during_a_checkpoint_write_resumes_bit_identically(
+    finished_run, data_dir, tmp_path, manager_name, step):
+  config, reference, result = finished_run
+  workdir = str(tmp_path / "killed")
+  os.makedirs(workdir)
+  # SIGKILL while orbax is still writing (the save started, not waited for) the `manager_name`
+  # checkpoint of `step`: the write never finalises.
+  script = (f"import sys\nsys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
+            "import os, signal, test_run_safety\n"
+            "import orbax.checkpoint as ocp\n"
+            "from medxai_jax.train import checkpoint, loop\n"
+            "save = checkpoint.CheckpointStore._save\n"
+            "def save_or_die(manager, step, state, metadata):\n"
+            f"  if step == {step} and os.path.basename(str(manager.directory)) == "
+            f"{manager_name!r}:\n"
+            "    manager.save(step, args=ocp.args.Composite(\n"
+            "        state=ocp.args.StandardSave(state),\n"
+            "        metadata=ocp.args.JsonSave(metadata)), force=True)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n"
+            "  save(manager, step, state, metadata)\n"
+            "checkpoint.CheckpointStore._save = staticmethod(save_or_die)\n"
+            f"config = test_run_safety.tiny_config({data_dir!r})\n"
+            "config.checkpoint.every_steps = 3\n"
+            f"loop.train_and_evaluate(config, {workdir!r})\n")
+  child = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+  assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+  written = os.listdir(os.path.join(workdir, "checkpoints", manager_name))
+  assert str(step) not in written, written  # killed before orbax finalised it
+  resumed_config = copy.deepcopy(config)
+  resumed_config.checkpoint.every_steps = 3
+  resumed = loop.train_and_evaluate(resumed_config, workdir)
+  _assert_same_states(_latest_state(config, reference, 2), _latest_state(config, workdir, 2))
+  assert _history(workdir) == _history(reference)
+  assert resumed["test"] == result["test"]
