@@ -13,7 +13,9 @@ Notation (S the target score of `common`, x the image, x' the baseline, phi the 
   lowers the L1 distance to x to (1 - t/N) ||x - x'||_1 by moving the fraction p of features
   with the smallest |dS/dx_i| (whatever their sign) towards x, each feature kept within
   a in [t/N - d, t/N + d] (d = max_dist) of the straight line, the anchors;
-  phi = sum_t dS(x^{t-1})/dx * (x^t - x^{t-1}).
+  phi = sum_t dS(x^{t-1})/dx * (x^t - x^{t-1}). The fraction p is numpy's 'lower' quantile of
+  the unbounded features' |dS/dx_i|, ties included, as in PAIR saliency, found as an exact order
+  statistic (a bisection over the float bit patterns) rather than by sorting.
 """
 
 from __future__ import annotations
@@ -357,7 +359,7 @@ def _guided_step(x: jax.Array, grad: jax.Array, x_input: jax.Array, x_baseline: 
   capacity = jnp.where(selectable, jnp.abs(x - x_max).ravel(), 0.0)
   rank = int(math.floor(fraction * (x.size - 1)))  # np.quantile(..., fraction, 'lower')
 
-  def selection_round(state):
+  def selection_round(state: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
     moved_count, saturated, saturated_capacity, _, _, _, rounds = state
     threshold = kth_smallest(ranking, rank + moved_count)
     chosen = (ranking <= threshold) & selectable
