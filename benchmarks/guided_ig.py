@@ -12,7 +12,10 @@ step with a batch of one (the `saliency` package itself fails on NumPy >= 2.4: i
 batched scan of num_steps gradient batches and as the loop's num_images * num_steps calls: the
 floor under either implementation; `beyond_gradients`: each total minus its gradients (the
 selection rounds and path updates; differences of separate timings, so noisy). The maps' differences: max |ours - PAIR| over all pixels,
-and per image max |ours - PAIR| / max |PAIR| (its maximum over the images).
+and per image max |ours - PAIR| / max |PAIR| (its maximum over the images); `maps_one_image`:
+the same for ours run on each image alone. XLA:CPU's float32 convolutions round a batch of 32
+differently from a batch of one (gradients differ by ~1e-8), which can flip a near tie in the
+selection and move the path: the one-image runs see PAIR's gradients exactly.
 Model: benchmarks.common.small_cnn with random weights; inputs: the first phantoms (seed 0);
 targets: random classes (seed 0); zero baseline. --x64 runs ours in float64 (jax_enable_x64).
 """
@@ -42,6 +45,9 @@ _FRACTION = flags.DEFINE_float("fraction", 0.25, "Fraction of features moved per
 _MAX_DIST = flags.DEFINE_float("max_dist", 0.02, "Maximum deviation from the straight line.")
 _X64 = flags.DEFINE_bool("x64", False, "Run ours in float64 (jax_enable_x64).")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Timed calls of ours (after one untimed).")
+_PER_IMAGE = flags.DEFINE_bool(
+    "per_image_check", True, "Also run ours on each image alone (a batch of one, untimed) and "
+    "compare those maps with PAIR's.")
 
 PAIR_EPSILON = 1e-9  # PAIR's tolerance of math.isclose
 
@@ -143,6 +149,7 @@ def main(argv):
     return jax.lax.scan(step, images, None, length=steps)[0]
 
   scan_executable, _ = bench_common.compiled(scanned_gradients, variables, images)
+  single = jax.jit(run)
   scan_seconds, _ = bench_common.timed(lambda: scan_executable(variables, images), 1, 1)
   loop_seconds, _ = bench_common.timed(
       lambda: [gradient(variables, images[i:i + 1], targets[i:i + 1])
@@ -166,6 +173,9 @@ def main(argv):
           "speedup_ours_over_pair": round((pair_seconds - loop_seconds)
                                           / max(seconds - scan_seconds, 1e-3), 1)},
       "maps": map_differences(maps, pair_maps),
+      "maps_one_image": (map_differences(np.concatenate(
+          [np.asarray(single(variables, images[i:i + 1], targets[i:i + 1]), np.float64)
+           for i in range(batch)]), pair_maps) if _PER_IMAGE.value else None),
       "finite": bool(np.isfinite(maps).all()),
   }
   print(json.dumps(result, indent=1))
