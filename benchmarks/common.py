@@ -11,6 +11,7 @@ import numpy as np
 
 from medxai_jax.data import phantoms
 from medxai_jax.models import base
+from medxai_jax.models import custom_cnn
 
 BIAS_STD = 0.1
 
@@ -69,3 +70,11 @@ def compiled(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
 def rate(batch: int, seconds: float) -> float:
   """Images per second, three significant digits."""
   return float(f"{batch / seconds:.3g}")
+
+
+def small_cnn(image_size: int, channels: int = 1, num_outputs: int = 3) -> base.Classifier:
+  """The narrow custom CNN (conv widths 4-8, dense 16-16, He-normal) the benchmarks share."""
+  return custom_cnn.custom_cnn(num_outputs=num_outputs,
+                               input_shape=(image_size, image_size, channels),
+                               conv_widths=(4, 8, 8, 8, 8), dense_widths=(16, 16),
+                               init_std=None)

@@ -388,6 +388,82 @@ def test_guided_ig_completeness_on_the_cnn(cnn, cnn_guided_ig):
 
 
 # ----------------------------------------------------------------------------------------------
+# Guided IG's selection (an order statistic, no sort) and its float64 exactness.
+
+
+class SquaredProjection(nn.Module):
+  """One logit (a . x)^2 of a 4x4x1 image with weights a in {1, 2, 3}: many features share the
+  same |dS/dx_i| = 2 |a . x| a_i, so Guided IG's quantile selections have ties."""
+
+  weights: tuple[float, ...] = (1, 2, 1, 3, 1, 1, 2, 3, 1, 2, 1, 3, 3, 1, 2, 1)
+
+  def features(self, x: jax.Array, tap: str = "hidden", train: bool = False) -> jax.Array:
+    del tap, train
+    return x.reshape((x.shape[0], -1)) @ jnp.asarray(self.weights, x.dtype)[:, None]
+
+  def head(self, feature_map: jax.Array, train: bool = False) -> jax.Array:
+    del train
+    return jnp.square(feature_map)
+
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    return self.head(self.features(x))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kth_smallest_is_the_sorted_value_with_ties_zeros_and_infinities(dtype):
+  rng = np.random.default_rng(0)
+  values = (rng.integers(0, 6, 50) * 0.37).astype(dtype)      # ties and zeros
+  values[rng.choice(50, 9, replace=False)] = np.inf            # features at their bound
+  values[:2] = [np.finfo(dtype).tiny / 4, np.finfo(dtype).max]  # a subnormal, the largest
+  with jax.enable_x64(dtype == np.float64):
+    kth = jax.jit(jax.vmap(integrated.kth_smallest, in_axes=(None, 0)))
+    found = np.asarray(kth(jnp.asarray(values), jnp.arange(60)))
+  assert found.dtype == dtype
+  np.testing.assert_array_equal(found, np.concatenate([np.sort(values), np.full(10, np.inf)]))
+  for fraction in (0.1, 0.25, 0.5, 0.9):  # numpy's 'lower' quantile, as PAIR selects
+    assert found[math.floor(fraction * 49)] == np.quantile(values, fraction, method="lower")
+
+
+def test_guided_ig_in_float64_matches_the_published_loop_to_1e_7(cnn):
+  # The step counter and the path live in the images' dtype: float64 images reproduce the
+  # float64 loop (with a float32 counter some pixels drifted by up to 26% of the map's max).
+  # 100 steps: k / 100 is inexact in float32, unlike the k / 128 of the other tests.
+  model, variables, images, targets = cnn
+  with jax.enable_x64(True):
+    images64 = jnp.asarray(images, jnp.float64)
+    grad_fn = jax.jit(lambda x, index: common.input_gradients(
+        model, variables, jnp.asarray(x)[None], targets[index][None])[0])
+    maps = _jitted(integrated.guided_ig, model, num_steps=100)(variables, images64, targets,
+                                                               max_dist=0.02)
+    assert maps.dtype == jnp.float64
+    for index in range(images.shape[0]):
+      expected = _guided_ig_reference(functools.partial(grad_fn, index=index),
+                                      images64[index], np.zeros(images.shape[1:]), 100, 0.25,
+                                      0.02)
+      np.testing.assert_allclose(maps[index], expected, rtol=1e-7,
+                                 atol=1e-7 * np.abs(expected).max(), err_msg=f"image {index}")
+
+
+@pytest.mark.parametrize("max_dist", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("module, shape", [(SquaredProjection(), (4, 4, 1)),
+                                           (Quadratic(), (1, 2, 1))])
+def test_guided_ig_selects_as_the_published_loop_ties_included(module, shape, max_dist):
+  # Exact models in float64: the selected sets, ties included, and every step equal the loop's.
+  model = _wrap(module, shape, 1)
+  with jax.enable_x64(True):
+    images = jnp.asarray(np.random.default_rng(1).uniform(0.2, 1.0, (2, *shape)))
+    targets = jnp.ones(2, jnp.int32)
+    maps = _jitted(integrated.guided_ig, model, num_steps=20, baseline=0.1)(
+        {}, images, targets, max_dist=max_dist)
+    grad_fn = jax.jit(lambda x: common.input_gradients(model, {}, jnp.asarray(x)[None],
+                                                       targets[:1])[0])
+    for index in range(2):
+      expected = _guided_ig_reference(grad_fn, images[index], np.full(shape, 0.1), 20, 0.25,
+                                      max_dist)
+      np.testing.assert_allclose(maps[index], expected, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
 # Vanilla gradients and SmoothGrad.
 
 

@@ -13,7 +13,9 @@ Notation (S the target score of `common`, x the image, x' the baseline, phi the 
   lowers the L1 distance to x to (1 - t/N) ||x - x'||_1 by moving the fraction p of features
   with the smallest |dS/dx_i| (whatever their sign) towards x, each feature kept within
   a in [t/N - d, t/N + d] (d = max_dist) of the straight line, the anchors;
-  phi = sum_t dS(x^{t-1})/dx * (x^t - x^{t-1}).
+  phi = sum_t dS(x^{t-1})/dx * (x^t - x^{t-1}). The fraction p is numpy's 'lower' quantile of
+  the unbounded features' |dS/dx_i|, ties included, as in PAIR saliency, found as an exact order
+  statistic (a bisection over the float bit patterns) rather than by sorting.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ IG_METHODS = ("riemann_left", "riemann_right", "riemann_midpoint", "riemann_trap
 BASELINE_NAMES = ("zeros", "blurred", "random")
 BLUR_PADDINGS = ("constant", "reflect")
 BLUR_MAX_SIGMA = 50.0
+BISECTION_UNROLL = 8  # bisection steps per loop iteration of `kth_smallest`
 Baseline = str | float | int | jax.Array | np.ndarray
 MapsOrReport = jax.Array | tuple[jax.Array, dict[str, jax.Array]]
 
@@ -287,44 +290,103 @@ def _inner_iteration_limit(num_features: int, rank: int) -> int:
   return math.ceil(num_features / (rank + 1)) + 2
 
 
+def _sortable_bits(values: jax.Array) -> jax.Array:
+  """The bit patterns of non-negative floats (+inf included) as integers of the same width,
+  which order exactly as the values do."""
+  bits = jnp.finfo(values.dtype).bits
+  return jax.lax.bitcast_convert_type(values, jnp.int64 if bits == 64 else jnp.int32)
+
+
+def kth_smallest(values: jax.Array, index: jax.Array) -> jax.Array:
+  """np.sort(values)[index] of non-negative values [F] (+inf allowed); +inf when index >= F.
+
+  Exact, ties included, without sorting: a bisection over the values' bit patterns, one
+  count of the values below a candidate per bit (31 for float32, 63 for float64).
+  """
+  keys = _sortable_bits(values)
+  wanted = jnp.asarray(index).astype(keys.dtype) + 1
+  infinity = int(np.array(np.inf, values.dtype).view(np.dtype(keys.dtype)))
+
+  def halve(_, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    low, high = bounds                      # count(keys <= low) < wanted <= count(keys <= high)
+    middle = low + (high - low) // 2
+    enough = (keys <= middle).sum(dtype=keys.dtype) >= wanted
+    return jnp.where(enough, low, middle), jnp.where(enough, middle, high)
+
+  # Partly unrolled: the steps are tiny, so a rolled loop is mostly loop overhead, and a fully
+  # unrolled float64 bisection (63 steps) takes seconds to compile.
+  _, high = jax.lax.fori_loop(0, infinity.bit_length(), halve,
+                              (jnp.asarray(-1, keys.dtype), jnp.asarray(infinity, keys.dtype)),
+                              unroll=BISECTION_UNROLL)
+  return jax.lax.bitcast_convert_type(high, values.dtype)
+
+
+def _l1_reached(l1_current: jax.Array, l1_target: jax.Array) -> jax.Array:
+  """Whether the L1 distance has come down to its target (PAIR: math.isclose, 1e-9 relative
+  and absolute; float32 sums carry rounding of ~1e-6, so their relative tolerance is 8 eps)."""
+  relative = max(1e-9, 8 * float(jnp.finfo(l1_current.dtype).eps))
+  tolerance = jnp.maximum(relative * jnp.maximum(l1_current, l1_target), 1e-9)
+  return l1_current - l1_target <= tolerance
+
+
 def _guided_step(x: jax.Array, grad: jax.Array, x_input: jax.Array, x_baseline: jax.Array,
-                 alpha: jax.Array, *, fraction: float, max_dist: float) -> jax.Array:
-  """One Guided IG step of one image: the point x^t reached from x^{t-1} with gradient grad."""
+                 alpha: jax.Array, *, fraction: float, max_dist: float | jax.Array) -> jax.Array:
+  """One Guided IG step of one image: the point x^t reached from x^{t-1} with gradient grad.
+
+  The published loop's rounds, each moving the lower `fraction` quantile (numpy's 'lower'
+  method, ties included) of |grad| over the features not yet at the band's upper edge x_max,
+  with the quantile of round r taken directly as an order statistic of the step's ranking: the
+  features a round moves to x_max are exactly the smallest-ranked ones, so after rounds that
+  moved c features the next threshold is the (rank + c)-th smallest of the step's ranking.
+  """
+  dtype = x.dtype
   difference = x_input - x_baseline
   moving = difference != 0
+  max_dist = jnp.asarray(max_dist, dtype)
   alpha_min = jnp.maximum(alpha - max_dist, 0.0)
   alpha_max = jnp.minimum(alpha + max_dist, 1.0)
   x_min = x_baseline + difference * alpha_min
   x_max = x_baseline + difference * alpha_max
-  l1_total = jnp.abs(difference).sum()
-  l1_target = l1_total * (1.0 - alpha)
-  tolerance = 1e-6 * l1_total
-  rank = int(math.floor(fraction * (x.size - 1)))
-  abs_grad = jnp.abs(grad)  # ranked by magnitude: a negative gradient counts as its size
+  x_alpha = jnp.where(moving, (x - x_baseline) / jnp.where(moving, difference, 1.0), alpha_max)
+  x = jnp.where(x_alpha < alpha_min, x_min, x)     # anchors: nothing lags behind alpha_min
+  l1_target = jnp.abs(difference).sum() * (1.0 - alpha)
+  l1_current = jnp.abs(x - x_input).sum()
+  needed = l1_current - l1_target                  # the L1 distance this step must remove
+  # Ranked by magnitude (a negative gradient counts as its size); features already at their
+  # upper bound rank +inf and are never selected.
+  ranking = jnp.where(x == x_max, jnp.inf, jnp.abs(grad)).ravel()
+  selectable = ranking != jnp.inf
+  capacity = jnp.where(selectable, jnp.abs(x - x_max).ravel(), 0.0)
+  rank = int(math.floor(fraction * (x.size - 1)))  # np.quantile(..., fraction, 'lower')
 
-  def select(x: jax.Array) -> jax.Array:
-    bounded = x == x_max                          # at the band's upper edge: excluded
-    masked = jnp.where(bounded, jnp.inf, abs_grad)
-    threshold = jnp.sort(masked.ravel())[rank]    # the lower `fraction` quantile, as numpy
-    return (masked <= threshold) & ~bounded
-
-  def selection_round(state: tuple[jax.Array, jax.Array, jax.Array]):
-    x, _, rounds = state
-    x_alpha = jnp.where(moving, (x - x_baseline) / jnp.where(moving, difference, 1.0), alpha_max)
-    x = jnp.where(x_alpha < alpha_min, x_min, x)  # anchors: nothing lags behind alpha_min
-    l1_current = jnp.abs(x - x_input).sum()
-    reached = l1_current - l1_target <= tolerance
-    selected = select(x)
-    l1_selected = jnp.where(selected, jnp.abs(x - x_max), 0.0).sum()
-    gamma = jnp.where(l1_selected > 0, (l1_current - l1_target) / l1_selected, jnp.inf)
-    moved = jnp.where(gamma > 1.0, x_max, x + jnp.minimum(gamma, 1.0) * (x_max - x))
-    x = jnp.where(selected & ~reached, moved, x)
-    return x, reached | (gamma <= 1.0), rounds + 1
+  def selection_round(state: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    moved_count, saturated, saturated_capacity, _, _, _, rounds = state
+    threshold = kth_smallest(ranking, rank + moved_count)
+    chosen = (ranking <= threshold) & selectable
+    chosen_capacity = jnp.where(chosen, capacity, 0.0).sum()
+    chosen_count = chosen.sum(dtype=jnp.int32)
+    enough = chosen_capacity >= needed           # gamma <= 1: this round is the last
+    stuck = chosen_count == moved_count          # nothing left to move (all at x_max)
+    go_on = ~enough & ~stuck
+    return (jnp.where(go_on, chosen_count, moved_count),
+            jnp.where(go_on, threshold, saturated),
+            jnp.where(go_on, chosen_capacity, saturated_capacity),
+            threshold, chosen_capacity, ~go_on, rounds + 1)
 
   limit = _inner_iteration_limit(x.size, rank)
-  x, _, _ = jax.lax.while_loop(lambda state: ~state[1] & (state[2] < limit), selection_round,
-                               (x, jnp.asarray(False), jnp.asarray(0)))
-  return x
+  no_threshold = jnp.asarray(-jnp.inf, dtype)
+  initial = (jnp.asarray(0, jnp.int32), no_threshold, jnp.asarray(0.0, dtype), no_threshold,
+             jnp.asarray(0.0, dtype), _l1_reached(l1_current, l1_target), jnp.asarray(0))
+  _, saturated, saturated_capacity, last, last_capacity, _, _ = jax.lax.while_loop(
+      lambda state: ~state[5] & (state[6] < limit), selection_round, initial)
+  ranking = ranking.reshape(x.shape)
+  to_bound = (ranking <= saturated) & (ranking != jnp.inf)
+  part_way = (ranking <= last) & (ranking != jnp.inf) & ~to_bound
+  extra = last_capacity - saturated_capacity
+  gamma = jnp.where(extra > 0, (needed - saturated_capacity) / jnp.where(extra > 0, extra, 1.0),
+                    1.0)
+  gamma = jnp.minimum(gamma, 1.0)
+  return jnp.where(to_bound, x_max, jnp.where(part_way, x + gamma * (x_max - x), x))
 
 
 def guided_ig(model: base.Classifier, variables: base.Variables, images: jax.Array,
@@ -333,9 +395,11 @@ def guided_ig(model: base.Classifier, variables: base.Variables, images: jax.Arr
               blur_sigma: float = BLUR_MAX_SIGMA, return_gap: bool = False) -> MapsOrReport:
   """Guided IG maps [B, H, W, C] (and the completeness report when return_gap).
 
-  Completeness is approximate on ReLU networks: picking the features of smallest |gradient|
-  steers the path onto ReLU kinks, where the gradient taken at the start of a step misses the
-  change across the kink. The gap grows with max_dist and shrinks only slowly with num_steps.
+  The step counter and every path quantity are in the images' dtype (float64 images under
+  jax_enable_x64 reproduce the published float64 loop). Completeness is approximate on ReLU
+  networks: picking the features of smallest |gradient| steers the path onto ReLU kinks, where
+  the gradient taken at the start of a step misses the change across the kink. The gap grows
+  with max_dist and shrinks only slowly with num_steps.
   """
   common.check_positive("num_steps", num_steps)
   if not 0.0 < fraction <= 1.0:
@@ -344,17 +408,18 @@ def guided_ig(model: base.Classifier, variables: base.Variables, images: jax.Arr
     raise ValueError(f"max_dist must lie in [0, 1]; got {max_dist}.")
   targets = common.resolve_targets(model, variables, images, targets)
   baselines = resolve_baseline(images, baseline, key=key, blur_sigma=blur_sigma)
+  dtype = images.dtype
   step = jax.vmap(lambda x, grad, x_input, x_baseline, alpha: _guided_step(
       x, grad, x_input, x_baseline, alpha, fraction=fraction, max_dist=max_dist),
       in_axes=(0, 0, 0, 0, None))
 
   def advance(state: tuple[jax.Array, jax.Array], t: jax.Array):
     x, attributions = state
-    grads = common.input_gradients(model, variables, x, targets)
-    alpha = (t + 1.0) / num_steps
+    grads = common.input_gradients(model, variables, x, targets).astype(dtype)
+    alpha = (t + 1).astype(dtype) / num_steps
     x_next = step(x, grads, images, baselines, alpha)
     return (x_next, attributions + (x_next - x) * grads), None
 
   initial = (baselines, jnp.zeros_like(images))
-  (_, attributions), _ = jax.lax.scan(advance, initial, jnp.arange(num_steps, dtype=jnp.float32))
+  (_, attributions), _ = jax.lax.scan(advance, initial, jnp.arange(num_steps))
   return _with_gap(model, variables, images, baselines, targets, attributions, return_gap)
