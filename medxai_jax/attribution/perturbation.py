@@ -135,6 +135,14 @@ def _chunked_map(fn, num_items: int, chunk_size: int) -> jax.Array:
   return outputs.reshape((num_chunks * chunk_size,) + outputs.shape[2:])[:num_items]
 
 
+def _resolve_baseline(images: jax.Array, baseline: integrated.Baseline) -> jax.Array:
+  """Baseline images [B, H, W, C]: a number or rank-0 array fills them, anything else goes to
+  `integrated.resolve_baseline`."""
+  if not isinstance(baseline, str) and jnp.ndim(baseline) == 0:
+    return jnp.full_like(images, baseline)
+  return integrated.resolve_baseline(images, baseline)
+
+
 def occlusion(model: base.Classifier, variables: base.Variables, images: jax.Array,
               targets: common.Targets, *, window: Window, strides: Window = 1,
               baseline: integrated.Baseline = 0.0, chunk_size: int = 16) -> jax.Array:
@@ -148,7 +156,7 @@ def occlusion(model: base.Classifier, variables: base.Variables, images: jax.Arr
   targets = common.resolve_targets(model, variables, images, targets)
   rows_h, rows_w, rows_c = occlusion_indicators(images.shape[1:], window, strides)
   coverage = occlusion_coverage(images.shape[1:], window, strides)
-  baselines = integrated.resolve_baseline(images, baseline)
+  baselines = _resolve_baseline(images, baseline)
   counts = (len(rows_h), len(rows_w), len(rows_c))
   scores = common.score_fn(model, variables)
   table_h, table_w, table_c = (jnp.asarray(rows) for rows in (rows_h, rows_w, rows_c))
