@@ -392,3 +392,51 @@ def test_registered_in_explain_with_the_options(cnn):
       model, variables, images, targets, key=jax.random.fold_in(key, 1), num_masks=8,
       cell_size=4), rtol=1e-5, atol=1e-6)
   assert info["rise"]["seconds_per_image"] > 0
+
+
+@pytest.mark.slow
+def test_occlusion_matches_captum_on_a_real_chest_xray_with_a_ported_densenet(tmp_path):
+  """A real 8-bit chest X-ray (COVID-19 Radiography Database, Normal) at 48x48, a torchvision
+  DenseNet with random weights ported by `porting.port_torchvision`: occlusion with cut border
+  windows ((48 - 8) % 6 != 0) agrees with Captum to the porting tolerance."""
+  torch = _oracle("torch")
+  torchvision = _oracle("torchvision")
+  captum_attr = _oracle("captum.attr")
+  import real_data
+  from PIL import Image
+  from medxai_jax.models import densenet
+  from medxai_jax.models import porting
+  copy = real_data.copy_real("covid/COVID-19_Radiography_Dataset", tmp_path / "covid",
+                             keep=["Normal/images/Normal-1.jpg"])
+  side = 48
+  with Image.open(copy / "Normal/images/Normal-1.jpg") as image:
+    gray = np.asarray(image.convert("L").resize((side, side), Image.BILINEAR), np.float32) / 255
+  images = np.repeat(((gray - 0.5) / 0.25)[None, :, :, None], 3, axis=-1)
+  torch.manual_seed(0)
+  net = torchvision.models.DenseNet(growth_rate=8, block_config=(1, 1, 1, 1),
+                                    num_init_features=16, num_classes=2).eval()
+  torch.save(net.state_dict(), tmp_path / "densenet.pth")
+  model = densenet.densenet(num_outputs=2, head="softmax", input_shape=(side, side, 3),
+                            block_sizes=(1, 1, 1, 1), growth_rate=8, stem_width=16,
+                            bn_epsilon=porting.BN_EPSILON["torchvision"])
+  variables, report = porting.port_torchvision(model, jax.jit(model.init)(jax.random.key(0)),
+                                               str(tmp_path / "densenet.pth"))
+  assert report.kept_from_init == ["classifier/predictions"]  # a 2-class head is not ported
+  params = dict(variables["params"])
+  params["classifier"] = {**params["classifier"], "predictions": {
+      "kernel": jnp.asarray(net.classifier.weight.detach().numpy().T),
+      "bias": jnp.asarray(net.classifier.bias.detach().numpy())}}
+  variables = {**variables, "params": params}
+  nchw = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+  with torch.no_grad():
+    np.testing.assert_allclose(net(nchw).numpy(), jax.jit(model.logits)(variables, images),
+                               atol=1e-4)
+    expected = captum_attr.Occlusion(net).attribute(
+        nchw, sliding_window_shapes=(3, 8, 8), strides=(3, 6, 6), baselines=0.0, target=1,
+        perturbations_per_eval=16).numpy().transpose(0, 2, 3, 1)
+  ours = jax.jit(lambda v, x: perturbation.occlusion(model, v, x, jnp.asarray([1]), window=8,
+                                                     strides=6, chunk_size=16))(
+      variables, jnp.asarray(images))
+  scale = float(np.abs(expected).max())
+  assert scale > 0
+  np.testing.assert_allclose(ours, expected, atol=1e-4 * scale)
