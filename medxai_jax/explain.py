@@ -46,9 +46,10 @@ class ExplainOptions:
   occlusion_window: int = 16
   occlusion_stride: int = 8
   occlusion_baseline: float = 0.0
-  # RISE: masks, grid cell size (pixels) and probability of keeping a cell.
+  # RISE: masks, grid cells along the image's shorter side (the paper's s = 7; the cell size
+  # is ceil(min(H, W) / rise_grid) pixels) and probability of keeping a cell.
   rise_masks: int = 1000
-  rise_cell_size: int = 32
+  rise_grid: int = 7
   rise_p_keep: float = 0.5
 
 
@@ -111,7 +112,8 @@ def _occlusion(model, variables, images, targets, key, options):
 
 def _rise(model, variables, images, targets, key, options):
   return perturbation.rise(model, variables, images, targets, key=key,
-                           num_masks=options.rise_masks, cell_size=options.rise_cell_size,
+                           num_masks=options.rise_masks,
+                           cell_size=perturbation.grid_cell_size(images.shape, options.rise_grid),
                            p_keep=options.rise_p_keep, chunk_size=options.chunk_size)
 
 

@@ -381,7 +381,8 @@ def test_the_input_contract_is_enforced(name, cnn):
 def test_registered_in_explain_with_the_options(cnn):
   model, variables, images = cnn
   options = explain.ExplainOptions(occlusion_window=4, occlusion_stride=2, rise_masks=8,
-                                   rise_cell_size=4, chunk_size=3)
+                                   rise_grid=5, chunk_size=3)
+  assert perturbation.grid_cell_size(images.shape, 5) == 3  # ceil(12 / 5)
   targets = jnp.asarray([0, 1])
   key = jax.random.key(12)
   maps, info = explain.run_methods(model, variables, images, targets, ["occlusion", "rise"],
@@ -390,7 +391,7 @@ def test_registered_in_explain_with_the_options(cnn):
       model, variables, images, targets, window=4, strides=2), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(maps["rise"], perturbation.rise(
       model, variables, images, targets, key=jax.random.fold_in(key, 1), num_masks=8,
-      cell_size=4), rtol=1e-5, atol=1e-6)
+      cell_size=3), rtol=1e-5, atol=1e-6)
   assert info["rise"]["seconds_per_image"] > 0
 
 

@@ -192,6 +192,13 @@ def _check_rise_options(num_masks: int, cell_size: int, p_keep: float) -> None:
                      f"got {p_keep!r}.")
 
 
+def grid_cell_size(image_shape: Sequence[int], grid: int) -> int:
+  """RISE cell size in pixels for `grid` cells along the shorter side of [B, H, W, C] images
+  (the paper's s x s grid, s = 7 on 224-pixel images)."""
+  common.check_positive("grid", grid)
+  return -(-min(int(image_shape[1]), int(image_shape[2])) // grid)
+
+
 def rise_mask(key: jax.Array, height: int, width: int, cell_size: int, p_keep: float
               ) -> jax.Array:
   """One RISE mask [height, width] in [0, 1]: Bernoulli(p_keep) cells of cell_size pixels,
