@@ -23,6 +23,7 @@ from medxai_jax.attribution import common
 from medxai_jax.attribution import crm
 from medxai_jax.attribution import gradients
 from medxai_jax.attribution import integrated
+from medxai_jax.attribution import perturbation
 from medxai_jax.attribution import xrai
 from medxai_jax.data import pipeline
 from medxai_jax.models import base
@@ -41,6 +42,15 @@ class ExplainOptions:
   steps: int = 64
   samples: int = 32
   chunk_size: int = 16
+  # Occlusion: a square window spanning every channel, slid with this stride (pixels).
+  occlusion_window: int = 16
+  occlusion_stride: int = 8
+  occlusion_baseline: float = 0.0
+  # RISE: masks, grid cells along the image's shorter side (the paper's s = 7; the cell size
+  # is ceil(min(H, W) / rise_grid) pixels) and probability of keeping a cell.
+  rise_masks: int = 1000
+  rise_grid: int = 7
+  rise_p_keep: float = 0.5
 
 
 def _gradients(model, variables, images, targets, key, options):
@@ -91,6 +101,22 @@ def _fast_xrai(model, variables, images, targets, key, options):
   return xrai.fast_xrai(model, variables, images, targets, num_steps=options.steps)
 
 
+def _occlusion(model, variables, images, targets, key, options):
+  del key
+  return perturbation.occlusion(model, variables, images, targets,
+                                window=options.occlusion_window,
+                                strides=options.occlusion_stride,
+                                baseline=options.occlusion_baseline,
+                                chunk_size=options.chunk_size)
+
+
+def _rise(model, variables, images, targets, key, options):
+  return perturbation.rise(model, variables, images, targets, key=key,
+                           num_masks=options.rise_masks,
+                           cell_size=perturbation.grid_cell_size(images.shape, options.rise_grid),
+                           p_keep=options.rise_p_keep, chunk_size=options.chunk_size)
+
+
 def _crm(model, variables, images, targets, key, options):
   del targets, key, options  # CRM sums over every class score (004, eq. 6)
   return crm.crm(model, variables, images)
@@ -108,6 +134,8 @@ METHODS: dict[str, MethodFn] = {
     "cam": _cam,
     "grad_cam": _grad_cam,
     "crm": _crm,
+    "occlusion": _occlusion,
+    "rise": _rise,
 }
 # Methods with a host-side part (XRAI's segmentation, CRM's numerical head check): called as
 # they are (their device parts are jitted inside); the others are jitted whole here.
