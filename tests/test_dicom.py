@@ -4,7 +4,6 @@ DICOMs of torchxrayvision's tests, and of DICOM class folders through medical_mo
 from __future__ import annotations
 
 import importlib.util
-import io
 
 import numpy as np
 import pydicom
