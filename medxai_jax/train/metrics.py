@@ -400,6 +400,13 @@ def classification_metrics(
     logit_values, threshold
   )
   _check_class_range(label_indices, "labels", num_classes)
+  return _summary(label_indices, predictions, ranking_scores, num_classes)
+
+
+def _summary(label_indices: np.ndarray, predictions: np.ndarray, ranking_scores: np.ndarray,
+             num_classes: int) -> dict[str, object]:
+  """The summary of predictions and ranking scores (class-1 scores [N] when binary, [N,K]
+  otherwise) against labels: what `classification_metrics` and `probability_metrics` return."""
   confusion = confusion_matrix(label_indices, predictions, num_classes)
   is_binary = num_classes == 2
   precision, recall, f1 = precision_recall_f1(confusion, "binary" if is_binary else "macro")
@@ -452,24 +459,7 @@ def probability_metrics(
     predictions = (values[:, 1] >= threshold).astype(np.int64)
   else:
     predictions = np.argmax(values, axis=1).astype(np.int64)
-  confusion = confusion_matrix(label_indices, predictions, num_classes)
-  precision, recall, f1 = precision_recall_f1(confusion, "binary" if is_binary else "macro")
-  auc = roc_auc(label_indices, values[:, 1]) if is_binary else roc_auc_ovr(label_indices, values)
-  summary: dict[str, object] = {
-    "num_examples": int(label_indices.size),
-    "num_classes": int(num_classes),
-    "accuracy": accuracy(label_indices, predictions),
-    "precision": precision,
-    "recall": recall,
-    "f1": f1,
-    "cohen_kappa": cohen_kappa(confusion),
-    "mcc": matthews_corrcoef(confusion),
-    "roc_auc": float(auc),
-    "confusion_matrix": confusion.tolist(),
-  }
-  if is_binary:
-    summary.update(_binary_rates(confusion))
-  return summary
+  return _summary(label_indices, predictions, values[:, 1] if is_binary else values, num_classes)
 
 
 def probabilities_from_logits(logits: np.ndarray) -> np.ndarray:
