@@ -169,10 +169,6 @@ def duplicate_groups(relative_paths: list[str], hashes: list[str]) -> list[list[
 class BrainTumorKaggle(ManualImageBuilder):
   """Kaggle brain MRI slices: glioma, meningioma, no tumour, pituitary (folder release)."""
 
-  # The mask feature localisation scores compare maps with (None: no such mask), and the
-  # shortcut-marker mask (None: none); see `builders.mask_keys`.
-  LOCALISATION_MASK_KEY: str | None = None
-  MARKER_MASK_KEY: str | None = None
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {
     "1.0.0": "Initial release.",

@@ -274,10 +274,7 @@ def intensity_to_unit(image: np.ndarray) -> np.ndarray:
 class BrainTumorMri(ManualImageBuilder):
   """T1-weighted CE-MRI slices of meningioma, glioma and pituitary tumours, with tumour masks."""
 
-  # The mask feature localisation scores compare maps with (None: no such mask), and the
-  # shortcut-marker mask (None: none); see `builders.mask_keys`.
-  LOCALISATION_MASK_KEY: str | None = "tumor_mask"
-  MARKER_MASK_KEY: str | None = None
+  LOCALISATION_MASK_KEY = "tumor_mask"  # see ManualImageBuilder
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = _CONFIGS

@@ -461,6 +461,11 @@ class ManualImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
   """Base of the manual-download builders: each split is a list of items and a function that
   turns one item into an example (run on threads, in order, under the corrupt-image policy)."""
 
+  # The mask feature localisation scores compare maps with (None: no such mask), and the
+  # shortcut-marker mask (None: none); see `builders.mask_keys`. Subclasses set theirs.
+  LOCALISATION_MASK_KEY: str | None = None
+  MARKER_MASK_KEY: str | None = None
+
   def _image_info(self, features: Mapping[str, tfds.features.FeatureConnector],
                   **fields: Any) -> tfds.core.DatasetInfo:
     """DatasetInfo with what every manual builder needs: supervised ('image', 'label') pairs,

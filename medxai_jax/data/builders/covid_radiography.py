@@ -174,10 +174,7 @@ def _find_child(folder: pathlib.Path, name: str, suffix: str = "") -> pathlib.Pa
 class CovidRadiography(ManualImageBuilder):
   """Chest radiographs: COVID-19, lung opacity, normal (and viral pneumonia), with lung masks."""
 
-  # The mask feature localisation scores compare maps with (None: no such mask), and the
-  # shortcut-marker mask (None: none); see `builders.mask_keys`.
-  LOCALISATION_MASK_KEY: str | None = "lung_mask"
-  MARKER_MASK_KEY: str | None = None
+  LOCALISATION_MASK_KEY = "lung_mask"  # see ManualImageBuilder
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {
     "1.0.0": "Initial release.",

@@ -171,10 +171,6 @@ def config_from_folder(folder: str | os.PathLike, **fields: Any) -> ModalityFold
 class MedicalModalities(ManualImageBuilder):
   """Medical images labelled by modality, one subfolder per class (004's seven by default)."""
 
-  # The mask feature localisation scores compare maps with (None: no such mask), and the
-  # shortcut-marker mask (None: none); see `builders.mask_keys`.
-  LOCALISATION_MASK_KEY: str | None = None
-  MARKER_MASK_KEY: str | None = None
   VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {
     "1.0.0": "Initial release.",

@@ -191,10 +191,6 @@ def read_listing(root: pathlib.Path, split: str) -> list[MuraImage]:
 class Mura(ManualImageBuilder):
   """MURA v1.1: 40,561 upper-extremity radiographs in 14,863 studies labelled normal/abnormal."""
 
-  # The mask feature localisation scores compare maps with (None: no such mask), and the
-  # shortcut-marker mask (None: none); see `builders.mask_keys`.
-  LOCALISATION_MASK_KEY: str | None = None
-  MARKER_MASK_KEY: str | None = None
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {
     "1.0.0": "Initial release.",

@@ -280,10 +280,7 @@ def source_folder(manual: pathlib.Path, source: str) -> pathlib.Path:
 class TbCxr(ManualImageBuilder):
   """Montgomery County and Shenzhen chest radiographs labelled normal or tuberculosis."""
 
-  # The mask feature localisation scores compare maps with (None: no such mask), and the
-  # shortcut-marker mask (None: none); see `builders.mask_keys`.
-  LOCALISATION_MASK_KEY: str | None = "lung_mask"
-  MARKER_MASK_KEY: str | None = None
+  LOCALISATION_MASK_KEY = "lung_mask"  # see ManualImageBuilder
   VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {
     "1.0.0": "Initial release.",
