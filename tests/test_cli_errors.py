@@ -307,10 +307,12 @@ def test_every_method_takes_model_variables_images_targets_key_options():
   variables = jax.jit(model.init)(jax.random.key(0))
   images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 1))
   targets = jnp.asarray([0, 2], jnp.int32)
-  options = explain.ExplainOptions(steps=4, samples=2, chunk_size=4)
+  options = explain.ExplainOptions(steps=4, samples=2, chunk_size=4, occlusion_window=4,
+                                   occlusion_stride=4, rise_masks=8)
   batch, height, width, channels = images.shape
   assert set(explain.METHODS) == {"gradients", "smoothgrad", "ig", "blur_ig", "guided_ig",
-                                  "xrai", "fast_xrai", "cam", "grad_cam", "crm"}
+                                  "xrai", "fast_xrai", "cam", "grad_cam", "crm", "occlusion",
+                                  "rise"}
   all_maps = {}
   for name, method in explain.METHODS.items():
     maps = np.asarray(method(model, variables, images, targets, jax.random.key(2), options))
