@@ -97,6 +97,23 @@ def _assert_same_states(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def _run_until_killed(script: str) -> None:
+  """Runs a training script in a child process that SIGKILLs itself."""
+  child = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+  assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+
+
+def _assert_resumes_as_uninterrupted(config, reference, result, workdir, *, every_steps=0):
+  """Resuming `workdir` ends with the uninterrupted `reference` run's state, history and test."""
+  resumed_config = copy.deepcopy(config)
+  resumed_config.checkpoint.every_steps = every_steps
+  resumed = loop.train_and_evaluate(resumed_config, workdir)
+  _assert_same_states(_latest_state(config, reference, 2), _latest_state(config, workdir, 2))
+  assert _history(workdir) == _history(reference)
+  assert resumed["test"] == result["test"]
+
+
 def _snapshot(workdir):
   """Bytes and mtime of every file of a run but its lock file."""
   snapshot = {}
@@ -288,16 +305,9 @@ def test_every_steps_checkpoint_resumes_bit_identically_after_a_kill(
             f"config = test_run_safety.tiny_config({data_dir!r})\n"
             "config.checkpoint.every_steps = 3\n"
             f"loop.train_and_evaluate(config, {workdir!r})\n")
-  child = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
-  assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+  _run_until_killed(script)
   assert os.listdir(checkpoint_dir) == ["7"]
-  resumed_config = copy.deepcopy(config)
-  resumed_config.checkpoint.every_steps = 3
-  resumed = loop.train_and_evaluate(resumed_config, workdir)
-  _assert_same_states(_latest_state(config, reference, 2), _latest_state(config, workdir, 2))
-  assert _history(workdir) == _history(reference)
-  assert resumed["test"] == result["test"]
+  _assert_resumes_as_uninterrupted(config, reference, result, workdir, every_steps=3)
 
 
 def test_bad_every_steps_is_refused(data_dir):
@@ -381,14 +391,7 @@ def test_a_kill_during_a_checkpoint_write_resumes_bit_identically(
             f"config = test_run_safety.tiny_config({data_dir!r})\n"
             "config.checkpoint.every_steps = 3\n"
             f"loop.train_and_evaluate(config, {workdir!r})\n")
-  child = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
-  assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+  _run_until_killed(script)
   written = os.listdir(os.path.join(workdir, "checkpoints", manager_name))
   assert str(step) not in written, written  # killed before orbax finalised it
-  resumed_config = copy.deepcopy(config)
-  resumed_config.checkpoint.every_steps = 3
-  resumed = loop.train_and_evaluate(resumed_config, workdir)
-  _assert_same_states(_latest_state(config, reference, 2), _latest_state(config, workdir, 2))
-  assert _history(workdir) == _history(reference)
-  assert resumed["test"] == result["test"]
+  _assert_resumes_as_uninterrupted(config, reference, result, workdir, every_steps=3)
