@@ -23,17 +23,6 @@ from skimage import transform  # noqa: E402
 from medxai_jax.viz import figures  # noqa: E402
 
 
-def _gray(image: np.ndarray) -> np.ndarray:
-  """[H, W] or [H, W, C] image -> [H, W] float in [0, 1] (channel mean, min-max scaled)."""
-  image = np.asarray(image, np.float64)
-  if image.ndim == 3:
-    image = image.mean(axis=-1)
-  if image.ndim != 2:
-    raise ValueError(f"image must be [H, W] or [H, W, C]; got shape {image.shape}.")
-  low, high = image.min(), image.max()
-  return (image - low) / (high - low) if high > low else np.zeros_like(image)
-
-
 def resize_to(saliency: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """Bilinear resize of one map [h, w] to `size` (no-op when it already has that size)."""
   saliency = np.asarray(saliency, np.float64)
@@ -60,7 +49,7 @@ def overlay_image(image: np.ndarray, saliency: np.ndarray, *, threshold: float =
   `saliency` may be at feature resolution; it is bilinearly resized to the image's H x W, and
   pixels under the threshold stay the plain image (transparent heat map, 002 fig. 3 / 004 fig. 5).
   """
-  gray = _gray(image)
+  gray = figures.display_image(image)
   heat = threshold_map(saliency, gray.shape, threshold)
   colours = matplotlib.colormaps[cmap](heat.filled(0.0))[..., :3]
   weight = np.where(np.ma.getmaskarray(heat), 0.0, alpha)[..., None]
@@ -108,7 +97,7 @@ def plot_layer_activations(image: np.ndarray, grids: Mapping[str, np.ndarray], p
   panels = (1 if cam_map is None else 2) + len(grids)
   fig = plt.figure(figsize=(2.3 * panels, 2.6))
   outer = fig.add_gridspec(1, panels, wspace=0.15)
-  gray = _gray(image)
+  gray = figures.display_image(image)
   ax = fig.add_subplot(outer[0])
   ax.imshow(gray, cmap="gray")
   ax.set_title("input", fontsize=8)
@@ -170,7 +159,7 @@ def plot_channel_overlays(images: np.ndarray, channel_maps: np.ndarray, path: st
     raise ValueError(f"{len(images)} images but {len(channel_maps)} channel maps.")
   fig, axes = plt.subplots(2, len(images), figsize=(1.9 * len(images), 4.0), squeeze=False)
   for column, (image, channel_map) in enumerate(zip(images, channel_maps)):
-    axes[0, column].imshow(_gray(image), cmap="gray")
+    axes[0, column].imshow(figures.display_image(image), cmap="gray")
     axes[1, column].imshow(overlay_image(image, channel_map, threshold=threshold, cmap=cmap,
                                          alpha=alpha))
     if channels is not None:

@@ -217,13 +217,13 @@ def overlay_rgba(strength: np.ndarray, *, cmap: str = "jet", alpha_max: float = 
   return rgba
 
 
-def _display_image(image: np.ndarray) -> np.ndarray:
-  """[H,W], [H,W,1] or [H,W,3] pixels as a [H,W] gray image in [0, 1] (min-max, colour averaged)."""
+def display_image(image: np.ndarray) -> np.ndarray:
+  """[H,W] or [H,W,C] pixels as a [H,W] gray image in [0, 1] (channels averaged, min-max)."""
   image = np.asarray(image, np.float64)
   if image.ndim == 3:
     image = image.mean(axis=-1)
   if image.ndim != 2:
-    raise ValueError(f"An image must be [H, W], [H, W, 1] or [H, W, 3]; got {image.shape}.")
+    raise ValueError(f"An image must be [H, W] or [H, W, C]; got shape {image.shape}.")
   low, high = float(image.min()), float(image.max())
   return (image - low) / (high - low) if high > low else np.zeros_like(image)
 
@@ -274,7 +274,7 @@ def plot_overlay_grid(images: np.ndarray, maps_by_method: Mapping[str, np.ndarra
   fig, axes = plt.subplots(count, columns, figsize=(cell * columns + 0.9, cell * count + 0.5),
                            squeeze=False)
   for row in range(count):
-    gray = _display_image(images[row])
+    gray = display_image(images[row])
     height, width = gray.shape
     axes[row, 0].imshow(gray, cmap="gray", vmin=0, vmax=1, interpolation="lanczos")
     if masks is not None and np.asarray(masks[row]).squeeze().shape != (height, width):
