@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medxai_jax.attribution import api
+
 Variables = Mapping[str, Any]
 
 # Generic tap names every architecture maps onto its own layers.
@@ -168,6 +170,28 @@ class Classifier:
 
     return activation, rest
 
+  def logits_fn(self, variables: Variables) -> api.LogitsFn:
+    """The attribution contract's view of the model: images -> inference logits."""
+    return lambda images: self.logits(variables, images)
+
+  def split(self, variables: Variables, tap: str = "last_conv") -> api.Split:
+    """The model cut at `tap` (a name or generic alias) as an `api.Split`.
+
+    At 'last_conv' the head is the model's own head; at an inner tap it is the network re-run
+    from the images with the tap's activation replaced (`logits_with_tap_delta`).
+    """
+    name = self.resolve_tap(tap)
+    features = lambda images: self.features(variables, images, name)
+    if name == self.resolve_tap("last_conv"):
+      return api.Split(features=features,
+                       head=lambda activation, images: self.head(variables, activation))
+
+    def head(activation: jax.Array, images: jax.Array) -> jax.Array:
+      delta = activation - jax.lax.stop_gradient(features(images))
+      return self.logits_with_tap_delta(variables, images, name, delta)
+
+    return api.Split(features=features, head=head)
+
   def train_apply(self, variables: Variables, images: jax.Array, dropout_rng: jax.Array
                   ) -> tuple[jax.Array, dict[str, Any]]:
     """Training-mode logits and the updated mutable collections (e.g. batch_stats)."""
@@ -178,11 +202,8 @@ class Classifier:
     return logits, dict(updates)
 
 
-def predicted_classes(logits: jax.Array) -> jax.Array:
-  """Predicted class per row: logit >= 0 for one logit, argmax otherwise."""
-  if logits.shape[-1] == 1:
-    return (logits[:, 0] >= 0).astype(jnp.int32)
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+# Predicted class per row: logit >= 0 for one logit, argmax otherwise.
+predicted_classes = api.predicted_classes
 
 
 def parameter_count(variables: Variables) -> int:
