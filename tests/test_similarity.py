@@ -554,3 +554,135 @@ def test_compare_layers_binary_writes_matrix_and_heat_map(tmp_path):
       np.array([[float(v) for v in line.split(",")[1:]] for line in lines[1:]]), matrix,
       atol=1e-6)
   assert (tmp_path / "out" / "similarity_minibatch_cka.png").stat().st_size > 0
+
+
+# --- Reference conventions (issue 16): the CKA Colab and google/svcca. ------------------------
+
+
+def colab_gram_rbf(x, threshold):
+  """The CKA Colab's steps: median of the full n x n squared-distance matrix, diagonal included."""
+  dots = x @ x.T
+  sq_norms = np.diag(dots)
+  sq_distances = sq_norms[:, None] + sq_norms[None, :] - 2 * dots
+  return np.exp(-sq_distances / (2 * threshold ** 2 * np.median(sq_distances)))
+
+
+def colab_mean_squared_cca(x, y):
+  """The CKA Colab's `cca`: QR of the raw (uncentred) features, ||Qx^T Qy||_F^2 / min(d)."""
+  qx, _ = np.linalg.qr(x)
+  qy, _ = np.linalg.qr(y)
+  return np.linalg.norm(qx.T @ qy) ** 2 / min(x.shape[1], y.shape[1])
+
+
+def svcca_reference_coefficients(x, y, epsilon):
+  """google/svcca get_cca_similarity's steps on [n, d] layers: np.cov (centred), covariances
+  scaled by their largest |entry|, features below epsilon dropped, + epsilon I, pinv, eigh
+  square roots, SVD."""
+  dx = x.shape[1]
+  cov = np.cov(x.T, y.T)
+  sxx, sxy, syy = cov[:dx, :dx], cov[:dx, dx:], cov[dx:, dx:]
+  xmax, ymax = np.abs(sxx).max(), np.abs(syy).max()
+  sxx, syy, sxy = sxx / xmax, syy / ymax, sxy / np.sqrt(xmax * ymax)
+  keep_x, keep_y = np.abs(np.diag(sxx)) >= epsilon, np.abs(np.diag(syy)) >= epsilon
+  sxx, syy, sxy = sxx[np.ix_(keep_x, keep_x)], syy[np.ix_(keep_y, keep_y)], sxy[np.ix_(keep_x,
+                                                                                       keep_y)]
+
+  def sqrt_psd(a):
+    w, v = np.linalg.eigh(a)
+    return v @ np.diag(np.sqrt(w)) @ v.T
+
+  inv_x = sqrt_psd(np.linalg.pinv(sxx + epsilon * np.eye(len(sxx))))
+  inv_y = sqrt_psd(np.linalg.pinv(syy + epsilon * np.eye(len(syy))))
+  return np.abs(np.linalg.svd(inv_x @ sxy @ inv_y, compute_uv=False))
+
+
+def colab_demo_data():
+  """The Colab's inputs: np.random.seed(1337); X = randn(100, 10); Y = randn(100, 10) + X."""
+  rng = np.random.RandomState(1337)
+  x = rng.randn(100, 10)
+  return x, rng.randn(100, 10) + x
+
+
+def test_published_cka_colab_numbers_are_reproduced_with_the_reference_options():
+  x, y = colab_demo_data()
+  with jax.enable_x64(True):
+    # Printed in the Colab's outputs (5 decimals).
+    assert round(float(jit(sim.linear_cka)(x, y)), 5) == 0.55761
+    assert round(float(jit(sim.debiased_linear_cka)(x, y)), 5) == 0.51346
+    assert round(float(jit(sim.rbf_cka, sigma_fraction=0.5, rbf_median="all")(x, y)), 5) == 0.65483
+    assert round(float(jit(sim.mean_squared_cca, centre=False)(x, y)), 5) == 0.54312
+    # The defaults are other conventions, and the difference shows at the published precision.
+    assert abs(float(jit(sim.rbf_cka, sigma_fraction=0.5)(x, y)) - 0.65483) > 5e-4
+    assert abs(float(jit(sim.mean_squared_cca)(x, y)) - 0.54312) > 1e-3
+
+
+def test_rbf_median_all_matches_the_colab_gram_and_masks_select_a_subset():
+  with jax.enable_x64(True):
+    x = gaussian(50, 10, 4) + 2.0  # 45 distinct pairs: an odd count, one middle value
+    gram_all = jit(sim.gram_rbf, sigma_fraction=0.7, rbf_median="all")
+    np.testing.assert_allclose(gram_all(x), colab_gram_rbf(x, 0.7), rtol=1e-9, atol=1e-12)
+    # The default is the median over distinct pairs (the existing naive reference).
+    np.testing.assert_allclose(jit(sim.gram_rbf, sigma_fraction=0.7)(x),
+                               naive_rbf_gram(x, 0.7), rtol=1e-9)
+    mask = np.array([1, 0, 1, 1, 1, 0, 1, 1, 1, 1], bool)
+    masked = np.asarray(gram_all(x, mask=jnp.asarray(mask)))
+    sub = np.flatnonzero(mask)
+    np.testing.assert_allclose(masked[np.ix_(sub, sub)], colab_gram_rbf(x[sub], 0.7), rtol=1e-9,
+                               atol=1e-12)
+    # rbf_cka and the streaming update take the option through.
+    y = gaussian(51, 10, 3)
+    k, l = colab_gram_rbf(x, 0.5), colab_gram_rbf(y, 0.5)
+    expected = naive_hsic_unbiased_closed_form(k, l) / np.sqrt(
+        naive_hsic_unbiased_closed_form(k, k) * naive_hsic_unbiased_closed_form(l, l))
+    np.testing.assert_allclose(
+        float(jit(sim.rbf_cka, sigma_fraction=0.5, debiased=True, rbf_median="all")(x, y)),
+        expected, rtol=1e-8)
+    state = jit(sim.minibatch_cka_update, kernel="rbf", sigma_fraction=0.5, rbf_median="all")(
+        sim.minibatch_cka_init(1, 1), [jnp.asarray(x)], [jnp.asarray(y)])
+    np.testing.assert_allclose(float(sim.minibatch_cka_result(state)[0, 0]), expected, rtol=1e-8)
+  with pytest.raises(ValueError, match="rbf_median must be one of"):
+    sim.gram_rbf(x, 0.5, rbf_median="full")
+
+
+def test_uncentred_cca_and_mean_squared_cca_against_qr_computations():
+  with jax.enable_x64(True):
+    x = gaussian(52, 80, 5) + 1.5
+    y = gaussian(53, 80, 4) + x[:, :4] * 0.6 - 0.5
+    rho_raw = np.asarray(jit(sim.cca_correlations, centre=False)(x, y))
+    qx, _ = np.linalg.qr(x)
+    qy, _ = np.linalg.qr(y)
+    np.testing.assert_allclose(rho_raw, np.linalg.svd(qx.T @ qy, compute_uv=False), atol=1e-9)
+    np.testing.assert_allclose(float(jit(sim.mean_squared_cca, centre=False)(x, y)),
+                               colab_mean_squared_cca(x, y), rtol=1e-9)
+    np.testing.assert_allclose(float(jit(sim.mean_cca, centre=False)(x, y)), rho_raw.mean(),
+                               rtol=1e-9)
+    # Centred (default): Yanai's R^2 from the textbook correlations, invariant to shifts.
+    rho = naive_canonical_correlations(x, y)
+    np.testing.assert_allclose(float(jit(sim.mean_squared_cca)(x, y)), np.mean(rho ** 2),
+                               rtol=1e-9)
+    np.testing.assert_allclose(float(jit(sim.mean_squared_cca)(x + 7.0, y)),
+                               np.mean(rho ** 2), rtol=1e-9)
+    # Uncentred CCA sees the mean: a shift changes it.
+    assert abs(float(jit(sim.mean_squared_cca, centre=False)(x + 7.0, y))
+               - colab_mean_squared_cca(x, y)) > 1e-3
+    # R^2 <= mean rho (each rho_i <= 1), with equality only for rho_i in {0, 1}.
+    assert float(jit(sim.mean_squared_cca)(x, y)) < float(jit(sim.mean_cca)(x, y))
+  with pytest.raises(ValueError, match="10 data points for 10 features"):
+    sim.mean_squared_cca(gaussian(54, 10, 10), gaussian(55, 10, 3))
+
+
+def test_default_cca_equals_svcca_get_cca_similarity_at_zero_epsilon():
+  with jax.enable_x64(True):
+    x = gaussian(56, 120, 6) * np.linspace(0.5, 4.0, 6) + 3.0
+    y = gaussian(57, 120, 5) + x[:, :5] * 0.4
+    np.testing.assert_allclose(jit(sim.cca_correlations)(x, y),
+                               svcca_reference_coefficients(x, y, 0.0), atol=1e-9)
+    # With epsilon > 0 the conventions differ: svcca drops x's first feature (variance 0.25 <
+    # 0.1 x 16) and adds eps * max variance, while here every direction stays and eps * lambda_max
+    # is added; both shrink the correlations, by different amounts.
+    ours = np.asarray(jit(sim.cca_correlations, epsilon=0.1)(x, y))
+    theirs = svcca_reference_coefficients(x, y, 0.1)
+    unregularised = svcca_reference_coefficients(x, y, 0.0)
+    assert len(theirs) == 4 and len(ours) == 5
+    assert np.all(ours < unregularised)
+    assert np.max(np.abs(ours[:4] - theirs)) > 1e-3

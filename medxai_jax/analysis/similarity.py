@@ -34,6 +34,36 @@ Convolutional activations [B, H, W, C] become data matrices in one of two ways (
 B*H*W points of C features, optionally resized to a common grid and subsampled per image).
 CCA needs more data points than features: fewer raise a ValueError, and fewer than 5x warn,
 because then even independent random data score close to 1.
+
+Reference conventions. Where the public reference code differs from the default here, an option
+reproduces it (the published numbers are those of the Google CKA Colab, "Demo code for
+Similarity of Neural Network Representations Revisited", on np.random.seed(1337),
+X = randn(100, 10), Y = randn(100, 10) + X):
+
+  quantity        default here (why)                        reference convention (option)
+  --------------  ----------------------------------------  ----------------------------------------
+  RBF bandwidth   median of the n(n-1)/2 squared distances  CKA Colab gram_rbf: np.median of the
+                  between distinct points (the diagonal is   full n x n squared-distance matrix,
+                  no distance; its n zeros pull the          its n zero diagonal entries included
+                  median down, more so for small n)          (rbf_median='all'): 0.65483 published
+  CCA centring    columns centred first (Hotelling's CCA:    CKA Colab cca: QR of the raw features,
+                  correlations are invariant to shifts)      no centring (centre=False): mean
+                                                             squared CCA 0.54312 published
+  CCA summary     mean_cca: mean of rho_i (Raghu et al.)     mean_squared_cca: mean of rho_i^2
+                                                             (Yanai's R^2_CCA, the Colab's `cca`)
+  CCA epsilon     Sigma + eps * lambda_max(Sigma) * I        google/svcca get_cca_similarity: each
+                  (scale-free; through the SVD)              covariance divided by its largest
+                                                             |entry|, then + eps * I, which is
+                                                             Sigma + eps * max_j Sigma_jj * I, and
+                                                             features with Sigma_jj < eps * max_j
+                                                             Sigma_jj dropped (not offered here;
+                                                             equal at eps = 0, which both default to)
+
+google/svcca's `get_cca_similarity` centres its inputs (np.cov), so at epsilon=0 its canonical
+correlations are `cca_correlations` with the default centre=True; its reported "mean" further
+averages only the leading correlations holding 98% of their sum (its `threshold`), whereas
+`mean_cca` averages all min(rank_x, rank_y). Linear and debiased linear CKA have no convention
+difference (0.55761 and 0.51346 published, reproduced to 5 decimals).
 """
 
 from __future__ import annotations
@@ -49,6 +79,7 @@ import numpy as np
 from medxai_jax.models import base
 
 MODES = ("pooled", "spatial")
+RBF_MEDIANS = ("pairs", "all")
 KERNELS = ("linear", "rbf")
 STREAMING_METHODS = ("minibatch_cka", "minibatch_rbf_cka")
 GATHERED_METHODS = ("cca", "svcca", "pwcca", "linear_cka")
@@ -180,8 +211,10 @@ def kept_directions(singular_values: jax.Array, variance_kept: float = 1.0,
 
 
 def whiten(x: jax.Array, *, epsilon: float = 0.0, variance_kept: float = 1.0,
-           rcond: float | None = None, name: str = "x") -> Whitened:
+           rcond: float | None = None, centre: bool = True, name: str = "x") -> Whitened:
   """Centres, regularises and whitens a layer [n, d] for CCA (SVCCA when variance_kept < 1).
+
+  centre=False whitens the raw features instead (the CKA Colab's uncentred CCA).
 
   Z = X_c (Sigma + eps * lambda_max * I)^-1/2 / sqrt(n - 1) restricted to the kept singular
   directions, computed as U diag(s / sqrt(s^2 + eps * s_max^2)). SVCCA's `variance_kept` is a
@@ -191,17 +224,17 @@ def whiten(x: jax.Array, *, epsilon: float = 0.0, variance_kept: float = 1.0,
   """
   _check_matrix(name, x)
   check_data_points(*x.shape, name)
-  return _whiten(x, epsilon=epsilon, variance_kept=variance_kept, rcond=rcond)
+  return _whiten(x, epsilon=epsilon, variance_kept=variance_kept, rcond=rcond, centre=centre)
 
 
-def _whiten(x: jax.Array, *, epsilon: float, variance_kept: float, rcond: float | None
-            ) -> Whitened:
+def _whiten(x: jax.Array, *, epsilon: float, variance_kept: float, rcond: float | None,
+            centre: bool = True) -> Whitened:
   """`whiten` without the input checks (done by the caller)."""
   if epsilon < 0:
     raise ValueError(f"epsilon must be >= 0; got {epsilon}.")
   num_points = x.shape[0]
   x = _float(x)
-  xc = x - x.mean(axis=0, keepdims=True)
+  xc = x - x.mean(axis=0, keepdims=True) if centre else x
   u, s, vt = jnp.linalg.svd(xc, full_matrices=False)
   keep = kept_directions(s, variance_kept, rcond, num_points)
   safe = jnp.where(keep, s, 1.0)
@@ -232,32 +265,54 @@ def mean_cca_from_whitened(wx: Whitened, wy: Whitened) -> jax.Array:
   return rho.sum() / jnp.maximum(count, 1)
 
 
-def cca_correlations(x: jax.Array, y: jax.Array, *, epsilon: float = 0.0,
-                     rcond: float | None = None) -> jax.Array:
-  """Canonical correlations [min(d_x, d_y)] of two layers, descending (0 past the rank)."""
+def _whitened_pair(x: jax.Array, y: jax.Array, **options: Any) -> tuple[Whitened, Whitened]:
+  """Both layers checked and whitened with the same options."""
   _check_pair(x, y)
-  return cca_from_whitened(whiten(x, epsilon=epsilon, rcond=rcond, name="x"),
-                           whiten(y, epsilon=epsilon, rcond=rcond, name="y"))[0]
+  return whiten(x, name="x", **options), whiten(y, name="y", **options)
+
+
+def cca_correlations(x: jax.Array, y: jax.Array, *, epsilon: float = 0.0,
+                     rcond: float | None = None, centre: bool = True) -> jax.Array:
+  """Canonical correlations [min(d_x, d_y)] of two layers, descending (0 past the rank).
+
+  centre=False: of the raw, uncentred features (the CKA Colab's `cca`).
+  """
+  return cca_from_whitened(*_whitened_pair(x, y, epsilon=epsilon, rcond=rcond,
+                                           centre=centre))[0]
 
 
 def mean_cca(x: jax.Array, y: jax.Array, *, epsilon: float = 0.0,
-             rcond: float | None = None) -> jax.Array:
+             rcond: float | None = None, centre: bool = True) -> jax.Array:
   """Mean canonical correlation of two layers [n, d_x], [n, d_y]."""
-  _check_pair(x, y)
-  return mean_cca_from_whitened(whiten(x, epsilon=epsilon, rcond=rcond, name="x"),
-                                whiten(y, epsilon=epsilon, rcond=rcond, name="y"))
+  return mean_cca_from_whitened(*_whitened_pair(x, y, epsilon=epsilon, rcond=rcond,
+                                                centre=centre))
+
+
+def mean_squared_cca_from_whitened(wx: Whitened, wy: Whitened) -> jax.Array:
+  """Mean of the squared first min(rank_x, rank_y) canonical correlations."""
+  rho, count = cca_from_whitened(wx, wy)
+  return jnp.square(rho).sum() / jnp.maximum(count, 1)
+
+
+def mean_squared_cca(x: jax.Array, y: jax.Array, *, epsilon: float = 0.0,
+                     rcond: float | None = None, centre: bool = True) -> jax.Array:
+  """Mean squared canonical correlation R^2_CCA = sum_i rho_i^2 / min(rank_x, rank_y) (Yanai).
+
+  With full-rank layers the divisor is min(d_x, d_y), as in the CKA Colab's `cca`
+  (||Q_x^T Q_y||_F^2 / min(d_x, d_y)), which centre=False reproduces.
+  """
+  return mean_squared_cca_from_whitened(*_whitened_pair(x, y, epsilon=epsilon, rcond=rcond,
+                                                        centre=centre))
 
 
 def svcca(x: jax.Array, y: jax.Array, *, variance_kept: float = 0.99, epsilon: float = 0.0,
-          rcond: float | None = None) -> jax.Array:
+          rcond: float | None = None, centre: bool = True) -> jax.Array:
   """SVCCA: mean CCA after keeping each layer's top directions explaining `variance_kept`.
 
   The fraction is of the variance, i.e. of the squared singular values (see `whiten`).
   """
-  _check_pair(x, y)
-  return mean_cca_from_whitened(
-      whiten(x, epsilon=epsilon, variance_kept=variance_kept, rcond=rcond, name="x"),
-      whiten(y, epsilon=epsilon, variance_kept=variance_kept, rcond=rcond, name="y"))
+  return mean_cca_from_whitened(*_whitened_pair(
+      x, y, epsilon=epsilon, variance_kept=variance_kept, rcond=rcond, centre=centre))
 
 
 def _projection_weights(w: Whitened, directions: jax.Array) -> jax.Array:
@@ -323,20 +378,30 @@ def _squared_distances(x: jax.Array) -> jax.Array:
   return d2 * (1.0 - jnp.eye(x.shape[0], dtype=x.dtype))
 
 
-def gram_rbf(x: jax.Array, sigma_fraction: float = 0.8, mask: jax.Array | None = None
-             ) -> jax.Array:
+def _check_rbf_median(rbf_median: str) -> None:
+  """Raises unless `rbf_median` names a bandwidth convention."""
+  if rbf_median not in RBF_MEDIANS:
+    raise ValueError(f"rbf_median must be one of {RBF_MEDIANS}; got {rbf_median!r}.")
+
+
+def gram_rbf(x: jax.Array, sigma_fraction: float = 0.8, mask: jax.Array | None = None, *,
+             rbf_median: str = "pairs") -> jax.Array:
   """RBF Gram matrix exp(-||x_i - x_j||^2 / (2 sigma^2)) [n, n].
 
   sigma = sigma_fraction x the median distance between distinct (unmasked) data points
-  (Kornblith et al. 2019 report fractions 0.2, 0.4 and 0.8).
+  (Kornblith et al. 2019 report fractions 0.2, 0.4 and 0.8). rbf_median='all' takes the median
+  over all n^2 entries of the squared-distance matrix, its zero diagonal included (the CKA
+  Colab's `gram_rbf`); with a mask, over the m^2 entries of the m unmasked points.
   """
   _check_matrix("x", x)
+  _check_rbf_median(rbf_median)
   if sigma_fraction <= 0:
     raise ValueError(f"sigma_fraction must be positive; got {sigma_fraction}.")
   x = _centre(_float(x), mask)
   d2 = _squared_distances(x)
   n = x.shape[0]
-  pairs = jnp.triu(jnp.ones((n, n), bool), k=1)
+  pairs = (jnp.triu(jnp.ones((n, n), bool), k=1) if rbf_median == "pairs"
+           else jnp.ones((n, n), bool))
   if mask is not None:
     pairs &= mask.astype(bool)[:, None] & mask.astype(bool)[None, :]
   median = jnp.sqrt(jnp.nanmedian(jnp.where(pairs, d2, jnp.nan)))
@@ -449,10 +514,14 @@ def debiased_linear_cka(x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def rbf_cka(x: jax.Array, y: jax.Array, *, sigma_fraction: float = 0.8,
-            debiased: bool = False) -> jax.Array:
-  """RBF-kernel CKA; sigma = sigma_fraction x each layer's median pairwise distance."""
+            debiased: bool = False, rbf_median: str = "pairs") -> jax.Array:
+  """RBF-kernel CKA; sigma = sigma_fraction x each layer's median pairwise distance.
+
+  rbf_median='all': the median over the full distance matrix (the CKA Colab; see `gram_rbf`).
+  """
   _check_pair(x, y)
-  return cka(gram_rbf(x, sigma_fraction), gram_rbf(y, sigma_fraction), debiased=debiased)
+  return cka(gram_rbf(x, sigma_fraction, rbf_median=rbf_median),
+             gram_rbf(y, sigma_fraction, rbf_median=rbf_median), debiased=debiased)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,7 +546,7 @@ def minibatch_cka_init(num_layers_a: int, num_layers_b: int, dtype: Any = None) 
 
 
 def _stacked_grams(layers: Sequence[jax.Array], mask: jax.Array | None, kernel: str,
-                   sigma_fraction: float) -> jax.Array:
+                   sigma_fraction: float, rbf_median: str = "pairs") -> jax.Array:
   """Gram matrices [L, n, n] of each layer's (masked-centred) batch."""
   grams = []
   for index, x in enumerate(layers):
@@ -487,16 +556,21 @@ def _stacked_grams(layers: Sequence[jax.Array], mask: jax.Array | None, kernel: 
       xc = _centre(x, mask)
       grams.append(xc @ xc.T)
     else:
-      grams.append(gram_rbf(x, sigma_fraction, mask))
+      grams.append(gram_rbf(x, sigma_fraction, mask, rbf_median=rbf_median))
   return jnp.stack(grams)
 
 
 def minibatch_cka_update(state: MinibatchCKA, layers_a: Sequence[jax.Array],
                          layers_b: Sequence[jax.Array], *, mask: jax.Array | None = None,
-                         kernel: str = "linear", sigma_fraction: float = 0.8) -> MinibatchCKA:
-  """Adds one batch: every layer's data matrix [n, d_l] over the same n points (mask: [n])."""
+                         kernel: str = "linear", sigma_fraction: float = 0.8,
+                         rbf_median: str = "pairs") -> MinibatchCKA:
+  """Adds one batch: every layer's data matrix [n, d_l] over the same n points (mask: [n]).
+
+  `sigma_fraction` and `rbf_median` set the RBF kernel's bandwidth per batch (see `gram_rbf`).
+  """
   if kernel not in KERNELS:
     raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}.")
+  _check_rbf_median(rbf_median)
   if len(layers_a) != state.cross.shape[0] or len(layers_b) != state.cross.shape[1]:
     raise ValueError(f"The state holds {state.cross.shape} layer pairs; got {len(layers_a)} and "
                      f"{len(layers_b)} layers.")
@@ -509,8 +583,8 @@ def minibatch_cka_update(state: MinibatchCKA, layers_a: Sequence[jax.Array],
   if mask is not None and mask.shape != (n,):
     raise ValueError(f"mask must have shape ({n},); got {tuple(mask.shape)}.")
   count = jnp.asarray(n) if mask is None else mask.astype(jnp.int32).sum()
-  terms_a = _hsic_terms(_stacked_grams(layers_a, mask, kernel, sigma_fraction), mask)
-  terms_b = _hsic_terms(_stacked_grams(layers_b, mask, kernel, sigma_fraction), mask)
+  terms_a = _hsic_terms(_stacked_grams(layers_a, mask, kernel, sigma_fraction, rbf_median), mask)
+  terms_b = _hsic_terms(_stacked_grams(layers_b, mask, kernel, sigma_fraction, rbf_median), mask)
   dtype = state.cross.dtype
   return MinibatchCKA(
       cross=state.cross + _hsic_pairs(terms_a, terms_b, count).astype(dtype),
@@ -615,7 +689,7 @@ def compare_layers(model_a: base.Classifier, vars_a: base.Variables, model_b: ba
                    mode: str = "pooled", grid: tuple[int, int] | None = None,
                    positions_per_image: int | None = None, key: jax.Array | None = None,
                    max_points: int = 5000, epsilon: float = 0.0, variance_kept: float = 0.99,
-                   sigma_fraction: float = 0.8) -> np.ndarray:
+                   sigma_fraction: float = 0.8, rbf_median: str = "pairs") -> np.ndarray:
   """Similarity [len(taps_a), len(taps_b)] of every pair of layers of two networks.
 
   `batches` yields image arrays [B, H, W, C] or dicts with 'image' (and 'weight': 0 marks padded
@@ -624,7 +698,8 @@ def compare_layers(model_a: base.Classifier, vars_a: base.Variables, model_b: ba
   batches; gathered methods ('cca', 'svcca', 'pwcca', 'linear_cka') collect up to `max_points`
   data points per tap (host memory: max_points x features per tap) and then compare. `mode`,
   `grid`, `positions_per_image` and `key` choose the data points (see `as_data_matrix`); batch i
-  draws its positions from fold_in(key, i), the same for both models.
+  draws its positions from fold_in(key, i), the same for both models. `sigma_fraction` and
+  `rbf_median` set the RBF bandwidth of 'minibatch_rbf_cka' (see `gram_rbf`).
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
@@ -632,6 +707,7 @@ def compare_layers(model_a: base.Classifier, vars_a: base.Variables, model_b: ba
     raise ValueError("taps_a and taps_b must each name at least one tap.")
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
+  _check_rbf_median(rbf_median)
   if max_points < 1:
     raise ValueError(f"max_points must be positive; got {max_points}.")
   if key is None:
@@ -647,7 +723,7 @@ def compare_layers(model_a: base.Classifier, vars_a: base.Variables, model_b: ba
   if streaming:
     update = jax.jit(functools.partial(
         minibatch_cka_update, kernel="linear" if method == "minibatch_cka" else "rbf",
-        sigma_fraction=sigma_fraction))
+        sigma_fraction=sigma_fraction, rbf_median=rbf_median))
     state = minibatch_cka_init(len(taps_a), len(taps_b))
   gathered_a: list[list[np.ndarray]] = [[] for _ in taps_a]
   gathered_b: list[list[np.ndarray]] = [[] for _ in taps_b]
