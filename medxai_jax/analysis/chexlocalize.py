@@ -75,10 +75,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import os
-import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -296,7 +296,9 @@ def _centre_polygon(points: np.ndarray, height: int, width: int) -> np.ndarray:
   mask = _span_pixels(rows, _crossings(points, rows, closed=False), height, width, pil=False)
   # Centres on a slanted edge (its lower end included) and on the horizontal edges.
   x = _crossings(points, rows, closed=True)
-  on_edge = np.isfinite(x) & (np.abs(x - np.round(x)) <= 1e-9 * np.maximum(1.0, np.abs(x)))
+  finite = np.isfinite(x)
+  x = np.where(finite, x, 0.0)
+  on_edge = finite & (np.abs(x - np.round(x)) <= 1e-9 * np.maximum(1.0, np.abs(x)))
   row_index = np.broadcast_to(rows[:, None], x.shape)
   columns = np.round(np.where(on_edge, x, 0.0))
   mask |= _fill_spans(row_index[on_edge], columns[on_edge], columns[on_edge], height, width)
@@ -507,6 +509,12 @@ def load_map(source: str) -> np.ndarray:
 # Maps to segmentations, and scores.
 
 
+@functools.partial(jax.jit, static_argnames="size")
+def _resize(maps: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """`resize_maps` of floating maps, compiled once per shape."""
+  return jax.image.resize(maps, (maps.shape[0], *size), "linear", antialias=False)
+
+
 def resize_maps(maps: np.ndarray, size: Sequence[int]) -> jax.Array:
   """Maps [P, h', w'] bilinearly resized to [P, h, w] (half-pixel centres, edges clamped)."""
   maps = jnp.asarray(maps)
@@ -515,7 +523,7 @@ def resize_maps(maps: np.ndarray, size: Sequence[int]) -> jax.Array:
   height, width = (int(v) for v in size)
   if maps.shape[1:] == (height, width):
     return maps
-  return jax.image.resize(maps, (maps.shape[0], height, width), "linear", antialias=False)
+  return _resize(maps, (height, width))
 
 
 def fill_contours(segmentation: np.ndarray) -> np.ndarray:
@@ -527,17 +535,23 @@ def fill_contours(segmentation: np.ndarray) -> np.ndarray:
   return ndimage.binary_fill_holes(kept)
 
 
-def segment_maps(maps: np.ndarray, thresholds: Sequence[float | None],
-                 contours: bool = True) -> np.ndarray:
-  """Segmentations [P, h, w] (bool) of maps [P, h, w]: threshold t_p, or Otsu where t_p is None.
+@jax.jit
+def _binarised(maps: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Otsu segmentations and min-max normalised maps [P, h, w] (one compilation per shape)."""
+  return faithfulness.binarise_maps(maps, "otsu"), faithfulness.normalise_maps(maps)
 
-  See the module docstring; `contours` applies `fill_contours` to the Otsu segmentations.
-  """
-  maps = jnp.asarray(maps)
-  if len(thresholds) != maps.shape[0]:
-    raise ValueError(f"Got {len(thresholds)} thresholds for {maps.shape[0]} maps.")
-  otsu = np.asarray(faithfulness.binarise_maps(maps, "otsu"))
-  normalised = np.asarray(faithfulness.normalise_maps(maps))
+
+@jax.jit
+def _scored(maps: jax.Array, masks: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`_binarised` and the peak hits (1 when a map's first maximal pixel lies in its mask, 0 when
+  not, NaN for an empty mask) of maps and masks [P, h, w], in one compilation per shape."""
+  otsu, normalised = _binarised(maps)
+  return otsu, normalised, faithfulness.hit_rate(maps, masks, "first")
+
+
+def _segments(otsu: np.ndarray, normalised: np.ndarray, thresholds: Sequence[float | None],
+              contours: bool) -> np.ndarray:
+  """Per map the threshold segmentation, or the Otsu one (contour-filled) where t is None."""
   out = np.empty(otsu.shape, bool)
   for index, threshold in enumerate(thresholds):
     if threshold is None:
@@ -545,6 +559,21 @@ def segment_maps(maps: np.ndarray, thresholds: Sequence[float | None],
     else:
       out[index] = normalised[index] > threshold
   return out
+
+
+def segment_maps(maps: np.ndarray, thresholds: Sequence[float | None],
+                 contours: bool = True) -> np.ndarray:
+  """Segmentations [P, h, w] (bool) of maps [P, h, w]: threshold t_p, or Otsu where t_p is None.
+
+  See the module docstring; `contours` applies `fill_contours` to the Otsu segmentations.
+  """
+  maps = jnp.asarray(maps)
+  if maps.ndim != 3:
+    raise ValueError(f"maps must be [P, h, w]; got shape {tuple(maps.shape)}.")
+  if len(thresholds) != maps.shape[0]:
+    raise ValueError(f"Got {len(thresholds)} thresholds for {maps.shape[0]} maps.")
+  otsu, normalised = (np.asarray(v) for v in _binarised(maps))
+  return _segments(otsu, normalised, thresholds, contours)
 
 
 def iou(prediction: np.ndarray, truth: np.ndarray, true_pos_only: bool = True) -> float:
@@ -617,8 +646,9 @@ def iou_table_from_segmentations(truth: GroundTruth, predictions: Mapping[str, M
         gt = truth.mask(image_id, pathology)
       else:
         gt = None
-      if image_id in predictions and pathology not in entry:
-        raise ValueError(f"{where}: the prediction file lists the image but not the pathology.")
+      if image_id in predictions and pathology not in entry and not allow_missing:
+        raise ValueError(f"{where}: the prediction file lists the image but not the pathology "
+                         "(allow_missing scores it as an empty prediction).")
       pred = decode_rle(entry[pathology], where) if pathology in entry else np.zeros_like(gt)
       gt = np.zeros_like(pred) if gt is None else gt
       if pred.shape != gt.shape:
@@ -664,10 +694,11 @@ def tables_from_maps(truth: GroundTruth, saliency_dir: str, *,
     iou_row = {p: iou(np.zeros(size, bool), truths[p], true_pos_only) for p in names}
     hit_row = {p: 0.0 if truths[p].any() else float("nan") for p in names}
     if present:
-      maps = resize_maps(np.stack([_same_rank(load_map(found[p])) for p in present]), size)
-      segments = segment_maps(maps, [thresholds.get(p) for p in present], contours)
+      # Each map is resized on its own (an image's maps may come in different sizes).
+      maps = jnp.concatenate([resize_maps(load_map(found[p])[None], size) for p in present])
       masks = np.stack([truths[p] for p in present])
-      peak_hits = np.asarray(faithfulness.hit_rate(maps, jnp.asarray(masks), "first"))
+      otsu, normalised, peak_hits = (np.asarray(v) for v in _scored(maps, jnp.asarray(masks)))
+      segments = _segments(otsu, normalised, [thresholds.get(p) for p in present], contours)
       segmentations[image_id] = {}
       for index, pathology in enumerate(present):
         iou_row[pathology] = iou(segments[index], masks[index], true_pos_only)
@@ -679,11 +710,6 @@ def tables_from_maps(truth: GroundTruth, saliency_dir: str, *,
   return (Table("iou", ids, names, np.asarray(ious, np.float64).reshape(shape)),
           Table("hitmiss", ids, names, np.asarray(hits, np.float64).reshape(shape)),
           segmentations)
-
-
-def _same_rank(saliency: np.ndarray) -> np.ndarray:
-  """A map as float (so maps of one image stack in one dtype)."""
-  return saliency if np.issubdtype(saliency.dtype, np.floating) else saliency.astype(np.float64)
 
 
 def bootstrap_replicates(values: np.ndarray, seed: int = 0,
