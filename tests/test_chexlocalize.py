@@ -226,6 +226,10 @@ def test_otsu_with_contours_equals_their_opencv_pil_pipeline():
   expected = raw.copy()
   expected[3, 3], expected[8, 8] = True, False
   np.testing.assert_array_equal(cx.fill_contours(raw), expected)
+  # Holes as scipy fills them, on random masks without isolated pixels.
+  for seed in range(3):
+    noisy = ndimage.binary_opening(np.random.default_rng(seed).uniform(size=(30, 30)) < 0.6)
+    np.testing.assert_array_equal(cx.fill_contours(noisy), ndimage.binary_fill_holes(noisy))
 
 
 def test_threshold_segmentation_and_iou_hit_rules():
@@ -408,9 +412,13 @@ def test_errors_name_the_file_image_and_pathology(benchmark_files, tmp_path):
                      r"for pathologies \['Cardiomegaly', 'Lung Lesion'\]"):
     cx.evaluate(str(root / "gt.json"), str(tmp_path / "o1"), saliency_dir=str(edema_only),
                 pathologies=list(NAMES))
-  # allow_missing: a missing map is an empty segmentation and a miss where the pathology shows.
-  out = cx.evaluate(str(root / "gt.json"), str(tmp_path / "o1"), saliency_dir=str(edema_only),
-                    pathologies=list(NAMES), allow_missing=True)
+  # allow_missing: a missing map is an empty segmentation and a miss where the pathology shows;
+  # a map of an image the ground truth lacks is named, not silently dropped.
+  np.save(edema_only / "p9_study1_view1_frontal_Edema_map.npy", np.eye(8))
+  with pytest.warns(UserWarning, match=r"1 image\(s\) without ground truth not scored: "
+                    r"'p9_study1_view1_frontal'"):
+    out = cx.evaluate(str(root / "gt.json"), str(tmp_path / "o1"), saliency_dir=str(edema_only),
+                      pathologies=list(NAMES), allow_missing=True)
   hits = read_rows(out["hitmiss"]["per_image"])
   assert hits[1] == ["0.0", "", "0.0", "p1_study1_view1_frontal"]
   assert hits[3] == ["", "", "", "p3_study1_view1_frontal"]
