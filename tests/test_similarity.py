@@ -686,3 +686,12 @@ def test_default_cca_equals_svcca_get_cca_similarity_at_zero_epsilon():
     assert len(theirs) == 4 and len(ours) == 5
     assert np.all(ours < unregularised)
     assert np.max(np.abs(ours[:4] - theirs)) > 1e-3
+    # epsilon_scale='max_variance' is their regulariser, the dropped feature included.
+    for epsilon in (1e-3, 0.1):
+      svcca_like = np.asarray(jit(sim.cca_correlations, epsilon=epsilon,
+                                  epsilon_scale="max_variance")(x, y))
+      theirs = svcca_reference_coefficients(x, y, epsilon)
+      np.testing.assert_allclose(svcca_like[:len(theirs)], theirs, atol=1e-9)
+      assert np.all(svcca_like[len(theirs):] == 0)
+  with pytest.raises(ValueError, match="epsilon_scale must be one of"):
+    sim.cca_correlations(x, y, epsilon_scale="trace")

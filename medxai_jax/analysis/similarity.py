@@ -52,12 +52,13 @@ X = randn(100, 10), Y = randn(100, 10) + X):
   CCA summary     mean_cca: mean of rho_i (Raghu et al.)     mean_squared_cca: mean of rho_i^2
                                                              (Yanai's R^2_CCA, the Colab's `cca`)
   CCA epsilon     Sigma + eps * lambda_max(Sigma) * I        google/svcca get_cca_similarity: each
-                  (scale-free; through the SVD)              covariance divided by its largest
-                                                             |entry|, then + eps * I, which is
-                                                             Sigma + eps * max_j Sigma_jj * I, and
-                                                             features with Sigma_jj < eps * max_j
-                                                             Sigma_jj dropped (not offered here;
-                                                             equal at eps = 0, which both default to)
+                  (scale-free, and no feature is dropped:    covariance divided by its largest
+                  a small-variance feature is shrunk, not    |entry|, then + eps * I, i.e.
+                  removed)                                   Sigma + eps * max_j Sigma_jj * I, after
+                                                             dropping features with Sigma_jj <
+                                                             eps * max_j Sigma_jj
+                                                             (epsilon_scale='max_variance'; the two
+                                                             agree at eps = 0, both defaults)
 
 google/svcca's `get_cca_similarity` centres its inputs (np.cov), so at epsilon=0 its canonical
 correlations are `cca_correlations` with the default centre=True; its reported "mean" further
@@ -80,6 +81,7 @@ from medxai_jax.models import base
 
 MODES = ("pooled", "spatial")
 RBF_MEDIANS = ("pairs", "all")
+EPSILON_SCALES = ("lambda_max", "max_variance")
 KERNELS = ("linear", "rbf")
 STREAMING_METHODS = ("minibatch_cka", "minibatch_rbf_cka")
 GATHERED_METHODS = ("cca", "svcca", "pwcca", "linear_cka")
@@ -211,34 +213,46 @@ def kept_directions(singular_values: jax.Array, variance_kept: float = 1.0,
 
 
 def whiten(x: jax.Array, *, epsilon: float = 0.0, variance_kept: float = 1.0,
-           rcond: float | None = None, centre: bool = True, name: str = "x") -> Whitened:
+           rcond: float | None = None, centre: bool = True, epsilon_scale: str = "lambda_max",
+           name: str = "x") -> Whitened:
   """Centres, regularises and whitens a layer [n, d] for CCA (SVCCA when variance_kept < 1).
-
-  centre=False whitens the raw features instead (the CKA Colab's uncentred CCA).
 
   Z = X_c (Sigma + eps * lambda_max * I)^-1/2 / sqrt(n - 1) restricted to the kept singular
   directions, computed as U diag(s / sqrt(s^2 + eps * s_max^2)). SVCCA's `variance_kept` is a
   fraction of the variance, i.e. of the squared singular values s_i^2 (the eigenvalues of the
   covariance, as PCA counts explained variance and as Raghu et al. describe it); some public
   implementations threshold the singular values themselves, which keeps more directions.
+
+  centre=False whitens the raw features instead (the CKA Colab's uncentred CCA).
+  epsilon_scale='max_variance' is google/svcca's regulariser: Sigma + eps * max_j Sigma_jj * I,
+  after dropping the features with Sigma_jj < eps * max_j Sigma_jj.
   """
   _check_matrix(name, x)
   check_data_points(*x.shape, name)
-  return _whiten(x, epsilon=epsilon, variance_kept=variance_kept, rcond=rcond, centre=centre)
+  return _whiten(x, epsilon=epsilon, variance_kept=variance_kept, rcond=rcond, centre=centre,
+                 epsilon_scale=epsilon_scale)
 
 
 def _whiten(x: jax.Array, *, epsilon: float, variance_kept: float, rcond: float | None,
-            centre: bool = True) -> Whitened:
+            centre: bool = True, epsilon_scale: str = "lambda_max") -> Whitened:
   """`whiten` without the input checks (done by the caller)."""
   if epsilon < 0:
     raise ValueError(f"epsilon must be >= 0; got {epsilon}.")
+  if epsilon_scale not in EPSILON_SCALES:
+    raise ValueError(f"epsilon_scale must be one of {EPSILON_SCALES}; got {epsilon_scale!r}.")
   num_points = x.shape[0]
   x = _float(x)
   xc = x - x.mean(axis=0, keepdims=True) if centre else x
+  if epsilon_scale == "max_variance":
+    power = jnp.square(xc).sum(axis=0)  # (n - 1) Sigma_jj
+    reference = power.max()
+    xc = xc * (power >= epsilon * reference).astype(xc.dtype)[None]  # a zero column: dropped
   u, s, vt = jnp.linalg.svd(xc, full_matrices=False)
+  if epsilon_scale == "lambda_max":
+    reference = jnp.square(s[0])
   keep = kept_directions(s, variance_kept, rcond, num_points)
   safe = jnp.where(keep, s, 1.0)
-  scale = jnp.where(keep, safe / jnp.sqrt(jnp.square(safe) + epsilon * jnp.square(s[0])), 0.0)
+  scale = jnp.where(keep, safe / jnp.sqrt(jnp.square(safe) + epsilon * reference), 0.0)
   return Whitened(basis=u * scale, loadings=vt.T, singular_values=s, scale=scale,
                   count=keep.sum())
 
@@ -272,20 +286,23 @@ def _whitened_pair(x: jax.Array, y: jax.Array, **options: Any) -> tuple[Whitened
 
 
 def cca_correlations(x: jax.Array, y: jax.Array, *, epsilon: float = 0.0,
-                     rcond: float | None = None, centre: bool = True) -> jax.Array:
+                     rcond: float | None = None, centre: bool = True,
+                     epsilon_scale: str = "lambda_max") -> jax.Array:
   """Canonical correlations [min(d_x, d_y)] of two layers, descending (0 past the rank).
 
-  centre=False: of the raw, uncentred features (the CKA Colab's `cca`).
+  centre=False: of the raw, uncentred features (the CKA Colab's `cca`); epsilon_scale: see
+  `whiten` ('max_variance' is google/svcca's).
   """
-  return cca_from_whitened(*_whitened_pair(x, y, epsilon=epsilon, rcond=rcond,
-                                           centre=centre))[0]
+  return cca_from_whitened(*_whitened_pair(x, y, epsilon=epsilon, rcond=rcond, centre=centre,
+                                           epsilon_scale=epsilon_scale))[0]
 
 
 def mean_cca(x: jax.Array, y: jax.Array, *, epsilon: float = 0.0,
-             rcond: float | None = None, centre: bool = True) -> jax.Array:
+             rcond: float | None = None, centre: bool = True,
+             epsilon_scale: str = "lambda_max") -> jax.Array:
   """Mean canonical correlation of two layers [n, d_x], [n, d_y]."""
   return mean_cca_from_whitened(*_whitened_pair(x, y, epsilon=epsilon, rcond=rcond,
-                                                centre=centre))
+                                                centre=centre, epsilon_scale=epsilon_scale))
 
 
 def mean_squared_cca_from_whitened(wx: Whitened, wy: Whitened) -> jax.Array:
@@ -295,14 +312,15 @@ def mean_squared_cca_from_whitened(wx: Whitened, wy: Whitened) -> jax.Array:
 
 
 def mean_squared_cca(x: jax.Array, y: jax.Array, *, epsilon: float = 0.0,
-                     rcond: float | None = None, centre: bool = True) -> jax.Array:
+                     rcond: float | None = None, centre: bool = True,
+                     epsilon_scale: str = "lambda_max") -> jax.Array:
   """Mean squared canonical correlation R^2_CCA = sum_i rho_i^2 / min(rank_x, rank_y) (Yanai).
 
   With full-rank layers the divisor is min(d_x, d_y), as in the CKA Colab's `cca`
   (||Q_x^T Q_y||_F^2 / min(d_x, d_y)), which centre=False reproduces.
   """
-  return mean_squared_cca_from_whitened(*_whitened_pair(x, y, epsilon=epsilon, rcond=rcond,
-                                                        centre=centre))
+  return mean_squared_cca_from_whitened(*_whitened_pair(
+      x, y, epsilon=epsilon, rcond=rcond, centre=centre, epsilon_scale=epsilon_scale))
 
 
 def svcca(x: jax.Array, y: jax.Array, *, variance_kept: float = 0.99, epsilon: float = 0.0,
