@@ -389,6 +389,23 @@ def test_otsu_segmentations_round_trip_through_the_segmentation_route(benchmark_
                        seed=1)
   for kind in ("per_image", "bootstrap", "summary"):
     assert read_rows(first["iou"][kind]) == read_rows(second["iou"][kind]), kind
+  # true_pos_only=False (their other mode): empty sides score 0, predicted-only images count.
+  extra_mask = np.zeros((6, 6), bool)
+  extra_mask[1:3, 1:3] = True
+  predicted["p9_study1_view1_frontal"] = {"Edema": cx.encode_rle(extra_mask),
+                                          "Lung Lesion": cx.encode_rle(~np.ones((6, 6), bool))}
+  predicted["p1_study1_view1_frontal"]["Lung Lesion"] = cx.encode_rle(np.zeros((24, 32), bool))
+  (tmp_path / "with_extra.json").write_text(json.dumps(predicted))
+  loose = cx.evaluate(str(root / "gt.json"), str(tmp_path / "loose"),
+                      segmentations=str(tmp_path / "with_extra.json"), pathologies=list(NAMES),
+                      true_pos_only=False, allow_missing=True)
+  rows = {row[-1]: row[:-1] for row in read_rows(loose["iou"]["per_image"])[1:]}
+  assert rows["p9_study1_view1_frontal"] == ["", "0.0", ""]
+  assert rows["p1_study1_view1_frontal"][2] == "0.0"  # empty prediction, lesion present
+  with pytest.warns(UserWarning, match="1 predicted image"):
+    cx.evaluate(str(root / "gt.json"), str(tmp_path / "strict"),
+                segmentations=str(tmp_path / "with_extra.json"), pathologies=list(NAMES),
+                allow_missing=True)
   # An annotation file naming only benchmark pathologies is scored on all ten by default.
   default = cx.evaluate(str(root / "gt.json"), str(tmp_path / "all"),
                         segmentations=first["iou"]["segmentations"], allow_missing=True)
@@ -436,8 +453,8 @@ def test_errors_name_the_file_image_and_pathology(benchmark_files, tmp_path):
     cx.evaluate(str(root / "gt.json"), str(tmp_path / "o3"),
                 segmentations=str(tmp_path / "bad.json"), pathologies=list(NAMES))
   (tmp_path / "t.csv").write_text("threshold,task\n0.4,Edema\n")
-  with pytest.raises(ValueError, match=r"no threshold for pathologies \['Cardiomegaly', "
-                     r"'Lung Lesion'\]"):
+  with pytest.raises(ValueError, match=r"t.csv: no threshold for pathologies "
+                     r"\['Cardiomegaly', 'Lung Lesion'\]"):
     cx.evaluate(str(root / "gt.json"), str(tmp_path / "o4"), saliency_dir=str(root / "maps"),
                 thresholds=str(tmp_path / "t.csv"), pathologies=list(NAMES))
   with flagsaver.flagsaver(annotations=str(root / "gt.json"), saliency_dir=str(root / "maps"),

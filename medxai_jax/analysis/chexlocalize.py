@@ -671,15 +671,16 @@ def iou_table_from_segmentations(truth: GroundTruth, predictions: Mapping[str, M
     row = []
     for pathology in names:
       where = f"{source}: image {image_id!r}, pathology {pathology!r}"
-      if image_id in truth.sizes:
-        gt = truth.mask(image_id, pathology)
-      else:
-        gt = None
       if image_id in predictions and pathology not in entry and not allow_missing:
         raise ValueError(f"{where}: the prediction file lists the image but not the pathology "
                          "(allow_missing scores it as an empty prediction).")
-      pred = decode_rle(entry[pathology], where) if pathology in entry else np.zeros_like(gt)
-      gt = np.zeros_like(pred) if gt is None else gt
+      gt = truth.mask(image_id, pathology) if image_id in truth.sizes else None
+      pred = decode_rle(entry[pathology], where) if pathology in entry else None
+      if gt is None and pred is None:  # a predicted-only image without this pathology
+        row.append(float("nan"))
+        continue
+      gt = np.zeros(pred.shape, bool) if gt is None else gt
+      pred = np.zeros(gt.shape, bool) if pred is None else pred
       if pred.shape != gt.shape:
         raise ValueError(f"{where}: the predicted segmentation is {pred.shape[0]}x"
                          f"{pred.shape[1]} but the ground truth is {gt.shape[0]}x{gt.shape[1]}.")
@@ -691,7 +692,8 @@ def iou_table_from_segmentations(truth: GroundTruth, predictions: Mapping[str, M
 def tables_from_maps(truth: GroundTruth, saliency_dir: str, *,
                      thresholds: Mapping[str, float] | None = None,
                      pathologies: Sequence[str] | None = None, true_pos_only: bool = True,
-                     contours: bool = True, allow_missing: bool = False
+                     contours: bool = True, allow_missing: bool = False,
+                     thresholds_source: str = "the thresholds table"
                      ) -> tuple[Table, Table, dict[str, dict[str, Any]]]:
   """IoU and hit tables of saliency maps, and their RLE segmentations {id: {pathology: RLE}}.
 
@@ -703,7 +705,7 @@ def tables_from_maps(truth: GroundTruth, saliency_dir: str, *,
   if thresholds:
     lacking = [p for p in names if p not in thresholds]
     if lacking:
-      raise ValueError(f"The thresholds table has no threshold for pathologies {lacking}.")
+      raise ValueError(f"{thresholds_source}: no threshold for pathologies {lacking}.")
   files = saliency_files(saliency_dir)
   ids = sorted(truth.sizes)
   missing = [i for i in ids if i not in files]
@@ -847,7 +849,7 @@ def evaluate(annotations: str, workdir: str, *, saliency_dir: str | None = None,
   table_iou, table_hit, predicted = tables_from_maps(
       truth, saliency_dir, thresholds=read_thresholds(thresholds) if thresholds else None,
       pathologies=pathologies, true_pos_only=true_pos_only, contours=contours,
-      allow_missing=allow_missing)
+      allow_missing=allow_missing, thresholds_source=thresholds or "the thresholds table")
   out = {"iou": write_csvs(table_iou, workdir, seed, num_replicates),
          "hitmiss": write_csvs(table_hit, workdir, seed, num_replicates)}
   out["iou"]["segmentations"] = write_segmentations(
