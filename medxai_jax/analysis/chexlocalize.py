@@ -71,7 +71,8 @@ Scores (their `eval.py`):
 - CSVs (their names, `metric` 'iou' or 'hitmiss'): `<metric>_results_per_cxr.csv` (one column per
   pathology, sorted, then `img_id`; rows sorted by image id; NaN written as an empty field, as
   pandas), `<metric>_bootstrap_results_per_cxr.csv` (one row per replicate, one column per
-  pathology) and `<metric>_summary_results.csv` (`name,lower,mean,upper`, sorted by name).
+  pathology, in their LOCALIZATION_TASKS order as their `df[LOCALIZATION_TASKS]`, other names
+  after it, sorted) and `<metric>_summary_results.csv` (`name,lower,mean,upper`, sorted by name).
 
 Not offered: their probability cutoffs (forcing an empty segmentation below a tuned predicted
 probability), box-filter smoothing before Otsu, and the human-benchmark point annotations.
@@ -784,6 +785,13 @@ def confidence_interval(replicates: np.ndarray, confidence: float = CONFIDENCE
   return float(np.round(lower, 3)), float(np.round(mean, 3)), float(np.round(upper, 3))
 
 
+def bootstrap_columns(pathologies: Sequence[str]) -> list[int]:
+  """Column order of the bootstrap CSV: theirs (LOCALIZATION_TASKS order), then other names."""
+  rank = {name: index for index, name in enumerate(PATHOLOGIES)}
+  return sorted(range(len(pathologies)),
+                key=lambda i: (rank.get(pathologies[i], len(rank)), pathologies[i]))
+
+
 def _field(value: float) -> str:
   """A CSV field: empty for NaN (as pandas writes it), else repr precision."""
   return "" if not np.isfinite(value) else repr(float(value))
@@ -803,10 +811,11 @@ def write_csvs(table: Table, workdir: str, seed: int = 0,
     for image_id, row in zip(table.image_ids, table.values):
       writer.writerow([*(_field(v) for v in row), image_id])
   replicates = bootstrap_replicates(table.values, seed, num_replicates)
+  order = bootstrap_columns(table.pathologies)
   with open(paths["bootstrap"], "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(table.pathologies)
-    writer.writerows([[_field(v) for v in row] for row in replicates])
+    writer.writerow([table.pathologies[i] for i in order])
+    writer.writerows([[_field(row[i]) for i in order] for row in replicates])
   with open(paths["summary"], "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["name", "lower", "mean", "upper"])
