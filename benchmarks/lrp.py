@@ -1,7 +1,7 @@
 r"""LRP on VGG16: ours (attribution/lrp.py, jitted) against Zennit 0.5.1 on the same weights.
 
   python -m benchmarks.lrp [--image_size=224] [--batch=4] [--composite=epsilon_gamma_box]
-      [--repeats=2]
+      [--repeats=2] [--without_adaptive_pool]
 
 Prints one JSON object. A torchvision VGG16 (1000 classes) with random weights (Kaiming-normal
 kernels, N(0, 0.05^2) biases, seed 0) is saved as a state dict and ported into the project's
@@ -13,7 +13,8 @@ composite of the same name with `zennit.attribution.Gradient`, one untimed and `
 calls (torch on the CPU with its default threads). `max_relative_difference`: max |ours -
 zennit| / max |zennit| over the batch, and its largest per-image value. At sizes other than 224
 torchvision's 7x7 adaptive pool is left out and fc1 reads the block-5 pool directly, as ours
-does; at 224 Zennit gives that pool its Norm rule, which ours (no such layer) does not have.
+does; at 224 Zennit gives that pool (an identity there) its Norm rule, which ours (no such
+layer) does not have; --without_adaptive_pool leaves it out at 224 too.
 """
 
 from __future__ import annotations
@@ -38,18 +39,22 @@ _BATCH = flags.DEFINE_integer("batch", 4, "Images in the batch.")
 _COMPOSITE = flags.DEFINE_enum("composite", "epsilon_gamma_box",
                                ["epsilon_gamma_box", "epsilon_plus_flat"], "LRP composite.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed calls of each (after one untimed).")
+_WITHOUT_ADAPTIVE_POOL = flags.DEFINE_bool(
+    "without_adaptive_pool", False, "At 224 too, leave torchvision's 7x7 adaptive pool out "
+    "(an identity there, which Zennit's Norm rule turns into x / (x + 1e-6 sign x)).")
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
 IMAGENET_STD = np.array([0.229, 0.224, 0.225])
 
 
-def _torch_vgg16(torch, torchvision, image_size: int):
+def _torch_vgg16(torch, torchvision, image_size: int, without_adaptive_pool: bool):
   """torchvision's VGG16 with random weights; without the adaptive pool off 224 pixels."""
   torch.manual_seed(0)
   net = torchvision.models.vgg16(weights=None)
   side = image_size // 32
-  if side != 7:
+  if side != 7 or without_adaptive_pool:
     net.avgpool = torch.nn.Identity()
+  if side != 7:
     net.classifier[0] = torch.nn.Linear(512 * side * side, 4096)
   with torch.no_grad():
     for layer in net.modules():
@@ -77,7 +82,7 @@ def main(argv) -> None:
   size, batch, name = _IMAGE_SIZE.value, _BATCH.value, _COMPOSITE.value
   if size % 32:
     raise app.UsageError(f"--image_size must be a multiple of 32; got {size}.")
-  net = _torch_vgg16(torch, torchvision, size)
+  net = _torch_vgg16(torch, torchvision, size, _WITHOUT_ADAPTIVE_POOL.value)
   model = vgg.vgg16(num_outputs=1000, input_shape=(size, size, 3))
   with tempfile.TemporaryDirectory(prefix="lrp_bench_") as directory:
     path = os.path.join(directory, "vgg16.pth")
@@ -119,6 +124,7 @@ def main(argv) -> None:
   print(json.dumps({
       "model": "vgg16 (torchvision layout, random weights)", "image_size": size,
       "batch": batch, "composite": name, "repeats": _REPEATS.value,
+      "torch_adaptive_pool": size == 224 and not _WITHOUT_ADAPTIVE_POOL.value,
       "jax_backend": jax.default_backend(), "torch_threads": torch.get_num_threads(),
       "ours": {"compile_s": round(compile_s, 2), "seconds_per_batch": round(ours_s, 3),
                "images_per_s": round(batch / ours_s, 3)},

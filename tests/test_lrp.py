@@ -197,6 +197,10 @@ def test_layers_without_a_rule_bad_images_and_bad_targets_are_refused():
     lrp.relevance(plain, images, jnp.array([5]))
   with pytest.raises(ValueError, match="found no nn.Conv or nn.Dense"):
     lrp.relevance(lambda x: x.reshape((1, -1))[:, :2], images, 0)
+  # A jitted logits_fn replays its cached trace, which has no rules in it: refused, not a
+  # gradient returned as relevance.
+  with pytest.raises(ValueError, match="un-jitted"):
+    lrp.relevance(jax.jit(plain), images, 0)
 
 
 # ----------------------------------------------------------------------------- VGG16
@@ -233,6 +237,12 @@ def _torch_vgg16(torch, torchvision):
   return net
 
 
+def _without_biases(variables):
+  """The same weights with every bias zero (nothing absorbs relevance)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: jnp.zeros_like(leaf) if path[-1].key == "bias" else leaf, variables)
+
+
 @pytest.fixture(scope="module")
 def vgg_case(tmp_path_factory):
   """A random torch VGG16, the same weights ported to ours, and our relevance at every tap for
@@ -243,8 +253,8 @@ def vgg_case(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("lrp_vgg") / "vgg16.pth")
   torch.save(net.state_dict(), path)
   model = vgg.vgg16(num_outputs=1000, input_shape=(VGG_SIZE, VGG_SIZE, 3))
-  variables, report = porting.port_torchvision(model, jax.jit(model.init)(jax.random.key(0)),
-                                               path, include_top=True)
+  variables, report = porting.port_torchvision(model, _zeros_like_init(model), path,
+                                               include_top=True)
   assert not report.kept_from_init
 
   @jax.jit
@@ -257,20 +267,26 @@ def vgg_case(tmp_path_factory):
             "logits": model.logits(variables, images)}
 
   rng = np.random.default_rng(0)
-  images = (rng.uniform(0, 1, (2, VGG_SIZE, VGG_SIZE, 3)) * (VGG_HIGH - VGG_LOW)
+  images = (rng.uniform(0, 1, (1, VGG_SIZE, VGG_SIZE, 3)) * (VGG_HIGH - VGG_LOW)
             + VGG_LOW).astype(np.float32)
-  targets = np.array([3, 907])
-  return dict(torch=torch, net=net, model=model, variables=variables, relevance=relevance,
-              images=images, targets=targets)
+  targets = np.array([907])
+  as_numpy = lambda tree: jax.tree_util.tree_map(np.asarray, tree)
+  return dict(torch=torch, net=net, images=images, targets=targets,
+              ours=as_numpy(relevance(variables, images, targets)),
+              without_biases=as_numpy(relevance(_without_biases(variables), images, targets)))
+
+
+def _zeros_like_init(model):
+  """Zero variables of the model's shapes (what porting overwrites), without running init."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0))
+  return jax.tree_util.tree_map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), shapes)
 
 
 def test_vgg16_composites_match_zennit_on_the_same_weights(vgg_case):
   torch = vgg_case["torch"]
   zennit_attribution = _oracle("zennit.attribution")
   composites = importlib.import_module("zennit.composites")
-  ours = jax.tree_util.tree_map(np.asarray, vgg_case["relevance"](
-      vgg_case["variables"], vgg_case["images"], vgg_case["targets"]))
-  ours.pop("logits")
+  ours = {name: value for name, value in vgg_case["ours"].items() if name != "logits"}
   zennit_composites = {
       "epsilon_gamma_box": composites.EpsilonGammaBox(
           low=torch.tensor(VGG_LOW, dtype=torch.float32).view(1, 3, 1, 1),
@@ -287,25 +303,20 @@ def test_vgg16_composites_match_zennit_on_the_same_weights(vgg_case):
                          ours["epsilon_plus_flat"]["input"]) > 1e-1
 
 
-def _without_biases(variables):
-  """The same weights with every bias zero (nothing absorbs relevance)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: jnp.zeros_like(leaf) if path[-1].key == "bias" else leaf, variables)
-
-
 def test_vgg16_relevance_is_conserved_at_every_layer_without_biases(vgg_case):
-  images, targets = vgg_case["images"], vgg_case["targets"]
-  relevance = vgg_case["relevance"](_without_biases(vgg_case["variables"]), images, targets)
-  target_logits = np.asarray(relevance.pop("logits"), np.float64)[np.arange(2), targets]
+  targets = vgg_case["targets"]
+  relevance = dict(vgg_case["without_biases"])
+  batch = np.arange(len(targets))
+  target_logits = np.asarray(relevance.pop("logits"), np.float64)[batch, targets]
   for name, per_layer in relevance.items():
     assert set(per_layer) == {"input", *vgg.TAPS}
     for tap, value in per_layer.items():
       sums = np.asarray(value, np.float64).reshape(len(targets), -1).sum(axis=1)
       np.testing.assert_allclose(sums, target_logits, rtol=2e-4, err_msg=f"{name} at {tap}")
   # With biases, relevance is absorbed: the sums move away from the logit.
-  biased = vgg_case["relevance"](vgg_case["variables"], images, targets)
-  sums = np.asarray(biased["epsilon_plus_flat"]["input"]).reshape(2, -1).sum(axis=1)
-  biased_logits = np.asarray(biased["logits"])[np.arange(2), targets]
+  biased = vgg_case["ours"]
+  sums = np.asarray(biased["epsilon_plus_flat"]["input"]).reshape(len(targets), -1).sum(axis=1)
+  biased_logits = np.asarray(biased["logits"])[batch, targets]
   assert np.all(np.abs(sums - biased_logits) > 1e-3 * np.abs(sums))
 
 
@@ -323,9 +334,10 @@ def _tiny_densenet():
                            input_shape=(DENSE_SIZE, DENSE_SIZE, 3))
 
 
-def _randomised(variables, seed: int):
-  """float64 copies with random BatchNorm statistics/affines and dense biases; the stem's
-  BatchNorm shifts by +3 so its ReLU keeps every unit (no ties in the max-pool after it)."""
+def _randomised(shapes, seed: int):
+  """float64 variables of these shapes: He-normal kernels, random BatchNorm statistics and
+  affines, random dense biases; the stem's BatchNorm shifts by +3 so its ReLU keeps every unit
+  (no ties in the max-pool after it)."""
   rng = np.random.default_rng(seed)
 
   def leaf(path, value):
@@ -339,24 +351,21 @@ def _randomised(variables, seed: int):
       return rng.uniform(0.5, 1.5, shape)
     if keys[-1] == "bias":
       return rng.normal(0, 0.1, shape) + (3.0 if "conv1_bn" in keys else 0.0)
-    return np.asarray(value, np.float64)
+    return rng.normal(0, np.sqrt(2.0 / np.prod(shape[:-1])), shape)  # He-normal kernels
 
-  return jax.tree_util.tree_map_with_path(leaf, jax.tree_util.tree_map(np.asarray, variables))
+  return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 def _folded_biases_zero(variables):
   """Biases chosen so that nothing absorbs relevance: dense bias 0 and, for the BatchNorms
-  folded into the convolution before them, beta = mean * g / sqrt(var + eps). The other
-  (pre-activation, Pass) BatchNorms shift by +2, so that the ReLUs after them keep their units:
-  z+ rules drop the relevance of an output all of whose positive contributions are zero."""
+  folded into the convolution before them, beta = mean * g / sqrt(var + eps) (the
+  pre-activation BatchNorms keep their shifts: Pass ignores them)."""
   variables = jax.tree_util.tree_map(np.array, variables)
   backbone_params = variables["params"]["backbone"]
   for name, stats in variables["batch_stats"]["backbone"].items():
     if name == "conv1_bn" or name.endswith("_1_bn"):
       factor = backbone_params[name]["scale"] / np.sqrt(stats["var"] + BN_EPSILON)
       backbone_params[name]["bias"] = stats["mean"] * factor
-    else:
-      backbone_params[name]["bias"] = backbone_params[name]["bias"] + 2.0
   variables["params"]["classifier"]["predictions"]["bias"][:] = 0
   return variables
 
@@ -489,19 +498,27 @@ def _numpy_densenet_lrp(variables, images, targets):
   return stem.flat(r_pool_input), logits
 
 
+# LRP-0 with Flat on the first layer: every rule conserves exactly (no bias, epsilon -> 0). The
+# z+ rules of EpsilonPlusFlat do not: an output none of whose inputs meets a positive weight
+# (all ReLUs before it off) has z+ = 0 and its relevance is dropped, as in Zennit.
+CONSERVING = lrp.LayerMap(conv=lrp.Epsilon(DENSE_EPSILON), dense=lrp.Epsilon(DENSE_EPSILON),
+                          first=lrp.Flat(DENSE_EPSILON), avg_pool=lrp.Norm(DENSE_EPSILON))
+
+
 @pytest.fixture(scope="module")
 def dense_case():
-  """The tiny DenseNet in float64 and its jitted per-layer EpsilonPlusFlat relevance."""
+  """The tiny DenseNet in float64 and its jitted per-layer relevance (EpsilonPlusFlat and the
+  conserving composite, one compiled function)."""
   with jax.enable_x64(True):
     model = _tiny_densenet()
-    initial = jax.jit(model.init)(jax.random.key(0))
-    variables = _randomised(initial, 1)
+    variables = _randomised(jax.eval_shape(model.init, jax.random.key(0)), 1)
 
     @jax.jit
     def relevance(variables, images, targets):
       return (lrp.layer_relevance(model, variables, images, targets,
                                   composite="epsilon_plus_flat", epsilon=DENSE_EPSILON,
                                   stabilizer=DENSE_EPSILON),
+              lrp.layer_relevance(model, variables, images, targets, composite=CONSERVING),
               model.logits(variables, images))
 
     images = np.random.default_rng(2).normal(size=(2, DENSE_SIZE, DENSE_SIZE, 3))
@@ -511,8 +528,8 @@ def dense_case():
 
 def test_densenet_relevance_matches_an_independent_numpy_implementation(dense_case):
   with jax.enable_x64(True):
-    per_layer, logits = dense_case["relevance"](dense_case["variables"], dense_case["images"],
-                                                dense_case["targets"])
+    per_layer, _, logits = dense_case["relevance"](
+        dense_case["variables"], dense_case["images"], dense_case["targets"])
   ours = per_layer["input"]
   expected, numpy_logits = _numpy_densenet_lrp(
       jax.tree_util.tree_map(np.asarray, dense_case["variables"]), dense_case["images"],
@@ -527,7 +544,7 @@ def test_densenet_relevance_is_conserved_at_every_layer(dense_case):
   with jax.enable_x64(True):
     variables = _folded_biases_zero(dense_case["variables"])
     images, targets = dense_case["images"], dense_case["targets"]
-    relevance, logits = dense_case["relevance"](variables, images, targets)
+    plus_flat, relevance, logits = dense_case["relevance"](variables, images, targets)
   logits = np.asarray(logits, np.float64)
   target_logits = logits[np.arange(2), targets]
   assert set(relevance) == {"input", *densenet.TAPS}
@@ -536,3 +553,7 @@ def test_densenet_relevance_is_conserved_at_every_layer(dense_case):
     # float64 everywhere but the float32 logits that seed the relevance.
     np.testing.assert_allclose(value, sums["input"], rtol=1e-9, err_msg=tap)
     np.testing.assert_allclose(value, target_logits, rtol=1e-6, err_msg=tap)
+  # EpsilonPlusFlat conserves from the logit down to the last transition's z+ layer.
+  for tap in ("embedding", "last_conv", "block4", "transition3"):
+    np.testing.assert_allclose(np.asarray(plus_flat[tap]).reshape(2, -1).sum(axis=1),
+                               target_logits, rtol=1e-6, err_msg=tap)

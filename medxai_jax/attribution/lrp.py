@@ -57,9 +57,12 @@ Differences from Zennit, by design:
   `attr_output=lambda out: one_hot * out` gives the same seed). For a one-logit sigmoid model
   class 1 is seeded with z and class 0 with -z.
 
-Relevance is computed in the dtype the layers compute in and returned in the images' dtype.
-Your own Linen model: `relevance(lambda x: module.apply(variables, x), images, targets)`, with
-activations and pools written as the `models.heads` layers so that they get their rules.
+Relevance is computed in the dtype the layers compute in and returned in the images' dtype
+(the project's heads cast logits to float32, so a float64 model's seed carries float32
+rounding, 1e-7 relative). Your own Linen model: `relevance(lambda x: module.apply(variables,
+x), images, targets)`, with activations and pools written as the `models.heads` layers so that
+they get their rules. logits_fn must run its layers un-jitted (jit the whole LRP call): a
+jitted logits_fn replays a trace without the rules, and is refused.
 """
 
 from __future__ import annotations
@@ -647,13 +650,15 @@ def _record(logits_fn: api.LogitsFn, images: jax.Array) -> _Plan:
     linear += is_linear
   if not linear:
     raise ValueError("LRP found no nn.Conv or nn.Dense layer in logits_fn: it explains Flax "
-                     "Linen networks built from nn.Conv / nn.Dense / nn.BatchNorm modules.")
+                     "Linen networks built from nn.Conv / nn.Dense / nn.BatchNorm modules, run "
+                     "un-jitted inside logits_fn (jit the whole LRP call instead).")
   return _Plan(layers, folds)
 
 
-def _lrp_interceptor(plan: _Plan, composite: Composite) -> Callable[..., Any]:
-  """The interceptor that runs every planned layer through its rule op."""
-  calls: dict[str, int] = {}
+def _lrp_interceptor(plan: _Plan, composite: Composite, calls: dict[str, int]
+                     ) -> Callable[..., Any]:
+  """The interceptor that runs every planned layer through its rule op; counts the calls of
+  each layer path in `calls`."""
   pending: dict[tuple[str, int], tuple[Any, Forward, jax.Array, dict]] = {}
 
   def interceptor(next_fun, args, kwargs, context):
@@ -715,8 +720,14 @@ def _relevance_of(logits_fn: api.LogitsFn, apply: Callable[[Any], jax.Array], in
   plan = _record(logits_fn, images)
   predicted = isinstance(targets, str) and targets == "predicted"
   resolved = None if predicted else api.resolve_targets(logits_fn, images, targets)
-  with nn.intercept_methods(_lrp_interceptor(plan, composite)):
+  calls: dict[str, int] = {}
+  with nn.intercept_methods(_lrp_interceptor(plan, composite, calls)):
     logits, pullback = jax.vjp(apply, inputs)
+  if sum(calls.values()) != len(plan.layers):
+    raise ValueError(f"LRP saw {sum(calls.values())} layer calls while explaining, but "
+                     f"{len(plan.layers)} when logits_fn was traced: a jitted or cached "
+                     "logits_fn would be differentiated without the rules; pass the un-jitted "
+                     "function (jit the whole LRP call instead).")
   logits = lax.stop_gradient(logits)
   if resolved is None:
     resolved = api.predicted_classes(logits)
@@ -744,7 +755,7 @@ def relevance(logits_fn: api.LogitsFn, images: jax.Array, targets: api.Targets, 
 
 
 def lrp(model: base.Classifier, variables: base.Variables, images: jax.Array,
-        targets: api.Targets, *, composite: str | Composite = "epsilon_gamma_box",
+        targets: api.Targets, *, composite: str | Composite = "epsilon_plus_flat",
         low: Any = None, high: Any = None, epsilon: float | None = None,
         gamma: float | None = None, stabilizer: float | None = None) -> jax.Array:
   """LRP relevance [B, H, W, C] through a project `Classifier` (see `relevance`)."""
@@ -754,7 +765,7 @@ def lrp(model: base.Classifier, variables: base.Variables, images: jax.Array,
 
 
 def layer_relevance(model: base.Classifier, variables: base.Variables, images: jax.Array,
-                    targets: api.Targets, *, composite: str | Composite = "epsilon_gamma_box",
+                    targets: api.Targets, *, composite: str | Composite = "epsilon_plus_flat",
                     low: Any = None, high: Any = None, epsilon: float | None = None,
                     gamma: float | None = None, stabilizer: float | None = None
                     ) -> dict[str, jax.Array]:
