@@ -40,7 +40,7 @@ class DenseNetBackbone(nn.Module):
   def _bn_relu(self, x: jax.Array, name: str, train: bool) -> jax.Array:
     x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                      epsilon=self.bn_epsilon, dtype=self.dtype, name=name)(x)
-    return nn.relu(x)
+    return heads.ReLU(name=name[:-2] + "relu")(x)  # conv1_bn -> conv1_relu, bn -> relu (Keras)
 
   def _conv(self, x: jax.Array, features: int, size: int, name: str, stride: int = 1,
             padding: int = 0) -> jax.Array:
@@ -55,7 +55,7 @@ class DenseNetBackbone(nn.Module):
     x = self._conv(x.astype(self.dtype), self.stem_width, 7, "conv1_conv", stride=2, padding=3)
     x = base.perturb_tap(self, "stem", self._bn_relu(x, "conv1_bn", train))
     taps["stem"] = x
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = heads.MaxPool((3, 3), (2, 2), ((1, 1), (1, 1)), name="pool1")(x)
     for block_index, num_layers in enumerate(self.block_sizes):
       stage = block_index + 2  # Keras numbers the dense blocks conv2..conv5
       for layer in range(1, num_layers + 1):
@@ -71,11 +71,11 @@ class DenseNetBackbone(nn.Module):
         y = self._bn_relu(x, f"pool{stage}_bn", train)
         y = self._conv(y, int(x.shape[-1] * self.compression), 1, f"pool{stage}_conv")
         x = base.perturb_tap(self, f"transition{block_index + 1}",
-                             nn.avg_pool(y, (2, 2), strides=(2, 2)))
+                             heads.AvgPool((2, 2), (2, 2), name=f"pool{stage}_pool")(y))
         taps[f"transition{block_index + 1}"] = x
     taps["last_conv"] = base.perturb_tap(self, "last_conv", self._bn_relu(x, "bn", train))
-    taps["embedding"] = base.perturb_tap(self, "embedding",
-                                         heads.global_average_pool(taps["last_conv"]))
+    pooled = heads.GlobalAveragePool(name="avg_pool")(taps["last_conv"])
+    taps["embedding"] = base.perturb_tap(self, "embedding", pooled)
     return taps
 
 

@@ -6,7 +6,7 @@ that as four hidden ReLU layers plus the output layer, with widths set by config
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -28,7 +28,8 @@ class DenseHead(nn.Module):
     """Logits [B, num_outputs] from pooled features [B, C]."""
     x = pooled
     for index, width in enumerate(self.hidden_widths):
-      x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"dense{index + 1}")(x))
+      x = ReLU(name=f"dense{index + 1}_relu")(
+          nn.Dense(width, dtype=self.dtype, name=f"dense{index + 1}")(x))
       if self.dropout_rate:
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     return nn.Dense(self.num_outputs, dtype=self.dtype, name="predictions")(x).astype(jnp.float32)
@@ -54,3 +55,44 @@ def make_head(kind: str, num_outputs: int, hidden_widths: Sequence[int] = (),
 def global_average_pool(feature_map: jax.Array) -> jax.Array:
   """Mean over the spatial axes of [B, H, W, C] (any input size)."""
   return feature_map.mean(axis=(1, 2))
+
+
+# Parameterless layers for the activation and pooling functions the architectures use, so that
+# transforms that intercept Flax modules (attribution/lrp.py gives each a relevance rule) see
+# them as layers. They hold no variables: checkpoints and parameter trees are unchanged.
+
+
+class ReLU(nn.Module):
+  """nn.relu as a layer."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return nn.relu(x)
+
+
+class MaxPool(nn.Module):
+  """nn.max_pool as a layer."""
+
+  window: tuple[int, ...]
+  strides: tuple[int, ...]
+  padding: Any = "VALID"
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return nn.max_pool(x, self.window, strides=self.strides, padding=self.padding)
+
+
+class AvgPool(nn.Module):
+  """nn.avg_pool as a layer (padding cells count as zeros, as in nn.avg_pool)."""
+
+  window: tuple[int, ...]
+  strides: tuple[int, ...]
+  padding: Any = "VALID"
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return nn.avg_pool(x, self.window, strides=self.strides, padding=self.padding)
+
+
+class GlobalAveragePool(nn.Module):
+  """`global_average_pool` as a layer."""
+
+  def __call__(self, feature_map: jax.Array) -> jax.Array:
+    return global_average_pool(feature_map)

@@ -46,6 +46,9 @@ class VGG16(nn.Module):
       self.gap_conv = nn.Conv(self.gap_conv_width, (3, 3), padding=((1, 1), (1, 1)),
                               dtype=self.dtype, conv_general_dilated=conv_lib.conv_general_dilated)
     self.predictions = nn.Dense(self.num_outputs, dtype=self.dtype)
+    self.relu = heads.ReLU()
+    self.pool = heads.MaxPool((2, 2), (2, 2))
+    self.gap = heads.GlobalAveragePool()
     self.dropout = nn.Dropout(self.dropout_rate)
 
   def head_input_size(self, side: int) -> int:
@@ -62,15 +65,15 @@ class VGG16(nn.Module):
     x = x.astype(self.dtype)
     for block_index, block in enumerate(self.convs):
       for conv in block:
-        x = nn.relu(conv(x))
+        x = self.relu(conv(x))
       last_block = block_index == len(self.convs) - 1
       if last_block and self.head_kind == "gap":
         taps["block5"] = x = base.perturb_tap(self, "block5", x)
-        taps["last_conv"] = base.perturb_tap(self, "last_conv", nn.relu(self.gap_conv(x)))
+        taps["last_conv"] = base.perturb_tap(self, "last_conv", self.relu(self.gap_conv(x)))
       else:
         if last_block:
           taps["last_conv"] = x = base.perturb_tap(self, "last_conv", x)
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = self.pool(x)
         taps[f"block{block_index + 1}"] = x = base.perturb_tap(self, f"block{block_index + 1}", x)
     return taps
 
@@ -78,15 +81,15 @@ class VGG16(nn.Module):
     """What the classic head flattens (the block-5 pool) or the GAP head averages."""
     if self.head_kind == "gap":
       return feature_map
-    return nn.max_pool(feature_map, (2, 2), strides=(2, 2))
+    return self.pool(feature_map)
 
   def _hidden(self, pooled_map: jax.Array, train: bool) -> jax.Array:
     """Features the output layer reads ('embedding') from `_pool_input`'s output."""
     if self.head_kind == "gap":
-      return heads.global_average_pool(pooled_map)
+      return self.gap(pooled_map)
     x = pooled_map.reshape((pooled_map.shape[0], -1))
-    x = self.dropout(nn.relu(self.fc1(x)), deterministic=not train)
-    return self.dropout(nn.relu(self.fc2(x)), deterministic=not train)
+    x = self.dropout(self.relu(self.fc1(x)), deterministic=not train)
+    return self.dropout(self.relu(self.fc2(x)), deterministic=not train)
 
   def _embedding(self, taps: dict[str, jax.Array], train: bool) -> jax.Array:
     """The marked 'embedding' from the backbone taps (classic: from the marked block-5 pool)."""
