@@ -50,7 +50,7 @@ def cam(model: base.Classifier, variables: base.Variables, images: jax.Array,
   = W A(x, y), so no parameter names are needed. With `check_head` (not under jit) a head that is
   not affine in the pooled features raises a ValueError instead of returning a wrong map.
   """
-  targets = common.resolve_targets(model, variables, images, targets)
+  targets = common.resolve_inputs(model.logits_fn(variables), images, targets)
   feature_map = model.features(variables, images, "last_conv")
   per_cell = _head_at_each_location(model, variables, feature_map)
   bias = model.head(variables, jnp.zeros_like(feature_map[:, :1, :1]))      # [B, classes]
@@ -70,7 +70,7 @@ def cam(model: base.Classifier, variables: base.Variables, images: jax.Array,
 def tap_gradients(model: base.Classifier, variables: base.Variables, images: jax.Array,
                   targets: jax.Array, tap: str = "last_conv") -> tuple[jax.Array, jax.Array]:
   """The activation A at `tap` and dS_c/dA (same shape) of each image's target score."""
-  targets = common.resolve_targets(model, variables, images, targets)
+  targets = common.resolve_inputs(model.logits_fn(variables), images, targets)
   name = model.resolve_tap(tap)
   if name == model.resolve_tap("last_conv"):
     activation = model.features(variables, images, name)
