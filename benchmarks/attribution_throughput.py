@@ -5,8 +5,11 @@ r"""Throughput of every attribution method, vectorised against naive Python loop
       [--methods=gradients,smoothgrad,ig,blur_ig,guided_ig,xrai,fast_xrai,loop_ig,loop_smoothgrad]
       [--memory_steps=64,256] [--warmup=1] [--repeats=1]
 
-Prints one JSON object. Per method: the jit compile time (lower + compile, ahead of time), then
-`warmup` untimed and `repeats` timed calls of the compiled function; images/s = batch / mean
+Method names are the registry's (`medxai_jax.attribution.registry`); every logits-only method
+that jits whole can be timed (occlusion and rise too, with the registry's defaults), and
+--num_steps / --num_samples / --chunk_size override the registry's options of every method that
+has them. Prints one JSON object. Per method: the jit compile time (lower + compile, ahead of
+time), then `warmup` untimed and `repeats` timed calls of the compiled function; images/s = batch / mean
 seconds. The model has random weights (numpy He-normal draws, benchmarks.common,
 BatchNorm the identity);
 the inputs are the first synthetic radiographs (phantoms, seed 0), gray repeated to RGB.
@@ -44,15 +47,18 @@ import numpy as np
 
 from benchmarks import common as bench_common
 from medxai_jax.attribution import common
-from medxai_jax.attribution import gradients
 from medxai_jax.attribution import integrated
+from medxai_jax.attribution import registry
 from medxai_jax.attribution import xrai
 from medxai_jax.models import base
 from medxai_jax.models import custom_cnn
 from medxai_jax.models import densenet
 
-METHODS = ("gradients", "smoothgrad", "ig", "blur_ig", "guided_ig", "xrai", "fast_xrai", "loop_ig",
-           "loop_smoothgrad")
+# The registry's logits-only methods jitted whole, XRAI's two rankings and the loop baselines.
+VECTORISED = tuple(name for name in registry.names("logits") if not registry.get(name).host)
+METHODS = (*VECTORISED, "xrai", "fast_xrai", "loop_ig", "loop_smoothgrad")
+DEFAULT_METHODS = ("gradients", "smoothgrad", "ig", "blur_ig", "guided_ig", "xrai", "fast_xrai",
+                   "loop_ig", "loop_smoothgrad")
 ARCHS = ("densenet121", "densenet169", "densenet201", "custom_cnn")
 
 _ARCH = flags.DEFINE_enum("arch", "densenet169", ARCHS, "Model (random weights).")
@@ -62,7 +68,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per call.")
 _STEPS = flags.DEFINE_integer("num_steps", 64, "Path steps of IG, Blur IG, Guided IG, XRAI's IG.")
 _SAMPLES = flags.DEFINE_integer("num_samples", 32, "SmoothGrad noise samples.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 4, "Steps / samples vmapped per gradient batch.")
-_METHODS = flags.DEFINE_list("methods", list(METHODS), f"Subset of {METHODS}.")
+_METHODS = flags.DEFINE_list("methods", list(DEFAULT_METHODS), f"Subset of {METHODS}.")
 _MEMORY_STEPS = flags.DEFINE_list("memory_steps", ["64", "256"], "IG step counts for memory.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling.")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Timed calls.")
@@ -153,6 +159,17 @@ def of_variables(method: Callable[..., jax.Array], model: base.Classifier, **opt
                                                    **options)
 
 
+def registered(name: str, model: base.Classifier, key: jax.Array, overrides: dict[str, Any]
+               ) -> Callable[[base.Variables, jax.Array, jax.Array], jax.Array]:
+  """A registered logits-only method with the registry's defaults and these shared overrides,
+  as a function of (variables, images, targets)."""
+  spec = registry.get(name)
+  options = registry.method_options([name], overrides)[name]
+  method_key = key if spec.takes_key else None
+  return lambda variables, images, targets: spec(model.logits_fn(variables), images, targets,
+                                                 key=method_key, **options)
+
+
 def main(argv):
   del argv
   unknown = sorted(set(_METHODS.value) - set(METHODS))
@@ -168,15 +185,8 @@ def main(argv):
   targets = jnp.asarray(rng.integers(0, model.num_classes, batch), jnp.int32)
   key = jax.random.key(0)
   partial = functools.partial
-  vectorised = {
-      "gradients": of_variables(gradients.vanilla_gradients, model),
-      "smoothgrad": of_variables(gradients.smoothgrad, model, key=key, num_samples=samples,
-                                 chunk_size=chunk),
-      "ig": of_variables(integrated.integrated_gradients, model, num_steps=steps,
-                         chunk_size=chunk),
-      "blur_ig": of_variables(integrated.blur_ig, model, num_steps=steps, chunk_size=chunk),
-      "guided_ig": of_variables(integrated.guided_ig, model, num_steps=steps),
-  }
+  shared = {"num_steps": steps, "num_samples": samples, "chunk_size": chunk}
+  vectorised = {name: registered(name, model, key, shared) for name in VECTORISED}
   methods: dict[str, dict[str, Any]] = {}
   outputs: dict[str, np.ndarray] = {}
   for name, fn in vectorised.items():

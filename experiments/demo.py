@@ -21,7 +21,6 @@ import numpy as np
 from experiments import cli
 from experiments import demo_sections
 from experiments import evaluate_explanations
-from medxai_jax import explain
 from medxai_jax.attribution import cam
 from medxai_jax.data import pipeline
 from medxai_jax.models import base
@@ -108,7 +107,7 @@ def main(argv: list[str]) -> None:
   scored = evaluate_explanations.evaluate_run(
       config, workdir, os.path.join(workdir, "evaluation"),
       methods=[m for m in settings.methods if m != "xrai"], num_images=settings.num_scored,
-      options=explain.ExplainOptions(steps=settings.steps, samples=settings.samples),
+      options=demo_sections.explain_overrides(settings),
       seed=config.seed)
   annotation_section, result["annotation"] = demo_sections.annotation_section(
       config.annotation, config.seed, workdir)

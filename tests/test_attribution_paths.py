@@ -1,7 +1,9 @@
 """Gradient and path attributions: exactness on linear models, completeness, invariances, API."""
 
 import functools
+import importlib
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -160,6 +162,63 @@ def test_ig_of_a_linear_model_is_input_difference_times_weights(linear, method):
                  rule=method, chunk_size=3)(variables, images, targets)
   expected = (images - 0.3) * _linear_weights(variables, targets)
   np.testing.assert_allclose(maps, expected, rtol=1e-5, atol=1e-7)
+
+
+def _oracle(name: str):
+  """The reference module; skipped when absent unless MEDXAI_REQUIRE_ORACLES=1."""
+  if os.environ.get("MEDXAI_REQUIRE_ORACLES") == "1":
+    return importlib.import_module(name)
+  return pytest.importorskip(name)
+
+
+def test_quadrature_rules_are_pairs_and_captums():
+  """PAIR's IG: linspace(0, 1, N) with weight 1/N. Captum's methods, by their names: the same
+  nodes and weights as ours, except 'riemann_trapezoid' (Captum: 1/N, ends halved, sum 1 - 1/N),
+  which is our captum_trapezoid; ours of that name is the trapezoid rule (weights sum to 1)."""
+  approximation = _oracle("captum.attr._utils.approximation_methods")
+  nodes, weights = integrated.quadrature("pair_uniform", 7)
+  np.testing.assert_allclose(nodes, np.linspace(0, 1, 7), rtol=0, atol=1e-15)
+  np.testing.assert_allclose(weights, np.full(7, 1 / 7), rtol=0, atol=1e-15)
+  ours_by_captum_name = {"riemann_left": "riemann_left", "riemann_right": "riemann_right",
+                         "riemann_middle": "riemann_middle",
+                         "riemann_trapezoid": "captum_trapezoid",
+                         "gausslegendre": "gausslegendre"}
+  for captum_name, ours in ours_by_captum_name.items():
+    step_sizes, alphas = approximation.approximation_parameters(captum_name)
+    nodes, weights = integrated.quadrature(ours, 7)
+    np.testing.assert_allclose(nodes, alphas(7), atol=1e-6, err_msg=captum_name)
+    np.testing.assert_allclose(weights, step_sizes(7), atol=1e-12, err_msg=captum_name)
+  assert integrated.quadrature("riemann_trapezoid", 7)[1].sum() == pytest.approx(1.0)
+  assert integrated.quadrature("captum_trapezoid", 7)[1].sum() == pytest.approx(1 - 1 / 7)
+
+
+def test_ig_matches_captum_on_a_torch_mlp_with_the_same_weights(relu_mlp):
+  """Captum's IntegratedGradients on a torch twin of the ReLU MLP, every Captum method name,
+  against ours under that name (captum_trapezoid for Captum's trapezoid)."""
+  torch = _oracle("torch")
+  captum_attr = _oracle("captum.attr")
+  model, variables, images, targets = relu_mlp
+  params = jax.tree.map(np.asarray, variables["params"])
+  net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(60, 8), torch.nn.ReLU(),
+                            torch.nn.Linear(8, 3)).eval()
+  with torch.no_grad():
+    for layer, name in ((net[1], "hidden"), (net[3], "output")):
+      layer.weight.copy_(torch.from_numpy(params[name]["kernel"].T.copy()))
+      layer.bias.copy_(torch.from_numpy(params[name]["bias"].copy()))
+  inputs = torch.from_numpy(np.asarray(images).copy())  # [B, H, W, C]: the same flat order
+  np.testing.assert_allclose(net(inputs).detach().numpy(), model.logits(variables, images),
+                             atol=1e-5)
+  baseline = 0.2
+  for captum_name, ours in (("riemann_left", "riemann_left"),
+                            ("riemann_middle", "riemann_middle"),
+                            ("riemann_trapezoid", "captum_trapezoid"),
+                            ("gausslegendre", "gausslegendre")):
+    expected = captum_attr.IntegratedGradients(net).attribute(
+        inputs, baselines=baseline, target=np.asarray(targets).tolist(), n_steps=6,
+        method=captum_name).detach().numpy()
+    maps = integrated.integrated_gradients(model.logits_fn(variables), images, targets,
+                                           baseline=baseline, num_steps=6, rule=ours)
+    np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-6, err_msg=captum_name)
 
 
 def test_ig_completeness_on_the_cnn_within_one_percent(cnn, cnn_ig_trapezoid):

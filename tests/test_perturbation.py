@@ -146,8 +146,8 @@ def test_occlusion_equals_a_naive_per_window_loop(cnn, window, strides):
   model, variables, images = cnn
   targets = np.asarray([0, 2])
   expected = _naive_occlusion(model, variables, images, targets, window, strides, 0.25)
-  ours = perturbation.occlusion(model.logits_fn(variables), images, jnp.asarray(targets), window=window,
-                                strides=strides, baseline=0.25, chunk_size=4)
+  ours = perturbation.occlusion(model.logits_fn(variables), images, jnp.asarray(targets),
+                                window=window, strides=strides, baseline=0.25, chunk_size=4)
   assert ours.shape == images.shape
   np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(ours).max()) > 1e-3
@@ -216,8 +216,8 @@ def test_an_array_baseline_replaces_each_pixel_by_its_own_value(cnn):
       total[:, top:top + 4, left:left + 4] += (logits(images_np) - logits(occluded))[:, None,
                                                                                     None, None]
       counter[top:top + 4, left:left + 4] += 1
-  ours = perturbation.occlusion(model.logits_fn(variables), images, jnp.asarray(targets), window=window,
-                                strides=strides, baseline=jnp.asarray(baseline))
+  ours = perturbation.occlusion(model.logits_fn(variables), images, jnp.asarray(targets),
+                                window=window, strides=strides, baseline=jnp.asarray(baseline))
   np.testing.assert_allclose(ours, total / counter, rtol=1e-5, atol=1e-6)
 
 
@@ -267,8 +267,8 @@ def test_occlusion_matches_captum(cnn, window, strides, baseline):
       nchw, sliding_window_shapes=to_captum(shape), strides=to_captum(steps),
       baselines=torch_baseline, target=targets, perturbations_per_eval=3)
   expected = expected.detach().numpy().transpose(0, 2, 3, 1)
-  ours = perturbation.occlusion(model.logits_fn(variables), images, jnp.asarray(targets), window=window,
-                                strides=strides, baseline=jnp.asarray(baseline), chunk_size=5)
+  ours = perturbation.occlusion(model.logits_fn(variables), images, jnp.asarray(targets),
+                                window=window, strides=strides, baseline=jnp.asarray(baseline), chunk_size=5)
   assert float(np.abs(expected).max()) > 0.05
   np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
 
@@ -325,8 +325,8 @@ def test_rise_is_unbiased_on_a_linear_model():
   variables = {"params": {"dense": {"kernel": kernel, "bias": jnp.asarray([bias])}}}
   images = jnp.ones((1, *shape))
   p_keep, cell = 0.5, 4
-  saliency = np.asarray(perturbation.rise(model.logits_fn(variables), images, 1, key=jax.random.key(9),
-                                          num_masks=4000, cell_size=cell, p_keep=p_keep,
+  saliency = np.asarray(perturbation.rise(model.logits_fn(variables), images, 1,
+                                          key=jax.random.key(9), num_masks=4000, cell_size=cell, p_keep=p_keep,
                                           chunk_size=500))[0]
   far = saliency[2 * cell + 1:, 2 * cell + 1:]
   np.testing.assert_allclose(far.mean(), weight * p_keep + bias, rtol=0.03)
@@ -380,18 +380,20 @@ def test_the_input_contract_is_enforced(name, cnn):
 
 def test_registered_in_explain_with_the_options(cnn):
   model, variables, images = cnn
-  options = explain.ExplainOptions(occlusion_window=4, occlusion_stride=2, rise_masks=8,
-                                   rise_grid=5, chunk_size=3)
-  assert perturbation.grid_cell_size(images.shape, 5) == 3  # ceil(12 / 5)
+  overrides = {"occlusion": {"window": 4, "strides": 2}, "rise": {"num_masks": 8},
+               "chunk_size": 3}
+  assert perturbation.grid_cell_size(images.shape, perturbation.RISE_GRID) == 2  # ceil(12 / 7)
   targets = jnp.asarray([0, 1])
   key = jax.random.key(12)
   maps, info = explain.run_methods(model, variables, images, targets, ["occlusion", "rise"],
-                                   key, options)
+                                   key, overrides)
   np.testing.assert_allclose(maps["occlusion"], perturbation.occlusion(
       model.logits_fn(variables), images, targets, window=4, strides=2), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(maps["rise"], perturbation.rise(
       model.logits_fn(variables), images, targets, key=jax.random.fold_in(key, 1), num_masks=8,
-      cell_size=3), rtol=1e-5, atol=1e-6)
+      cell_size=2), rtol=1e-5, atol=1e-6)
+  assert info["occlusion"]["options"]["window"] == 4
+  assert info["rise"]["options"]["chunk_size"] == 3
   assert info["rise"]["seconds_per_image"] > 0
 
 
