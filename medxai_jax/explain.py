@@ -83,12 +83,12 @@ def _guided_ig(model, variables, images, targets, key, options):
 
 def _grad_cam(model, variables, images, targets, key, options):
   del key, options
-  return cam.grad_cam(model, variables, images, targets)
+  return cam.grad_cam(model.split(variables), images, targets)
 
 
 def _cam(model, variables, images, targets, key, options):
   del key, options
-  return cam.cam(model, variables, images, targets, check_head=False)
+  return cam.cam(model.split(variables), images, targets)
 
 
 def _xrai(model, variables, images, targets, key, options):
@@ -119,7 +119,7 @@ def _rise(model, variables, images, targets, key, options):
 
 def _crm(model, variables, images, targets, key, options):
   del targets, key, options  # CRM sums over every class score (004, eq. 6)
-  return crm.crm(model, variables, images)
+  return crm.crm(model.split(variables), images)
 
 
 # The methods, in the column order of the figures.
@@ -148,11 +148,8 @@ NEEDS_GAP_HEAD = frozenset({"cam"})
 def gap_head_problem(model: base.Classifier, variables: base.Variables, images: jax.Array,
                      targets: jax.Array) -> str | None:
   """Why CAM cannot read this model's head, or None when it can."""
-  try:
-    cam.cam(model, variables, images[:1], targets[:1], check_head=True)
-  except ValueError as error:
-    return str(error)
-  return None
+  del targets
+  return cam.gap_head_problem(model.split(variables), images[:1])
 
 
 def run_methods(model: base.Classifier, variables: base.Variables, images: jax.Array,
