@@ -2,7 +2,7 @@ r"""Throughput of every attribution method, vectorised against naive Python loop
 
   python -m benchmarks.attribution_throughput [--arch=densenet169] [--image_size=224]
       [--batch_size=8] [--num_steps=64] [--num_samples=32] [--chunk_size=4]
-      [--methods=vanilla,smoothgrad,ig,blur_ig,guided_ig,xrai,fast_xrai,loop_ig,loop_smoothgrad]
+      [--methods=gradients,smoothgrad,ig,blur_ig,guided_ig,xrai,fast_xrai,loop_ig,loop_smoothgrad]
       [--memory_steps=64,256] [--warmup=1] [--repeats=1]
 
 Prints one JSON object. Per method: the jit compile time (lower + compile, ahead of time), then
@@ -51,7 +51,7 @@ from medxai_jax.models import base
 from medxai_jax.models import custom_cnn
 from medxai_jax.models import densenet
 
-METHODS = ("vanilla", "smoothgrad", "ig", "blur_ig", "guided_ig", "xrai", "fast_xrai", "loop_ig",
+METHODS = ("gradients", "smoothgrad", "ig", "blur_ig", "guided_ig", "xrai", "fast_xrai", "loop_ig",
            "loop_smoothgrad")
 ARCHS = ("densenet121", "densenet169", "densenet201", "custom_cnn")
 
@@ -126,7 +126,7 @@ def scan_probe(model: base.Classifier, variables: base.Variables, images: jax.Ar
 
   def chunk_gradients(variables: base.Variables, alpha: jax.Array) -> jax.Array:
     points = common.tile_batch(images, chunk_size) * alpha
-    grads = common.input_gradients(model, variables, points, tiled_targets)
+    grads = common.input_gradients(model.logits_fn(variables), points, tiled_targets)
     return grads.reshape((chunk_size,) + images.shape).sum(axis=0)
 
   def scanned(variables: base.Variables, unroll: int | bool) -> jax.Array:
@@ -146,6 +146,13 @@ def scan_probe(model: base.Classifier, variables: base.Variables, images: jax.Ar
   return result
 
 
+def of_variables(method: Callable[..., jax.Array], model: base.Classifier, **options: Any
+                 ) -> Callable[[base.Variables, jax.Array, jax.Array], jax.Array]:
+  """(variables, images, targets) -> method(model.logits_fn(variables), images, targets)."""
+  return lambda variables, images, targets: method(model.logits_fn(variables), images, targets,
+                                                   **options)
+
+
 def main(argv):
   del argv
   unknown = sorted(set(_METHODS.value) - set(METHODS))
@@ -162,12 +169,13 @@ def main(argv):
   key = jax.random.key(0)
   partial = functools.partial
   vectorised = {
-      "vanilla": partial(gradients.vanilla_gradients, model),
-      "smoothgrad": partial(gradients.smoothgrad, model, key=key, num_samples=samples,
-                            chunk_size=chunk),
-      "ig": partial(integrated.integrated_gradients, model, num_steps=steps, chunk_size=chunk),
-      "blur_ig": partial(integrated.blur_ig, model, num_steps=steps, chunk_size=chunk),
-      "guided_ig": partial(integrated.guided_ig, model, num_steps=steps),
+      "gradients": of_variables(gradients.vanilla_gradients, model),
+      "smoothgrad": of_variables(gradients.smoothgrad, model, key=key, num_samples=samples,
+                                 chunk_size=chunk),
+      "ig": of_variables(integrated.integrated_gradients, model, num_steps=steps,
+                         chunk_size=chunk),
+      "blur_ig": of_variables(integrated.blur_ig, model, num_steps=steps, chunk_size=chunk),
+      "guided_ig": of_variables(integrated.guided_ig, model, num_steps=steps),
   }
   methods: dict[str, dict[str, Any]] = {}
   outputs: dict[str, np.ndarray] = {}
@@ -211,8 +219,9 @@ def main(argv):
            "loop_smoothgrad": ("smoothgrad", lambda grad: loop_smoothgrad(
                grad, variables, host_images, targets, samples))}
   if set(loops) & set(_METHODS.value):
-    grad_fn, compile_seconds = bench_common.compiled(partial(common.input_gradients, model), variables,
-                                         images, targets)
+    grad_fn, compile_seconds = bench_common.compiled(
+        lambda v, x, t: common.input_gradients(model.logits_fn(v), x, t), variables, images,
+        targets)
     for name, (vectorised_name, run_loop) in loops.items():
       if name not in _METHODS.value:
         continue
@@ -234,9 +243,9 @@ def main(argv):
   for index, num_steps in enumerate(memory_steps):
     chunks = [chunk] + ([num_steps] if index == 0 and num_steps != chunk else [])
     for chunk_size in chunks:
-      executable, _ = bench_common.compiled(partial(integrated.integrated_gradients, model,
-                                        num_steps=num_steps, chunk_size=chunk_size),
-                                variables, images, targets)
+      executable, _ = bench_common.compiled(of_variables(
+          integrated.integrated_gradients, model, num_steps=num_steps, chunk_size=chunk_size),
+          variables, images, targets)
       memory[f"ig_{num_steps}_steps_chunk_{chunk_size}"] = peak_bytes(executable)
 
   probe = (scan_probe(model, variables, images, targets, chunk, _SCAN_PROBE.value)

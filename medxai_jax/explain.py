@@ -55,30 +55,31 @@ class ExplainOptions:
 
 def _gradients(model, variables, images, targets, key, options):
   del key, options
-  return gradients.vanilla_gradients(model, variables, images, targets)
+  return gradients.vanilla_gradients(model.logits_fn(variables), images, targets)
 
 
 def _smoothgrad(model, variables, images, targets, key, options):
-  return gradients.smoothgrad(model, variables, images, targets, key=key,
+  return gradients.smoothgrad(model.logits_fn(variables), images, targets, key=key,
                               num_samples=options.samples, chunk_size=options.chunk_size)
 
 
 def _ig(model, variables, images, targets, key, options):
   del key
-  return integrated.integrated_gradients(model, variables, images, targets,
+  return integrated.integrated_gradients(model.logits_fn(variables), images, targets,
                                          num_steps=options.steps,
                                          chunk_size=options.chunk_size)
 
 
 def _blur_ig(model, variables, images, targets, key, options):
   del key
-  return integrated.blur_ig(model, variables, images, targets, num_steps=options.steps,
-                            chunk_size=options.chunk_size)
+  return integrated.blur_ig(model.logits_fn(variables), images, targets,
+                            num_steps=options.steps, chunk_size=options.chunk_size)
 
 
 def _guided_ig(model, variables, images, targets, key, options):
   del key
-  return integrated.guided_ig(model, variables, images, targets, num_steps=options.steps)
+  return integrated.guided_ig(model.logits_fn(variables), images, targets,
+                              num_steps=options.steps)
 
 
 def _grad_cam(model, variables, images, targets, key, options):
@@ -103,7 +104,7 @@ def _fast_xrai(model, variables, images, targets, key, options):
 
 def _occlusion(model, variables, images, targets, key, options):
   del key
-  return perturbation.occlusion(model, variables, images, targets,
+  return perturbation.occlusion(model.logits_fn(variables), images, targets,
                                 window=options.occlusion_window,
                                 strides=options.occlusion_stride,
                                 baseline=options.occlusion_baseline,
@@ -111,7 +112,7 @@ def _occlusion(model, variables, images, targets, key, options):
 
 
 def _rise(model, variables, images, targets, key, options):
-  return perturbation.rise(model, variables, images, targets, key=key,
+  return perturbation.rise(model.logits_fn(variables), images, targets, key=key,
                            num_masks=options.rise_masks,
                            cell_size=perturbation.grid_cell_size(images.shape, options.rise_grid),
                            p_keep=options.rise_p_keep, chunk_size=options.chunk_size)
@@ -161,7 +162,8 @@ def run_methods(model: base.Classifier, variables: base.Variables, images: jax.A
   if unknown:
     raise ValueError(f"Unknown methods {unknown}; choose from {list(METHODS)}.")
   # The methods are jitted below, where they cannot see NaN pixels: check the concrete batch.
-  common.check_method_inputs(model, variables, images, targets)
+  common.check_inputs(model, images)
+  common.check_method_inputs(model.logits_fn(variables), images, targets)
   maps, info = {}, {}
   head_problem = (gap_head_problem(model, variables, images, targets)
                   if NEEDS_GAP_HEAD.intersection(methods) else None)

@@ -282,13 +282,14 @@ SIDE = 32
 _KEY = jax.random.key(0)
 # Every method that takes targets, at its cheapest settings (the errors come before any work).
 TARGETED = {
-    "vanilla_gradients": gradients.vanilla_gradients,
-    "smoothgrad": lambda m, v, x, t: gradients.smoothgrad(m, v, x, t, key=_KEY, num_samples=2,
-                                                          chunk_size=2),
+    "vanilla_gradients": lambda m, v, x, t: gradients.vanilla_gradients(m.logits_fn(v), x, t),
+    "smoothgrad": lambda m, v, x, t: gradients.smoothgrad(m.logits_fn(v), x, t, key=_KEY,
+                                                          num_samples=2, chunk_size=2),
     "integrated_gradients": lambda m, v, x, t: integrated.integrated_gradients(
-        m, v, x, t, num_steps=2, chunk_size=2),
-    "blur_ig": lambda m, v, x, t: integrated.blur_ig(m, v, x, t, num_steps=2, max_sigma=2.0),
-    "guided_ig": lambda m, v, x, t: integrated.guided_ig(m, v, x, t, num_steps=2),
+        m.logits_fn(v), x, t, num_steps=2, chunk_size=2),
+    "blur_ig": lambda m, v, x, t: integrated.blur_ig(m.logits_fn(v), x, t, num_steps=2,
+                                                     max_sigma=2.0),
+    "guided_ig": lambda m, v, x, t: integrated.guided_ig(m.logits_fn(v), x, t, num_steps=2),
     "grad_cam": lambda m, v, x, t: cam.grad_cam(m.split(v), x, t),
     "cam": lambda m, v, x, t: cam.cam(m.split(v), x, t),
     "xrai": lambda m, v, x, t: xrai.xrai(m, v, x, t, num_steps=2),
@@ -347,8 +348,8 @@ def test_one_logit_targets_mean_negative_and_positive_class(one_logit):
   negative = cam.grad_cam(model.split(variables), images, jnp.zeros(2, jnp.int32), relu=False)
   np.testing.assert_allclose(negative, -positive, rtol=1e-5, atol=1e-7)
   assert float(jnp.abs(positive).max()) > 0
-  grad_one = gradients.vanilla_gradients(model, variables, images, 1)
-  grad_zero = gradients.vanilla_gradients(model, variables, images, 0)
+  grad_one = gradients.vanilla_gradients(model.logits_fn(variables), images, 1)
+  grad_zero = gradients.vanilla_gradients(model.logits_fn(variables), images, 0)
   np.testing.assert_allclose(grad_zero, -grad_one, rtol=1e-5, atol=1e-7)
 
 
@@ -458,15 +459,16 @@ def test_check_method_inputs_covers_jitted_callers(three_class):
   np.testing.assert_allclose(jitted(clean, targets),
                              cam.grad_cam(model.split(variables), clean, targets),
                              rtol=1e-5, atol=1e-6)
-  common.check_method_inputs(model, variables, clean, targets)
+  common.check_method_inputs(model.logits_fn(variables), clean, targets)
   with_nan = clean.at[0, 1, 1, 0].set(jnp.nan)
   with pytest.raises(ValueError, match=r"images\[0\] has non-finite"):
-    common.check_method_inputs(model, variables, with_nan, targets)
+    common.check_method_inputs(model.logits_fn(variables), with_nan, targets)
   # Concrete images closed over by a jitted function (only the variables traced) are checked.
   with pytest.raises(ValueError, match=r"images\[0\] has non-finite"):
-    jax.jit(lambda v: gradients.vanilla_gradients(model, v, with_nan, targets))(variables)
+    jax.jit(lambda v: gradients.vanilla_gradients(model.logits_fn(v), with_nan, targets))(
+        variables)
   with pytest.raises(ValueError, match=r"target 3 \(targets\[1\]\)"):
-    common.check_method_inputs(model, variables, clean, jnp.asarray([0, 3], jnp.int32))
+    common.check_method_inputs(model.logits_fn(variables), clean, jnp.asarray([0, 3], jnp.int32))
 
 
 def test_class_average_crm_refuses_nan_and_unscaled_integer_batches(three_class):

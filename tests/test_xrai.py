@@ -290,7 +290,8 @@ def test_xrai_ig_part_is_the_mean_of_two_integrated_gradients(cnn):
   maps = xrai.xrai_attributions(model, variables, images, targets, num_steps=NUM_STEPS)
   low = images.min(axis=(1, 2, 3), keepdims=True) * jnp.ones_like(images)
   high = images.max(axis=(1, 2, 3), keepdims=True) * jnp.ones_like(images)
-  ig = functools.partial(integrated.integrated_gradients, model, variables, images, targets,
+  ig = functools.partial(integrated.integrated_gradients, model.logits_fn(variables), images,
+                         targets,
                          num_steps=NUM_STEPS)
   expected = (ig(baseline=low) + ig(baseline=high)).sum(-1) / 2
   np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-6)

@@ -301,8 +301,9 @@ def _mean_ig(model: base.Classifier, variables: base.Variables, images: jax.Arra
   """IG maps [B, H, W] averaged over baselines [K, B, ...], all K * B images in one batch."""
   count = baselines.shape[0]
   attributions = integrated.integrated_gradients(
-      model, variables, common.tile_batch(images, count), common.tile_batch(targets, count),
-      baseline=baselines.reshape((-1,) + images.shape[1:]), num_steps=num_steps, method=method,
+      model.logits_fn(variables), common.tile_batch(images, count),
+      common.tile_batch(targets, count),
+      baseline=baselines.reshape((-1,) + images.shape[1:]), num_steps=num_steps, rule=method,
       chunk_size=chunk_size)
   mean = attributions.reshape(baselines.shape).mean(axis=0)
   return reduce_attribution_channels(mean, channel_reduction)
@@ -319,7 +320,7 @@ def xrai_attributions(model: base.Classifier, variables: base.Variables, images:
 
   Jit-able. One gradient batch holds chunk_size * len(baselines) * B images.
   """
-  targets = common.resolve_targets(model, variables, images, targets)
+  targets = common.resolve_inputs(model.logits_fn(variables), images, targets)
   stack = xrai_baselines(images, baselines, key=key, blur_sigma=blur_sigma)
   return _mean_ig(model, variables, images, stack, targets, num_steps=num_steps, method=method,
                   chunk_size=chunk_size, channel_reduction=channel_reduction)
@@ -339,7 +340,7 @@ def _compiled_mean_ig(model: _ByIdentity, variables: base.Variables, images: jax
   """`_mean_ig`, compiled once per (model, static options, shapes)."""
   classifier = model.value
   if named_targets is not None:
-    targets = common.resolve_targets(classifier, variables, images, named_targets)
+    targets = common.resolve_inputs(classifier.logits_fn(variables), images, named_targets)
   return _mean_ig(classifier, variables, images, baselines, targets, **dict(options))
 
 
@@ -401,7 +402,7 @@ def _run_xrai(rank_fn: Callable[[np.ndarray, np.ndarray], Ranking], model: base.
     if isinstance(targets, str) and targets == "predicted":
       named, target_array = targets, None
     else:
-      named, target_array = None, common.resolve_targets(model, variables, images, targets)
+      named, target_array = None, common.resolve_inputs(model.logits_fn(variables), images, targets)
     stack = xrai_baselines(images, baselines, key=key, blur_sigma=blur_sigma)
     options = (("num_steps", num_steps), ("method", method), ("chunk_size", chunk_size),
                ("channel_reduction", channel_reduction))
