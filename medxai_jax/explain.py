@@ -94,12 +94,12 @@ def _cam(model, variables, images, targets, key, options):
 
 def _xrai(model, variables, images, targets, key, options):
   del key
-  return xrai.xrai(model, variables, images, targets, num_steps=options.steps)
+  return xrai.xrai(model.logits_fn(variables), images, targets, num_steps=options.steps)
 
 
 def _fast_xrai(model, variables, images, targets, key, options):
   del key
-  return xrai.fast_xrai(model, variables, images, targets, num_steps=options.steps)
+  return xrai.fast_xrai(model.logits_fn(variables), images, targets, num_steps=options.steps)
 
 
 def _occlusion(model, variables, images, targets, key, options):

@@ -292,8 +292,8 @@ TARGETED = {
     "guided_ig": lambda m, v, x, t: integrated.guided_ig(m.logits_fn(v), x, t, num_steps=2),
     "grad_cam": lambda m, v, x, t: cam.grad_cam(m.split(v), x, t),
     "cam": lambda m, v, x, t: cam.cam(m.split(v), x, t),
-    "xrai": lambda m, v, x, t: xrai.xrai(m, v, x, t, num_steps=2),
-    "fast_xrai": lambda m, v, x, t: xrai.fast_xrai(m, v, x, t, num_steps=2),
+    "xrai": lambda m, v, x, t: xrai.xrai(m.logits_fn(v), x, t, num_steps=2),
+    "fast_xrai": lambda m, v, x, t: xrai.fast_xrai(m.logits_fn(v), x, t, num_steps=2),
 }
 # Methods without targets.
 UNTARGETED = {
