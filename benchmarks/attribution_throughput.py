@@ -184,7 +184,6 @@ def main(argv):
   images = jnp.asarray(host_images)
   targets = jnp.asarray(rng.integers(0, model.num_classes, batch), jnp.int32)
   key = jax.random.key(0)
-  partial = functools.partial
   shared = {"num_steps": steps, "num_samples": samples, "chunk_size": chunk}
   vectorised = {name: registered(name, model, key, shared) for name in VECTORISED}
   methods: dict[str, dict[str, Any]] = {}
@@ -201,8 +200,8 @@ def main(argv):
                      "finite": bool(np.isfinite(outputs[name]).all())}
 
   if {"xrai", "fast_xrai"} & set(_METHODS.value):
-    attribute = partial(xrai.xrai_attributions, model, num_steps=steps,
-                        chunk_size=max(chunk // 2, 1))
+    attribute = of_variables(xrai.xrai_attributions, model, num_steps=steps,
+                             chunk_size=max(chunk // 2, 1))
     executable, compile_seconds = bench_common.compiled(attribute, variables, images, targets)
     attribution_seconds, attributions = bench_common.timed(
         lambda: executable(variables, images, targets), warmup, repeats)
@@ -212,9 +211,9 @@ def main(argv):
     for name, method in (("xrai", xrai.xrai), ("fast_xrai", xrai.fast_xrai)):
       if name not in _METHODS.value:
         continue
-      ranking_seconds, _ = bench_common.timed(lambda: method(model, variables, images, targets,
-                                                 attributions=attributions, segments=segments),
-                                  0, repeats)
+      ranking_seconds, _ = bench_common.timed(
+          lambda: method(model.logits_fn(variables), images, targets, attributions=attributions,
+                         segments=segments), 0, repeats)
       total = attribution_seconds + segmentation_seconds + ranking_seconds
       methods[name] = {
           "compile_seconds": round(compile_seconds, 1), "seconds_per_batch": round(total, 3),

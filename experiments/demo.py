@@ -83,7 +83,7 @@ def main(argv: list[str]) -> None:
   count = config.explain.num_images
   chosen = np.flatnonzero(examples["label"] == 1)[:count]
   targets = jnp.ones(len(chosen), jnp.int32)
-  maps = np.asarray(jax.jit(lambda v, x, t: cam.grad_cam(model, v, x, t))(
+  maps = np.asarray(jax.jit(lambda v, x, t: cam.grad_cam(model.split(v), x, t))(
       variables, inputs[chosen], targets))
   probabilities = jax.nn.sigmoid(logits[chosen, 0]) if logits.shape[-1] == 1 else \
       jax.nn.softmax(logits[chosen])[:, 1]

@@ -12,11 +12,11 @@ import ml_collections
 import numpy as np
 
 from medxai_jax import explain
+from medxai_jax.analysis import crm_tables
 from medxai_jax.analysis import embedding
 from medxai_jax.annotation import reports
 from medxai_jax.analysis import similarity
 from medxai_jax.attribution import activations
-from medxai_jax.attribution import crm
 from medxai_jax.attribution import registry
 from medxai_jax.models import base
 from medxai_jax.train import steps
@@ -66,7 +66,8 @@ def feature_map_section(model: base.Classifier, variables: base.Variables, image
                         ) -> tuple[report.Section, dict[str, Any]]:
   """Activation grids (000), the strongest channel (002), Grad-CAM vs CRM and 004's ROI table."""
   taps = activations.grid_taps(model)
-  grids = jax.jit(lambda v, x: activations.activation_grids(model, v, x, taps))(
+  grids = jax.jit(lambda v, x: activations.activation_grids(
+      activations.model_splits(model, v, taps), x))(
       variables, inputs[:1])
   first = {tap: np.asarray(grids[tap][1][0]) for tap in taps}
   feature_maps.plot_layer_activations(images[0], first,
@@ -78,8 +79,8 @@ def feature_map_section(model: base.Classifier, variables: base.Variables, image
   feature_maps.plot_method_comparison(images, compared,
                                       os.path.join(workdir, "cam_gradcam_crm.png"))
   methods = cam_family
-  table = crm.roi_size_table(model, variables, (roi_inputs, roi_labels), methods=methods,
-                             num_classes=2, class_names=CLASS_NAMES)
+  table = crm_tables.roi_size_table(model.split(variables), (roi_inputs, roi_labels),
+                                    methods=methods, num_classes=2, class_names=CLASS_NAMES)
   rows = [[registry.label(r["method"]), r["class"], r["images"],
            round(float(r["mean_pixels"]), 1), round(float(r["percent"]), 2)]
           for r in table["rows"]]
