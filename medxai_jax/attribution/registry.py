@@ -17,9 +17,10 @@ targets (CRM sums every class score, 004 eq. 6, and takes none) and a PRNG key.
 
 One vocabulary: the options are spelled as the methods spell them (`num_steps`, `num_samples`,
 `chunk_size`, `baseline`), and the defaults are one set:
-- num_steps = 64 gradient evaluations for every path method (IG, Blur IG, Guided IG, XRAI's IG;
-  PAIR saliency uses 25-200 depending on the method; 64 closes IG's completeness gap to about 1%
-  on the project's test CNNs with the trapezoid rule, benchmarks/ig_convergence.py);
+- num_steps = 64 gradient evaluations for every path method (IG, Blur IG, Guided IG, XRAI's IG
+  per baseline; PAIR saliency's own defaults are 25 to 200 depending on the method, and the
+  modules keep theirs, e.g. xrai's 100; 64 closes IG's completeness gap to about 1% on the
+  project's test CNNs with the trapezoid rule, benchmarks/ig_convergence.py);
 - num_samples = 32 SmoothGrad samples; chunk_size = 16 steps, samples, windows or masks per
   forward/backward batch (chunk_size * B images) for every chunked method;
 - occlusion: a 16-pixel square window over every channel, stride 8, baseline 0 (the dataset
@@ -180,6 +181,8 @@ def label(name: str) -> str:
 
 
 _PATH = {"num_steps": NUM_STEPS, "chunk_size": CHUNK_SIZE}
+_XRAI = {**_PATH, "baseline": xrai.DEFAULT_BASELINE, "rule": xrai.DEFAULT_RULE,
+         "channel_reduction": xrai.DEFAULT_CHANNEL_REDUCTION}
 
 for _spec in (
     MethodSpec("gradients", "Gradients", gradients.vanilla_gradients, "logits", False, 4),
@@ -195,13 +198,13 @@ for _spec in (
     MethodSpec("guided_ig", "Guided IG", integrated.guided_ig, "logits", False, 4,
                {"num_steps": NUM_STEPS, "fraction": 0.25, "max_dist": 0.02,
                 "baseline": "zeros", "blur_sigma": integrated.BLUR_MAX_SIGMA}, takes_key=True),
-    MethodSpec("xrai", "XRAI", xrai.xrai, "logits", True, 3, {"num_steps": NUM_STEPS}),
-    MethodSpec("fast_xrai", "Fast XRAI", xrai.fast_xrai, "logits", True, 3,
-               {"num_steps": NUM_STEPS}),
+    MethodSpec("xrai", "XRAI", xrai.xrai, "logits", True, 3, _XRAI, takes_key=True),
+    MethodSpec("fast_xrai", "Fast XRAI", xrai.fast_xrai, "logits", True, 3, _XRAI,
+               takes_key=True),
     MethodSpec("cam", "CAM", cam.cam, "gap_split", False, 3, {"upsample": True}),
     MethodSpec("grad_cam", "Grad-CAM", cam.grad_cam, "split", False, 3,
                {"relu": True, "upsample": True}),
-    MethodSpec("crm", "CRM", crm.crm, "split", True, 3, {"method": "auto"},
+    MethodSpec("crm", "CRM", crm.crm, "split", True, 3, {"method": "auto", "upsample": True},
                takes_targets=False),
     MethodSpec("occlusion", "Occlusion", perturbation.occlusion, "logits", False, 4,
                {"window": 16, "strides": 8, "baseline": 0.0, "chunk_size": CHUNK_SIZE}),
