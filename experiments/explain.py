@@ -18,8 +18,7 @@ registry's defaults; --num_steps, --num_samples and --chunk_size set them for ev
 has them, and --method_options sets one method's own, e.g.
 `--method_options=ig.rule=pair_uniform,occlusion.window=8` (values parsed as Python literals,
 else kept as strings). The old --steps / --samples are refused with the new names. The run's
-`report.html` gets an
-"explanations" section: every method's map overlaid on the image ('jet', low values
+`report.html` gets an "explanations" section: every method's map overlaid on the image ('jet', low values
 transparent, the dataset's localisation mask outlined), and the timings.
 """
 
@@ -84,10 +83,11 @@ def parse_method_options(entries: list[str]) -> dict[str, dict[str, Any]]:
   """{method: {option: value}} from 'method.option=value' entries (checked by explain)."""
   parsed: dict[str, dict[str, Any]] = {}
   for entry in entries:
-    name, _, value = entry.partition("=")
-    method, _, option = name.partition(".")
-    if not (method and option and _):
-      raise app.UsageError(f"--method_options entries are method.option=value; got {entry!r}.")
+    name, equals, value = entry.partition("=")
+    method, dot, option = name.partition(".")
+    if not (equals and dot and method.strip() and option.strip()):
+      raise ValueError(f"--method_options entries are method.option=value (no commas in "
+                           f"a value); got {entry!r}.")
     parsed.setdefault(method.strip(), {})[option.strip()] = _literal(value.strip())
   return parsed
 
@@ -96,14 +96,14 @@ def overrides_from_flags() -> dict[str, Any]:
   """The explanation overrides of the flags (only the ones given)."""
   for old, new in ((_OLD_STEPS, "num_steps"), (_OLD_SAMPLES, "num_samples")):
     if old.value is not None:
-      raise app.UsageError(f"--{old.name} is now --{new} (one spelling for every method and "
+      raise ValueError(f"--{old.name} is now --{new} (one spelling for every method and "
                            f"binary): pass --{new}={old.value}.")
   overrides: dict[str, Any] = {name: flag.value for name, flag in (
       ("num_steps", _NUM_STEPS), ("num_samples", _NUM_SAMPLES), ("chunk_size", _CHUNK_SIZE))
       if flag.value is not None}
   for method, options in parse_method_options(_METHOD_OPTIONS.value).items():
     if method not in registry.REGISTRY:
-      raise app.UsageError(f"--method_options names {method!r}, not a method; choose from "
+      raise ValueError(f"--method_options names {method!r}, not a method; choose from "
                            f"{list(registry.REGISTRY)}.")
     overrides[method] = options
   return overrides

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from medxai_jax.attribution import api
 from medxai_jax.attribution import cam
 from medxai_jax.attribution import common
 from medxai_jax.attribution import registry
@@ -57,7 +58,7 @@ def gap_head_problem(model: base.Classifier, variables: base.Variables, images: 
 
 
 def run_methods(model: base.Classifier, variables: base.Variables, images: jax.Array,
-                targets: jax.Array, methods: Sequence[str], key: jax.Array,
+                targets: api.Targets, methods: Sequence[str], key: jax.Array,
                 overrides: Overrides | None = None
                 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """Maps of each method (numpy) and per-method options, timings and skip reasons.
@@ -69,6 +70,7 @@ def run_methods(model: base.Classifier, variables: base.Variables, images: jax.A
   # The methods are jitted below, where they cannot see NaN pixels: check the concrete batch.
   common.check_inputs(model, images)
   common.check_method_inputs(model.logits_fn(variables), images, targets)
+  targets = api.resolve_targets(model.logits_fn(variables), images, targets)  # 'predicted', ints
   specs = [registry.get(name) for name in methods]
   head_problem = (gap_head_problem(model, variables, images)
                   if any(spec.needs == "gap_split" for spec in specs) else None)

@@ -4,7 +4,8 @@ Three scoring functions, each written here without the project's model code: a p
 linear function, a Flax NNX CNN and an Equinox CNN (channels-first inside, vmapped over the
 batch). Every logits-only method explains each, and the assertions are properties that could
 fail: on the linear function the closed forms (gradient = weights, IG = (x - x') w, the
-occlusion score drop, RISE's mask-weighted sum); on the CNNs IG's completeness, Guided IG at
+occlusion score drop, RISE's mask-weighted sum, XRAI's IG part over its black and white
+baselines); on the CNNs IG's completeness, Guided IG at
 max_dist = 0 equal to a left Riemann IG, gradients against finite differences, SmoothGrad
 without noise equal to the gradient, and occlusion / RISE against naive loops calling the
 function directly.
@@ -22,6 +23,7 @@ import pytest
 from medxai_jax.attribution import gradients
 from medxai_jax.attribution import integrated
 from medxai_jax.attribution import perturbation
+from medxai_jax.attribution import xrai
 
 SHAPE = (8, 8, 2)
 CLASSES = 3
@@ -154,6 +156,22 @@ def test_rise_of_a_linear_function_is_the_mask_weighted_score_sum():
   ours = perturbation.rise(logits_fn, images, TARGETS, key=key, num_masks=6, cell_size=3,
                            p_keep=0.5, chunk_size=4)
   np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_xrai_of_a_linear_function_starts_from_the_closed_form_ig():
+  # XRAI's input attribution: IG from each image's min ('black') and max ('white'), averaged,
+  # channels summed; on a linear function (x - x') w exactly. XRAI then ranks regions of it.
+  logits_fn, images = plain_linear(), _images()
+  low = np.asarray(images).min(axis=(1, 2, 3), keepdims=True)
+  high = np.asarray(images).max(axis=(1, 2, 3), keepdims=True)
+  x = np.asarray(images)
+  expected = (((x - low) + (x - high)) / 2 * _weights()).sum(axis=-1)
+  ours = xrai.xrai_attributions(logits_fn, images, TARGETS, num_steps=2, chunk_size=2)
+  np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
+  for method in (xrai.xrai, xrai.fast_xrai):
+    maps = np.asarray(method(logits_fn, images, TARGETS, attributions=ours))
+    assert maps.shape == images.shape[:3] and np.isfinite(maps).all()
+    assert np.unique(maps[0]).size > 1  # regions of different gains
 
 
 # ------------------------------------------------------------------------- NNX and Equinox CNNs

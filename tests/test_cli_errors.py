@@ -218,6 +218,17 @@ def test_explain_of_a_missing_run_is_one_block():
   assert "'/nonexistent_run' does not exist" in message
 
 
+def test_explain_refuses_the_old_option_flags_and_unknown_method_options():
+  # Checked before the run is read: one spelling, --num_steps / --num_samples, everywhere.
+  message = assert_one_error_block(run("experiments.explain", "--checkpoint=/nonexistent_run",
+                                       "--steps=8"))
+  assert message == ("--steps is now --num_steps (one spelling for every method and binary): "
+                     "pass --num_steps=8.")
+  message = assert_one_error_block(run("experiments.explain", "--checkpoint=/nonexistent_run",
+                                       "--method_options=ig.window=4"))
+  assert message.startswith("Method 'ig' has no option(s) ['window']; its options are")
+
+
 # ----------------------------------------------------------------------------------------------
 # Work directories.
 
