@@ -2,11 +2,14 @@ r"""Throughput of every attribution method, vectorised against naive Python loop
 
   python -m benchmarks.attribution_throughput [--arch=densenet169] [--image_size=224]
       [--batch_size=8] [--num_steps=64] [--num_samples=32] [--chunk_size=4]
-      [--methods=vanilla,smoothgrad,ig,blur_ig,guided_ig,xrai,fast_xrai,loop_ig,loop_smoothgrad]
+      [--methods=gradients,smoothgrad,ig,blur_ig,guided_ig,xrai,fast_xrai,loop_ig,loop_smoothgrad]
       [--memory_steps=64,256] [--warmup=1] [--repeats=1]
 
-Prints one JSON object. Per method: the jit compile time (lower + compile, ahead of time), then
-`warmup` untimed and `repeats` timed calls of the compiled function; images/s = batch / mean
+Method names are the registry's (`medxai_jax.attribution.registry`); every logits-only method
+that jits whole can be timed (occlusion and rise too, with the registry's defaults), and
+--num_steps / --num_samples / --chunk_size override the registry's options of every method that
+has them. Prints one JSON object. Per method: the jit compile time (lower + compile, ahead of
+time), then `warmup` untimed and `repeats` timed calls of the compiled function; images/s = batch / mean
 seconds. The model has random weights (numpy He-normal draws, benchmarks.common,
 BatchNorm the identity);
 the inputs are the first synthetic radiographs (phantoms, seed 0), gray repeated to RGB.
@@ -44,15 +47,18 @@ import numpy as np
 
 from benchmarks import common as bench_common
 from medxai_jax.attribution import common
-from medxai_jax.attribution import gradients
 from medxai_jax.attribution import integrated
+from medxai_jax.attribution import registry
 from medxai_jax.attribution import xrai
 from medxai_jax.models import base
 from medxai_jax.models import custom_cnn
 from medxai_jax.models import densenet
 
-METHODS = ("vanilla", "smoothgrad", "ig", "blur_ig", "guided_ig", "xrai", "fast_xrai", "loop_ig",
-           "loop_smoothgrad")
+# The registry's logits-only methods jitted whole, XRAI's two rankings and the loop baselines.
+VECTORISED = tuple(name for name in registry.names("logits") if not registry.get(name).host)
+METHODS = (*VECTORISED, "xrai", "fast_xrai", "loop_ig", "loop_smoothgrad")
+DEFAULT_METHODS = ("gradients", "smoothgrad", "ig", "blur_ig", "guided_ig", "xrai", "fast_xrai",
+                   "loop_ig", "loop_smoothgrad")
 ARCHS = ("densenet121", "densenet169", "densenet201", "custom_cnn")
 
 _ARCH = flags.DEFINE_enum("arch", "densenet169", ARCHS, "Model (random weights).")
@@ -62,7 +68,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per call.")
 _STEPS = flags.DEFINE_integer("num_steps", 64, "Path steps of IG, Blur IG, Guided IG, XRAI's IG.")
 _SAMPLES = flags.DEFINE_integer("num_samples", 32, "SmoothGrad noise samples.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 4, "Steps / samples vmapped per gradient batch.")
-_METHODS = flags.DEFINE_list("methods", list(METHODS), f"Subset of {METHODS}.")
+_METHODS = flags.DEFINE_list("methods", list(DEFAULT_METHODS), f"Subset of {METHODS}.")
 _MEMORY_STEPS = flags.DEFINE_list("memory_steps", ["64", "256"], "IG step counts for memory.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling.")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Timed calls.")
@@ -126,7 +132,7 @@ def scan_probe(model: base.Classifier, variables: base.Variables, images: jax.Ar
 
   def chunk_gradients(variables: base.Variables, alpha: jax.Array) -> jax.Array:
     points = common.tile_batch(images, chunk_size) * alpha
-    grads = common.input_gradients(model, variables, points, tiled_targets)
+    grads = common.input_gradients(model.logits_fn(variables), points, tiled_targets)
     return grads.reshape((chunk_size,) + images.shape).sum(axis=0)
 
   def scanned(variables: base.Variables, unroll: int | bool) -> jax.Array:
@@ -146,6 +152,24 @@ def scan_probe(model: base.Classifier, variables: base.Variables, images: jax.Ar
   return result
 
 
+def of_variables(method: Callable[..., jax.Array], model: base.Classifier, **options: Any
+                 ) -> Callable[[base.Variables, jax.Array, jax.Array], jax.Array]:
+  """(variables, images, targets) -> method(model.logits_fn(variables), images, targets)."""
+  return lambda variables, images, targets: method(model.logits_fn(variables), images, targets,
+                                                   **options)
+
+
+def registered(name: str, model: base.Classifier, key: jax.Array, overrides: dict[str, Any]
+               ) -> Callable[[base.Variables, jax.Array, jax.Array], jax.Array]:
+  """A registered logits-only method with the registry's defaults and these shared overrides,
+  as a function of (variables, images, targets)."""
+  spec = registry.get(name)
+  options = registry.method_options([name], overrides)[name]
+  method_key = key if spec.takes_key else None
+  return lambda variables, images, targets: spec(model.logits_fn(variables), images, targets,
+                                                 key=method_key, **options)
+
+
 def main(argv):
   del argv
   unknown = sorted(set(_METHODS.value) - set(METHODS))
@@ -160,15 +184,8 @@ def main(argv):
   images = jnp.asarray(host_images)
   targets = jnp.asarray(rng.integers(0, model.num_classes, batch), jnp.int32)
   key = jax.random.key(0)
-  partial = functools.partial
-  vectorised = {
-      "vanilla": partial(gradients.vanilla_gradients, model),
-      "smoothgrad": partial(gradients.smoothgrad, model, key=key, num_samples=samples,
-                            chunk_size=chunk),
-      "ig": partial(integrated.integrated_gradients, model, num_steps=steps, chunk_size=chunk),
-      "blur_ig": partial(integrated.blur_ig, model, num_steps=steps, chunk_size=chunk),
-      "guided_ig": partial(integrated.guided_ig, model, num_steps=steps),
-  }
+  shared = {"num_steps": steps, "num_samples": samples, "chunk_size": chunk}
+  vectorised = {name: registered(name, model, key, shared) for name in VECTORISED}
   methods: dict[str, dict[str, Any]] = {}
   outputs: dict[str, np.ndarray] = {}
   for name, fn in vectorised.items():
@@ -183,8 +200,8 @@ def main(argv):
                      "finite": bool(np.isfinite(outputs[name]).all())}
 
   if {"xrai", "fast_xrai"} & set(_METHODS.value):
-    attribute = partial(xrai.xrai_attributions, model, num_steps=steps,
-                        chunk_size=max(chunk // 2, 1))
+    attribute = of_variables(xrai.xrai_attributions, model, num_steps=steps,
+                             chunk_size=max(chunk // 2, 1))
     executable, compile_seconds = bench_common.compiled(attribute, variables, images, targets)
     attribution_seconds, attributions = bench_common.timed(
         lambda: executable(variables, images, targets), warmup, repeats)
@@ -194,9 +211,9 @@ def main(argv):
     for name, method in (("xrai", xrai.xrai), ("fast_xrai", xrai.fast_xrai)):
       if name not in _METHODS.value:
         continue
-      ranking_seconds, _ = bench_common.timed(lambda: method(model, variables, images, targets,
-                                                 attributions=attributions, segments=segments),
-                                  0, repeats)
+      ranking_seconds, _ = bench_common.timed(
+          lambda: method(model.logits_fn(variables), images, targets, attributions=attributions,
+                         segments=segments), 0, repeats)
       total = attribution_seconds + segmentation_seconds + ranking_seconds
       methods[name] = {
           "compile_seconds": round(compile_seconds, 1), "seconds_per_batch": round(total, 3),
@@ -211,8 +228,9 @@ def main(argv):
            "loop_smoothgrad": ("smoothgrad", lambda grad: loop_smoothgrad(
                grad, variables, host_images, targets, samples))}
   if set(loops) & set(_METHODS.value):
-    grad_fn, compile_seconds = bench_common.compiled(partial(common.input_gradients, model), variables,
-                                         images, targets)
+    grad_fn, compile_seconds = bench_common.compiled(
+        lambda v, x, t: common.input_gradients(model.logits_fn(v), x, t), variables, images,
+        targets)
     for name, (vectorised_name, run_loop) in loops.items():
       if name not in _METHODS.value:
         continue
@@ -234,9 +252,9 @@ def main(argv):
   for index, num_steps in enumerate(memory_steps):
     chunks = [chunk] + ([num_steps] if index == 0 and num_steps != chunk else [])
     for chunk_size in chunks:
-      executable, _ = bench_common.compiled(partial(integrated.integrated_gradients, model,
-                                        num_steps=num_steps, chunk_size=chunk_size),
-                                variables, images, targets)
+      executable, _ = bench_common.compiled(of_variables(
+          integrated.integrated_gradients, model, num_steps=num_steps, chunk_size=chunk_size),
+          variables, images, targets)
       memory[f"ig_{num_steps}_steps_chunk_{chunk_size}"] = peak_bytes(executable)
 
   probe = (scan_probe(model, variables, images, targets, chunk, _SCAN_PROBE.value)

@@ -72,12 +72,14 @@ def measure(name: str, model, batch_size: int, repeats: int, chunk_size: int) ->
   first_forward = time.perf_counter() - start
   forward_seconds = _median_seconds(lambda: features(variables, images), 1)
   head = jax.jit(model.head)
-  resolved = crm.resolve_method(model, variables, None, feature_map=feature_map)
+  resolved = crm.resolve_method(model.split(variables), images, feature_map=feature_map)
 
   methods = {
-      "ablation": jax.jit(lambda v, a: crm.ablation_relevance(model, v, a, chunk_size)),
-      "pooled": jax.jit(lambda v, a: crm.pooled_relevance(model, v, a)),
-      "closed_form": jax.jit(lambda v, a: crm.closed_form_relevance(model, v, a)),
+      "ablation": jax.jit(lambda v, a: crm.ablation_relevance(
+          model.split(v), images, feature_map=a, chunk_size=chunk_size)),
+      "pooled": jax.jit(lambda v, a: crm.pooled_relevance(model.split(v), images, feature_map=a)),
+      "closed_form": jax.jit(lambda v, a: crm.closed_form_relevance(model.split(v), images,
+                                                                    feature_map=a)),
   }
   naive_map = np.asarray(_naive_crm(head, variables, feature_map))
   naive_seconds = _median_seconds(lambda: _naive_crm(head, variables, feature_map), repeats)

@@ -23,7 +23,6 @@ targets: random classes (seed 0); zero baseline. --x64 runs ours in float64 (jax
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import time
@@ -124,15 +123,16 @@ def main(argv):
   targets = jnp.asarray(np.random.default_rng(0).integers(0, model.num_classes, batch),
                         jnp.int32)
 
-  run = functools.partial(integrated.guided_ig, model, num_steps=steps, fraction=fraction,
-                          max_dist=max_dist)
+  run = lambda v, x, t: integrated.guided_ig(model.logits_fn(v), x, t, num_steps=steps,  # noqa: E731
+                                             fraction=fraction, max_dist=max_dist)
   executable, compile_seconds = bench_common.compiled(run, variables, images, targets)
   seconds, maps = bench_common.timed(lambda: executable(variables, images, targets), 1,
                                      _REPEATS.value)
   maps = np.asarray(maps, np.float64)
 
-  gradient, _ = bench_common.compiled(functools.partial(common.input_gradients, model),
-                                      variables, images[:1], targets[:1])
+  gradient, _ = bench_common.compiled(
+      lambda v, x, t: common.input_gradients(model.logits_fn(v), x, t), variables, images[:1],
+      targets[:1])
   pair_maps, rounds = [], 0
   start = time.perf_counter()
   for index in range(batch):
@@ -146,7 +146,7 @@ def main(argv):
   pair_maps = np.stack(pair_maps)
 
   def scanned_gradients(variables, images):
-    step = lambda x, _: (x + 1e-3 * common.input_gradients(model, variables, x, targets), None)
+    step = lambda x, _: (x + 1e-3 * common.input_gradients(model.logits_fn(variables), x, targets), None)
     return jax.lax.scan(step, images, None, length=steps)[0]
 
   scan_executable, _ = bench_common.compiled(scanned_gradients, variables, images)

@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
       num_images=8, tap="last_conv",
       methods=("gradients", "smoothgrad", "ig", "blur_ig", "guided_ig", "xrai", "grad_cam",
                "crm"),
-      steps=32, samples=16,       # IG-type gradient evaluations, SmoothGrad samples
+      num_steps=32, num_samples=16,  # path-method gradient evaluations, SmoothGrad samples
       num_roi_images=128,         # 004's Table 3 (ROI sizes) on this many test images
       num_scored=16,              # images scored per method in the explanation leaderboard
       representation=dict(num_images=384, perplexity=30.0, tsne_iters=500)))

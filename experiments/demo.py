@@ -21,7 +21,6 @@ import numpy as np
 from experiments import cli
 from experiments import demo_sections
 from experiments import evaluate_explanations
-from medxai_jax import explain
 from medxai_jax.attribution import cam
 from medxai_jax.data import pipeline
 from medxai_jax.models import base
@@ -84,7 +83,7 @@ def main(argv: list[str]) -> None:
   count = config.explain.num_images
   chosen = np.flatnonzero(examples["label"] == 1)[:count]
   targets = jnp.ones(len(chosen), jnp.int32)
-  maps = np.asarray(jax.jit(lambda v, x, t: cam.grad_cam(model, v, x, t))(
+  maps = np.asarray(jax.jit(lambda v, x, t: cam.grad_cam(model.split(v), x, t))(
       variables, inputs[chosen], targets))
   probabilities = jax.nn.sigmoid(logits[chosen, 0]) if logits.shape[-1] == 1 else \
       jax.nn.softmax(logits[chosen])[:, 1]
@@ -108,7 +107,7 @@ def main(argv: list[str]) -> None:
   scored = evaluate_explanations.evaluate_run(
       config, workdir, os.path.join(workdir, "evaluation"),
       methods=[m for m in settings.methods if m != "xrai"], num_images=settings.num_scored,
-      options=explain.ExplainOptions(steps=settings.steps, samples=settings.samples),
+      options=demo_sections.explain_overrides(settings),
       seed=config.seed)
   annotation_section, result["annotation"] = demo_sections.annotation_section(
       config.annotation, config.seed, workdir)

@@ -12,11 +12,12 @@ import ml_collections
 import numpy as np
 
 from medxai_jax import explain
+from medxai_jax.analysis import crm_tables
 from medxai_jax.analysis import embedding
 from medxai_jax.annotation import reports
 from medxai_jax.analysis import similarity
 from medxai_jax.attribution import activations
-from medxai_jax.attribution import crm
+from medxai_jax.attribution import registry
 from medxai_jax.models import base
 from medxai_jax.train import steps
 from medxai_jax.train import loop
@@ -26,32 +27,32 @@ from medxai_jax.viz import figures
 from medxai_jax.viz import report
 
 CLASS_NAMES = ("normal", "abnormal")
-METHOD_LABELS = {"gradients": "Gradients", "smoothgrad": "SmoothGrad", "ig": "IG",
-                 "blur_ig": "Blur IG", "guided_ig": "Guided IG", "xrai": "XRAI",
-                 "fast_xrai": "Fast XRAI", "cam": "CAM", "grad_cam": "Grad-CAM", "crm": "CRM"}
+def explain_overrides(explain_config: Any) -> dict[str, Any]:
+  """The registry overrides of the demo's explain settings (num_steps, num_samples)."""
+  return {"num_steps": explain_config.num_steps, "num_samples": explain_config.num_samples}
 
 
 def attribution_section(model: base.Classifier, variables: base.Variables, images: np.ndarray,
                         inputs: jax.Array, masks: np.ndarray, explain_config: Any,
                         workdir: str, seed: int) -> tuple[report.Section, dict[str, Any]]:
   """003-style grid of every method on the chosen images, with timings."""
-  options = explain.ExplainOptions(steps=explain_config.steps, samples=explain_config.samples)
+  overrides = explain_overrides(explain_config)
   targets = jnp.ones(len(inputs), jnp.int32)
   maps, info = explain.run_methods(model, variables, inputs, targets,
-                                   list(explain_config.methods), jax.random.key(seed), options)
-  labelled = {METHOD_LABELS.get(name, name): value for name, value in maps.items()}
+                                   list(explain_config.methods), jax.random.key(seed), overrides)
+  labelled = {registry.label(name): value for name, value in maps.items()}
   figures.plot_attribution_grid(images, labelled, os.path.join(workdir, "attributions.png"),
                                 masks=masks)
-  rows = [[METHOD_LABELS.get(name, name), entry.get("seconds_per_image", "-"),
+  rows = [[registry.label(name), entry.get("seconds_per_image", "-"),
            entry.get("skipped", "")] for name, entry in info.items()]
   section = report.Section(
       "Explanations: path attributions, XRAI and the CAM family",
       paragraphs=[
           f"Each method explains the abnormal class on the same {len(inputs)} abnormal test "
-          f"images (IG-type methods with {options.steps} steps, SmoothGrad with "
-          f"{options.samples} samples); maps are shown as |attribution| clipped at their own "
-          "99th percentile, in gray, as in 003's figures 8-9. The lesion mask is outlined in "
-          "red on the input."],
+          f"images (IG-type methods with {overrides['num_steps']} steps, SmoothGrad with "
+          f"{overrides['num_samples']} samples); maps are shown as |attribution| clipped at "
+          "their own 99th percentile, in gray, as in 003's figures 8-9. The lesion mask is "
+          "outlined in red on the input."],
       tables=[report.Table(["method", "seconds per image", "note"], rows,
                            caption="Time per image on this machine (one batch, after "
                            "compilation for the jitted methods).")],
@@ -65,19 +66,22 @@ def feature_map_section(model: base.Classifier, variables: base.Variables, image
                         ) -> tuple[report.Section, dict[str, Any]]:
   """Activation grids (000), the strongest channel (002), Grad-CAM vs CRM and 004's ROI table."""
   taps = activations.grid_taps(model)
-  grids = jax.jit(lambda v, x: activations.activation_grids(model, v, x, taps))(
+  grids = jax.jit(lambda v, x: activations.activation_grids(
+      activations.model_splits(model, v, taps), x))(
       variables, inputs[:1])
   first = {tap: np.asarray(grids[tap][1][0]) for tap in taps}
   feature_maps.plot_layer_activations(images[0], first,
                                       os.path.join(workdir, "activation_grids.png"))
-  compared = {METHOD_LABELS[name]: maps[name] for name in ("cam", "grad_cam", "crm")
-              if name in maps}
+  # 004's comparison (its Table 3 chain): the registered methods that read the last conv map.
+  cam_family = [name for name in registry.names() if name in maps
+                and registry.get(name).needs in ("split", "gap_split")]
+  compared = {registry.label(name): maps[name] for name in cam_family}
   feature_maps.plot_method_comparison(images, compared,
                                       os.path.join(workdir, "cam_gradcam_crm.png"))
-  methods = [name for name in ("cam", "grad_cam", "crm") if name in maps]
-  table = crm.roi_size_table(model, variables, (roi_inputs, roi_labels), methods=methods,
-                             num_classes=2, class_names=CLASS_NAMES)
-  rows = [[METHOD_LABELS.get(r["method"], r["method"]), r["class"], r["images"],
+  methods = cam_family
+  table = crm_tables.roi_size_table(model.split(variables), (roi_inputs, roi_labels),
+                                    methods=methods, num_classes=2, class_names=CLASS_NAMES)
+  rows = [[registry.label(r["method"]), r["class"], r["images"],
            round(float(r["mean_pixels"]), 1), round(float(r["percent"]), 2)]
           for r in table["rows"]]
   section = report.Section(

@@ -5,7 +5,7 @@ r"""Scores every explanation method of a trained model on any dataset: a leaderb
 
 --checkpoint is a training run directory (its selected, 'best' checkpoint is explained), read
 with its own `config.json`; --config is optional, and when given its differences from the run's
-config are printed and then used. Each method of `medxai_jax.explain.METHODS` (plus a uniform
+config are printed and then used. Each method of `medxai_jax.attribution.registry` (plus a uniform
 random map as the contrast) explains --num_images test images of --label (a seeded sample;
 --label=-1: class-balanced, `explain.choose_indices`) for their label, and is scored per image
 (`medxai_jax.analysis.faithfulness`): deletion and insertion AUC, (for --sanity_methods) the
@@ -52,6 +52,7 @@ from medxai_jax import explain  # noqa: E402
 from medxai_jax import logs  # noqa: E402
 from medxai_jax import runs  # noqa: E402
 from medxai_jax.analysis import faithfulness  # noqa: E402
+from medxai_jax.attribution import registry  # noqa: E402
 from medxai_jax.models import base  # noqa: E402
 from medxai_jax.train import loop  # noqa: E402
 from medxai_jax.train import metrics as metrics_lib  # noqa: E402
@@ -270,13 +271,15 @@ def make_scorer(model: base.Classifier, options: ScoreOptions, margin: int):
 
 def sanity_scores(model: base.Classifier, variables: base.Variables, images: jax.Array,
                   targets: jax.Array, method: str, key: jax.Array,
-                  options: explain.ExplainOptions, how: str = "init") -> dict[str, Any]:
+                  options: explain.Overrides | None = None, how: str = "init"
+                  ) -> dict[str, Any]:
   """Cascading and independent randomisation results of one method (numpy, per step x image)."""
   method_key, weights_key = jax.random.split(key)
-  fn = explain.METHODS[method]
-  explain_fn = lambda v: fn(model, v, images, targets, method_key, options)  # noqa: E731
+  method_options = explain.method_options([method], options)[method]
+  explain_fn = lambda v: explain.method_maps(model, v, images, targets, method,  # noqa: E731
+                                             method_key, method_options)
   result = {}
-  if method in explain.HOST_METHODS:  # not traceable whole: one call per randomisation step
+  if registry.get(method).host:  # not traceable whole: one call per randomisation step
     layers = faithfulness.parameter_layers(model)
     fresh = jax.jit(lambda v: faithfulness.fresh_parameters(model, v, weights_key, how=how))(
         variables)
@@ -412,8 +415,8 @@ def write_sanity_csv(sanity: Mapping[str, Mapping[str, Any]], path: str) -> str:
 
 def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir: str, *,
                  methods: Sequence[str] | None = None, num_images: int = 16, label: int = 1,
-                 indices: Sequence[int] = (), options: explain.ExplainOptions = (
-                     explain.ExplainOptions()), score_options: ScoreOptions = ScoreOptions(),
+                 indices: Sequence[int] = (), options: explain.Overrides | None = None,
+                 score_options: ScoreOptions = ScoreOptions(),
                  gallery_rows: int = 6, seed: int = 0,
                  shuffled_labels_checkpoint: str | None = None) -> dict[str, Any]:
   """Scores every method on test images of a run's selected model; writes the leaderboard files.
@@ -443,7 +446,7 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
 
   key = jax.random.key(seed)
   methods_key, random_key, sanity_key = jax.random.split(key, 3)
-  methods = list(methods or explain.METHODS)
+  methods = list(methods or registry.REGISTRY)
   maps, info = explain.run_methods(model, variables, images, targets, methods, methods_key,
                                    options)
   maps_by_method = {name: np.asarray(faithfulness.as_maps(value)) for name, value in maps.items()}
@@ -526,7 +529,7 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
           "test_accuracy_shuffled_model": data_test["test_accuracy"],
           "mean": {name: {k: float(np.nanmean(v)) for k, v in scores.items()}
                    for name, scores in data_test["per_image"].items()}},
-      "options": dataclasses.asdict(options),
+      "options": dict(options or {}),
       "score_options": {**dataclasses.asdict(score_options), "margin": margin},
       "files": {k: os.path.abspath(v) for k, v in files.items()},
   }
@@ -536,7 +539,8 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
 
 def data_randomisation(config: ml_collections.ConfigDict, shuffled_labels_checkpoint: str,
                        images: jax.Array, targets: jax.Array, maps: Mapping[str, jax.Array],
-                       key: jax.Array, options: explain.ExplainOptions) -> dict[str, Any]:
+                       key: jax.Array, options: explain.Overrides | None = None
+                       ) -> dict[str, Any]:
   """Spearman [B] per method between `maps` and the shuffled-label model's maps of `images`."""
   metrics_path = os.path.join(shuffled_labels_checkpoint, "metrics.json")
   shuffled_config = (runs.read_run_config(shuffled_labels_checkpoint)
@@ -648,7 +652,7 @@ def _define_flags() -> None:
         "(the differences are printed).")
   define("string", "checkpoint", None, "Training run directory to evaluate.")
   define("string", "workdir", None, "Output directory (default: <checkpoint>/evaluation).")
-  define("list", "methods", None, "Methods (default: all of explain.METHODS).")
+  define("list", "methods", None, "Methods (default: all of attribution.registry).")
   define("integer", "num_images", 16, "Test images to score.")
   define("integer", "label", 1, "Score test images of this label (-1: any, class-balanced).")
   define("list", "indices", [], "Test-split indices (overrides --label).")
@@ -685,7 +689,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.setup_console_logging()
   value = lambda name: flags.FLAGS[name].value  # noqa: E731
-  options = explain.ExplainOptions(steps=value("steps"), samples=value("samples"))
+  options = {"num_steps": value("steps"), "num_samples": value("samples")}
   margin = value("margin")
   score_options = ScoreOptions(margin=None if margin < 0 else margin,
                                curve_steps=value("curve_steps"),

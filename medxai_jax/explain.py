@@ -1,16 +1,18 @@
-"""Explanation methods behind one calling convention, and explaining a trained run.
+"""Explaining a Classifier with the registered methods, and explaining a trained run.
 
-Every method takes (model, variables, images [B,H,W,C], targets [B], key, options) and returns
-maps [B,H,W] or [B,H,W,C]; `run_methods` runs a list of them (jitted where they can be) and
-`explain_run` explains the selected model of a training run (`experiments/explain.py`).
+`run_methods` runs a list of methods of `attribution.registry` on a Classifier's images (each
+method jitted whole unless it runs on the host, the split methods on the model cut at its last
+conv layer) and `explain_run` explains the selected model of a training run
+(`experiments/explain.py`). Methods and options are the registry's: `overrides` maps an option
+name (e.g. 'num_steps') to a value for every selected method that has that option, or a method
+name to that method's own options (e.g. {'ig': {'rule': 'pair_uniform'}}).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Mapping, Sequence
 
 from absl import logging
 import jax
@@ -18,174 +20,82 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from medxai_jax.attribution import api
 from medxai_jax.attribution import cam
 from medxai_jax.attribution import common
-from medxai_jax.attribution import crm
-from medxai_jax.attribution import gradients
-from medxai_jax.attribution import integrated
-from medxai_jax.attribution import perturbation
-from medxai_jax.attribution import xrai
+from medxai_jax.attribution import registry
 from medxai_jax.data import pipeline
 from medxai_jax.models import base
 from medxai_jax.train import loop
 from medxai_jax.train import metrics as metrics_lib
 from medxai_jax.viz import figures
 
-# A method: (model, variables, images, targets, key, options) -> maps [B, H, W(, C)].
-MethodFn = Callable[..., jax.Array]
+Overrides = Mapping[str, Any]
 
 
-@dataclasses.dataclass(frozen=True)
-class ExplainOptions:
-  """Cost knobs shared by the methods."""
-
-  steps: int = 64
-  samples: int = 32
-  chunk_size: int = 16
-  # Occlusion: a square window spanning every channel, slid with this stride (pixels).
-  occlusion_window: int = 16
-  occlusion_stride: int = 8
-  occlusion_baseline: float = 0.0
-  # RISE: masks, grid cells along the image's shorter side (the paper's s = 7; the cell size
-  # is ceil(min(H, W) / rise_grid) pixels) and probability of keeping a cell.
-  rise_masks: int = 1000
-  rise_grid: int = 7
-  rise_p_keep: float = 0.5
+def method_options(methods: Sequence[str], overrides: Overrides | None = None
+                   ) -> dict[str, dict[str, Any]]:
+  """Each method's options (`registry.method_options`)."""
+  return registry.method_options(methods, overrides)
 
 
-def _gradients(model, variables, images, targets, key, options):
-  del key, options
-  return gradients.vanilla_gradients(model, variables, images, targets)
+def method_maps(model: base.Classifier, variables: base.Variables, images: jax.Array,
+                targets: jax.Array, name: str, key: jax.Array,
+                options: Overrides | None = None) -> jax.Array:
+  """The maps of one registered method on a Classifier (traceable unless the method is a host
+  one): the spec called on `model.logits_fn(variables)` or `model.split(variables)`."""
+  spec = registry.get(name)
+  subject = (model.logits_fn(variables) if spec.needs == "logits"
+             else model.split(variables, "last_conv"))
+  return spec(subject, images, targets if spec.takes_targets else None,
+              key=key if spec.takes_key else None, **dict(options or {}))
 
 
-def _smoothgrad(model, variables, images, targets, key, options):
-  return gradients.smoothgrad(model, variables, images, targets, key=key,
-                              num_samples=options.samples, chunk_size=options.chunk_size)
-
-
-def _ig(model, variables, images, targets, key, options):
-  del key
-  return integrated.integrated_gradients(model, variables, images, targets,
-                                         num_steps=options.steps,
-                                         chunk_size=options.chunk_size)
-
-
-def _blur_ig(model, variables, images, targets, key, options):
-  del key
-  return integrated.blur_ig(model, variables, images, targets, num_steps=options.steps,
-                            chunk_size=options.chunk_size)
-
-
-def _guided_ig(model, variables, images, targets, key, options):
-  del key
-  return integrated.guided_ig(model, variables, images, targets, num_steps=options.steps)
-
-
-def _grad_cam(model, variables, images, targets, key, options):
-  del key, options
-  return cam.grad_cam(model, variables, images, targets)
-
-
-def _cam(model, variables, images, targets, key, options):
-  del key, options
-  return cam.cam(model, variables, images, targets, check_head=False)
-
-
-def _xrai(model, variables, images, targets, key, options):
-  del key
-  return xrai.xrai(model, variables, images, targets, num_steps=options.steps)
-
-
-def _fast_xrai(model, variables, images, targets, key, options):
-  del key
-  return xrai.fast_xrai(model, variables, images, targets, num_steps=options.steps)
-
-
-def _occlusion(model, variables, images, targets, key, options):
-  del key
-  return perturbation.occlusion(model, variables, images, targets,
-                                window=options.occlusion_window,
-                                strides=options.occlusion_stride,
-                                baseline=options.occlusion_baseline,
-                                chunk_size=options.chunk_size)
-
-
-def _rise(model, variables, images, targets, key, options):
-  return perturbation.rise(model, variables, images, targets, key=key,
-                           num_masks=options.rise_masks,
-                           cell_size=perturbation.grid_cell_size(images.shape, options.rise_grid),
-                           p_keep=options.rise_p_keep, chunk_size=options.chunk_size)
-
-
-def _crm(model, variables, images, targets, key, options):
-  del targets, key, options  # CRM sums over every class score (004, eq. 6)
-  return crm.crm(model, variables, images)
-
-
-# The methods, in the column order of the figures.
-METHODS: dict[str, MethodFn] = {
-    "gradients": _gradients,
-    "smoothgrad": _smoothgrad,
-    "ig": _ig,
-    "blur_ig": _blur_ig,
-    "guided_ig": _guided_ig,
-    "xrai": _xrai,
-    "fast_xrai": _fast_xrai,
-    "cam": _cam,
-    "grad_cam": _grad_cam,
-    "crm": _crm,
-    "occlusion": _occlusion,
-    "rise": _rise,
-}
-# Methods with a host-side part (XRAI's segmentation, CRM's numerical head check): called as
-# they are (their device parts are jitted inside); the others are jitted whole here.
-HOST_METHODS = frozenset({"xrai", "fast_xrai", "crm"})
-# Methods that need a GAP + dense head: checked eagerly on one image, skipped with a note when
-# the model's head is not one.
-NEEDS_GAP_HEAD = frozenset({"cam"})
-
-
-def gap_head_problem(model: base.Classifier, variables: base.Variables, images: jax.Array,
-                     targets: jax.Array) -> str | None:
-  """Why CAM cannot read this model's head, or None when it can."""
-  try:
-    cam.cam(model, variables, images[:1], targets[:1], check_head=True)
-  except ValueError as error:
-    return str(error)
-  return None
+def gap_head_problem(model: base.Classifier, variables: base.Variables, images: jax.Array
+                     ) -> str | None:
+  """Why CAM cannot read this model's head (checked on the first image), or None if it can."""
+  return cam.gap_head_problem(model.split(variables, "last_conv"), images[:1])
 
 
 def run_methods(model: base.Classifier, variables: base.Variables, images: jax.Array,
-                targets: jax.Array, methods: Sequence[str], key: jax.Array,
-                options: ExplainOptions = ExplainOptions()
+                targets: api.Targets, methods: Sequence[str], key: jax.Array,
+                overrides: Overrides | None = None
                 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """Maps of each method (numpy) and per-method timings / skip reasons."""
-  unknown = [m for m in methods if m not in METHODS]
-  if unknown:
-    raise ValueError(f"Unknown methods {unknown}; choose from {list(METHODS)}.")
+  """Maps of each method (numpy) and per-method options, timings and skip reasons.
+
+  Method i draws from `fold_in(key, i)`. A 'gap_split' method (CAM) is skipped, with the
+  reason, when the model's head is not GAP + dense.
+  """
+  options = method_options(methods, overrides)
   # The methods are jitted below, where they cannot see NaN pixels: check the concrete batch.
-  common.check_method_inputs(model, variables, images, targets)
+  common.check_inputs(model, images)
+  common.check_method_inputs(model.logits_fn(variables), images, targets)
+  targets = api.resolve_targets(model.logits_fn(variables), images, targets)  # 'predicted', ints
+  specs = [registry.get(name) for name in methods]
+  head_problem = (gap_head_problem(model, variables, images)
+                  if any(spec.needs == "gap_split" for spec in specs) else None)
   maps, info = {}, {}
-  head_problem = (gap_head_problem(model, variables, images, targets)
-                  if NEEDS_GAP_HEAD.intersection(methods) else None)
-  for index, name in enumerate(methods):
-    if name in NEEDS_GAP_HEAD and head_problem:
-      info[name] = {"skipped": head_problem}
+  for index, spec in enumerate(specs):
+    name = spec.name
+    if spec.needs == "gap_split" and head_problem:
+      info[name] = {"skipped": head_problem, "options": options[name]}
       continue
     method_key = jax.random.fold_in(key, index)
+    run = lambda v, x, t, k, name=name: method_maps(model, v, x, t, name, k,  # noqa: E731
+                                                    options[name])
     start = time.perf_counter()
-    if name in HOST_METHODS:  # one call: its time includes compiling its jitted parts
-      compiled = lambda v, x, t, k, fn=METHODS[name]: fn(model, v, x, t, k, options)  # noqa: E731
+    if spec.host:  # one call: its time includes compiling its jitted parts
+      compiled = run
     else:
-      fn = jax.jit(lambda v, x, t, k, fn=METHODS[name]: fn(model, v, x, t, k, options))
-      compiled = fn.lower(variables, images, targets, method_key).compile()
+      compiled = jax.jit(run).lower(variables, images, targets, method_key).compile()
     compile_seconds = time.perf_counter() - start
     start = time.perf_counter()
     result = np.asarray(jax.block_until_ready(compiled(variables, images, targets, method_key)))
     seconds = time.perf_counter() - start
     maps[name] = result
-    info[name] = {"compile_seconds": None if name in HOST_METHODS else round(compile_seconds, 2),
-                  "seconds_per_image": round(seconds / len(images), 4)}
+    info[name] = {"compile_seconds": None if spec.host else round(compile_seconds, 2),
+                  "seconds_per_image": round(seconds / len(images), 4),
+                  "options": options[name]}
   return maps, info
 
 
@@ -242,7 +152,7 @@ def load_split(config: ml_collections.ConfigDict, split: str,
 
 def explain_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir: str, *,
                 methods: Sequence[str] | None = None, num_images: int = 8, label: int = 1,
-                indices: Sequence[int] = (), options: ExplainOptions = ExplainOptions(),
+                indices: Sequence[int] = (), overrides: Overrides | None = None,
                 seed: int = 0) -> dict[str, Any]:
   """Explains the selected model of a training run; writes maps, the grid figure and JSON.
 
@@ -256,9 +166,9 @@ def explain_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir:
   chosen = choose_indices(examples["label"], num_images, label, indices, seed)
   images = jax.jit(preprocess)(jnp.asarray(examples["image"][chosen]))
   targets = jnp.asarray(examples["label"][chosen], jnp.int32)
-  methods = list(methods or METHODS)
+  methods = list(methods or registry.REGISTRY)
   maps, info = run_methods(model, variables, images, targets, methods,
-                           jax.random.key(seed), options)
+                           jax.random.key(seed), overrides)
   for name, value in maps.items():
     np.save(os.path.join(workdir, f"maps_{name}.npy"), value)
   figure = figures.plot_attribution_grid(
@@ -268,7 +178,33 @@ def explain_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir:
   summary = {"checkpoint": os.path.abspath(checkpoint_dir), "split": config.dataset.test_split,
              "indices": chosen.tolist(), "targets": np.asarray(targets).tolist(),
              "label": label, "seed": seed,
-             "options": dataclasses.asdict(options), "methods": info,
+             "overrides": _json_options(overrides or {}),
+             "options": _json_options(shared_options(info)), "methods": _json_options(info),
              "figure": os.path.basename(figure)}
   metrics_lib.write_json(os.path.join(workdir, "explain.json"), summary)
   return summary
+
+
+def shared_options(info: Mapping[str, Any]) -> dict[str, Any]:
+  """The options every method of a `run_methods` info that has them ran with the same value,
+  e.g. {'num_steps': 64, 'num_samples': 32, 'chunk_size': 16} (for the report's summary)."""
+  values: dict[str, list[Any]] = {}
+  for entry in info.values():
+    for option, value in (entry.get("options") or {}).items():
+      values.setdefault(option, []).append(value)
+  return {option: seen[0] for option, seen in values.items()
+          if all(value == seen[0] for value in seen[1:])
+          and isinstance(seen[0], (int, float, str, bool))}
+
+
+def _json_options(value: Any) -> Any:
+  """Options as strict JSON: arrays become lists, tuples lists, other values stay."""
+  if isinstance(value, Mapping):
+    return {str(k): _json_options(v) for k, v in value.items()}
+  if isinstance(value, (tuple, list)):
+    return [_json_options(v) for v in value]
+  if isinstance(value, (np.ndarray, jax.Array)):
+    return np.asarray(value).tolist()
+  if isinstance(value, np.generic):
+    return value.item()
+  return value

@@ -21,8 +21,9 @@ def dense():
                             num_outputs=1, input_shape=(64, 64, 1))
   variables = jax.jit(model.init)(jax.random.key(0))
   images = jax.random.uniform(jax.random.key(1), (2, 64, 64, 1))
-  grids, acts = jax.jit(lambda v, x: (activations.activation_grids(model, v, x),
-                                      activations.activations_at(model, v, x)))(variables, images)
+  grids, acts = jax.jit(lambda v, x: (
+      activations.activation_grids(activations.model_splits(model, v), x),
+      activations.activations_at(activations.model_splits(model, v), x)))(variables, images)
   return model, variables, images, grids, acts
 
 
@@ -60,13 +61,15 @@ def test_top_k_agrees_with_numpy_argsort(dense):
 
 def test_strongest_channel_is_the_argmax_of_the_mean(dense):
   model, variables, images, _, _ = dense
-  index, channel_map = activations.strongest_channel(model, variables, images)
+  index, channel_map = activations.strongest_channel(model.split(variables), images)
   last = np.asarray(model.features(variables, images, "last_conv"))
   expected = last.mean(axis=(1, 2)).argmax(axis=-1)
   np.testing.assert_array_equal(index, expected)
   np.testing.assert_array_equal(channel_map, last[np.arange(2), ..., expected])
-  peak_index, _ = activations.strongest_channel(model, variables, images, reduce="max")
+  peak_index, _ = activations.strongest_channel(model.split(variables), images, reduce="max")
   np.testing.assert_array_equal(peak_index, last.max(axis=(1, 2)).argmax(axis=-1))
+  with pytest.raises(ValueError, match="mapping"):
+    activations.activation_grids(model.split(variables), images)
 
 
 def test_first_layer_filters_are_the_first_conv_scaled_per_filter(dense):
@@ -107,7 +110,7 @@ def test_figures_are_written(dense, tmp_path):
   model, variables, images, grids, _ = dense
   image = np.asarray(images[0])
   first = {tap: np.asarray(grids[tap][1][0]) for tap in activations.grid_taps(model)}
-  index, channel_maps = activations.strongest_channel(model, variables, images)
+  index, channel_maps = activations.strongest_channel(model.split(variables), images)
   paths = [
       feature_maps.plot_activation_grid(first["block1"], str(tmp_path / "grid.png"),
                                         channels=np.asarray(grids["block1"][0][0]), title="b1"),

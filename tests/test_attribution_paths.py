@@ -1,7 +1,9 @@
 """Gradient and path attributions: exactness on linear models, completeness, invariances, API."""
 
 import functools
+import importlib
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks import ig_convergence
+from medxai_jax.attribution import api
 from medxai_jax.attribution import common
 from medxai_jax.attribution import gradients
 from medxai_jax.attribution import integrated
@@ -84,22 +87,44 @@ def linear():
   return model, variables, images
 
 
-def _jitted(attribution_fn, model, **options):
-  """attribution_fn(model, variables, images, targets, **options), options static, compiled."""
-  return jax.jit(functools.partial(attribution_fn, model, **options))
+def _baselines(attribution_fn, images, options):
+  """The start points of a path method's run with these options (for its completeness)."""
+  if attribution_fn is integrated.blur_ig:
+    return integrated.blur_ig_baselines(
+        images, max_sigma=options.get("max_sigma", integrated.BLUR_MAX_SIGMA),
+        padding=options.get("padding", "constant"))
+  return integrated.resolve_baseline(
+      images, options.get("baseline", "zeros"), key=options.get("key"),
+      blur_sigma=options.get("blur_sigma", integrated.BLUR_MAX_SIGMA))
+
+
+def _jitted(attribution_fn, model, gap=False, **options):
+  """attribution_fn(model.logits_fn(variables), images, targets, **options) as a compiled
+  function of (variables, images, targets, **traced options); with gap, also the
+  completeness report (`integrated.completeness_gap`)."""
+
+  def run(variables, images, targets, **traced):
+    logits_fn = model.logits_fn(variables)
+    maps = attribution_fn(logits_fn, images, targets, **options, **traced)
+    if not gap:
+      return maps
+    baselines = _baselines(attribution_fn, images, {**options, **traced})
+    return maps, integrated.completeness_gap(logits_fn, images, baselines, targets, maps)
+
+  return jax.jit(run)
 
 
 @pytest.fixture(scope="module")
 def cnn_ig_trapezoid(cnn):
   """IG with 256 trapezoid steps on the CNN, compiled once for the tests that share it."""
   return _jitted(integrated.integrated_gradients, cnn[0], num_steps=256,
-                 method="riemann_trapezoid", chunk_size=64, return_gap=True)
+                 rule="riemann_trapezoid", chunk_size=64, gap=True)
 
 
 @pytest.fixture(scope="module")
 def cnn_guided_ig(cnn):
   """Guided IG with 128 steps on the CNN; max_dist is a traced argument."""
-  return _jitted(integrated.guided_ig, cnn[0], num_steps=128, return_gap=True)
+  return _jitted(integrated.guided_ig, cnn[0], num_steps=128, gap=True)
 
 
 @pytest.fixture(scope="module")
@@ -127,15 +152,73 @@ def _linear_weights(variables, targets):
 # Integrated Gradients.
 
 
-@pytest.mark.parametrize("method", integrated.IG_METHODS)
+@pytest.mark.parametrize("method", [rule for rule in integrated.IG_RULES
+                                    if rule != "captum_trapezoid"])
 def test_ig_of_a_linear_model_is_input_difference_times_weights(linear, method):
   model, variables, images = linear
   targets = jnp.array([0, 2, 1])
   baseline = jnp.full(DENSE_SHAPE, 0.3)
   maps = _jitted(integrated.integrated_gradients, model, baseline=baseline, num_steps=7,
-                 method=method, chunk_size=3)(variables, images, targets)
+                 rule=method, chunk_size=3)(variables, images, targets)
   expected = (images - 0.3) * _linear_weights(variables, targets)
   np.testing.assert_allclose(maps, expected, rtol=1e-5, atol=1e-7)
+
+
+def _oracle(name: str):
+  """The reference module; skipped when absent unless MEDXAI_REQUIRE_ORACLES=1."""
+  if os.environ.get("MEDXAI_REQUIRE_ORACLES") == "1":
+    return importlib.import_module(name)
+  return pytest.importorskip(name)
+
+
+def test_quadrature_rules_are_pairs_and_captums():
+  """PAIR's IG: linspace(0, 1, N) with weight 1/N. Captum's methods, by their names: the same
+  nodes and weights as ours, except 'riemann_trapezoid' (Captum: 1/N, ends halved, sum 1 - 1/N),
+  which is our captum_trapezoid; ours of that name is the trapezoid rule (weights sum to 1)."""
+  approximation = _oracle("captum.attr._utils.approximation_methods")
+  nodes, weights = integrated.quadrature("pair_uniform", 7)
+  np.testing.assert_allclose(nodes, np.linspace(0, 1, 7), rtol=0, atol=1e-15)
+  np.testing.assert_allclose(weights, np.full(7, 1 / 7), rtol=0, atol=1e-15)
+  ours_by_captum_name = {"riemann_left": "riemann_left", "riemann_right": "riemann_right",
+                         "riemann_middle": "riemann_middle",
+                         "riemann_trapezoid": "captum_trapezoid",
+                         "gausslegendre": "gausslegendre"}
+  for captum_name, ours in ours_by_captum_name.items():
+    step_sizes, alphas = approximation.approximation_parameters(captum_name)
+    nodes, weights = integrated.quadrature(ours, 7)
+    np.testing.assert_allclose(nodes, alphas(7), atol=1e-6, err_msg=captum_name)
+    np.testing.assert_allclose(weights, step_sizes(7), atol=1e-12, err_msg=captum_name)
+  assert integrated.quadrature("riemann_trapezoid", 7)[1].sum() == pytest.approx(1.0)
+  assert integrated.quadrature("captum_trapezoid", 7)[1].sum() == pytest.approx(1 - 1 / 7)
+
+
+def test_ig_matches_captum_on_a_torch_mlp_with_the_same_weights(relu_mlp):
+  """Captum's IntegratedGradients on a torch twin of the ReLU MLP, every Captum method name,
+  against ours under that name (captum_trapezoid for Captum's trapezoid)."""
+  torch = _oracle("torch")
+  captum_attr = _oracle("captum.attr")
+  model, variables, images, targets = relu_mlp
+  params = jax.tree.map(np.asarray, variables["params"])
+  net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(60, 8), torch.nn.ReLU(),
+                            torch.nn.Linear(8, 3)).eval()
+  with torch.no_grad():
+    for layer, name in ((net[1], "hidden"), (net[3], "output")):
+      layer.weight.copy_(torch.from_numpy(params[name]["kernel"].T.copy()))
+      layer.bias.copy_(torch.from_numpy(params[name]["bias"].copy()))
+  inputs = torch.from_numpy(np.asarray(images).copy())  # [B, H, W, C]: the same flat order
+  np.testing.assert_allclose(net(inputs).detach().numpy(), model.logits(variables, images),
+                             atol=1e-5)
+  baseline = 0.2
+  for captum_name, ours in (("riemann_left", "riemann_left"),
+                            ("riemann_middle", "riemann_middle"),
+                            ("riemann_trapezoid", "captum_trapezoid"),
+                            ("gausslegendre", "gausslegendre")):
+    expected = captum_attr.IntegratedGradients(net).attribute(
+        inputs, baselines=baseline, target=np.asarray(targets).tolist(), n_steps=6,
+        method=captum_name).detach().numpy()
+    maps = integrated.integrated_gradients(model.logits_fn(variables), images, targets,
+                                           baseline=baseline, num_steps=6, rule=ours)
+    np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-6, err_msg=captum_name)
 
 
 def test_ig_completeness_on_the_cnn_within_one_percent(cnn, cnn_ig_trapezoid):
@@ -145,7 +228,7 @@ def test_ig_completeness_on_the_cnn_within_one_percent(cnn, cnn_ig_trapezoid):
   # is not guaranteed: on another random draw of the weights it needed 128 nodes.
   model, variables, images, targets = cnn
   gauss_legendre = _jitted(integrated.integrated_gradients, model, num_steps=64,
-                           method="gauss_legendre", chunk_size=64, return_gap=True)
+                           rule="gauss_legendre", chunk_size=64, gap=True)
   report = {name: _relative_gap(run(variables, images[:1], targets[:1])[1])
             for name, run in (("riemann_trapezoid_256", cnn_ig_trapezoid),
                               ("gauss_legendre_64", gauss_legendre))}
@@ -159,7 +242,7 @@ def test_gauss_legendre_converges_fastest_on_a_smooth_model():
   images = 3.0 * jax.random.uniform(jax.random.key(6), (1, *DENSE_SHAPE))
   targets = jnp.array([1])
   gaps = {method: _relative_gap(_jitted(integrated.integrated_gradients, model, num_steps=8,
-                                        method=method, return_gap=True)(
+                                        rule=method, gap=True)(
                                             variables, images, targets)[1])
           for method in ("riemann_trapezoid", "riemann_midpoint", "gauss_legendre")}
   assert gaps["gauss_legendre"] <= 1e-4, gaps
@@ -187,7 +270,7 @@ def test_chunking_does_not_change_ig_or_smoothgrad(relu_mlp):
   # SmoothGrad's per-sample keys make it chunk-independent even for 'rbg' keys.
   model, variables, images, targets = relu_mlp
   ig = {chunk_size: _jitted(integrated.integrated_gradients, model, num_steps=16,
-                            method="gauss_legendre", chunk_size=chunk_size)(
+                            rule="gauss_legendre", chunk_size=chunk_size)(
                                 variables, images, targets)
         for chunk_size in (16, 4, 5)}
   smooth = {chunk_size: _jitted(gradients.smoothgrad, model, num_samples=16,
@@ -214,7 +297,7 @@ def test_ig_is_implementation_invariant(relu_mlp):
   np.testing.assert_allclose(logits(rescaled, images), logits(variables, images), rtol=1e-5,
                              atol=1e-6)
   assert not np.allclose(rescaled["params"]["hidden"]["kernel"], params["hidden"]["kernel"])
-  run = _jitted(integrated.integrated_gradients, model, num_steps=32, method="gauss_legendre")
+  run = _jitted(integrated.integrated_gradients, model, num_steps=32, rule="gauss_legendre")
   np.testing.assert_allclose(run(rescaled, images, targets), run(variables, images, targets),
                              rtol=1e-4, atol=1e-6)
 
@@ -229,7 +312,7 @@ def test_ig_baselines(linear):
   for name, baseline in (("zeros", "zeros"), ("blurred", "blurred"), ("random", "random"),
                          (0.5, 0.5), ("array", jnp.full(images.shape, 0.25))):
     maps, gap = _jitted(integrated.integrated_gradients, model, baseline=baseline, num_steps=4,
-                        blur_sigma=1.0, return_gap=True)(variables, images, targets,
+                        blur_sigma=1.0, gap=True)(variables, images, targets,
                                                          key=_fast_key(0))
     used = images - maps / weights
     np.testing.assert_allclose(gap["completeness_gap"], 0.0, atol=1e-5)
@@ -277,7 +360,7 @@ def test_blur_ig_completeness_on_the_cnn(cnn):
   # exact on the linear model.)
   model, variables, images, targets = cnn
   _, gap = _jitted(integrated.blur_ig, model, max_sigma=10.0, num_steps=400, chunk_size=100,
-                   return_gap=True)(variables, images[:1], targets[:1])
+                   gap=True)(variables, images[:1], targets[:1])
   print(f"\nBlur IG relative completeness gap: {_relative_gap(gap):.4f}")
   assert _relative_gap(gap) <= 0.03
 
@@ -321,7 +404,7 @@ def _guided_ig_reference(grad_fn, x_input, x_baseline, steps, fraction, max_dist
 def test_guided_ig_matches_a_direct_transcription_of_the_published_loop(cnn, cnn_guided_ig):
   model, variables, images, targets = cnn
   grad_fn = jax.jit(lambda x: common.input_gradients(
-      model, variables, jnp.asarray(x, jnp.float32)[None], targets[:1])[0])
+      model.logits_fn(variables), jnp.asarray(x, jnp.float32)[None], targets[:1])[0])
   maps, _ = cnn_guided_ig(variables, images[:1], targets[:1], max_dist=0.02)
   expected = _guided_ig_reference(grad_fn, images[0], np.zeros(images.shape[1:]), 128, 0.25,
                                   0.02)
@@ -333,7 +416,7 @@ def test_guided_ig_reduces_to_ig_without_deviation(cnn, cnn_guided_ig):
   model, variables, images, targets = cnn
   guided, _ = cnn_guided_ig(variables, images[:1], targets[:1], max_dist=0.0)
   straight = _jitted(integrated.integrated_gradients, model, num_steps=128,
-                     method="riemann_left", chunk_size=128)(variables, images[:1], targets[:1])
+                     rule="riemann_left", chunk_size=128)(variables, images[:1], targets[:1])
   np.testing.assert_allclose(guided, straight, rtol=1e-3, atol=1e-4 * np.abs(straight).max())
 
 
@@ -432,7 +515,7 @@ def test_guided_ig_in_float64_matches_the_published_loop_to_1e_7(cnn):
   with jax.enable_x64(True):
     images64 = jnp.asarray(images, jnp.float64)
     grad_fn = jax.jit(lambda x, index: common.input_gradients(
-        model, variables, jnp.asarray(x)[None], targets[index][None])[0])
+        model.logits_fn(variables), jnp.asarray(x)[None], targets[index][None])[0])
     maps = _jitted(integrated.guided_ig, model, num_steps=100)(variables, images64, targets,
                                                                max_dist=0.02)
     assert maps.dtype == jnp.float64
@@ -455,8 +538,8 @@ def test_guided_ig_selects_as_the_published_loop_ties_included(module, shape, ma
     targets = jnp.ones(2, jnp.int32)
     maps = _jitted(integrated.guided_ig, model, num_steps=20, baseline=0.1)(
         {}, images, targets, max_dist=max_dist)
-    grad_fn = jax.jit(lambda x: common.input_gradients(model, {}, jnp.asarray(x)[None],
-                                                       targets[:1])[0])
+    grad_fn = jax.jit(lambda x: common.input_gradients(model.logits_fn({}),
+                                                       jnp.asarray(x)[None], targets[:1])[0])
     for index in range(2):
       expected = _guided_ig_reference(grad_fn, images[index], np.full(shape, 0.1), 20, 0.25,
                                       max_dist)
@@ -507,14 +590,14 @@ def test_predicted_targets(num_outputs):
   variables = ig_convergence.random_variables(model, seed=10, bias_std=1.0)
   images = jax.random.normal(jax.random.key(12), (16, *DENSE_SHAPE))
   logits = jax.jit(model.logits)(variables, images)
-  predicted = jax.jit(lambda v, x: common.resolve_targets(model, v, x, "predicted"))(
+  predicted = jax.jit(lambda v, x: api.resolve_targets(model.logits_fn(v), x, "predicted"))(
       variables, images)
   expected = logits[:, 0] >= 0 if num_outputs == 1 else jnp.argmax(logits, axis=-1)
   np.testing.assert_array_equal(predicted, expected.astype(np.int32))
   assert len(set(np.asarray(predicted).tolist())) > 1
   vanilla = _jitted(gradients.vanilla_gradients, model)
   np.testing.assert_allclose(
-      jax.jit(lambda v, x: gradients.vanilla_gradients(model, v, x, "predicted"))(
+      jax.jit(lambda v, x: gradients.vanilla_gradients(model.logits_fn(v), x, "predicted"))(
           variables, images),
       vanilla(variables, images, predicted))
   if num_outputs == 1:  # the score of class 0 is -z
@@ -533,35 +616,37 @@ def test_reduce_channels():
 
 def test_bad_inputs_raise_clear_errors(linear):
   model, variables, images = linear
+  logits_fn = model.logits_fn(variables)
   with pytest.raises(ValueError, match=r"rank-4.*\(6, 5, 2\)"):
-    gradients.vanilla_gradients(model, variables, images[0], 0)
+    gradients.vanilla_gradients(logits_fn, images[0], 0)
   with pytest.raises(ValueError, match=r"target 3 .*\[0, 3\)"):
-    gradients.vanilla_gradients(model, variables, images, jnp.array([0, 3, 1]))
+    gradients.vanilla_gradients(logits_fn, images, jnp.array([0, 3, 1]))
   with pytest.raises(ValueError, match=r"target -1 .*\[0, 3\)"):
-    gradients.vanilla_gradients(model, variables, images, -1)
+    gradients.vanilla_gradients(logits_fn, images, -1)
   one_logit = _wrap(TinyDense(num_outputs=1), DENSE_SHAPE, 1)
   with pytest.raises(ValueError, match=r"target 2 .*\[0, 2\)"):
-    gradients.vanilla_gradients(one_logit, ig_convergence.random_variables(one_logit), images, 2)
+    gradients.vanilla_gradients(
+        one_logit.logits_fn(ig_convergence.random_variables(one_logit)), images, 2)
   with pytest.raises(ValueError, match=r"shape \[B\] = \(3,\)"):
-    gradients.vanilla_gradients(model, variables, images, jnp.array([0, 1]))
+    gradients.vanilla_gradients(logits_fn, images, jnp.array([0, 1]))
   with pytest.raises(ValueError, match="num_steps must be an integer >= 1; got 0"):
-    integrated.integrated_gradients(model, variables, images, 0, num_steps=0)
+    integrated.integrated_gradients(logits_fn, images, 0, num_steps=0)
   with pytest.raises(ValueError, match="num_steps must be an integer >= 1; got 0"):
-    integrated.guided_ig(model, variables, images, 0, num_steps=0)
+    integrated.guided_ig(logits_fn, images, 0, num_steps=0)
   with pytest.raises(ValueError, match="num_steps must be an integer >= 1; got -2"):
-    integrated.blur_ig(model, variables, images, 0, num_steps=-2)
+    integrated.blur_ig(logits_fn, images, 0, num_steps=-2)
   with pytest.raises(ValueError, match="num_samples must be an integer >= 1; got 0"):
-    gradients.smoothgrad(model, variables, images, 0, key=jax.random.key(0), num_samples=0)
+    gradients.smoothgrad(logits_fn, images, 0, key=jax.random.key(0), num_samples=0)
   with pytest.raises(ValueError, match="'simpson'"):
-    integrated.integrated_gradients(model, variables, images, 0, method="simpson")
+    integrated.integrated_gradients(logits_fn, images, 0, rule="simpson")
   with pytest.raises(ValueError, match="num_steps >= 2"):
-    integrated.integrated_gradients(model, variables, images, 0, num_steps=1,
-                                    method="riemann_trapezoid")
+    integrated.integrated_gradients(logits_fn, images, 0, num_steps=1,
+                                    rule="riemann_trapezoid")
   with pytest.raises(ValueError, match="'ones'"):
-    integrated.integrated_gradients(model, variables, images, 0, baseline="ones")
+    integrated.integrated_gradients(logits_fn, images, 0, baseline="ones")
   with pytest.raises(ValueError, match="needs a PRNG key"):
-    integrated.integrated_gradients(model, variables, images, 0, baseline="random")
+    integrated.integrated_gradients(logits_fn, images, 0, baseline="random")
   with pytest.raises(ValueError, match=r"baseline array must have shape"):
-    integrated.integrated_gradients(model, variables, images, 0, baseline=jnp.zeros((6, 5)))
+    integrated.integrated_gradients(logits_fn, images, 0, baseline=jnp.zeros((6, 5)))
   with pytest.raises(ValueError, match="fraction must lie in"):
-    integrated.guided_ig(model, variables, images, 0, fraction=0.0)
+    integrated.guided_ig(logits_fn, images, 0, fraction=0.0)

@@ -266,6 +266,7 @@ def test_view_bounds_agree_with_a_naive_walk_over_every_index():
 import jax  # noqa: E402  (the porting tests above need no JAX)
 import jax.numpy as jnp  # noqa: E402
 
+from medxai_jax.analysis import crm_tables  # noqa: E402
 from medxai_jax.attribution import activations  # noqa: E402
 from medxai_jax.attribution import cam  # noqa: E402
 from medxai_jax.attribution import common  # noqa: E402
@@ -281,22 +282,24 @@ SIDE = 32
 _KEY = jax.random.key(0)
 # Every method that takes targets, at its cheapest settings (the errors come before any work).
 TARGETED = {
-    "vanilla_gradients": gradients.vanilla_gradients,
-    "smoothgrad": lambda m, v, x, t: gradients.smoothgrad(m, v, x, t, key=_KEY, num_samples=2,
-                                                          chunk_size=2),
+    "vanilla_gradients": lambda m, v, x, t: gradients.vanilla_gradients(m.logits_fn(v), x, t),
+    "smoothgrad": lambda m, v, x, t: gradients.smoothgrad(m.logits_fn(v), x, t, key=_KEY,
+                                                          num_samples=2, chunk_size=2),
     "integrated_gradients": lambda m, v, x, t: integrated.integrated_gradients(
-        m, v, x, t, num_steps=2, chunk_size=2),
-    "blur_ig": lambda m, v, x, t: integrated.blur_ig(m, v, x, t, num_steps=2, max_sigma=2.0),
-    "guided_ig": lambda m, v, x, t: integrated.guided_ig(m, v, x, t, num_steps=2),
-    "grad_cam": cam.grad_cam,
-    "cam": cam.cam,
-    "xrai": lambda m, v, x, t: xrai.xrai(m, v, x, t, num_steps=2),
-    "fast_xrai": lambda m, v, x, t: xrai.fast_xrai(m, v, x, t, num_steps=2),
+        m.logits_fn(v), x, t, num_steps=2, chunk_size=2),
+    "blur_ig": lambda m, v, x, t: integrated.blur_ig(m.logits_fn(v), x, t, num_steps=2,
+                                                     max_sigma=2.0),
+    "guided_ig": lambda m, v, x, t: integrated.guided_ig(m.logits_fn(v), x, t, num_steps=2),
+    "grad_cam": lambda m, v, x, t: cam.grad_cam(m.split(v), x, t),
+    "cam": lambda m, v, x, t: cam.cam(m.split(v), x, t),
+    "xrai": lambda m, v, x, t: xrai.xrai(m.logits_fn(v), x, t, num_steps=2),
+    "fast_xrai": lambda m, v, x, t: xrai.fast_xrai(m.logits_fn(v), x, t, num_steps=2),
 }
 # Methods without targets.
 UNTARGETED = {
-    "crm": lambda m, v, x, t: crm.crm(m, v, x),
-    "activations_at": lambda m, v, x, t: activations.activations_at(m, v, x),
+    "crm": lambda m, v, x, t: crm.crm(m.split(v), x),
+    "activations_at": lambda m, v, x, t: activations.activations_at(
+        activations.model_splits(m, v), x),
 }
 ALL_METHODS = {**TARGETED, **UNTARGETED}
 
@@ -341,12 +344,12 @@ def test_one_logit_targets_mean_negative_and_positive_class(one_logit):
   the ReLU (and the input gradients) of the two targets are exact negatives."""
   model, variables = one_logit
   images = _images()
-  positive = cam.grad_cam(model, variables, images, jnp.ones(2, jnp.int32), relu=False)
-  negative = cam.grad_cam(model, variables, images, jnp.zeros(2, jnp.int32), relu=False)
+  positive = cam.grad_cam(model.split(variables), images, jnp.ones(2, jnp.int32), relu=False)
+  negative = cam.grad_cam(model.split(variables), images, jnp.zeros(2, jnp.int32), relu=False)
   np.testing.assert_allclose(negative, -positive, rtol=1e-5, atol=1e-7)
   assert float(jnp.abs(positive).max()) > 0
-  grad_one = gradients.vanilla_gradients(model, variables, images, 1)
-  grad_zero = gradients.vanilla_gradients(model, variables, images, 0)
+  grad_one = gradients.vanilla_gradients(model.logits_fn(variables), images, 1)
+  grad_zero = gradients.vanilla_gradients(model.logits_fn(variables), images, 0)
   np.testing.assert_allclose(grad_zero, -grad_one, rtol=1e-5, atol=1e-7)
 
 
@@ -452,18 +455,20 @@ def test_check_method_inputs_covers_jitted_callers(three_class):
   model, variables = three_class
   clean = _images()
   targets = jnp.asarray([0, 2], jnp.int32)
-  jitted = jax.jit(lambda x, t: cam.grad_cam(model, variables, x, t))
-  np.testing.assert_allclose(jitted(clean, targets), cam.grad_cam(model, variables, clean, targets),
+  jitted = jax.jit(lambda x, t: cam.grad_cam(model.split(variables), x, t))
+  np.testing.assert_allclose(jitted(clean, targets),
+                             cam.grad_cam(model.split(variables), clean, targets),
                              rtol=1e-5, atol=1e-6)
-  common.check_method_inputs(model, variables, clean, targets)
+  common.check_method_inputs(model.logits_fn(variables), clean, targets)
   with_nan = clean.at[0, 1, 1, 0].set(jnp.nan)
   with pytest.raises(ValueError, match=r"images\[0\] has non-finite"):
-    common.check_method_inputs(model, variables, with_nan, targets)
+    common.check_method_inputs(model.logits_fn(variables), with_nan, targets)
   # Concrete images closed over by a jitted function (only the variables traced) are checked.
   with pytest.raises(ValueError, match=r"images\[0\] has non-finite"):
-    jax.jit(lambda v: gradients.vanilla_gradients(model, v, with_nan, targets))(variables)
+    jax.jit(lambda v: gradients.vanilla_gradients(model.logits_fn(v), with_nan, targets))(
+        variables)
   with pytest.raises(ValueError, match=r"target 3 \(targets\[1\]\)"):
-    common.check_method_inputs(model, variables, clean, jnp.asarray([0, 3], jnp.int32))
+    common.check_method_inputs(model.logits_fn(variables), clean, jnp.asarray([0, 3], jnp.int32))
 
 
 def test_class_average_crm_refuses_nan_and_unscaled_integer_batches(three_class):
@@ -475,7 +480,8 @@ def test_class_average_crm_refuses_nan_and_unscaled_integer_batches(three_class)
   bad = images.copy()
   bad[3, 2, 2, 0] = np.nan
   with pytest.raises(ValueError, match=r"batch 1 images\[1\] has non-finite"):
-    crm.class_average_crm(model, variables, (bad, labels), batch_size=2, method="ablation")
+    crm_tables.class_average_crm(model.split(variables), (bad, labels), batch_size=2,
+                                 method="ablation")
   with pytest.raises(ValueError, match="dtype uint8"):
-    crm.class_average_crm(model, variables, ((images * 255).astype(np.uint8), labels),
-                          batch_size=2, method="ablation")
+    crm_tables.class_average_crm(model.split(variables), ((images * 255).astype(np.uint8),
+                                                          labels), batch_size=2, method="ablation")

@@ -19,6 +19,7 @@ import pytest
 
 from experiments import cli
 from medxai_jax import explain
+from medxai_jax.attribution import registry
 from medxai_jax.models import base
 from medxai_jax.train import loop
 
@@ -217,6 +218,17 @@ def test_explain_of_a_missing_run_is_one_block():
   assert "'/nonexistent_run' does not exist" in message
 
 
+def test_explain_refuses_the_old_option_flags_and_unknown_method_options():
+  # Checked before the run is read: one spelling, --num_steps / --num_samples, everywhere.
+  message = assert_one_error_block(run("experiments.explain", "--checkpoint=/nonexistent_run",
+                                       "--steps=8"))
+  assert message == ("--steps is now --num_steps (one spelling for every method and binary): "
+                     "pass --num_steps=8.")
+  message = assert_one_error_block(run("experiments.explain", "--checkpoint=/nonexistent_run",
+                                       "--method_options=ig.window=4"))
+  assert message.startswith("Method 'ig' has no option(s) ['window']; its options are")
+
+
 # ----------------------------------------------------------------------------------------------
 # Work directories.
 
@@ -300,22 +312,24 @@ class TinyGapCnn(nn.Module):
     return self.head(self.features(x))
 
 
-def test_every_method_takes_model_variables_images_targets_key_options():
+def test_every_registered_method_explains_a_classifier():
   model = base.Classifier(TinyGapCnn(), taps=("conv",),
                           aliases={"stem": "conv", "last_conv": "conv", "embedding": "conv"},
                           input_shape=(16, 16, 1), num_outputs=3)
   variables = jax.jit(model.init)(jax.random.key(0))
   images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 1))
   targets = jnp.asarray([0, 2], jnp.int32)
-  options = explain.ExplainOptions(steps=4, samples=2, chunk_size=4, occlusion_window=4,
-                                   occlusion_stride=4, rise_masks=8)
+  overrides = {"num_steps": 4, "num_samples": 2, "chunk_size": 4, "window": 4, "strides": 4,
+               "num_masks": 8}
   batch, height, width, channels = images.shape
-  assert set(explain.METHODS) == {"gradients", "smoothgrad", "ig", "blur_ig", "guided_ig",
-                                  "xrai", "fast_xrai", "cam", "grad_cam", "crm", "occlusion",
-                                  "rise"}
+  assert set(registry.REGISTRY) >= {"gradients", "smoothgrad", "ig", "blur_ig", "guided_ig",
+                                    "xrai", "fast_xrai", "cam", "grad_cam", "crm", "occlusion",
+                                    "rise"}
+  options = explain.method_options(list(registry.REGISTRY), overrides)
   all_maps = {}
-  for name, method in explain.METHODS.items():
-    maps = np.asarray(method(model, variables, images, targets, jax.random.key(2), options))
+  for name in registry.REGISTRY:
+    maps = np.asarray(explain.method_maps(model, variables, images, targets, name,
+                                          jax.random.key(2), options[name]))
     assert maps.shape in ((batch, height, width), (batch, height, width, channels)), name
     assert np.isfinite(maps).all(), name
     assert np.abs(maps).max() > 0, name  # a real map, not an empty placeholder

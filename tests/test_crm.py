@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from medxai_jax.analysis import crm_tables
 from medxai_jax.attribution import cam
 from medxai_jax.attribution import crm
 from medxai_jax.models import base
@@ -108,14 +109,15 @@ def test_tap_delta_contract(linear):
 
 
 def test_vectorised_crm_equals_naive_loop_for_a_linear_head(linear):
-  model, variables, _, fmap, head = linear
+  model, variables, images, fmap, head = linear
   naive = _naive_crm(head, variables, fmap)
   assert naive.max() > 0
-  methods = {"ablation": lambda v, a: crm.ablation_relevance(model, v, a, 5),
-             "pooled": lambda v, a: crm.pooled_relevance(model, v, a, 5),
-             "closed_form": lambda v, a: crm.closed_form_relevance(model, v, a)}
+  methods = {"ablation": lambda s, x, a: crm.ablation_relevance(s, x, feature_map=a,
+                                                                chunk_size=5),
+             "pooled": lambda s, x, a: crm.pooled_relevance(s, x, feature_map=a, chunk_size=5),
+             "closed_form": lambda s, x, a: crm.closed_form_relevance(s, x, feature_map=a)}
   for method, fn in methods.items():
-    got = jax.jit(fn)(variables, fmap)
+    got = jax.jit(lambda v, x, a, fn=fn: fn(model.split(v), x, a))(variables, images, fmap)
     assert got.shape == naive.shape
     assert _relative_error(got, naive) < 1e-5, method
 
@@ -124,58 +126,71 @@ def test_closed_form_is_the_sum_of_squared_cams_over_z(linear):
   # Eq. 6 - eq. 1: S_c - S_c(l, m) = M_c(l, m) (eq. 2), divided by Z = u v for the mean pool.
   model, variables, images, fmap, _ = linear
   z = fmap.shape[1] * fmap.shape[2]
-  cams = np.stack([np.asarray(cam.cam(model, variables, images, jnp.full((2,), c),
-                                      upsample=False, check_head=False)) for c in range(3)])
+  split = model.split(variables)
+  cams = np.stack([np.asarray(cam.cam(split, images, jnp.full((2,), c), upsample=False))
+                   for c in range(3)])
   expected = np.sum((cams / z) ** 2, axis=0)
-  got = crm.crm(model, variables, images, method="closed_form", upsample=False)
+  got = crm.crm(split, images, method="closed_form", upsample=False)
   assert _relative_error(got, expected) < 1e-5
-  assert crm.resolve_method(model, variables, images) == "closed_form"
+  assert crm.resolve_method(split, images) == "closed_form"
 
 
 def test_vectorised_crm_equals_naive_loop_for_the_radinet_head(radinet):
   model, variables, images, fmap, head = radinet
   naive = _naive_crm(head, variables, fmap)
-  ablation = jax.jit(lambda v, a: crm.ablation_relevance(model, v, a, 16))(variables, fmap)
-  pooled = jax.jit(lambda v, a: crm.pooled_relevance(model, v, a, 7))(variables, fmap)
+  split = model.split(variables)
+  ablation = jax.jit(lambda x, a: crm.ablation_relevance(split, x, feature_map=a,
+                                                         chunk_size=16))(images, fmap)
+  pooled = jax.jit(lambda x, a: crm.pooled_relevance(split, x, feature_map=a, chunk_size=7))(
+      images, fmap)
   assert _relative_error(ablation, naive) < 1e-5
   assert _relative_error(pooled, naive) < 1e-5
   # The ReLUs switch between the ablations, so the affine closed form does not hold here.
-  closed = crm.closed_form_relevance(model, variables, fmap)
+  closed = crm.closed_form_relevance(split, images, feature_map=fmap)
   assert _relative_error(closed, naive) > 1e-3
-  assert crm.resolve_method(model, variables, images) == "pooled"
+  assert crm.resolve_method(split, images) == "pooled"
+  with pytest.raises(ValueError, match="does not apply"):
+    crm.crm(split, images, method="closed_form")
 
 
 def test_a_cell_with_all_zero_activations_gets_zero_relevance(linear, radinet):
-  for model, variables, _, fmap, _ in (linear, radinet):
+  for model, variables, images, fmap, _ in (linear, radinet):
     zeroed = fmap.at[:, 1, 2, :].set(0.0)
-    for relevance in (crm.ablation_relevance(model, variables, zeroed, 5),
-                      crm.pooled_relevance(model, variables, zeroed)):
+    split = model.split(variables)
+    for relevance in (crm.ablation_relevance(split, images, feature_map=zeroed, chunk_size=5),
+                      crm.pooled_relevance(split, images, feature_map=zeroed)):
       relevance = np.asarray(relevance)
       assert relevance.max() > 0
       assert np.all(relevance[:, 1, 2] <= 1e-9 * relevance.max())
 
 
 def test_chunked_equals_unchunked(linear, identity_net):
-  model, variables, _, fmap, _ = linear
-  whole = crm.ablation_relevance(model, variables, fmap, 16)
-  assert _relative_error(crm.ablation_relevance(model, variables, fmap, 3), whole) < 1e-5
+  model, variables, images, fmap, _ = linear
+  split = model.split(variables)
+  whole = crm.ablation_relevance(split, images, feature_map=fmap, chunk_size=16)
+  assert _relative_error(crm.ablation_relevance(split, images, feature_map=fmap, chunk_size=3),
+                         whole) < 1e-5
   tiny, tiny_variables = identity_net
   images = jax.random.uniform(jax.random.key(6), (2, 8, 8, 1))
-  whole = crm.tap_relevance(tiny, tiny_variables, images, "mid", 16)
-  assert _relative_error(crm.tap_relevance(tiny, tiny_variables, images, "mid", 5), whole) < 1e-5
+  mid = tiny.split(tiny_variables, "mid")
+  whole = crm.ablation_relevance(mid, images, chunk_size=16)
+  assert _relative_error(crm.ablation_relevance(mid, images, chunk_size=5), whole) < 1e-5
 
 
 def test_intermediate_tap_crm_equals_last_layer_crm_when_later_layers_are_identity(
     identity_net):
   model, variables = identity_net
   images = jax.random.uniform(jax.random.key(7), (3, 8, 8, 1))
-  at_mid = jax.jit(lambda v, x: crm.crm(model, v, x, tap="mid", upsample=False))(
-      variables, images)
-  at_last = crm.crm(model, variables, images, method="ablation", upsample=False)
+  at_mid = crm.crm(model.split(variables, "mid"), images, upsample=False)
+  assert crm.resolve_method(model.split(variables, "mid"), images) == "ablation"
+  at_mid_jitted = jax.jit(lambda v, x: crm.crm(model.split(v, "mid"), x, method="ablation",
+                                               upsample=False))(variables, images)
+  assert _relative_error(at_mid_jitted, at_mid) < 1e-6
+  at_last = crm.crm(model.split(variables), images, method="ablation", upsample=False)
   assert _relative_error(at_mid, at_last) < 1e-5
   fmap = model.features(variables, images, "last_conv")
   assert _relative_error(at_mid, _naive_crm(model.head, variables, fmap)) < 1e-5
-  upsampled = crm.crm(model, variables, images, tap="stem")
+  upsampled = crm.crm(model.split(variables, "stem"), images)
   assert upsampled.shape == (3, 8, 8)
 
 
@@ -193,21 +208,21 @@ def test_intermediate_tap_crm_equals_a_naive_loop_on_the_custom_cnn():
       delta = np.zeros(activation.shape, np.float32)
       delta[:, l, m, :] = -np.asarray(activation[:, l, m, :])
       naive[:, l, m] = np.sum((scores - np.asarray(edited(delta))) ** 2, -1)
-  got = crm.crm(model, variables, images, tap="conv4", chunk_size=4, upsample=False)
+  got = crm.crm(model.split(variables, "conv4"), images, chunk_size=4, upsample=False)
   assert _relative_error(got, naive) < 1e-5
-  assert crm.resolve_method(model, variables, images) == "ablation"  # flattening head
+  assert crm.resolve_method(model.split(variables), images) == "ablation"  # flattening head
 
 
 def test_method_errors(linear):
   model, variables, images, _, _ = linear
   with pytest.raises(ValueError, match="under jit"):
-    jax.jit(lambda v, x: crm.crm(model, v, x))(variables, images)
-  with pytest.raises(ValueError, match="'last_conv' head only"):
-    crm.crm(model, variables, images, tap="block3", method="pooled")
+    jax.jit(lambda v, x: crm.crm(model.split(v), x))(variables, images)
+  with pytest.raises(ValueError, match="'pooled' does not apply"):
+    crm.crm(model.split(variables, "block3"), images, method="pooled")
   with pytest.raises(ValueError, match="spatial tap"):
-    crm.crm(model, variables, images, tap="embedding")
+    crm.crm(model.split(variables, "embedding"), images)
   with pytest.raises(ValueError, match="method must be"):
-    crm.crm(model, variables, images, method="exact")
+    crm.crm(model.split(variables), images, method="exact")
 
 
 def test_class_average_crm_is_the_mean_of_per_image_crms(identity_net):
@@ -215,9 +230,10 @@ def test_class_average_crm_is_the_mean_of_per_image_crms(identity_net):
   rng = np.random.default_rng(0)
   images = rng.uniform(size=(7, 8, 8, 1)).astype(np.float32)
   labels = np.array([0, 2, 0, 0, 2, 2, 0])
-  result = crm.class_average_crm(model, variables, (images, labels), num_classes=3,
-                                 batch_size=3)  # 3 batches, the last one padded
-  per_image = np.asarray(crm.crm(model, variables, jnp.asarray(images), method="ablation"))
+  split = model.split(variables)
+  result = crm_tables.class_average_crm(split, (images, labels), num_classes=3,
+                                        batch_size=3)  # 3 batches, the last one padded
+  per_image = np.asarray(crm.crm(split, jnp.asarray(images), method="ablation"))
   assert list(result["counts"]) == [4, 0, 3]
   for c in (0, 2):
     expected = per_image[labels == c].mean(axis=0)
@@ -227,7 +243,7 @@ def test_class_average_crm_is_the_mean_of_per_image_crms(identity_net):
     assert result["boxes"][c] == (rows.min(), cols.min(), rows.max(), cols.max())
   assert result["boxes"][1] is None and not result["maps"][1].any()
   batches = [{"image": images[:4], "label": labels[:4]}, (images[4:], labels[4:])]
-  from_iterator = crm.class_average_crm(model, variables, iter(batches), num_classes=3)
+  from_iterator = crm_tables.class_average_crm(split, iter(batches))  # 3 logits: 3 classes
   np.testing.assert_allclose(from_iterator["maps"], result["maps"], rtol=1e-5,
                              atol=1e-6 * result["maps"].max())
 
@@ -237,17 +253,18 @@ def test_roi_pixel_counts_and_table_match_numpy(linear):
   maps = np.random.default_rng(1).normal(size=(3, 9, 11))
   maps[2] = -np.abs(maps[2])  # no positive value: no ROI
   expected = [int(np.sum(m > 0.2 * m.max())) if m.max() > 0 else 0 for m in maps]
-  assert list(np.asarray(crm.roi_pixel_counts(jnp.asarray(maps)))) == expected
+  assert list(np.asarray(crm_tables.roi_pixel_counts(jnp.asarray(maps)))) == expected
 
   labels = np.array([1, 1, 0])
   data = (np.concatenate([np.asarray(images), np.asarray(images[:1])]), labels)
-  table = crm.roi_size_table(model, variables, data, batch_size=2)
+  split = model.split(variables)
+  table = crm_tables.roi_size_table(split, data, batch_size=2)
   got = {(row["method"], row["class"]): row for row in table["rows"]}
   assert table["image_size"] == [128, 128]
   x, t = jnp.asarray(data[0]), jnp.asarray(labels)
-  for name, maps in (("CAM", cam.cam(model, variables, x, t)),
-                     ("Grad-CAM", cam.grad_cam(model, variables, x, t)),
-                     ("CRM", crm.crm(model, variables, x))):
+  for name, maps in (("CAM", cam.cam(split, x, t)),
+                     ("Grad-CAM", cam.grad_cam(split, x, t)),
+                     ("CRM", crm.crm(split, x))):
     maps = np.asarray(maps)
     counts = np.array([np.sum(m > 0.2 * m.max()) for m in maps])
     for c in range(3):

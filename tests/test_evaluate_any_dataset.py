@@ -143,8 +143,7 @@ def test_covid_with_lung_masks_scores_localisation_only_where_a_mask_exists(covi
   images = jax.jit(preprocess)(jnp.asarray(examples["image"][chosen]))
   targets = jnp.asarray(examples["label"][chosen], jnp.int32)
   maps = np.asarray(faithfulness.as_maps(jax.jit(
-    lambda v, x, t: explain.METHODS["gradients"](model, v, x, t, jax.random.key(0),
-                                                 explain.ExplainOptions()))(
+    lambda v, x, t: explain.method_maps(model, v, x, t, "gradients", jax.random.key(0)))(
     variables, images, targets)))
   masks = examples["lung_mask"][chosen][..., 0] > 0
   for index in np.flatnonzero(present):

@@ -71,7 +71,7 @@ def test_explain_writes_maps_figure_and_timings(demo_run, tmp_path, data_dir):
   workdir = tmp_path / "explain"
   result = run("experiments.explain", "--config=configs/demo.py", f"--checkpoint={checkpoint}",
                f"--workdir={workdir}", "--methods=gradients,ig,grad_cam,cam", "--num_images=2",
-               "--steps=8", *TINY, data_dir=data_dir)
+               "--num_steps=8", *TINY, data_dir=data_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads((workdir / "explain.json").read_text())
   assert len(summary["indices"]) == 2 and set(summary["targets"]) == {1}
@@ -138,7 +138,7 @@ def test_explain_reads_the_run_config_and_samples_both_classes(overridden_run, t
                                                                data_dir):
   workdir = tmp_path / "explain"
   result = run("experiments.explain", f"--checkpoint={overridden_run}", f"--workdir={workdir}",
-               "--methods=gradients,grad_cam", "--num_images=4", "--label=-1", "--steps=4",
+               "--methods=gradients,grad_cam", "--num_images=4", "--label=-1", "--num_steps=4",
                data_dir=data_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   summary = _strict_loads((workdir / "explain.json").read_text())

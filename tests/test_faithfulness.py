@@ -434,7 +434,7 @@ def test_randomisation_test_equals_explicit_per_step_maps_and_scipy(small_cnn):
   model, variables, fresh, _ = small_cnn
   images = jax.random.uniform(jax.random.key(9), (2, 48, 48, 1))
   targets = jnp.array([1, 0])
-  explain = jax.jit(lambda v: gradients.vanilla_gradients(model, v, images, targets))
+  explain = jax.jit(lambda v: gradients.vanilla_gradients(model.logits_fn(v), images, targets))
   layers = ("conv4", "fc6", "fc8")
   result = jax.jit(lambda v: fa.randomisation_test(model, v, explain, FRESH_KEY,
                                                    mode="cascading", layers=layers))(variables)
@@ -472,7 +472,8 @@ def test_marker_share_of_the_marker_mask_is_one_and_separates_readers():
   shares = {}
   for name, mask in (("marker", MARKER), ("lesion", LESION)):
     model = mask_reader(mask)
-    maps = gradients.vanilla_gradients(model, model.init(jax.random.key(0)), images, targets)
+    maps = gradients.vanilla_gradients(model.logits_fn(model.init(jax.random.key(0))), images,
+                                       targets)
     for attribution in ("positive", "absolute"):
       shares[name, attribution] = float(fa.marker_reliance(maps, masks, attribution)["mean"])
   assert shares["marker", "positive"] == pytest.approx(1.0)

@@ -146,8 +146,8 @@ def test_occlusion_equals_a_naive_per_window_loop(cnn, window, strides):
   model, variables, images = cnn
   targets = np.asarray([0, 2])
   expected = _naive_occlusion(model, variables, images, targets, window, strides, 0.25)
-  ours = perturbation.occlusion(model, variables, images, jnp.asarray(targets), window=window,
-                                strides=strides, baseline=0.25, chunk_size=4)
+  ours = perturbation.occlusion(model.logits_fn(variables), images, jnp.asarray(targets),
+                                window=window, strides=strides, baseline=0.25, chunk_size=4)
   assert ours.shape == images.shape
   np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(ours).max()) > 1e-3
@@ -169,12 +169,12 @@ def test_a_one_pixel_window_on_a_linear_model_is_weight_times_input():
   model, variables = _linear(3)
   images = jax.random.uniform(jax.random.key(5), (3, *LINEAR_SHAPE))
   targets = jnp.asarray([2, 0, 1])
-  ours = perturbation.occlusion(model, variables, images, targets, window=(1, 1, 1),
+  ours = perturbation.occlusion(model.logits_fn(variables), images, targets, window=(1, 1, 1),
                                 strides=1, chunk_size=50)
   weights = variables["params"]["dense"]["kernel"].T.reshape(3, *LINEAR_SHAPE)[targets]
   np.testing.assert_allclose(ours, weights * images, rtol=1e-4, atol=1e-5)
   # A 1x1 window over both channels: each channel gets the pixel's sum over channels.
-  spatial = perturbation.occlusion(model, variables, images, targets, window=1, strides=1)
+  spatial = perturbation.occlusion(model.logits_fn(variables), images, targets, window=1, strides=1)
   pixel_sums = (weights * images).sum(axis=-1, keepdims=True)
   np.testing.assert_allclose(spatial, np.broadcast_to(pixel_sums, images.shape), rtol=1e-4,
                              atol=1e-5)
@@ -183,8 +183,8 @@ def test_a_one_pixel_window_on_a_linear_model_is_weight_times_input():
 def test_one_logit_targets_are_the_logit_and_its_negation():
   model, variables = _linear(1)
   images = jax.random.uniform(jax.random.key(6), (2, *LINEAR_SHAPE))
-  positive = perturbation.occlusion(model, variables, images, 1, window=(2, 2), strides=2)
-  negative = perturbation.occlusion(model, variables, images, 0, window=(2, 2), strides=2)
+  positive = perturbation.occlusion(model.logits_fn(variables), images, 1, window=(2, 2), strides=2)
+  negative = perturbation.occlusion(model.logits_fn(variables), images, 0, window=(2, 2), strides=2)
   np.testing.assert_allclose(negative, -positive, rtol=1e-6, atol=1e-7)
   weights = variables["params"]["dense"]["kernel"][:, 0].reshape(LINEAR_SHAPE)
   block_sums = (weights * images).reshape(2, 3, 2, 3, 2, 2).sum(axis=(2, 4, 5))
@@ -194,7 +194,7 @@ def test_one_logit_targets_are_the_logit_and_its_negation():
 
 def test_occlusion_does_not_depend_on_the_chunk_size(cnn):
   model, variables, images = cnn
-  results = [perturbation.occlusion(model, variables, images, "predicted", window=(3, 3),
+  results = [perturbation.occlusion(model.logits_fn(variables), images, "predicted", window=(3, 3),
                                     strides=2, chunk_size=size) for size in (1, 7, 1000)]
   for result in results[1:]:
     np.testing.assert_allclose(result, results[0], rtol=1e-6, atol=1e-7)
@@ -216,8 +216,8 @@ def test_an_array_baseline_replaces_each_pixel_by_its_own_value(cnn):
       total[:, top:top + 4, left:left + 4] += (logits(images_np) - logits(occluded))[:, None,
                                                                                     None, None]
       counter[top:top + 4, left:left + 4] += 1
-  ours = perturbation.occlusion(model, variables, images, jnp.asarray(targets), window=window,
-                                strides=strides, baseline=jnp.asarray(baseline))
+  ours = perturbation.occlusion(model.logits_fn(variables), images, jnp.asarray(targets),
+                                window=window, strides=strides, baseline=jnp.asarray(baseline))
   np.testing.assert_allclose(ours, total / counter, rtol=1e-5, atol=1e-6)
 
 
@@ -267,8 +267,8 @@ def test_occlusion_matches_captum(cnn, window, strides, baseline):
       nchw, sliding_window_shapes=to_captum(shape), strides=to_captum(steps),
       baselines=torch_baseline, target=targets, perturbations_per_eval=3)
   expected = expected.detach().numpy().transpose(0, 2, 3, 1)
-  ours = perturbation.occlusion(model, variables, images, jnp.asarray(targets), window=window,
-                                strides=strides, baseline=jnp.asarray(baseline), chunk_size=5)
+  ours = perturbation.occlusion(model.logits_fn(variables), images, jnp.asarray(targets),
+                                window=window, strides=strides, baseline=jnp.asarray(baseline), chunk_size=5)
   assert float(np.abs(expected).max()) > 0.05
   np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
 
@@ -283,7 +283,7 @@ def test_occlusion_refuses_bad_windows_naming_the_axis(cnn):
            (dict(window=(3, 3), strides=(1, 1, 1, 1)), "strides must be an int")]
   for options, message in cases:
     with pytest.raises(ValueError) as error:
-      perturbation.occlusion(model, variables, images, 0, **options)
+      perturbation.occlusion(model.logits_fn(variables), images, 0, **options)
     assert message in str(error.value), str(error.value)
 
 
@@ -299,7 +299,7 @@ def test_rise_equals_a_naive_loop_over_the_same_masks(cnn):
     logits = np.asarray(model.logits(variables, images * mask[None, :, :, None]))
     expected += logits[np.arange(2), targets][:, None, None] * mask[None]
   expected /= 24 * 0.4
-  ours = perturbation.rise(model, variables, images, jnp.asarray(targets), key=key,
+  ours = perturbation.rise(model.logits_fn(variables), images, jnp.asarray(targets), key=key,
                            num_masks=24, cell_size=4, p_keep=0.4, chunk_size=5)
   assert ours.shape == images.shape[:3]
   np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
@@ -325,8 +325,8 @@ def test_rise_is_unbiased_on_a_linear_model():
   variables = {"params": {"dense": {"kernel": kernel, "bias": jnp.asarray([bias])}}}
   images = jnp.ones((1, *shape))
   p_keep, cell = 0.5, 4
-  saliency = np.asarray(perturbation.rise(model, variables, images, 1, key=jax.random.key(9),
-                                          num_masks=4000, cell_size=cell, p_keep=p_keep,
+  saliency = np.asarray(perturbation.rise(model.logits_fn(variables), images, 1,
+                                          key=jax.random.key(9), num_masks=4000, cell_size=cell, p_keep=p_keep,
                                           chunk_size=500))[0]
   far = saliency[2 * cell + 1:, 2 * cell + 1:]
   np.testing.assert_allclose(far.mean(), weight * p_keep + bias, rtol=0.03)
@@ -339,7 +339,7 @@ def test_rise_is_unbiased_on_a_linear_model():
 
 def test_rise_does_not_depend_on_the_chunk_size(cnn):
   model, variables, images = cnn
-  results = [perturbation.rise(model, variables, images, 0, key=jax.random.key(11),
+  results = [perturbation.rise(model.logits_fn(variables), images, 0, key=jax.random.key(11),
                                num_masks=12, cell_size=3, chunk_size=size) for size in (1, 5, 12)]
   for result in results[1:]:
     np.testing.assert_allclose(result, results[0], rtol=1e-5, atol=1e-6)
@@ -350,16 +350,16 @@ def test_rise_refuses_bad_options(cnn):
   for options, message in [(dict(p_keep=0.0), "p_keep"), (dict(p_keep=1.5), "p_keep"),
                            (dict(num_masks=0), "num_masks"), (dict(cell_size=0), "cell_size")]:
     with pytest.raises(ValueError, match=message):
-      perturbation.rise(model, variables, images, 0, key=jax.random.key(0), **options)
+      perturbation.rise(model.logits_fn(variables), images, 0, key=jax.random.key(0), **options)
 
 
 # ----------------------------------------------------------------------------- the contract
 
 
 METHODS = {
-    "occlusion": lambda m, v, x, t: perturbation.occlusion(m, v, x, t, window=(3, 3),
+    "occlusion": lambda m, v, x, t: perturbation.occlusion(m.logits_fn(v), x, t, window=(3, 3),
                                                            strides=3),
-    "rise": lambda m, v, x, t: perturbation.rise(m, v, x, t, key=jax.random.key(0),
+    "rise": lambda m, v, x, t: perturbation.rise(m.logits_fn(v), x, t, key=jax.random.key(0),
                                                  num_masks=2, cell_size=4),
 }
 
@@ -380,18 +380,20 @@ def test_the_input_contract_is_enforced(name, cnn):
 
 def test_registered_in_explain_with_the_options(cnn):
   model, variables, images = cnn
-  options = explain.ExplainOptions(occlusion_window=4, occlusion_stride=2, rise_masks=8,
-                                   rise_grid=5, chunk_size=3)
-  assert perturbation.grid_cell_size(images.shape, 5) == 3  # ceil(12 / 5)
+  overrides = {"occlusion": {"window": 4, "strides": 2}, "rise": {"num_masks": 8},
+               "chunk_size": 3}
+  assert perturbation.grid_cell_size(images.shape, perturbation.RISE_GRID) == 2  # ceil(12 / 7)
   targets = jnp.asarray([0, 1])
   key = jax.random.key(12)
   maps, info = explain.run_methods(model, variables, images, targets, ["occlusion", "rise"],
-                                   key, options)
+                                   key, overrides)
   np.testing.assert_allclose(maps["occlusion"], perturbation.occlusion(
-      model, variables, images, targets, window=4, strides=2), rtol=1e-5, atol=1e-6)
+      model.logits_fn(variables), images, targets, window=4, strides=2), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(maps["rise"], perturbation.rise(
-      model, variables, images, targets, key=jax.random.fold_in(key, 1), num_masks=8,
-      cell_size=3), rtol=1e-5, atol=1e-6)
+      model.logits_fn(variables), images, targets, key=jax.random.fold_in(key, 1), num_masks=8,
+      cell_size=2), rtol=1e-5, atol=1e-6)
+  assert info["occlusion"]["options"]["window"] == 4
+  assert info["rise"]["options"]["chunk_size"] == 3
   assert info["rise"]["seconds_per_image"] > 0
 
 
@@ -435,8 +437,8 @@ def test_occlusion_matches_captum_on_a_real_chest_xray_with_a_ported_densenet(tm
     expected = captum_attr.Occlusion(net).attribute(
         nchw, sliding_window_shapes=(3, 8, 8), strides=(3, 6, 6), baselines=0.0, target=1,
         perturbations_per_eval=16).numpy().transpose(0, 2, 3, 1)
-  ours = jax.jit(lambda v, x: perturbation.occlusion(model, v, x, jnp.asarray([1]), window=8,
-                                                     strides=6, chunk_size=16))(
+  ours = jax.jit(lambda v, x: perturbation.occlusion(model.logits_fn(v), x, jnp.asarray([1]),
+                                                     window=8, strides=6, chunk_size=16))(
       variables, jnp.asarray(images))
   scale = float(np.abs(expected).max())
   assert scale > 0

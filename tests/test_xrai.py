@@ -86,7 +86,8 @@ def cnn():
 def cnn_xrai(cnn):
   """XRAI maps and ranks of both phantoms in one batch (compiles the IG part once)."""
   model, variables, images, targets = cnn
-  return xrai.xrai(model, variables, images, targets, num_steps=NUM_STEPS, return_regions=True)
+  regions = xrai.xrai_regions(model.logits_fn(variables), images, targets, num_steps=NUM_STEPS)
+  return regions.maps, regions.ranks
 
 
 class Linear(nn.Module):
@@ -166,14 +167,20 @@ def test_fast_xrai_on_a_partition_ranks_regions_by_mean_attribution(cnn):
   segments = labels[None] == rng.permutation(16)[:, None, None]
   attributions = rng.standard_normal((2, height, width)).astype(np.float32)
   means = np.stack([[a[mask].mean() for mask in segments] for a in attributions])   # [2, 16]
-  for method in (xrai.fast_xrai, xrai.xrai):
-    maps, ranks = method(model, variables, images, targets, attributions=attributions,
-                         segments=segments, min_pixel_diff=1, return_regions=True)
+  for fast in (True, False):
+    regions = xrai.xrai_regions(model.logits_fn(variables), images, targets, fast=fast,
+                                attributions=attributions, segments=segments, min_pixel_diff=1)
+    maps, ranks = regions.maps, regions.ranks
+    method = xrai.fast_xrai if fast else xrai.xrai
+    np.testing.assert_array_equal(
+        method(model.logits_fn(variables), images, targets, attributions=attributions,
+               segments=segments, min_pixel_diff=1), maps)
     for b in range(2):
       np.testing.assert_allclose(maps[b], (segments * means[b][:, None, None]).sum(0),
                                  rtol=1e-5)
       order = np.argsort(-means[b])
       np.testing.assert_array_equal(xrai.region_masks(ranks[b]), segments[order])
+      np.testing.assert_array_equal(regions.masks(b), segments[order])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,7 +278,7 @@ def test_xrai_attributions_of_a_linear_model_use_the_black_and_white_mean():
   variables = ig_convergence.random_variables(model, seed=1)
   images = jax.random.uniform(jax.random.key(0), (3, 5, 4, 3))
   targets = jnp.array([0, 1, 1])
-  maps = jax.jit(functools.partial(xrai.xrai_attributions, model, num_steps=3))(
+  maps = jax.jit(lambda v, x, t: xrai.xrai_attributions(model.logits_fn(v), x, t, num_steps=3))(
       variables, images, targets)
   kernel = np.asarray(variables["params"]["output"]["kernel"])          # [60, 2]
   weights = kernel[:, np.asarray(targets)].T.reshape(images.shape)
@@ -279,18 +286,43 @@ def test_xrai_attributions_of_a_linear_model_use_the_black_and_white_mean():
   middle = ((flat.min(1) + flat.max(1)) / 2)[:, None, None, None]
   np.testing.assert_allclose(maps, ((np.asarray(images) - middle) * weights).sum(-1),
                              rtol=1e-4, atol=1e-6)
-  reference_max = jax.jit(functools.partial(xrai.xrai_attributions, model, num_steps=3,
-                                            channel_reduction="max"))(variables, images, targets)
+  reference_max = jax.jit(lambda v, x, t: xrai.xrai_attributions(
+      model.logits_fn(v), x, t, num_steps=3, channel_reduction="max"))(variables, images, targets)
   np.testing.assert_allclose(reference_max, ((np.asarray(images) - middle) * weights).max(-1),
                              rtol=1e-4, atol=1e-6)
 
 
+def test_xrai_of_a_plain_jnp_function_with_one_baseline_and_either_channel_convention():
+  """A linear logits_fn written in jnp: IG from the black baseline is exactly (x - min) * w, and
+  XRAI on a fixed partition gives each region its mean of the channel-reduced attribution."""
+  weights = jax.random.normal(jax.random.key(3), (2, 6, 8, 3))
+  logits_fn = lambda x: jnp.einsum("bhwc,khwc->bk", x, weights)  # noqa: E731
+  images = jax.random.uniform(jax.random.key(4), (2, 6, 8, 3))
+  targets = jnp.array([1, 0])
+  exact = (np.asarray(images) - np.asarray(images).min(axis=(1, 2, 3), keepdims=True)) * \
+      np.asarray(weights)[[1, 0]]
+  segments = np.zeros((2, 6, 8), bool)
+  segments[0, :, :4], segments[1, :, 4:] = True, True
+  for reduction, reduce in (("sum", np.sum), ("max", np.max)):
+    maps = xrai.xrai_attributions(logits_fn, images, targets, baseline="black", num_steps=2,
+                                  channel_reduction=reduction)
+    np.testing.assert_allclose(maps, reduce(exact, axis=-1), rtol=1e-4, atol=1e-6)
+    values = xrai.xrai(logits_fn, images, targets, baseline="black", num_steps=2,
+                       segments=segments, min_pixel_diff=1, channel_reduction=reduction)
+    expected = reduce(exact, axis=-1)
+    for b in range(2):
+      for mask in segments:
+        np.testing.assert_allclose(values[b][mask], expected[b][mask].mean(), rtol=1e-4)
+
+
 def test_xrai_ig_part_is_the_mean_of_two_integrated_gradients(cnn):
   model, variables, images, targets = cnn
-  maps = xrai.xrai_attributions(model, variables, images, targets, num_steps=NUM_STEPS)
+  maps = xrai.xrai_attributions(model.logits_fn(variables), images, targets,
+                                num_steps=NUM_STEPS)
   low = images.min(axis=(1, 2, 3), keepdims=True) * jnp.ones_like(images)
   high = images.max(axis=(1, 2, 3), keepdims=True) * jnp.ones_like(images)
-  ig = functools.partial(integrated.integrated_gradients, model, variables, images, targets,
+  ig = functools.partial(integrated.integrated_gradients, model.logits_fn(variables), images,
+                         targets,
                          num_steps=NUM_STEPS)
   expected = (ig(baseline=low) + ig(baseline=high)).sum(-1) / 2
   np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-6)
@@ -300,23 +332,24 @@ def test_batched_xrai_equals_per_image(cnn, cnn_xrai):
   model, variables, images, targets = cnn
   maps, ranks = cnn_xrai
   for b in range(2):
-    single_maps, single_ranks = xrai.xrai(model, variables, images[b:b + 1], targets[b:b + 1],
-                                          num_steps=NUM_STEPS, return_regions=True)
-    np.testing.assert_allclose(single_maps[0], maps[b], rtol=1e-4, atol=1e-6)
-    np.testing.assert_array_equal(single_ranks[0], ranks[b])
+    single = xrai.xrai_regions(model.logits_fn(variables), images[b:b + 1], targets[b:b + 1],
+                               num_steps=NUM_STEPS)
+    np.testing.assert_allclose(single.maps[0], maps[b], rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(single.ranks[0], ranks[b])
 
 
 def test_batched_fast_xrai_equals_per_image_and_predicted_targets(cnn):
   model, variables, images, _ = cnn
   attributions = np.random.default_rng(0).standard_normal(images.shape[:3]).astype(np.float32)
-  maps = xrai.fast_xrai(model, variables, images, "predicted", attributions=attributions)
+  logits_fn = model.logits_fn(variables)
+  maps = xrai.fast_xrai(logits_fn, images, "predicted", attributions=attributions)
   for b in range(2):
-    single = xrai.fast_xrai(model, variables, images[b:b + 1], "predicted",
+    single = xrai.fast_xrai(logits_fn, images[b:b + 1], "predicted",
                             attributions=attributions[b:b + 1])
     np.testing.assert_array_equal(single[0], maps[b])
   predicted = base.predicted_classes(model.logits(variables, images))
-  by_name = xrai.xrai_attributions(model, variables, images, "predicted", num_steps=4)
-  by_index = xrai.xrai_attributions(model, variables, images, predicted, num_steps=4)
+  by_name = xrai.xrai_attributions(logits_fn, images, "predicted", num_steps=4)
+  by_index = xrai.xrai_attributions(logits_fn, images, predicted, num_steps=4)
   np.testing.assert_allclose(by_name, by_index, rtol=1e-6)
 
 
@@ -326,7 +359,7 @@ def test_batched_fast_xrai_equals_per_image_and_predicted_targets(cnn):
 
 def test_bad_inputs_give_clear_errors(cnn):
   model, variables, images, targets = cnn
-  run = functools.partial(xrai.xrai, model, variables)
+  run = functools.partial(xrai.xrai, model.logits_fn(variables))
   attributions = np.zeros(images.shape[:3], np.float32)
   with pytest.raises(ValueError, match="rank-4"):
     run(images[0], targets, attributions=attributions)
@@ -342,8 +375,13 @@ def test_bad_inputs_give_clear_errors(cnn):
     run(images, targets, attributions=attributions, area_threshold=1.5)
   with pytest.raises(ValueError, match="channel_reduction"):
     run(images, targets, attributions=attributions, channel_reduction="mean")
-  with pytest.raises(ValueError, match="baselines must be a non-empty sequence"):
-    xrai.xrai_baselines(images, "black")
+  with pytest.raises(ValueError, match="non-empty tuple of baselines"):
+    xrai.xrai_baselines(images, ())
+  with pytest.raises(ValueError, match="Unknown baseline 'grey'"):
+    xrai.xrai_baselines(images, ("black", "grey"))
+  with pytest.raises(ValueError, match="area_threshold applies to the greedy XRAI only"):
+    xrai.xrai_regions(model.logits_fn(variables), images, targets, fast=True,
+                      attributions=attributions, area_threshold=0.5)
   with pytest.raises(ValueError, match="fraction"):
     xrai.top_fraction_mask(attributions, 1.2)
   with pytest.raises(ValueError, match=r"maps must be a batch \[B, H, W\]"):
@@ -351,5 +389,5 @@ def test_bad_inputs_give_clear_errors(cnn):
   with pytest.raises(ValueError, match="masks must have shape"):
     xrai.rank_regions(attributions[0], np.ones((3, 4, 4), bool))
   with pytest.raises(ValueError, match="cannot run under jit"):
-    jax.jit(lambda x: xrai.fast_xrai(model, variables, x, targets,
+    jax.jit(lambda x: xrai.fast_xrai(model.logits_fn(variables), x, targets,
                                      attributions=attributions))(images)

@@ -405,7 +405,7 @@ def perturbation_curve(model: base.Classifier, variables: base.Variables, images
   if maps.shape != images.shape[:3]:
     raise ValueError(f"maps must cover the images: [B, H, W] = {tuple(images.shape[:3])}; got "
                      f"{tuple(maps.shape)}.")
-  targets = common.resolve_targets(model, variables, images, targets)
+  targets = common.resolve_inputs(model.logits_fn(variables), images, targets)
   ranks = unit_ranks(maps, patch_size)[..., None]                        # [B, H, W, 1]
   _, num_units = unit_grid(images.shape[1], images.shape[2], patch_size)
   counts = step_counts(num_units, num_steps)

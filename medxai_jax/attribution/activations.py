@@ -5,17 +5,24 @@ feature maps at the initial convolution and at the end of each dense block; 002_
 .txt (figures 2-3) shows the first-layer filters and the most strongly activated channel of the
 deepest convolution. Neither paper says how "most activated" is ranked: we rank channels by their
 mean activation over the map (`reduce='max'` ranks by the peak instead).
+
+The maps come from `api.Split`s (only their `features` are read), so any JAX network works:
+`activation_grids` takes one split per layer, {name: split}; for the project's models
+`model_splits(model, variables)` cuts at `grid_taps(model)`. The first-layer filters read a
+Flax Linen model's parameters and stay on `base.Classifier`.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medxai_jax.attribution import api
+from medxai_jax.attribution import cam
 from medxai_jax.attribution import common
 from medxai_jax.models import base
 
@@ -33,12 +40,29 @@ def grid_taps(model: base.Classifier) -> tuple[str, ...]:
   return tuple(ordered)
 
 
-def activations_at(model: base.Classifier, variables: base.Variables, images: jax.Array,
-                   taps: Sequence[str] | None = None) -> dict[str, jax.Array]:
-  """Activations {tap: [B, h, w, C]} at `taps` (default `grid_taps(model)`), inference mode."""
-  common.check_inputs(model, images)
+def model_splits(model: base.Classifier, variables: base.Variables,
+                 taps: Sequence[str] | None = None) -> dict[str, api.Split]:
+  """{tap: model.split(variables, tap)} at `taps` (default `grid_taps(model)`), forward order."""
   taps = grid_taps(model) if taps is None else tuple(taps)
-  return {tap: model.features(variables, images, tap) for tap in taps}
+  return {tap: model.split(variables, tap) for tap in taps}
+
+
+def _check_splits(splits: Mapping[str, api.Split]) -> None:
+  """Raises a ValueError unless `splits` is a non-empty mapping of names to `api.Split`s."""
+  if isinstance(splits, api.Split) or not isinstance(splits, Mapping) or not splits:
+    raise ValueError("splits must be a non-empty mapping {name: api.Split} (one per layer, e.g. "
+                     f"activations.model_splits(model, variables)); got {type(splits).__name__}.")
+  wrong = [name for name, split in splits.items() if not isinstance(split, api.Split)]
+  if wrong:
+    raise ValueError(f"splits[{wrong[0]!r}] is not an api.Split.")
+
+
+def activations_at(splits: Mapping[str, api.Split], images: jax.Array) -> dict[str, jax.Array]:
+  """Activations {name: [B, h, w, C]} of each split's features (inference mode for the
+  project's models)."""
+  _check_splits(splits)
+  cam.check_images(images)
+  return {name: split.features(images) for name, split in splits.items()}
 
 
 def channel_scores(activation: jax.Array, reduce: str = "mean") -> jax.Array:
@@ -71,22 +95,23 @@ def top_k_maps(activation: jax.Array, k: int = 16, reduce: str = "mean"
   return indices, maps
 
 
-def activation_grids(model: base.Classifier, variables: base.Variables, images: jax.Array,
-                     taps: Sequence[str] | None = None, k: int = 16, reduce: str = "mean"
-                     ) -> dict[str, tuple[jax.Array, jax.Array]]:
-  """{tap: (indices [B, k], maps [B, h, w, k])}: the top-k maps at 'stem' and each block end.
+def activation_grids(splits: Mapping[str, api.Split], images: jax.Array, *, k: int = 16,
+                     reduce: str = "mean") -> dict[str, tuple[jax.Array, jax.Array]]:
+  """{name: (indices [B, k], maps [B, h, w, k])}: the top-k maps of each split's features
+  (000: 'stem' and each block end, `model_splits(model, variables)` for the project's models).
 
-  Under jit the dict comes back key-sorted; `grid_taps(model)` gives the forward order.
+  Under jit the dict comes back key-sorted; the mapping's own order is the forward order.
   """
-  return {tap: top_k_maps(activation, k, reduce)
-          for tap, activation in activations_at(model, variables, images, taps).items()}
+  return {name: top_k_maps(activation, k, reduce)
+          for name, activation in activations_at(splits, images).items()}
 
 
-def strongest_channel(model: base.Classifier, variables: base.Variables, images: jax.Array,
-                      tap: str = "last_conv", reduce: str = "mean"
+def strongest_channel(split: api.Split, images: jax.Array, *, reduce: str = "mean"
                       ) -> tuple[jax.Array, jax.Array]:
-  """(index [B], map [B, h, w]) of each image's most activated channel at `tap` (002 fig. 3)."""
-  indices, maps = top_k_maps(model.features(variables, images, tap), 1, reduce)
+  """(index [B], map [B, h, w]) of each image's most activated channel of the split's features
+  (002 fig. 3 at the deepest convolution: `model.split(variables, 'last_conv')`)."""
+  cam.check_images(images)
+  indices, maps = top_k_maps(split.features(images), 1, reduce)
   return indices[:, 0], maps[..., 0]
 
 

@@ -1,12 +1,14 @@
-"""Shared pieces of the gradient attribution methods: targets, scores, gradients, chunked sums.
+"""Shared pieces of the attribution methods: input checks, scores, gradients, chunked sums.
 
-Notation: a classifier with logits z(x) for images x [B, H, W, C]; the explained score of an
-image is S_c(x) = z_c(x) for its target class c (for a one-logit model, z for c = 1 and -z for
-c = 0, as `target_scores`), and every method is built from the input gradient dS_c/dx.
+Notation: a scoring function `logits_fn(x) -> z(x)` [B, K] (`api.LogitsFn`) for images
+x [B, H, W, C]; the explained score of an image is S_c(x) = z_c(x) for its target class c (for
+a one-logit model, z for c = 1 and -z for c = 0, as `api.target_scores`), and the gradient
+methods are built from the input gradient dS_c/dx (`input_gradients`).
 
-The input contract every method shares (`check_inputs`, `resolve_targets`): a non-empty rank-4
-float batch, finite, at least the architecture's minimum size; targets in [0, num_classes),
-where a one-logit (sigmoid) model has the classes {0: negative, 1: positive}.
+The input contract every method shares (`resolve_inputs`): a non-empty rank-4 float batch,
+finite when concrete; targets in [0, K) resolved by `api.resolve_targets`, where a one-logit
+(sigmoid) model has the classes {0: negative, 1: positive}. A Classifier's minimum input size
+is checked by its callers that know the Classifier (`check_inputs`, explain.run_methods).
 """
 
 from __future__ import annotations
@@ -17,18 +19,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medxai_jax.attribution import api
 from medxai_jax.models import base
 
-Targets = jax.Array | np.ndarray | int | str
+Targets = api.Targets
 ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
 CHANNEL_REDUCTIONS = ("abs_sum", "sum", "max_abs")
 
 
-def target_scores(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Score of each image's target class; for one logit z: z for class 1, -z for class 0."""
-  if logits.shape[-1] == 1:
-    return jnp.where(targets == 1, logits[:, 0], -logits[:, 0])
-  return jnp.take_along_axis(logits, targets[:, None].astype(jnp.int32), axis=-1)[:, 0]
+# Re-exported for the methods that still import it from here; the definition is `api`'s.
+target_scores = api.target_scores
 
 
 def is_traced(array: Any) -> bool:
@@ -98,75 +98,42 @@ def check_positive(name: str, value: int) -> None:
     raise ValueError(f"{name} must be an integer >= 1; got {value!r}.")
 
 
-def _concrete_values(targets: jax.Array) -> np.ndarray | None:
-  """The targets as a numpy array, or None while they are traced under jit."""
-  if is_traced(targets):
-    return None
-  return np.asarray(targets)
+def resolve_inputs(logits_fn: api.LogitsFn, images: jax.Array, targets: Targets) -> jax.Array:
+  """Checks the images (`check_images`, `check_image_values`) and returns the int32 targets [B]
+  resolved against `logits_fn` (`api.resolve_targets`): every logits-only method starts here."""
+  check_images(images)
+  check_image_values(images)
+  return api.resolve_targets(logits_fn, images, targets)
 
 
-def _check_target_values(values: np.ndarray, count: int, one_logit: bool = False) -> None:
-  """Raises a ValueError naming the first target outside [0, count) and its index."""
-  bad = np.flatnonzero((values < 0) | (values >= count))
-  if bad.size:
-    meaning = (" (a one-logit sigmoid model: 0 = negative, 1 = positive class)"
-               if one_logit else "")
-    raise ValueError(
-        f"target {int(values[bad[0]])} (targets[{int(bad[0])}]) is out of range: targets must "
-        f"lie in [0, {count}) for a model with {count} classes{meaning}.")
-
-
-def resolve_targets(model: base.Classifier, variables: base.Variables, images: jax.Array,
-                    targets: Targets) -> jax.Array:
-  """Int32 targets [B] from an array [B], a python int, or "predicted", range-checked.
-
-  Also checks the images (`check_inputs`): every method that takes targets resolves them here.
-  """
-  check_inputs(model, images)
-  batch = images.shape[0]
-  if isinstance(targets, str):
-    if targets != "predicted":
-      raise ValueError(f"targets must be an int, an int array [B] or 'predicted'; got {targets!r}.")
-    return base.predicted_classes(model.logits(variables, images))
-  if isinstance(targets, (int, np.integer)):
-    targets = jnp.full((batch,), targets, jnp.int32)
-  if not jnp.issubdtype(jnp.result_type(targets), jnp.integer):
-    raise ValueError(f"targets must be integer class indices; got dtype "
-                     f"{jnp.result_type(targets)}.")
-  if jnp.ndim(targets) != 1 or jnp.shape(targets)[0] != batch:
-    raise ValueError(
-        f"targets must have shape [B] = ({batch},) to match the images; got shape "
-        f"{tuple(jnp.shape(targets))}.")
-  values = _concrete_values(targets)
-  if values is not None:
-    _check_target_values(values, model.num_classes, model.num_outputs == 1)
-  return jnp.asarray(targets, jnp.int32)
-
-
-def check_method_inputs(model: base.Classifier, variables: base.Variables, images: jax.Array,
+def check_method_inputs(logits_fn: api.LogitsFn, images: jax.Array,
                         targets: Targets | None = None) -> None:
   """The whole contract on concrete arrays, for callers that jit or vmap a method: raises what
   the method itself would raise outside jit (images and, if given, targets)."""
-  check_inputs(model, images)
+  check_images(images)
+  check_image_values(images)
   if targets is not None:
-    resolve_targets(model, variables, images, targets)
+    api.resolve_targets(logits_fn, images, targets)
 
 
-def score_fn(model: base.Classifier, variables: base.Variables) -> ScoreFn:
+def score_fn(logits_fn: api.LogitsFn) -> ScoreFn:
   """The map (images, targets) -> per-image target scores S_c(x) [B]."""
 
   def scores(images: jax.Array, targets: jax.Array) -> jax.Array:
-    return target_scores(model.logits(variables, images), targets)
+    return api.target_scores(logits_fn(images), targets)
 
   return scores
 
 
-def input_gradients(model: base.Classifier, variables: base.Variables, images: jax.Array,
-                    targets: jax.Array) -> jax.Array:
-  """Input gradients dS_c/dx [B, H, W, C] of each image's target score."""
-  scores = score_fn(model, variables)
-  # Images are independent in inference mode, so the gradient of the sum is per image.
-  return jax.grad(lambda x: scores(x, targets).sum())(images)
+def input_gradients(logits_fn: api.LogitsFn, images: jax.Array, targets: jax.Array
+                    ) -> jax.Array:
+  """Input gradients dS_c/dx [B, H, W, C] of each image's target score, in the images' dtype.
+
+  The scores of different images must not depend on each other (inference mode: no batch
+  statistics), so the gradient of their sum is each image's own gradient.
+  """
+  scores = score_fn(logits_fn)
+  return jax.grad(lambda x: scores(x, targets).sum())(images).astype(jnp.result_type(images))
 
 
 def tile_batch(array: jax.Array, copies: int) -> jax.Array:

@@ -3,6 +3,8 @@
 Vanilla gradient: M_c(x) = dS_c(x)/dx, the gradient of the target score S_c at the image x.
 SmoothGrad: M^_c(x) = 1/n sum_{i=1..n} M_c(x + g_i) with g_i ~ N(0, sigma^2),
 sigma = noise_level * (max(x) - min(x)) per image; the squared variant averages M_c(x + g_i)^2.
+
+Both take any scoring function `logits_fn(images) -> logits [B, K]` (`api.LogitsFn`).
 """
 
 from __future__ import annotations
@@ -10,15 +12,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from medxai_jax.attribution import api
 from medxai_jax.attribution import common
-from medxai_jax.models import base
+
+DEFAULT_NUM_SAMPLES = 32
+DEFAULT_NOISE_LEVEL = 0.15
+DEFAULT_CHUNK_SIZE = 16
 
 
-def vanilla_gradients(model: base.Classifier, variables: base.Variables, images: jax.Array,
-                      targets: common.Targets) -> jax.Array:
+def vanilla_gradients(logits_fn: api.LogitsFn, images: jax.Array, targets: common.Targets
+                      ) -> jax.Array:
   """Gradient maps dS_c/dx [B, H, W, C] of each image's target score."""
-  targets = common.resolve_targets(model, variables, images, targets)
-  return common.input_gradients(model, variables, images, targets)
+  targets = common.resolve_inputs(logits_fn, images, targets)
+  return common.input_gradients(logits_fn, images, targets)
 
 
 def noise_scales(images: jax.Array, noise_level: float) -> jax.Array:
@@ -27,13 +33,15 @@ def noise_scales(images: jax.Array, noise_level: float) -> jax.Array:
   return (noise_level * spread)[:, None, None, None]
 
 
-def smoothgrad(model: base.Classifier, variables: base.Variables, images: jax.Array,
-               targets: common.Targets, *, key: jax.Array, num_samples: int = 32,
-               noise_level: float = 0.15, squared: bool = False, chunk_size: int = 8
-               ) -> jax.Array:
+def smoothgrad(logits_fn: api.LogitsFn, images: jax.Array, targets: common.Targets, *,
+               key: jax.Array, num_samples: int = DEFAULT_NUM_SAMPLES,
+               noise_level: float = DEFAULT_NOISE_LEVEL, squared: bool = False,
+               chunk_size: int = DEFAULT_CHUNK_SIZE) -> jax.Array:
   """SmoothGrad maps [B, H, W, C]: mean (squared) gradient over noisy copies of each image."""
   common.check_positive("num_samples", num_samples)
-  targets = common.resolve_targets(model, variables, images, targets)
+  if key is None:
+    raise ValueError("smoothgrad draws its noise from a PRNG key: pass key=jax.random.key(...).")
+  targets = common.resolve_inputs(logits_fn, images, targets)
   scales = noise_scales(images, noise_level)
 
   def chunk_gradients(sample_indices: jax.Array) -> jax.Array:
@@ -45,8 +53,7 @@ def smoothgrad(model: base.Classifier, variables: base.Variables, images: jax.Ar
     noisy = images[None] + noise * scales[None]                       # [k, B, H, W, C]
     count = sample_indices.shape[0]
     grads = common.input_gradients(
-        model, variables, noisy.reshape((-1,) + images.shape[1:]),
-        common.tile_batch(targets, count))
+        logits_fn, noisy.reshape((-1,) + images.shape[1:]), common.tile_batch(targets, count))
     grads = grads.reshape(noisy.shape)
     return jnp.square(grads) if squared else grads
 

@@ -3,8 +3,22 @@ r"""Path attributions: Integrated Gradients, Blur IG and Guided IG, batched and 
 Notation (S the target score of `common`, x the image, x' the baseline, phi the attribution):
 - Integrated Gradients (Sundararajan et al. 2017), on the straight line x(a) = x' + a (x - x'):
   phi_i = (x_i - x'_i) int_0^1 dS(x(a))/dx_i da ~ (x_i - x'_i) sum_k w_k dS(x(a_k))/dx_i,
-  with quadrature nodes a_k and weights w_k (Riemann left/right/midpoint, trapezoid,
-  Gauss-Legendre). Completeness: sum_i phi_i = S(x) - S(x').
+  with quadrature nodes a_k and weights w_k, the `rule` (N = num_steps evaluations):
+    riemann_left      a_k = k/N,            w_k = 1/N       (k = 0..N-1)
+    riemann_right     a_k = (k+1)/N,        w_k = 1/N
+    riemann_midpoint  a_k = (k+1/2)/N,      w_k = 1/N
+    riemann_trapezoid a_k = k/(N-1),        w_k = 1/(N-1), halved at both ends (sum 1)
+    gauss_legendre    Gauss-Legendre nodes and weights mapped to [0, 1]
+    pair_uniform      a_k = k/(N-1),        w_k = 1/N       (PAIR saliency's IG: linspace(0, 1,
+                      N), both ends included, the gradient sum divided by N; sum 1)
+    captum_trapezoid  a_k = k/(N-1),        w_k = 1/N, halved at both ends (Captum's
+                      'riemann_trapezoid': the weights sum to 1 - 1/N, not 1)
+  Captum's `method=` names are accepted as aliases (`RULE_ALIASES`): 'riemann_left',
+  'riemann_right' and 'riemann_middle' (= riemann_midpoint) and 'gausslegendre'
+  (= gauss_legendre) are the same rules as ours; Captum's 'riemann_trapezoid' is not our
+  riemann_trapezoid (ours is the trapezoid rule, weights summing to 1), so it is offered under
+  its own name, captum_trapezoid. Completeness: sum_i phi_i = S(x) - S(x') (`completeness_gap`
+  reports it).
 - Blur IG (Xu et al. 2020), on the scale-space path x_s = G_s * x from s = s_max to 0:
   phi = int_{s_max}^0 dS(x_s)/dx * dx_s/ds ds ~ -sum_k (s_{k+1} - s_k) dx_{s_k}/ds * dS(x_{s_k})/dx,
   with s_k = s_max k / N (or s_max sqrt(k / N)) and dx_s/ds a forward difference of step h
@@ -16,6 +30,10 @@ Notation (S the target score of `common`, x the image, x' the baseline, phi the 
   phi = sum_t dS(x^{t-1})/dx * (x^t - x^{t-1}). The fraction p is numpy's 'lower' quantile of
   the unbounded features' |dS/dx_i|, ties included, as in PAIR saliency, found as an exact order
   statistic (a bisection over the float bit patterns) rather than by sorting.
+
+Every method takes any scoring function `logits_fn(images) -> logits [B, K]` (`api.LogitsFn`)
+and runs in the images' dtype: nodes, weights, blur levels and Guided IG's step counter are
+cast to it, so float64 images under jax_enable_x64 give float64 attributions end to end.
 """
 
 from __future__ import annotations
@@ -26,27 +44,43 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medxai_jax.attribution import api
 from medxai_jax.attribution import common
-from medxai_jax.models import base
 
-IG_METHODS = ("riemann_left", "riemann_right", "riemann_midpoint", "riemann_trapezoid",
-              "gauss_legendre")
+IG_RULES = ("riemann_left", "riemann_right", "riemann_midpoint", "riemann_trapezoid",
+            "gauss_legendre", "pair_uniform", "captum_trapezoid")
+# Captum's `method=` names for the rules that are the same as ours.
+RULE_ALIASES = {"riemann_middle": "riemann_midpoint", "gausslegendre": "gauss_legendre"}
+DEFAULT_NUM_STEPS = 64
+DEFAULT_CHUNK_SIZE = 16
 BASELINE_NAMES = ("zeros", "blurred", "random")
 BLUR_PADDINGS = ("constant", "reflect")
 BLUR_MAX_SIGMA = 50.0
 BISECTION_UNROLL = 8  # bisection steps per loop iteration of `kth_smallest`
 Baseline = str | float | int | jax.Array | np.ndarray
-MapsOrReport = jax.Array | tuple[jax.Array, dict[str, jax.Array]]
 
 
 # ---------------------------------------------------------------------------------------------
 # Quadrature and baselines.
 
 
-def quadrature(method: str, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
-  """Nodes a_k in [0, 1] and weights w_k (summing to 1) of a rule with num_steps evaluations."""
+def canonical_rule(rule: str) -> str:
+  """The rule's name in `IG_RULES` (a Captum alias mapped to ours); ValueError if unknown."""
+  name = RULE_ALIASES.get(rule, rule)
+  if name not in IG_RULES:
+    raise ValueError(f"Unknown integration rule {rule!r}; expected one of {IG_RULES} or a "
+                     f"Captum alias {tuple(RULE_ALIASES)}.")
+  return name
+
+
+def quadrature(rule: str, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+  """Float64 nodes a_k in [0, 1] and weights w_k of a rule with num_steps evaluations (the
+  weights sum to 1, except captum_trapezoid's: 1 - 1/num_steps)."""
   common.check_positive("num_steps", num_steps)
+  method = canonical_rule(rule)
   steps = np.arange(num_steps, dtype=np.float64)
+  if method in ("riemann_trapezoid", "pair_uniform", "captum_trapezoid") and num_steps < 2:
+    raise ValueError(f"rule {rule!r} needs num_steps >= 2 (both end points); got {num_steps}.")
   if method == "riemann_left":
     nodes, weights = steps / num_steps, np.full(num_steps, 1.0 / num_steps)
   elif method == "riemann_right":
@@ -54,18 +88,19 @@ def quadrature(method: str, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
   elif method == "riemann_midpoint":
     nodes, weights = (steps + 0.5) / num_steps, np.full(num_steps, 1.0 / num_steps)
   elif method == "riemann_trapezoid":
-    if num_steps < 2:
-      raise ValueError(
-          f"riemann_trapezoid needs num_steps >= 2 (both end points); got {num_steps}.")
     nodes = steps / (num_steps - 1)
     weights = np.full(num_steps, 1.0 / (num_steps - 1))
     weights[[0, -1]] /= 2
-  elif method == "gauss_legendre":
+  elif method == "pair_uniform":
+    nodes, weights = steps / (num_steps - 1), np.full(num_steps, 1.0 / num_steps)
+  elif method == "captum_trapezoid":
+    nodes = steps / (num_steps - 1)
+    weights = np.full(num_steps, 1.0 / num_steps)
+    weights[[0, -1]] /= 2
+  else:  # gauss_legendre
     points, point_weights = np.polynomial.legendre.leggauss(num_steps)
     nodes, weights = (points + 1) / 2, point_weights / 2
-  else:
-    raise ValueError(f"Unknown integration method {method!r}; expected one of {IG_METHODS}.")
-  return nodes.astype(np.float32), weights.astype(np.float32)
+  return nodes, weights
 
 
 def _check_baseline_array(images: jax.Array, baseline: jax.Array) -> jax.Array:
@@ -113,22 +148,24 @@ def _gaussian_weights(offsets: jax.Array, sigma: jax.Array, radius_bound: int,
     inside = jnp.abs(distance) <= truncate * sigma + 0.5
     return jnp.where(inside, jnp.exp(-0.5 * jnp.square(distance / safe_sigma)), 0.0)
 
-  all_offsets = jnp.arange(-radius_bound, radius_bound + 1, dtype=jnp.float32)
+  all_offsets = jnp.arange(-radius_bound, radius_bound + 1, dtype=offsets.dtype)
   return taps(offsets) / taps(all_offsets).sum()
 
 
 def blur_matrix(size: int, sigma: jax.Array, *, radius_bound: int, padding: str = "constant",
-                truncate: float = 4.0) -> jax.Array:
-  """The [size, size] matrix of a 1-D Gaussian blur with zero ('constant') or 'reflect' padding."""
-  rows = jnp.arange(size, dtype=jnp.float32)[:, None]
-  cols = jnp.arange(size, dtype=jnp.float32)[None, :]
+                truncate: float = 4.0, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+  """The [size, size] matrix (in `dtype`) of a 1-D Gaussian blur with zero ('constant') or
+  'reflect' padding."""
+  sigma = jnp.asarray(sigma, dtype)
+  rows = jnp.arange(size, dtype=dtype)[:, None]
+  cols = jnp.arange(size, dtype=dtype)[None, :]
   if padding == "constant":
     return _gaussian_weights(cols - rows, sigma, radius_bound, truncate)
   if padding == "reflect":
     # Half-sample reflection (d c b a | a b c d | d c b a) has period 2 * size: input j is read
     # at offsets j - i + 2 size m and -1 - j - i + 2 size m for every integer m.
     periods = radius_bound // (2 * size) + 2
-    shifts = 2.0 * size * jnp.arange(-periods, periods + 1, dtype=jnp.float32)[:, None, None]
+    shifts = 2.0 * size * jnp.arange(-periods, periods + 1, dtype=dtype)[:, None, None]
     direct = _gaussian_weights(cols - rows + shifts, sigma, radius_bound, truncate)
     mirrored = _gaussian_weights(-1.0 - cols - rows + shifts, sigma, radius_bound, truncate)
     return (direct + mirrored).sum(axis=0)
@@ -146,12 +183,12 @@ def gaussian_blur(images: jax.Array, sigma: float | jax.Array, *, max_sigma: flo
   if bound < 0:
     raise ValueError(f"Blur sigma must be >= 0; got {bound}.")
   radius_bound = int(truncate * bound + 0.5)
-  sigma = jnp.asarray(sigma, jnp.float32)
+  sigma = jnp.asarray(sigma, images.dtype)
   _, height, width, _ = images.shape
   along_height = blur_matrix(height, sigma, radius_bound=radius_bound, padding=padding,
-                             truncate=truncate)
+                             truncate=truncate, dtype=images.dtype)
   along_width = blur_matrix(width, sigma, radius_bound=radius_bound, padding=padding,
-                            truncate=truncate)
+                            truncate=truncate, dtype=images.dtype)
   highest = jax.lax.Precision.HIGHEST
   blurred = jnp.einsum("ij,bjwc->biwc", along_height, images, precision=highest)
   return jnp.einsum("kw,biwc->bikc", along_width, blurred, precision=highest).astype(images.dtype)
@@ -161,32 +198,32 @@ def gaussian_blur(images: jax.Array, sigma: float | jax.Array, *, max_sigma: flo
 # Completeness.
 
 
-def completeness(model: base.Classifier, variables: base.Variables, images: jax.Array,
-                 baselines: jax.Array, targets: jax.Array, attributions: jax.Array
-                 ) -> dict[str, jax.Array]:
-  """Per-image sum of attributions, S(x) - S(x') and their absolute difference, each [B]."""
-  scores = common.score_fn(model, variables)
+def completeness_gap(logits_fn: api.LogitsFn, images: jax.Array, baselines: jax.Array,
+                     targets: common.Targets, attributions: jax.Array) -> dict[str, jax.Array]:
+  """Completeness report of path attributions [B, H, W, C] from `baselines` to `images`:
+  per-image sum of attributions, S(x) - S(x') and their absolute difference, each [B].
+
+  For Blur IG the baselines are the maximally blurred images (`blur_ig_baselines`).
+  """
+  common.check_images(attributions, "attributions")
+  if jnp.shape(attributions) != jnp.shape(images):
+    raise ValueError(f"attributions must have the images' shape {tuple(jnp.shape(images))}; "
+                     f"got {tuple(jnp.shape(attributions))}.")
+  targets = common.resolve_inputs(logits_fn, images, targets)
+  baselines = _check_baseline_array(images, baselines)
+  scores = common.score_fn(logits_fn)
   score_difference = scores(images, targets) - scores(baselines, targets)
   total = attributions.sum(axis=(1, 2, 3))
   return {"sum_attributions": total, "score_difference": score_difference,
           "completeness_gap": jnp.abs(total - score_difference)}
 
 
-def _with_gap(model: base.Classifier, variables: base.Variables, images: jax.Array,
-              baselines: jax.Array, targets: jax.Array, attributions: jax.Array,
-              return_gap: bool) -> MapsOrReport:
-  """The attributions, with their completeness report when return_gap is set."""
-  if not return_gap:
-    return attributions
-  return attributions, completeness(model, variables, images, baselines, targets, attributions)
-
-
-def _flat_gradients(model: base.Classifier, variables: base.Variables, points: jax.Array,
-                    targets: jax.Array) -> jax.Array:
+def _flat_gradients(logits_fn: api.LogitsFn, points: jax.Array, targets: jax.Array
+                    ) -> jax.Array:
   """Input gradients at points [K, B, H, W, C], evaluated as one batch of K * B images."""
   flat = points.reshape((-1,) + points.shape[2:])
   repeated_targets = common.tile_batch(targets, points.shape[0])
-  grads = common.input_gradients(model, variables, flat, repeated_targets)
+  grads = common.input_gradients(logits_fn, flat, repeated_targets)
   return grads.reshape(points.shape)
 
 
@@ -199,31 +236,32 @@ def _broadcast_steps(values: jax.Array) -> jax.Array:
 # Integrated Gradients.
 
 
-def integrated_gradients(model: base.Classifier, variables: base.Variables, images: jax.Array,
-                         targets: common.Targets, *, baseline: Baseline = "zeros",
-                         num_steps: int = 64, method: str = "riemann_trapezoid",
-                         chunk_size: int = 16, key: jax.Array | None = None,
-                         blur_sigma: float = BLUR_MAX_SIGMA, return_gap: bool = False
-                         ) -> MapsOrReport:
-  """IG maps [B, H, W, C] (and the completeness report when return_gap) on the straight line.
+def integrated_gradients(logits_fn: api.LogitsFn, images: jax.Array, targets: common.Targets,
+                         *, baseline: Baseline = "zeros", num_steps: int = DEFAULT_NUM_STEPS,
+                         rule: str = "riemann_trapezoid", chunk_size: int = DEFAULT_CHUNK_SIZE,
+                         key: jax.Array | None = None, blur_sigma: float = BLUR_MAX_SIGMA
+                         ) -> jax.Array:
+  """IG maps [B, H, W, C] on the straight line from the baseline to each image.
 
-  num_steps is the number of gradient evaluations per image for every method.
+  num_steps is the number of gradient evaluations per image for every rule; `rule` is one of
+  `IG_RULES` or a Captum alias (module docstring). baseline: 'zeros', 'blurred' (Gaussian blur
+  of sigma blur_sigma), 'random' (uniform in each image's range, from `key`), a number or an
+  array [H, W, C] / [B, H, W, C]. The completeness report is `completeness_gap`.
   """
-  nodes, weights = quadrature(method, num_steps)
-  targets = common.resolve_targets(model, variables, images, targets)
+  nodes, weights = quadrature(rule, num_steps)
+  targets = common.resolve_inputs(logits_fn, images, targets)
   baselines = resolve_baseline(images, baseline, key=key, blur_sigma=blur_sigma)
   difference = images - baselines
-  nodes, weights = jnp.asarray(nodes), jnp.asarray(weights)
+  nodes, weights = jnp.asarray(nodes, images.dtype), jnp.asarray(weights, images.dtype)
 
   def weighted_gradients(step_indices: jax.Array) -> jax.Array:
     alphas = _broadcast_steps(nodes[step_indices])
     points = baselines[None] + alphas * difference[None]
-    grads = _flat_gradients(model, variables, points, targets)
+    grads = _flat_gradients(logits_fn, points, targets)
     return grads * _broadcast_steps(weights[step_indices])
 
   path_average = common.chunked_sum(weighted_gradients, num_steps, chunk_size)
-  return _with_gap(model, variables, images, baselines, targets, difference * path_average,
-                   return_gap)
+  return difference * path_average
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,33 +269,39 @@ def integrated_gradients(model: base.Classifier, variables: base.Variables, imag
 
 
 def blur_sigmas(max_sigma: float, num_steps: int, sqrt: bool) -> np.ndarray:
-  """The num_steps + 1 blur levels s_0 = 0 < ... < s_N = max_sigma (linear or sqrt spacing).
+  """The num_steps + 1 float64 blur levels s_0 = 0 < ... < s_N = max_sigma (linear or sqrt).
 
   PAIR's sqrt spacing, sqrt(k max_sigma / N), ends at sqrt(max_sigma); ours ends at max_sigma.
   """
   fractions = np.arange(num_steps + 1, dtype=np.float64) / num_steps
-  sigmas = max_sigma * (np.sqrt(fractions) if sqrt else fractions)
-  return sigmas.astype(np.float32)
+  return max_sigma * (np.sqrt(fractions) if sqrt else fractions)
 
 
-def blur_ig(model: base.Classifier, variables: base.Variables, images: jax.Array,
-            targets: common.Targets, *, max_sigma: float = BLUR_MAX_SIGMA, num_steps: int = 100,
-            grad_step: float | None = 0.01, sqrt: bool = False, chunk_size: int = 16,
-            padding: str = "constant", return_gap: bool = False) -> MapsOrReport:
-  """Blur IG maps [B, H, W, C] (and the completeness report vs the max-blurred image).
+def blur_ig_baselines(images: jax.Array, *, max_sigma: float = BLUR_MAX_SIGMA,
+                      padding: str = "constant") -> jax.Array:
+  """Blur IG's start points G_{max_sigma} * x [B, H, W, C], the baselines of its completeness."""
+  return gaussian_blur(images, max_sigma, padding=padding)
+
+
+def blur_ig(logits_fn: api.LogitsFn, images: jax.Array, targets: common.Targets, *,
+            max_sigma: float = BLUR_MAX_SIGMA, num_steps: int = DEFAULT_NUM_STEPS,
+            grad_step: float | None = 0.01, sqrt: bool = False,
+            chunk_size: int = DEFAULT_CHUNK_SIZE, padding: str = "constant") -> jax.Array:
+  """Blur IG maps [B, H, W, C] along the blur path from G_{max_sigma} * x to x.
 
   grad_step is the forward-difference step of dx_s/ds (PAIR saliency); None replaces
-  (s_{k+1} - s_k) dx_{s_k}/ds by the exact path increment x_{s_{k+1}} - x_{s_k}.
+  (s_{k+1} - s_k) dx_{s_k}/ds by the exact path increment x_{s_{k+1}} - x_{s_k}. The
+  completeness report is `completeness_gap` with `blur_ig_baselines(images, ...)`.
   """
   common.check_positive("num_steps", num_steps)
   if max_sigma <= 0:
     raise ValueError(f"max_sigma must be > 0; got {max_sigma}.")
   if grad_step is not None and grad_step <= 0:
     raise ValueError(f"grad_step must be > 0 or None; got {grad_step}.")
-  targets = common.resolve_targets(model, variables, images, targets)
+  targets = common.resolve_inputs(logits_fn, images, targets)
   sigmas = blur_sigmas(max_sigma, num_steps, sqrt)
-  sigma_steps = jnp.asarray(np.diff(sigmas))
-  sigmas = jnp.asarray(sigmas)
+  sigma_steps = jnp.asarray(np.diff(sigmas), images.dtype)
+  sigmas = jnp.asarray(sigmas, images.dtype)
   bound = max_sigma + (grad_step or 0.0)
 
   def blur_at(levels: jax.Array) -> jax.Array:
@@ -272,11 +316,9 @@ def blur_ig(model: base.Classifier, variables: base.Variables, images: jax.Array
       slopes = (blur_at(levels + grad_step) - points) / grad_step
       increments = slopes * _broadcast_steps(sigma_steps[step_indices])
     # The path runs from s_max down to 0, so each step moves by minus the increment in s.
-    return -increments * _flat_gradients(model, variables, points, targets)
+    return -increments * _flat_gradients(logits_fn, points, targets)
 
-  attributions = common.chunked_sum(step_attributions, num_steps, chunk_size)
-  blurred = gaussian_blur(images, max_sigma, padding=padding)
-  return _with_gap(model, variables, images, blurred, targets, attributions, return_gap)
+  return common.chunked_sum(step_attributions, num_steps, chunk_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,11 +431,11 @@ def _guided_step(x: jax.Array, grad: jax.Array, x_input: jax.Array, x_baseline: 
   return jnp.where(to_bound, x_max, jnp.where(part_way, x + gamma * (x_max - x), x))
 
 
-def guided_ig(model: base.Classifier, variables: base.Variables, images: jax.Array,
-              targets: common.Targets, *, baseline: Baseline = "zeros", num_steps: int = 128,
+def guided_ig(logits_fn: api.LogitsFn, images: jax.Array, targets: common.Targets, *,
+              baseline: Baseline = "zeros", num_steps: int = DEFAULT_NUM_STEPS,
               fraction: float = 0.25, max_dist: float = 0.02, key: jax.Array | None = None,
-              blur_sigma: float = BLUR_MAX_SIGMA, return_gap: bool = False) -> MapsOrReport:
-  """Guided IG maps [B, H, W, C] (and the completeness report when return_gap).
+              blur_sigma: float = BLUR_MAX_SIGMA) -> jax.Array:
+  """Guided IG maps [B, H, W, C] (the completeness report is `completeness_gap`).
 
   The step counter and every path quantity are in the images' dtype (float64 images under
   jax_enable_x64 reproduce the published float64 loop). Completeness is approximate on ReLU
@@ -406,7 +448,7 @@ def guided_ig(model: base.Classifier, variables: base.Variables, images: jax.Arr
     raise ValueError(f"fraction must lie in (0, 1]; got {fraction}.")
   if isinstance(max_dist, (int, float)) and not 0.0 <= max_dist <= 1.0:  # may be traced
     raise ValueError(f"max_dist must lie in [0, 1]; got {max_dist}.")
-  targets = common.resolve_targets(model, variables, images, targets)
+  targets = common.resolve_inputs(logits_fn, images, targets)
   baselines = resolve_baseline(images, baseline, key=key, blur_sigma=blur_sigma)
   dtype = images.dtype
   step = jax.vmap(lambda x, grad, x_input, x_baseline, alpha: _guided_step(
@@ -415,11 +457,12 @@ def guided_ig(model: base.Classifier, variables: base.Variables, images: jax.Arr
 
   def advance(state: tuple[jax.Array, jax.Array], t: jax.Array):
     x, attributions = state
-    grads = common.input_gradients(model, variables, x, targets).astype(dtype)
-    alpha = (t + 1).astype(dtype) / num_steps
+    grads = common.input_gradients(logits_fn, x, targets).astype(dtype)
+    alpha = (t + 1).astype(dtype) / jnp.asarray(num_steps, dtype)
     x_next = step(x, grads, images, baselines, alpha)
     return (x_next, attributions + (x_next - x) * grads), None
 
   initial = (baselines, jnp.zeros_like(images))
-  (_, attributions), _ = jax.lax.scan(advance, initial, jnp.arange(num_steps))
-  return _with_gap(model, variables, images, baselines, targets, attributions, return_gap)
+  steps = jnp.arange(num_steps, dtype=jnp.int64 if dtype == jnp.float64 else jnp.int32)
+  (_, attributions), _ = jax.lax.scan(advance, initial, steps)
+  return attributions

@@ -22,7 +22,8 @@ sigmoid model z for class 1 and -z for class 0), x' a baseline image.
   preprocessed image, so a masked pixel becomes 0: the dataset mean after mean/std
   normalisation. The score is the logit S_c (the paper uses the class probability).
 
-Images and targets follow the contract of `common` (`resolve_targets`).
+Both take any scoring function `logits_fn(images) -> logits [B, K]` (`api.LogitsFn`); images
+and targets follow the contract of `common` (`resolve_inputs`). Both run in the images' dtype.
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medxai_jax.attribution import api
 from medxai_jax.attribution import common
 from medxai_jax.attribution import integrated
-from medxai_jax.models import base
 
 AXES = ("height", "width", "channels")
+DEFAULT_CHUNK_SIZE = 16
+RISE_GRID = 7  # cells along the shorter side by default (RISE: s = 7 on 224-pixel images)
 Window = int | Sequence[int]
 
 
@@ -143,9 +146,9 @@ def _resolve_baseline(images: jax.Array, baseline: integrated.Baseline) -> jax.A
   return integrated.resolve_baseline(images, baseline)
 
 
-def occlusion(model: base.Classifier, variables: base.Variables, images: jax.Array,
-              targets: common.Targets, *, window: Window, strides: Window = 1,
-              baseline: integrated.Baseline = 0.0, chunk_size: int = 16) -> jax.Array:
+def occlusion(logits_fn: api.LogitsFn, images: jax.Array, targets: common.Targets, *,
+              window: Window, strides: Window = 1, baseline: integrated.Baseline = 0.0,
+              chunk_size: int = DEFAULT_CHUNK_SIZE) -> jax.Array:
   """Occlusion attributions [B, H, W, C] with Captum's semantics (see the module docstring).
 
   window: int (square, every channel), (h, w) (every channel) or (h, w, c); strides: an int
@@ -153,13 +156,14 @@ def occlusion(model: base.Classifier, variables: base.Variables, images: jax.Arr
   array [H, W, C] / [B, H, W, C] (`integrated.resolve_baseline`). chunk_size: windows whose
   occluded copies of the batch go through the model in one forward pass (chunk_size * B images).
   """
-  targets = common.resolve_targets(model, variables, images, targets)
+  targets = common.resolve_inputs(logits_fn, images, targets)
   rows_h, rows_w, rows_c = occlusion_indicators(images.shape[1:], window, strides)
   coverage = occlusion_coverage(images.shape[1:], window, strides)
   baselines = _resolve_baseline(images, baseline)
   counts = (len(rows_h), len(rows_w), len(rows_c))
-  scores = common.score_fn(model, variables)
-  table_h, table_w, table_c = (jnp.asarray(rows) for rows in (rows_h, rows_w, rows_c))
+  scores = common.score_fn(logits_fn)
+  table_h, table_w, table_c = (jnp.asarray(rows, images.dtype)
+                               for rows in (rows_h, rows_w, rows_c))
 
   def occluded_scores(window_indices: jax.Array) -> jax.Array:
     i, j, l = jnp.unravel_index(window_indices, counts)
@@ -176,7 +180,7 @@ def occlusion(model: base.Classifier, variables: base.Variables, images: jax.Arr
   differences = differences.T.reshape((-1, *counts))
   totals = jnp.einsum("bijl,ih,jw,lc->bhwc", differences, table_h, table_w, table_c,
                       precision=jax.lax.Precision.HIGHEST)
-  return (totals / jnp.asarray(coverage)).astype(images.dtype)
+  return (totals / jnp.asarray(coverage, images.dtype)).astype(images.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,20 +203,21 @@ def grid_cell_size(image_shape: Sequence[int], grid: int) -> int:
   return -(-min(int(image_shape[1]), int(image_shape[2])) // grid)
 
 
-def rise_mask(key: jax.Array, height: int, width: int, cell_size: int, p_keep: float
-              ) -> jax.Array:
-  """One RISE mask [height, width] in [0, 1]: Bernoulli(p_keep) cells of cell_size pixels,
-  upsampled bilinearly and cropped at a random offset in [0, cell_size) along each axis."""
+def rise_mask(key: jax.Array, height: int, width: int, cell_size: int, p_keep: float,
+              dtype: jnp.dtype = jnp.float32) -> jax.Array:
+  """One RISE mask [height, width] in [0, 1] (in `dtype`): Bernoulli(p_keep) cells of cell_size
+  pixels, upsampled bilinearly and cropped at a random offset in [0, cell_size) per axis."""
   rows, cols = -(-height // cell_size) + 1, -(-width // cell_size) + 1
   grid_key, shift_key = jax.random.split(key)
-  grid = jax.random.bernoulli(grid_key, p_keep, (rows, cols)).astype(jnp.float32)
+  grid = jax.random.bernoulli(grid_key, p_keep, (rows, cols)).astype(dtype)
   upsampled = jax.image.resize(grid, (rows * cell_size, cols * cell_size), method="linear")
   shift = jax.random.randint(shift_key, (2,), 0, cell_size)
   return jax.lax.dynamic_slice(upsampled, (shift[0], shift[1]), (height, width))
 
 
 def rise_masks(key: jax.Array, num_masks: int, height: int, width: int, *, cell_size: int,
-               p_keep: float = 0.5, indices: jax.Array | None = None) -> jax.Array:
+               p_keep: float = 0.5, indices: jax.Array | None = None,
+               dtype: jnp.dtype = jnp.float32) -> jax.Array:
   """RISE masks [N, height, width]; mask n is `rise_mask(fold_in(key, n), ...)`, so any chunk
   of `indices` (default 0..num_masks-1) draws the same masks as the whole."""
   _check_rise_options(num_masks, cell_size, p_keep)
@@ -220,25 +225,33 @@ def rise_masks(key: jax.Array, num_masks: int, height: int, width: int, *, cell_
     indices = jnp.arange(num_masks, dtype=jnp.int32)
   # One mask at a time (lax.map, not vmap, which changes the bits of 'rbg' keys).
   return jax.lax.map(lambda index: rise_mask(jax.random.fold_in(key, index), height, width,
-                                             cell_size, p_keep), indices)
+                                             cell_size, p_keep, dtype), indices)
 
 
-def rise(model: base.Classifier, variables: base.Variables, images: jax.Array,
-         targets: common.Targets, *, key: jax.Array, num_masks: int = 1000,
-         cell_size: int = 32, p_keep: float = 0.5, chunk_size: int = 16) -> jax.Array:
+def rise(logits_fn: api.LogitsFn, images: jax.Array, targets: common.Targets, *,
+         key: jax.Array, num_masks: int = 1000, cell_size: int | None = None,
+         p_keep: float = 0.5, chunk_size: int = DEFAULT_CHUNK_SIZE) -> jax.Array:
   """RISE saliency maps [B, H, W]: sum_n S_c(x * M_n) M_n / (N p_keep) (module docstring).
+
+  cell_size: grid cell side in pixels; None is the paper's 7 x 7 grid along the shorter side
+  (`grid_cell_size(images.shape, RISE_GRID)`: 32 pixels at 224).
 
   chunk_size: masks applied to the whole batch in one forward pass (chunk_size * B images);
   the result does not depend on it.
   """
+  common.check_images(images)
+  if cell_size is None:
+    cell_size = grid_cell_size(images.shape, RISE_GRID)
   _check_rise_options(num_masks, cell_size, p_keep)
-  targets = common.resolve_targets(model, variables, images, targets)
+  if key is None:
+    raise ValueError("rise draws its masks from a PRNG key: pass key=jax.random.key(...).")
+  targets = common.resolve_inputs(logits_fn, images, targets)
   _, height, width, _ = images.shape
-  scores = common.score_fn(model, variables)
+  scores = common.score_fn(logits_fn)
 
   def chunk_saliency(mask_indices: jax.Array) -> jax.Array:
     masks = rise_masks(key, num_masks, height, width, cell_size=cell_size, p_keep=p_keep,
-                       indices=mask_indices).astype(images.dtype)           # [k, H, W]
+                       indices=mask_indices, dtype=images.dtype)            # [k, H, W]
     masked = images[None] * masks[:, None, :, :, None]                     # [k, B, H, W, C]
     count = mask_indices.shape[0]
     masked_scores = scores(masked.reshape((-1,) + images.shape[1:]),

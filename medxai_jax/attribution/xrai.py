@@ -16,15 +16,27 @@ saliency's reference implementation, whose defaults we follow: Felzenszwalb scal
 250, 500, 1200, sigma 0.8, min size 150 on the image min-max scaled to [-1, 1] and resized to
 224x224 (segments resized back by nearest neighbour), each segment dilated by a disk of radius 5,
 min_pixel_diff 50, IG with a black (image minimum) and a white (image maximum) baseline averaged.
-Deviations: the reference takes the channel *max* of the attribution; we sum over channels by
-default (`channel_reduction='max'` gives the reference's). Its IG weighs the gradients at
-linspace(0, 1, steps) equally; ours uses `integrated.integrated_gradients` (trapezoid rule by
-default, any of its rules). With the reference's segments and attribution, our maps and ranks
-equal its `_xrai` / `_xrai_fast` outputs (checked on phantoms at 48 and 224 px).
+Channels: PAIR merges the channels of the (baseline-averaged) attribution by their *max*
+(`_attr_aggregation_max`); our default is their *sum* (`channel_reduction='sum'`), the pixel's
+total IG, so region gains stay densities of the score change S(x) - S(x') that IG's
+completeness splits over the pixels (the max drops the other channels' share, negative or
+positive). On one-channel radiographs both are the same map; `channel_reduction='max'` gives
+PAIR's convention. IG: PAIR weighs the gradients at linspace(0, 1, steps) equally
+(`rule='pair_uniform'`); our default is the trapezoid rule (`integrated.integrated_gradients`,
+any of its rules). With the reference's segments and attribution, our maps and ranks equal its
+`_xrai` / `_xrai_fast` outputs (checked on phantoms at 48 and 224 px). Baselines are spelled as
+IG's: `baseline` is one baseline or a tuple of them, averaged ('black' / 'white' are each
+image's minimum / maximum; IG's 'zeros', 'blurred', 'random', numbers and arrays also work).
 
-Only the attribution part is jit-able (`xrai_attributions`, compiled once per model inside
-`xrai`); segmentation (scikit-image) and ranking (numpy, vectorised over regions: one pass per
-added region, no loop over pixels) run on the host, image by image.
+The model is any `logits_fn(images) -> logits [B, K]` (`api.LogitsFn`). Only the attribution
+part is jit-able (`xrai_attributions`); segmentation (scikit-image) and ranking (numpy,
+vectorised over regions: one pass per added region, no loop over pixels) run on the host, image
+by image. `xrai` / `fast_xrai` / `xrai_regions` jit their IG part afresh on every call, with no
+cache kept between calls: a cache outliving the call would have to be keyed on the logits
+function, pinning it (and the parameters it closes over) in memory, and would silently miss
+for a new closure over the same model. The cost is one IG compilation per call; to explain many
+batches, jit `xrai_attributions` once yourself (your function, your cache) and pass its output
+as `attributions=`. The extras (region ranks) come from `xrai_regions`, a `Regions` result.
 """
 
 from __future__ import annotations
@@ -41,17 +53,20 @@ from skimage import segmentation as sk_segmentation
 from skimage import transform as sk_transform
 from skimage.morphology import disk
 
+from medxai_jax.attribution import api
 from medxai_jax.attribution import common
 from medxai_jax.attribution import integrated
-from medxai_jax.models import base
 
 XRAI_BASELINE_NAMES = ("black", "white")
-DEFAULT_BASELINES = ("black", "white")
+DEFAULT_BASELINE = ("black", "white")
 CHANNEL_REDUCTIONS = ("sum", "max") + common.CHANNEL_REDUCTIONS
+DEFAULT_CHANNEL_REDUCTION = "sum"
+DEFAULT_NUM_STEPS = 100       # PAIR's XRAIParameters.steps
+DEFAULT_RULE = "riemann_trapezoid"
+DEFAULT_CHUNK_SIZE = 8        # IG steps per gradient batch (times the baselines and images)
 MIN_PIXEL_DIFF = 50
 MASK_UNITS = ("regions", "pixels")
 Ranking = tuple[np.ndarray, np.ndarray]
-MapsOrRegions = np.ndarray | tuple[np.ndarray, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,86 +280,100 @@ def top_fraction_mask(maps: jax.Array | np.ndarray, fraction: float, *,
 # Attributions (jit-able).
 
 
-def xrai_baselines(images: jax.Array, baselines: Sequence[integrated.Baseline] = DEFAULT_BASELINES,
+def _baseline_list(baseline: integrated.Baseline | Sequence[integrated.Baseline]
+                   ) -> list[integrated.Baseline]:
+  """One baseline or a tuple / list of them as a non-empty list."""
+  baselines = list(baseline) if isinstance(baseline, (tuple, list)) else [baseline]
+  if not baselines:
+    raise ValueError("baseline must be one baseline or a non-empty tuple of baselines; got an "
+                     "empty sequence.")
+  return baselines
+
+
+def xrai_baselines(images: jax.Array,
+                   baseline: integrated.Baseline | Sequence[integrated.Baseline] = DEFAULT_BASELINE,
                    *, key: jax.Array | None = None,
                    blur_sigma: float = integrated.BLUR_MAX_SIGMA) -> jax.Array:
-  """Baselines [K, B, H, W, C]: 'black' / 'white' (each image's min / max) or any IG baseline."""
+  """Baselines [K, B, H, W, C] of one baseline or a tuple of K: 'black' / 'white' (each image's
+  min / max) or any IG baseline ('zeros', 'blurred', 'random', a number, an array)."""
   common.check_images(images)
-  if isinstance(baselines, (str, int, float, np.ndarray, jax.Array)) or not len(baselines):
-    raise ValueError(f"baselines must be a non-empty sequence of baselines; got {baselines!r}.")
   resolved = []
-  for index, baseline in enumerate(baselines):
-    if isinstance(baseline, str) and baseline in XRAI_BASELINE_NAMES:
-      reduce = jnp.min if baseline == "black" else jnp.max
+  for index, one in enumerate(_baseline_list(baseline)):
+    if isinstance(one, str) and one in XRAI_BASELINE_NAMES:
+      reduce = jnp.min if one == "black" else jnp.max
       resolved.append(jnp.broadcast_to(reduce(images, axis=(1, 2, 3), keepdims=True),
                                        images.shape))
     else:
       baseline_key = None if key is None else jax.random.fold_in(key, index)
-      resolved.append(integrated.resolve_baseline(images, baseline, key=baseline_key,
+      resolved.append(integrated.resolve_baseline(images, one, key=baseline_key,
                                                   blur_sigma=blur_sigma))
   return jnp.stack(resolved)
 
 
-def reduce_attribution_channels(attributions: jax.Array, how: str = "sum") -> jax.Array:
-  """Maps [B, H, W] from [B, H, W, C]: 'sum', 'max' (the reference's) or a common reduction."""
+def check_channel_reduction(how: str) -> None:
+  """Raises a ValueError unless `how` is one of `CHANNEL_REDUCTIONS`."""
   if how not in CHANNEL_REDUCTIONS:
     raise ValueError(f"Unknown channel_reduction {how!r}; expected one of {CHANNEL_REDUCTIONS}.")
+
+
+def reduce_attribution_channels(attributions: jax.Array, how: str = DEFAULT_CHANNEL_REDUCTION
+                                ) -> jax.Array:
+  """Maps [B, H, W] from [B, H, W, C]: 'sum', 'max' (PAIR's) or a `common` reduction."""
+  check_channel_reduction(how)
   common.check_images(attributions, "attributions")
   if how == "max":
     return attributions.max(axis=-1)
   return common.reduce_channels(attributions, how)
 
 
-def _mean_ig(model: base.Classifier, variables: base.Variables, images: jax.Array,
-             baselines: jax.Array, targets: jax.Array, *, num_steps: int, method: str,
-             chunk_size: int, channel_reduction: str) -> jax.Array:
+def _mean_ig(logits_fn: api.LogitsFn, images: jax.Array, baselines: jax.Array,
+             targets: jax.Array, *, num_steps: int, rule: str, chunk_size: int,
+             channel_reduction: str) -> jax.Array:
   """IG maps [B, H, W] averaged over baselines [K, B, ...], all K * B images in one batch."""
   count = baselines.shape[0]
   attributions = integrated.integrated_gradients(
-      model, variables, common.tile_batch(images, count), common.tile_batch(targets, count),
-      baseline=baselines.reshape((-1,) + images.shape[1:]), num_steps=num_steps, method=method,
+      logits_fn, common.tile_batch(images, count), common.tile_batch(targets, count),
+      baseline=baselines.reshape((-1,) + images.shape[1:]), num_steps=num_steps, rule=rule,
       chunk_size=chunk_size)
   mean = attributions.reshape(baselines.shape).mean(axis=0)
   return reduce_attribution_channels(mean, channel_reduction)
 
 
-def xrai_attributions(model: base.Classifier, variables: base.Variables, images: jax.Array,
-                      targets: common.Targets, *,
-                      baselines: Sequence[integrated.Baseline] = DEFAULT_BASELINES,
-                      num_steps: int = 100, method: str = "riemann_trapezoid",
-                      chunk_size: int = 8, key: jax.Array | None = None,
+def xrai_attributions(logits_fn: api.LogitsFn, images: jax.Array, targets: api.Targets, *,
+                      baseline: integrated.Baseline | Sequence[integrated.Baseline] = (
+                          DEFAULT_BASELINE),
+                      num_steps: int = DEFAULT_NUM_STEPS, rule: str = DEFAULT_RULE,
+                      chunk_size: int = DEFAULT_CHUNK_SIZE, key: jax.Array | None = None,
                       blur_sigma: float = integrated.BLUR_MAX_SIGMA,
-                      channel_reduction: str = "sum") -> jax.Array:
+                      channel_reduction: str = DEFAULT_CHANNEL_REDUCTION) -> jax.Array:
   """XRAI's input attribution [B, H, W]: IG averaged over the baselines, channels reduced.
 
-  Jit-able. One gradient batch holds chunk_size * len(baselines) * B images.
+  Jit-able (jit it once to explain many batches and pass the result to `xrai` as
+  attributions=). One gradient batch holds chunk_size * len(baseline) * B images.
   """
-  targets = common.resolve_targets(model, variables, images, targets)
-  stack = xrai_baselines(images, baselines, key=key, blur_sigma=blur_sigma)
-  return _mean_ig(model, variables, images, stack, targets, num_steps=num_steps, method=method,
+  check_channel_reduction(channel_reduction)
+  integrated.quadrature(rule, num_steps)
+  targets = common.resolve_inputs(logits_fn, images, targets)
+  stack = xrai_baselines(images, baseline, key=key, blur_sigma=blur_sigma)
+  return _mean_ig(logits_fn, images, stack, targets, num_steps=num_steps, rule=rule,
                   chunk_size=chunk_size, channel_reduction=channel_reduction)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _ByIdentity:
-  """Wraps a model so jit can take it as a static argument (hashed and compared by identity)."""
-
-  value: Any
-
-
-@functools.partial(jax.jit, static_argnames=("model", "named_targets", "options"))
-def _compiled_mean_ig(model: _ByIdentity, variables: base.Variables, images: jax.Array,
-                      baselines: jax.Array, targets: jax.Array | None, named_targets: str | None,
-                      options: tuple[tuple[str, Any], ...]) -> jax.Array:
-  """`_mean_ig`, compiled once per (model, static options, shapes)."""
-  classifier = model.value
-  if named_targets is not None:
-    targets = common.resolve_targets(classifier, variables, images, named_targets)
-  return _mean_ig(classifier, variables, images, baselines, targets, **dict(options))
 
 
 # ---------------------------------------------------------------------------------------------
 # XRAI and Fast XRAI.
+
+
+@dataclasses.dataclass(frozen=True)
+class Regions:
+  """XRAI's output with its regions: value maps [B, H, W] (float32 region gains) and region
+  ranks [B, H, W] (int32, 1 = most important; `masks(b)` gives image b's ordered masks)."""
+
+  maps: np.ndarray
+  ranks: np.ndarray
+
+  def masks(self, index: int) -> np.ndarray:
+    """The ordered region masks [N, H, W] of image `index` (most important first)."""
+    return region_masks(self.ranks[index])
 
 
 def _checked_attributions(attributions: Any, images: jax.Array, channel_reduction: str
@@ -381,86 +410,116 @@ def _segments_per_image(segments: Any, images: jax.Array, config: SegmentationCo
   return per_image
 
 
-def _run_xrai(rank_fn: Callable[[np.ndarray, np.ndarray], Ranking], model: base.Classifier,
-              variables: base.Variables, images: jax.Array, targets: common.Targets, *,
-              attributions: Any, segments: Any, segmentation: SegmentationConfig,
-              return_regions: bool, baselines: Sequence[integrated.Baseline], num_steps: int,
-              method: str, chunk_size: int, key: jax.Array | None, blur_sigma: float,
-              channel_reduction: str) -> MapsOrRegions:
+def _jitted_attributions(logits_fn: api.LogitsFn, images: jax.Array, targets: api.Targets, *,
+                         baseline: Any, num_steps: int, rule: str, chunk_size: int,
+                         key: jax.Array | None, blur_sigma: float,
+                         channel_reduction: str) -> jax.Array:
+  """`xrai_attributions`, jitted for this call (compiled on every call: no cache outlives it)."""
+  common.check_positive("num_steps", num_steps)
+  integrated.quadrature(rule, num_steps)  # rejects unknown rules before compiling
+  named = targets if isinstance(targets, str) else None
+  if named is None:
+    targets = common.resolve_inputs(logits_fn, images, targets)   # range-checked, concrete
+  stack = xrai_baselines(images, baseline, key=key, blur_sigma=blur_sigma)
+
+  def attribute(images: jax.Array, stack: jax.Array, targets: jax.Array | None) -> jax.Array:
+    resolved = api.resolve_targets(logits_fn, images, named) if named else targets
+    return _mean_ig(logits_fn, images, stack, resolved, num_steps=num_steps, rule=rule,
+                    chunk_size=chunk_size, channel_reduction=channel_reduction)
+
+  return jax.jit(attribute)(images, stack, None if named else targets)
+
+
+def _run_xrai(rank_fn: Callable[[np.ndarray, np.ndarray], Ranking], logits_fn: api.LogitsFn,
+              images: jax.Array, targets: api.Targets, *, attributions: Any, segments: Any,
+              segmentation: SegmentationConfig, **ig_options: Any) -> Regions:
   """Attributions (jitted, batched), then segmentation and ranking image by image on the host."""
   if isinstance(images, jax.core.Tracer):
     raise ValueError("xrai/fast_xrai segment on the host and cannot run under jit or vmap; "
                      "jit xrai_attributions instead and pass its output as attributions=.")
-  common.check_inputs(model, images)
-  if channel_reduction not in CHANNEL_REDUCTIONS:
-    raise ValueError(f"Unknown channel_reduction {channel_reduction!r}; expected one of "
-                     f"{CHANNEL_REDUCTIONS}.")
+  common.check_images(images)
+  common.check_image_values(images)
+  check_channel_reduction(ig_options["channel_reduction"])
   if attributions is None:
-    common.check_positive("num_steps", num_steps)
-    integrated.quadrature(method, num_steps)  # rejects unknown methods before compiling
-    if isinstance(targets, str) and targets == "predicted":
-      named, target_array = targets, None
-    else:
-      named, target_array = None, common.resolve_targets(model, variables, images, targets)
-    stack = xrai_baselines(images, baselines, key=key, blur_sigma=blur_sigma)
-    options = (("num_steps", num_steps), ("method", method), ("chunk_size", chunk_size),
-               ("channel_reduction", channel_reduction))
-    attributions = _compiled_mean_ig(_ByIdentity(model), variables, images, stack,
-                                     target_array, named, options)
-  maps = _checked_attributions(attributions, images, channel_reduction)
+    attributions = _jitted_attributions(logits_fn, images, targets, **ig_options)
+  elif not isinstance(targets, str):  # the targets are checked even when attributions are given
+    common.resolve_inputs(logits_fn, images, targets)
+  elif targets != "predicted":
+    raise ValueError(f"targets must be an int, an int array [B] or 'predicted'; got {targets!r}.")
+  maps = _checked_attributions(attributions, images, ig_options["channel_reduction"])
   rankings = [rank_fn(attribution, masks) for attribution, masks in
               zip(maps, _segments_per_image(segments, images, segmentation))]
-  values = np.stack([ranking[0] for ranking in rankings])
-  if not return_regions:
-    return values
-  return values, np.stack([ranking[1] for ranking in rankings])
+  return Regions(maps=np.stack([ranking[0] for ranking in rankings]),
+                 ranks=np.stack([ranking[1] for ranking in rankings]))
 
 
-def xrai(model: base.Classifier, variables: base.Variables, images: jax.Array,
-         targets: common.Targets, *, attributions: Any = None, segments: Any = None,
-         area_threshold: float = 1.0, min_pixel_diff: int = MIN_PIXEL_DIFF,
-         segmentation: SegmentationConfig = SegmentationConfig(), return_regions: bool = False,
-         baselines: Sequence[integrated.Baseline] = DEFAULT_BASELINES, num_steps: int = 100,
-         method: str = "riemann_trapezoid", chunk_size: int = 8, key: jax.Array | None = None,
-         blur_sigma: float = integrated.BLUR_MAX_SIGMA, channel_reduction: str = "sum"
-         ) -> MapsOrRegions:
-  """XRAI maps [B, H, W] (float32 region gains), with region ranks [B, H, W] if return_regions.
+def xrai_regions(logits_fn: api.LogitsFn, images: jax.Array, targets: api.Targets, *,
+                 fast: bool = False, attributions: Any = None, segments: Any = None,
+                 area_threshold: float = 1.0, min_pixel_diff: int = MIN_PIXEL_DIFF,
+                 segmentation: SegmentationConfig = SegmentationConfig(),
+                 baseline: integrated.Baseline | Sequence[integrated.Baseline] = (
+                     DEFAULT_BASELINE),
+                 num_steps: int = DEFAULT_NUM_STEPS, rule: str = DEFAULT_RULE,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, key: jax.Array | None = None,
+                 blur_sigma: float = integrated.BLUR_MAX_SIGMA,
+                 channel_reduction: str = DEFAULT_CHANNEL_REDUCTION) -> Regions:
+  """XRAI (or Fast XRAI with fast=True) value maps and region ranks of each image (`Regions`).
 
-  Not jit-able (host segmentation); its IG part is compiled once per model object, options
-  and input shape (a module-level jit cache keyed on the model's identity).
-  `attributions` ([B, H, W] or [B, H, W, C]) skips IG; `segments` (one [R, H, W] bool array
-  or a list of B) skips segmentation. Ranks count from 1 (most important); `region_masks`
-  turns one rank map into ordered masks.
+  Not jit-able (host segmentation). Its IG part is jitted on every call (see the module
+  docstring); `attributions` ([B, H, W] or [B, H, W, C], e.g. from a jitted
+  `xrai_attributions`) skips IG and `segments` (one [R, H, W] bool array or a list of B) skips
+  segmentation. `area_threshold` applies to the greedy XRAI only.
   """
   if not 0.0 <= area_threshold <= 1.0:
     raise ValueError(f"area_threshold must lie in [0, 1]; got {area_threshold}.")
+  if fast and area_threshold != 1.0:
+    raise ValueError("area_threshold applies to the greedy XRAI only; Fast XRAI ranks every "
+                     f"region (got fast=True with area_threshold={area_threshold}).")
   common.check_positive("min_pixel_diff", min_pixel_diff)
-  rank_fn = functools.partial(rank_regions, area_threshold=area_threshold,
-                              min_pixel_diff=min_pixel_diff)
-  return _run_xrai(rank_fn, model, variables, images, targets, attributions=attributions,
-                   segments=segments, segmentation=segmentation, return_regions=return_regions,
-                   baselines=baselines, num_steps=num_steps, method=method,
-                   chunk_size=chunk_size, key=key, blur_sigma=blur_sigma,
-                   channel_reduction=channel_reduction)
+  if fast:
+    rank_fn = functools.partial(rank_regions_fast, min_pixel_diff=min_pixel_diff)
+  else:
+    rank_fn = functools.partial(rank_regions, area_threshold=area_threshold,
+                                min_pixel_diff=min_pixel_diff)
+  return _run_xrai(rank_fn, logits_fn, images, targets, attributions=attributions,
+                   segments=segments, segmentation=segmentation, baseline=baseline,
+                   num_steps=num_steps, rule=rule, chunk_size=chunk_size, key=key,
+                   blur_sigma=blur_sigma, channel_reduction=channel_reduction)
 
 
-def fast_xrai(model: base.Classifier, variables: base.Variables, images: jax.Array,
-              targets: common.Targets, *, attributions: Any = None, segments: Any = None,
+def xrai(logits_fn: api.LogitsFn, images: jax.Array, targets: api.Targets, *,
+         attributions: Any = None, segments: Any = None, area_threshold: float = 1.0,
+         min_pixel_diff: int = MIN_PIXEL_DIFF,
+         segmentation: SegmentationConfig = SegmentationConfig(),
+         baseline: integrated.Baseline | Sequence[integrated.Baseline] = DEFAULT_BASELINE,
+         num_steps: int = DEFAULT_NUM_STEPS, rule: str = DEFAULT_RULE,
+         chunk_size: int = DEFAULT_CHUNK_SIZE, key: jax.Array | None = None,
+         blur_sigma: float = integrated.BLUR_MAX_SIGMA,
+         channel_reduction: str = DEFAULT_CHANNEL_REDUCTION) -> np.ndarray:
+  """XRAI maps [B, H, W] (float32 region gains); the regions: `xrai_regions`.
+
+  Same options as `xrai_regions` (not jit-able; IG jitted per call).
+  """
+  return xrai_regions(logits_fn, images, targets, attributions=attributions, segments=segments,
+                      area_threshold=area_threshold, min_pixel_diff=min_pixel_diff,
+                      segmentation=segmentation, baseline=baseline, num_steps=num_steps,
+                      rule=rule, chunk_size=chunk_size, key=key, blur_sigma=blur_sigma,
+                      channel_reduction=channel_reduction).maps
+
+
+def fast_xrai(logits_fn: api.LogitsFn, images: jax.Array, targets: api.Targets, *,
+              attributions: Any = None, segments: Any = None,
               min_pixel_diff: int = MIN_PIXEL_DIFF,
               segmentation: SegmentationConfig = SegmentationConfig(),
-              return_regions: bool = False,
-              baselines: Sequence[integrated.Baseline] = DEFAULT_BASELINES, num_steps: int = 100,
-              method: str = "riemann_trapezoid", chunk_size: int = 8,
-              key: jax.Array | None = None, blur_sigma: float = integrated.BLUR_MAX_SIGMA,
-              channel_reduction: str = "sum") -> MapsOrRegions:
-  """Fast XRAI maps [B, H, W] (and ranks if return_regions): one ranking by region density.
-
-  Same inputs and host/jit split as `xrai`, without the greedy loop or an area threshold.
-  """
-  common.check_positive("min_pixel_diff", min_pixel_diff)
-  rank_fn = functools.partial(rank_regions_fast, min_pixel_diff=min_pixel_diff)
-  return _run_xrai(rank_fn, model, variables, images, targets, attributions=attributions,
-                   segments=segments, segmentation=segmentation, return_regions=return_regions,
-                   baselines=baselines, num_steps=num_steps, method=method,
-                   chunk_size=chunk_size, key=key, blur_sigma=blur_sigma,
-                   channel_reduction=channel_reduction)
+              baseline: integrated.Baseline | Sequence[integrated.Baseline] = DEFAULT_BASELINE,
+              num_steps: int = DEFAULT_NUM_STEPS, rule: str = DEFAULT_RULE,
+              chunk_size: int = DEFAULT_CHUNK_SIZE, key: jax.Array | None = None,
+              blur_sigma: float = integrated.BLUR_MAX_SIGMA,
+              channel_reduction: str = DEFAULT_CHANNEL_REDUCTION) -> np.ndarray:
+  """Fast XRAI maps [B, H, W]: one ranking by region density; the regions:
+  `xrai_regions(..., fast=True)`. Same options as `xrai`, without an area threshold."""
+  return xrai_regions(logits_fn, images, targets, fast=True, attributions=attributions,
+                      segments=segments, min_pixel_diff=min_pixel_diff,
+                      segmentation=segmentation, baseline=baseline, num_steps=num_steps,
+                      rule=rule, chunk_size=chunk_size, key=key, blur_sigma=blur_sigma,
+                      channel_reduction=channel_reduction).maps

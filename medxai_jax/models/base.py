@@ -187,7 +187,11 @@ class Classifier:
                        head=lambda activation, images: self.head(variables, activation))
 
     def head(activation: jax.Array, images: jax.Array) -> jax.Array:
-      delta = activation - jax.lax.stop_gradient(features(images))
+      original = jax.lax.stop_gradient(features(images))
+      if jnp.shape(activation) != jnp.shape(original):  # no silent broadcasting of a cell
+        raise ValueError(f"the activation at tap {tap!r} must have the tap's shape "
+                         f"{tuple(jnp.shape(original))}; got {tuple(jnp.shape(activation))}.")
+      delta = activation - original
       return self.logits_with_tap_delta(variables, images, name, delta)
 
     return api.Split(features=features, head=head)

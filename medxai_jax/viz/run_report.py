@@ -575,8 +575,9 @@ def explanation_section(explain_workdir: str, summary: Mapping[str, Any], run_di
   paragraphs = [
       f"{len(indices)} images of the {summary.get('split', '?')} split (indices "
       f"{indices}), each explained for its label ({', '.join(target_names)}), by the selected "
-      f"model of {summary.get('checkpoint', run_dir)}. Path methods: {options.get('steps')} "
-      f"steps; SmoothGrad: {options.get('samples')} samples."]
+      f"model of {summary.get('checkpoint', run_dir)}. Path methods: "
+      f"{options.get('num_steps', options.get('steps'))} steps; SmoothGrad: "
+      f"{options.get('num_samples', options.get('samples'))} samples."]
   paragraphs += [f"{m} skipped: {why}" for m, why in skipped.items()]
   maps = {}
   for method in methods:
