@@ -19,7 +19,7 @@ from medxai_jax.attribution import api
 from medxai_jax.attribution import cam
 from medxai_jax.attribution import crm
 
-SIDE, CLASSES = 16, 3
+SIDE, CLASSES = 8, 3
 
 
 def _conv(x, kernel, bias, stride):
@@ -31,12 +31,11 @@ def _conv(x, kernel, bias, stride):
 
 def _jnp_network(dtype, with_params=False):
   """(split, uncut logits_fn, dense kernel [C, K], dense bias [K][, params]) of a jnp CNN."""
-  keys = jax.random.split(jax.random.key(0), 3)
-  params = {"k1": 0.5 * jax.random.normal(keys[0], (3, 3, 1, 4), dtype), "b1": jnp.zeros(4, dtype),
-            "k2": 0.5 * jax.random.normal(keys[1], (3, 3, 4, 5), dtype),
-            "b2": jnp.full((5,), 0.1, dtype),
-            "w": jax.random.normal(keys[2], (5, CLASSES), dtype),
-            "b": jnp.arange(CLASSES, dtype=dtype)}
+  rng = np.random.default_rng(0)  # numpy draws: no JAX compilations to build the network
+  params = {"k1": 0.5 * rng.normal(size=(3, 3, 1, 4)), "b1": np.zeros(4),
+            "k2": 0.5 * rng.normal(size=(3, 3, 4, 5)), "b2": np.full(5, 0.1),
+            "w": rng.normal(size=(5, CLASSES)), "b": np.arange(CLASSES)}
+  params = {name: jnp.asarray(value, dtype) for name, value in params.items()}
 
   def features(x):
     x = jax.nn.relu(_conv(x, params["k1"], params["b1"], 2))
@@ -118,7 +117,7 @@ NETWORKS = {"jnp": lambda: _jnp_network(jnp.float32), "nnx": _nnx_network,
 @pytest.fixture(scope="module", params=sorted(NETWORKS))
 def network(request):
   split, uncut, kernel, bias = NETWORKS[request.param]()
-  images = jax.random.uniform(jax.random.key(3), (2, SIDE, SIDE, 1))
+  images = jnp.asarray(np.random.default_rng(3).uniform(size=(2, SIDE, SIDE, 1)), jnp.float32)
   return split, uncut, np.asarray(kernel), np.asarray(bias), images
 
 
@@ -187,9 +186,10 @@ def test_activation_grids_rank_channels_by_mean(network):
 
 def test_a_flattening_head_is_refused_by_cam_and_ablated_by_crm():
   split, _, _, _ = _jnp_network(jnp.float32)
-  dense = jax.random.normal(jax.random.key(4), (8 * 8 * 5, CLASSES))
+  dense = jnp.asarray(np.random.default_rng(4).normal(size=((SIDE // 2) ** 2 * 5, CLASSES)),
+                      jnp.float32)
   flat = api.sequential_split(split.features, lambda a: a.reshape(a.shape[0], -1) @ dense)
-  images = jax.random.uniform(jax.random.key(5), (2, SIDE, SIDE, 1))
+  images = jnp.asarray(np.random.default_rng(5).uniform(size=(2, SIDE, SIDE, 1)), jnp.float32)
   assert "1x1 feature map" in cam.gap_head_problem(flat, images)
   with pytest.raises(ValueError, match="global average pooling"):
     cam.cam(flat, images, 0)
@@ -203,13 +203,13 @@ def test_a_flattening_head_is_refused_by_cam_and_ablated_by_crm():
 def test_float64_runs_end_to_end_and_an_inner_cut_re_runs_the_rest():
   with jax.enable_x64(True):
     split, _, _, _, params = _jnp_network(jnp.float64, with_params=True)
-    images = jax.random.uniform(jax.random.key(6), (2, SIDE, SIDE, 1), jnp.float64)
+    images = jnp.asarray(np.random.default_rng(6).uniform(size=(2, SIDE, SIDE, 1)))
     targets = jnp.array([1, 2])
     cam_maps = cam.cam(split, images, targets, upsample=False)
     grad_maps = cam.grad_cam(split, images, targets, relu=False, upsample=False)
     relevance = crm.crm(split, images)
     assert {cam_maps.dtype, grad_maps.dtype, relevance.dtype} == {jnp.dtype(jnp.float64)}
-    np.testing.assert_allclose(grad_maps, cam_maps / 64, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(grad_maps, cam_maps / (SIDE // 2) ** 2, rtol=1e-10, atol=1e-14)
     # Cut after the first conv: the head (conv2 + ReLU + GAP + dense) is not g(GAP), so CRM
     # must ablate there, and Grad-CAM's gradient flows through conv2.
     inner = api.sequential_split(
