@@ -20,11 +20,12 @@ $XLA_FLAGS before that. `experiments.cli.run` calls it before parsing flags, whi
 any binary computes anything. A flag the user already sets in $XLA_FLAGS wins over the default
 of the same name; `MEDXAI_XLA_DEFAULTS=0` adds none. The defaults only name XLA:CPU options
 (`xla_cpu_*`), which leave GPU and TPU programs unchanged, and only for the jaxlib versions they
-were measured on (an unknown flag aborts XLA).
+were measured on (an unknown flag aborts XLA). The list is empty for now (`CPU_XLA_DEFAULTS`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Mapping, MutableMapping
 
@@ -40,8 +41,14 @@ CACHE_FLAG_HELP = (
     "$XDG_CACHE_HOME/medxai_jax/jax_cache, else ~/.cache/medxai_jax/jax_cache), a directory, "
     "or 'none' to turn it off. A second run of the same config then skips compiling.")
 
-# XLA:CPU options adopted as defaults, per jaxlib version they were measured on (see
-# BUILD_NOTES.md). Empty for other versions: an unknown XLA flag ends the process.
+# XLA:CPU options adopted as defaults, per jaxlib version they were measured on. Empty for
+# other versions: an unknown XLA flag ends the process. None is adopted yet. The candidate for
+# jaxlib 0.10.2 is "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution" (every
+# convolution on Eigen instead of YNNPACK): per convolution of DenseNet-169's shapes its float32
+# errors against float64 are no worse than YNNPACK's (forward 3.3e-7 vs 4.1e-7, input gradient
+# 3.0e-7 both, kernel gradient 3.4e-7 vs 1.4e-6, max relative norm error), and issue 19 measured
+# the train step at 0.61x torch against 0.43x; the same-process speed measurement
+# (benchmarks/model_throughput.py) is still to be made before it becomes a default here.
 CPU_XLA_DEFAULTS: dict[str, tuple[str, ...]] = {}
 
 
@@ -93,7 +100,14 @@ def enable_compilation_cache(directory: str | None, *, min_compile_seconds: floa
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
   jax.config.update("jax_enable_compilation_cache", directory is not None)
   jax.config.update("jax_compilation_cache_dir", directory)
-  compilation_cache.reset_cache()  # the cache object binds its directory once; rebind it
+  # The cache object binds its directory once: rebind it (without JAX's "Resetting cache" line).
+  logger = logging.getLogger("jax._src.compilation_cache")
+  level = logger.level
+  logger.setLevel(max(level, logging.WARNING))
+  try:
+    compilation_cache.reset_cache()
+  finally:
+    logger.setLevel(level)
   return directory
 
 

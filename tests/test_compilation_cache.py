@@ -1,15 +1,19 @@
 """medxai_jax.runtime: the persistent compilation cache and the XLA defaults of the binaries."""
 
 import os
+import subprocess
+import sys
 
 import jax
+from jax._src import monitoring
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
 import pytest
 
-from jax._src import monitoring
 from medxai_jax import runtime
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -128,3 +132,16 @@ def test_xla_defaults_after_backend_start_raise(monkeypatch):
   with pytest.raises(RuntimeError, match="after JAX had started a backend"):
     runtime.apply_xla_defaults()
   assert os.environ["XLA_FLAGS"] == ""
+
+
+def test_installed_jaxlib_accepts_the_defaults():
+  # An XLA flag the jaxlib does not know aborts the process: run the defaults in a fresh one.
+  code = ("from medxai_jax import runtime; runtime.apply_xla_defaults(); import os; "
+          "import jax.numpy as jnp; assert float(jnp.ones(3).sum()) == 3.0; "
+          "print(os.environ.get('XLA_FLAGS', ''))")
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MEDXAI_XLA_DEFAULTS")}
+  env["JAX_PLATFORMS"] = "cpu"
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == list(runtime.xla_defaults({}))
