@@ -39,13 +39,13 @@ import functools
 import json
 from typing import Any, Callable
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common as bench_common
+from experiments import cli
 from medxai_jax.attribution import common
 from medxai_jax.attribution import integrated
 from medxai_jax.attribution import registry
@@ -275,4 +275,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -16,12 +16,12 @@ import json
 import statistics
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 from medxai_jax.attribution import crm
 from medxai_jax.models import densenet
 from medxai_jax.models import vgg
@@ -127,4 +127,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common as bench_common
+from experiments import cli
 from medxai_jax.analysis import faithfulness
 from medxai_jax.models import base
 from medxai_jax.models import custom_cnn
@@ -113,4 +114,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ import numpy as np
 
 from benchmarks.common import BIAS_STD  # noqa: F401  (re-exported)
 from benchmarks.common import random_variables
+from experiments import cli
 from medxai_jax.attribution import integrated
 from medxai_jax.data import phantoms
 from medxai_jax.models import base
@@ -114,4 +114,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -11,12 +11,12 @@ square roots, SVD); it is timed on `numpy_pairs` pairs and scaled to the 256 pai
 import json
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 from medxai_jax.analysis import similarity
 
 _POINTS = flags.DEFINE_integer("num_points", 5000, "Data points per layer.")
@@ -132,4 +132,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -10,13 +10,13 @@ import functools
 import json
 import time
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
 
 from configs import chest_xray_custom_cnn
 from configs import demo
+from experiments import cli
 from medxai_jax.models import base
 from medxai_jax.train import loop
 from medxai_jax.train import steps
@@ -67,4 +67,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -12,6 +12,11 @@ fields: ...` and exit status 1. So does a user error raised by `main` (`USER_ERR
 a missing or unwritable file, a corrupt image, ...): its message, which names the file, the field
 or the index, is printed after `error: `. Other exceptions are bugs and keep their traceback.
 $MEDXAI_TRACEBACK=1 shows the traceback of user errors too.
+
+`run` also sets up the process (`medxai_jax.runtime`): the XLA:CPU defaults go into $XLA_FLAGS
+before anything computes, and `--compilation_cache` (every binary has it; default: on, under
+$MEDXAI_CACHE_DIR / $XDG_CACHE_HOME / ~/.cache) enables JAX's persistent compilation cache
+before `main` runs.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import ml_collections
 from ml_collections import config_flags
 from ml_collections.config_flags import config_flags as config_flags_lib
 
+from medxai_jax import runtime
 from medxai_jax.data import preprocess
 from medxai_jax.train import loop
 from medxai_jax.train import workdir as workdir_lib
@@ -45,6 +51,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,
     IsADirectoryError, PermissionError, preprocess.MissingDicomDecoderError,
     loop.NonFiniteLossError, workdir_lib.WorkdirLockedError)
+
+_COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", runtime.DEFAULT,
+                                         runtime.CACHE_FLAG_HELP)
 
 # Config flag name -> its default config file, for naming a bad override of either.
 _CONFIG_FLAGS: dict[str, str | None] = {}
@@ -213,6 +222,16 @@ def _report_user_errors(main: Callable[[list[str]], Any], argv: list[str]) -> An
     exit_with_user_error(error_message(error))
 
 
+def _with_compilation_cache(main: Callable[[list[str]], Any], argv: list[str]) -> Any:
+  """Enables the compilation cache `--compilation_cache` names, then runs main(argv)."""
+  runtime.enable_compilation_cache(runtime.resolve_cache_dir(_COMPILATION_CACHE.value))
+  return main(argv)
+
+
 def run(main: Callable[[list[str]], Any]) -> None:
-  """`app.run(main)` (flags, --help, --helpfull) with user errors as one `error: ...` block."""
-  app.run(functools.partial(_report_user_errors, main), flags_parser=parse_flags)
+  """`app.run(main)` (flags, --help, --helpfull) with user errors as one `error: ...` block,
+  the XLA defaults and the compilation cache of `medxai_jax.runtime`."""
+  runtime.apply_xla_defaults()
+  app.run(functools.partial(_report_user_errors,
+                            functools.partial(_with_compilation_cache, main)),
+          flags_parser=parse_flags)
