@@ -46,6 +46,7 @@ import optax
 
 from experiments import cli
 from medxai_jax import explain
+from medxai_jax.attribution import registry
 from medxai_jax.models import base
 from medxai_jax.models import densenet
 
@@ -271,8 +272,8 @@ def attribution(settings: dict[str, Any]) -> dict[str, Any]:
   host_images, host_targets = inputs(batch, settings["image_size"], settings["num_outputs"], 1)
   images, targets = jnp.asarray(host_images), jnp.asarray(host_targets, jnp.int32)
   variables = jax.jit(model.init)(jax.random.key(0))
-  options = explain.ExplainOptions(steps=steps, samples=samples,
-                                   chunk_size=settings["chunk_size"])
+  options = {"num_steps": steps, "num_samples": samples, "chunk_size": settings["chunk_size"],
+             "ig": {"rule": "riemann_trapezoid"}}
   methods = settings["methods"]
   rows = jnp.arange(batch)
 
@@ -334,7 +335,7 @@ def attribution(settings: dict[str, Any]) -> dict[str, Any]:
   for name in methods:
     maps, info = explain.run_methods(model, variables, images, targets, [name], key, options)
     entry: dict[str, Any] = {"first_call": info[name]}
-    if name in explain.HOST_METHODS and not settings["tiny"]:  # the first call compiled: time
+    if registry.get(name).host and not settings["tiny"]:  # the first call compiled: time
       maps, info = explain.run_methods(model, variables, images, targets, [name], key, options)
     # run_methods rounds seconds per image to 1e-4: that is the resolution here.
     seconds = max(info[name]["seconds_per_image"], 1e-4) * batch

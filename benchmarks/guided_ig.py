@@ -28,12 +28,12 @@ import math
 import time
 from typing import Callable
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 from benchmarks import common as bench_common
 from medxai_jax.attribution import common
 from medxai_jax.attribution import integrated
@@ -185,4 +185,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -24,11 +24,11 @@ import os
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
 
+from experiments import cli
 from benchmarks import common as bench_common
 from medxai_jax.attribution import lrp
 from medxai_jax.models import porting
@@ -137,4 +137,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
