@@ -137,13 +137,11 @@ def test_ablation_cam_matches_a_naive_loop_over_channels_for_every_chunk_size():
     ablated[..., k] = 0.0
     channel_weights[:, k] = (original - head(ablated)[rows, TARGETS]) / original
   expected = np.maximum(np.einsum("bhwk,bk->bhw", activation, channel_weights), 0)
-  for chunk_size in (1, 2, 5, 64):
-    maps = cam_family.ablation_cam(split, jnp.asarray(images), TARGETS, upsample=False,
-                                   chunk_size=chunk_size)
+  chunk_sizes = (1, 2, 5, 64)   # one channel, a padded last chunk, all channels, more than all
+  run = jax.jit(lambda x: [cam_family.ablation_cam(split, x, TARGETS, upsample=False,
+                                                   chunk_size=size) for size in chunk_sizes])
+  for chunk_size, maps in zip(chunk_sizes, run(jnp.asarray(images))):
     np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-5, err_msg=str(chunk_size))
-  jitted = jax.jit(lambda x: cam_family.ablation_cam(split, x, TARGETS, upsample=False,
-                                                     chunk_size=2))
-  np.testing.assert_allclose(jitted(jnp.asarray(images)), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_score_cam_matches_a_naive_loop_over_channels():
@@ -210,22 +208,32 @@ def test_normalise_maps_is_min_max_per_image():
                              [[[0.0, 0.25], [0.5, 1.0]], [[0.0, 0.0], [0.0, 0.0]]], atol=1e-6)
 
 
-def test_every_method_runs_in_float64():
+def test_every_method_runs_in_float64_and_upsamples_its_relu_map():
   with jax.enable_x64(True):
     weights, images = _tiny_weights(np.float64), _tiny_images(np.float64)
+    large = _tiny_images(np.float64, size=12, seed=2)
     split = _gap_dense_split(weights)
-    x = jnp.asarray(images)
-    cells = 36
-    expected = _cam(weights, images, TARGETS) / cells
-    hires = cam_family.hires_cam(split, x, TARGETS, relu=False, upsample=False)
+    strided = api.Split(features=lambda x: split.features(x)[:, ::2, ::2], head=split.head)
+    expected = _cam(weights, images, TARGETS) / 36
+
+    @jax.jit
+    def run(x, x_large):
+      methods = {name: functools.partial(getattr(cam_family, name), strided, x_large, TARGETS)
+                 for name in (*GRADIENT_METHODS, "score_cam", "ablation_cam")}
+      methods["eigen_cam"] = functools.partial(cam_family.eigen_cam, strided, x_large)
+      maps = {name: (fn(), fn(upsample=False)) for name, fn in methods.items()}
+      hires = cam_family.hires_cam(split, x, TARGETS, relu=False, upsample=False)
+      return maps, hires, cam_family.normalise_maps(maps["eigen_cam"][0])
+
+    maps, hires, normalised = run(jnp.asarray(images), jnp.asarray(large))
     assert hires.dtype == jnp.float64
     np.testing.assert_allclose(hires, expected, rtol=1e-12, atol=1e-14)
-    for name in (*GRADIENT_METHODS, "score_cam", "ablation_cam"):
-      maps = getattr(cam_family, name)(split, x, TARGETS)
-      assert maps.dtype == jnp.float64 and maps.shape == (2, 6, 6), name
-    maps = cam_family.eigen_cam(split, x)
-    assert maps.dtype == jnp.float64 and maps.shape == (2, 6, 6)
-    assert cam_family.normalise_maps(maps).dtype == jnp.float64
+    assert normalised.dtype == jnp.float64 and normalised.min() == 0 and normalised.max() <= 1
+    for name, (upsampled, raw) in maps.items():
+      assert upsampled.dtype == raw.dtype == jnp.float64 and upsampled.shape == (2, 12, 12), name
+      assert raw.shape == (2, 6, 6) and raw.min() >= 0 and raw.max() > 0, name
+      np.testing.assert_allclose(upsampled, jax.image.resize(raw, (2, 12, 12), "bilinear"),
+                                 rtol=1e-12, atol=1e-14, err_msg=name)
 
 
 def test_bad_inputs_raise_errors_that_name_them():
@@ -262,6 +270,17 @@ def _randomise_torch(torch, net, seed: int) -> None:
         module.bias.copy_(0.05 * torch.randn(module.bias.shape, generator=generator))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+  """torch on one thread while the oracles run (its spinning threads cost more than they save
+  on these small inputs), restored afterwards."""
+  torch = _oracle("torch")
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
+
+
 def _zeros_like_init(model):
   """Variables of the model's shapes (every leaf then comes from the port)."""
   shapes = jax.eval_shape(model.init, jax.random.key(0))
@@ -288,15 +307,19 @@ def _grad_cam_maps(pytorch_grad_cam, method_class, net, layer, images, targets, 
   return np.asarray(normalised), np.maximum(np.asarray(raw[0]), 0)
 
 
-def _our_maps(split, images, targets, methods: dict):
-  """Every method's raw and upsampled maps in one jitted call (shared passes computed once)."""
+def _our_maps(model, variables, tap, images, targets, methods: dict):
+  """Every method's raw maps in one jitted call (the variables are arguments, not constants),
+  and their bilinear upsampling, which is what upsample=True returns
+  (test_every_method_runs_in_float64_and_upsamples_its_relu_map checks that)."""
 
   @jax.jit
-  def run(x):
-    return {name: (fn(split, x, targets, upsample=False), fn(split, x, targets))
-            for name, fn in methods.items()}
+  def run(variables, x):
+    split = model.split(variables, tap)
+    return {name: fn(split, x, targets, upsample=False) for name, fn in methods.items()}
 
-  return jax.tree_util.tree_map(np.asarray, run(jnp.asarray(images)))
+  raw = run(variables, jnp.asarray(images))
+  return {name: (np.asarray(maps), np.asarray(cam_family.upsample_maps(maps, images.shape[1:3])))
+          for name, maps in raw.items()}
 
 
 def _our_methods(prefix_options: dict | None = None) -> dict:
@@ -326,29 +349,28 @@ def _compare(theirs, ours, method: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def densenet_case(tmp_path_factory):
+def densenet_case(tmp_path_factory, one_torch_thread):
   """A torchvision DenseNet (DenseNet-121's layers, blocks (2, 1, 2, 1)) ported; both libraries'
   maps at norm5 / 'last_conv' for every method, 96 px, two images."""
   torch = _oracle("torch")
   torchvision = _oracle("torchvision")
   pytorch_grad_cam = _oracle("pytorch_grad_cam")
   torch.manual_seed(0)
-  net = torchvision.models.DenseNet(growth_rate=32, block_config=(2, 1, 2, 1),
-                                    num_init_features=64, num_classes=1000).eval()
+  net = torchvision.models.DenseNet(growth_rate=8, block_config=(2, 1, 2, 1),
+                                    num_init_features=16, num_classes=1000).eval()
   _randomise_torch(torch, net, 1)
   path = str(tmp_path_factory.mktemp("cam_family") / "densenet.pth")
   torch.save(net.state_dict(), path)
   model = densenet.densenet(num_outputs=1000, head="softmax", input_shape=(96, 96, 3),
-                            block_sizes=(2, 1, 2, 1), bn_epsilon=porting.BN_EPSILON["torchvision"])
+                            block_sizes=(2, 1, 2, 1), growth_rate=8, stem_width=16,
+                            bn_epsilon=porting.BN_EPSILON["torchvision"])
   variables, report = porting.port_torchvision(model, _zeros_like_init(model), path)
   assert not report.kept_from_init
   images = np.random.default_rng(0).normal(size=(2, 96, 96, 3)).astype(np.float32)
-  split = model.split(variables, "last_conv")
-  targets = np.asarray(api.predicted_classes(split.logits(jnp.asarray(images))))
-  options = {"grad_cam_plus_plus": {"pre_relu_gradients": True}}
-  ours = _our_maps(split, images, targets, _our_methods(options))
-  ours["grad_cam_plus_plus_post_relu"] = _our_maps(
-      split, images, targets, {"g": cam_family.grad_cam_plus_plus})["g"]
+  targets = np.asarray(api.predicted_classes(jax.jit(model.logits)(variables, images)))
+  methods = _our_methods({"grad_cam_plus_plus": {"pre_relu_gradients": True}})
+  methods["grad_cam_plus_plus_post_relu"] = cam_family.grad_cam_plus_plus
+  ours = _our_maps(model, variables, "last_conv", images, targets, methods)
   theirs = {name: _grad_cam_maps(pytorch_grad_cam, getattr(pytorch_grad_cam, cls), net,
                                  net.features[-1], images, targets)
             for name, cls in GRAD_CAM_CLASSES.items()}
@@ -356,9 +378,10 @@ def densenet_case(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def vgg_case(tmp_path_factory):
+def vgg_case(tmp_path_factory, one_torch_thread):
   """torchvision VGG16's convolutions + the project's GAP head, in both frameworks; gradient and
-  Eigen maps at the head's ReLU ('last_conv', 64 px), Score/Ablation at the block-1 pool (32 px)."""
+  Eigen maps at the head's ReLU ('last_conv', 2x2 at 32 px, two images), Score/Ablation at the
+  block-1 pool (8x8 at 16 px, one image: 64 masked forwards of VGG16 per method and library)."""
   torch = _oracle("torch")
   torchvision = _oracle("torchvision")
   pytorch_grad_cam = _oracle("pytorch_grad_cam")
@@ -373,9 +396,9 @@ def vgg_case(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("cam_family") / "vgg16.pth")
   torch.save(backbone.state_dict(), path)
   results = {}
-  for size, tap, layer, names in ((64, "last_conv", relu, (*GRADIENT_METHODS, "eigen_cam")),
-                                  (32, "block1", backbone.features[4],
-                                   ("score_cam", "ablation_cam"))):
+  for size, batch, tap, layer, names in (
+      (32, 2, "last_conv", relu, (*GRADIENT_METHODS, "eigen_cam")),
+      (16, 1, "block1", backbone.features[4], ("score_cam", "ablation_cam"))):
     model = vgg.vgg16(num_outputs=5, head="gap", input_shape=(size, size, 3))
     variables, report = porting.port_torchvision(model, _zeros_like_init(model), path)
     assert sorted(report.kept_from_init) == ["gap_conv", "predictions"]
@@ -385,11 +408,10 @@ def vgg_case(tmp_path_factory):
     params["predictions"] = {"kernel": dense.weight.detach().numpy().T,
                              "bias": dense.bias.detach().numpy()}
     variables = {**variables, "params": params}
-    images = np.random.default_rng(size).normal(size=(2, size, size, 3)).astype(np.float32)
-    split = model.split(variables, tap)
-    targets = np.asarray(api.predicted_classes(split.logits(jnp.asarray(images))))
+    images = np.random.default_rng(size).normal(size=(batch, size, size, 3)).astype(np.float32)
+    targets = np.asarray(api.predicted_classes(jax.jit(model.logits)(variables, images)))
     methods = {name: fn for name, fn in _our_methods().items() if name in names}
-    ours = _our_maps(split, images, targets, methods)
+    ours = _our_maps(model, variables, tap, images, targets, methods)
     for name in names:
       theirs = _grad_cam_maps(pytorch_grad_cam, getattr(pytorch_grad_cam, GRAD_CAM_CLASSES[name]),
                               net, layer, images, targets)

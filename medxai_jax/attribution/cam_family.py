@@ -119,7 +119,9 @@ def _check_activation(activation: jax.Array, method: str) -> None:
 
 
 def _check_chunk_size(chunk_size: int) -> None:
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+  """Raises a ValueError unless chunk_size is a positive integer."""
+  if (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
+      or chunk_size < 1):
     raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}.")
 
 
