@@ -18,7 +18,8 @@ pre_relu_gradients=True on DenseNet (grad-cam's norm5 recipe; see cam_family's d
 Score-CAM and Ablation-CAM make one forward per channel per image (1024 at DenseNet's norm5,
 512 at VGG16's), so they run at --perturbation_size / --perturbation_batch (0 skips them);
 grad-cam's Score-CAM batches 16 masked images per forward, its Ablation-CAM 32; ours
-`chunk_size` channels per vmapped step. torch uses its default CPU threads. Prints one JSON object.
+`chunk_size` channels per vmapped step. torch uses its default CPU threads. Prints one JSON line
+per method as it completes, one per model, then the whole JSON object.
 """
 
 from __future__ import annotations
@@ -184,6 +185,8 @@ def benchmark_model(name: str, methods: list[str], size: int, batch: int, chunk_
                      "images_per_second": bench_common.rate(batch, their_seconds)},
         "speedup": float(f"{their_seconds / seconds:.3g}"),
         **agreement(tuple(np.asarray(o) for o in ours), theirs)}
+    print(json.dumps({"model": name, "image_size": size, "batch_size": batch,
+                      method: results[method]}), flush=True)   # progress, one line per method
   return results
 
 
