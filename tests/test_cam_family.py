@@ -3,11 +3,12 @@ pytorch-grad-cam 1.5.7 on ported torchvision weights.
 
 The oracle comparisons need the `oracle` extra (torch, torchvision, grad-cam); they are skipped
 without it unless MEDXAI_REQUIRE_ORACLES=1 (as in tests/test_porting_oracles.py). They port a
-randomly initialised torchvision DenseNet (DenseNet-121's layer types, block sizes (2, 1, 2, 1)
-to keep the suite fast; grad-cam's layer norm5, our 'last_conv') and VGG16 (torchvision's
-convolutions with the project's GAP head; the gradient methods at the head's ReLU, Score- and
-Ablation-CAM at the block-1 pool to bound the torch side's masked forwards). Full DenseNet-121
-and VGG16 comparisons at 224 px are in benchmarks/cam_family.py. Float32; raw maps agree to
+randomly initialised torchvision DenseNet (DenseNet-121's layer types, block sizes (2, 1, 2, 1),
+growth rate 8, 16 stem channels, to keep the suite fast; grad-cam's layer norm5, our
+'last_conv') and VGG16 (torchvision's convolutions with the project's GAP head; the gradient
+methods at the head's ReLU, Score- and Ablation-CAM at the block-1 pool to bound the torch side's
+masked forwards). The full DenseNet-121 (all methods) and VGG16 (gradient methods and EigenCAM,
+224 px) comparisons are in benchmarks/cam_family.py. Float32; raw maps agree to
 RAW_TOLERANCE relative to each map's maximum (ABLATION_RAW_TOLERANCE for Ablation-CAM), normalised
 upsampled maps to NORMALISED_TOLERANCE.
 """
