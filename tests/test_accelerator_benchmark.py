@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks import accelerator
-from medxai_jax import explain
+from medxai_jax.attribution import registry
 
 # Two methods keep the test short: IG (a jitted method, checked against its loop) and CRM (a
 # host method, beside its loop of head calls); the others share their code paths.
@@ -62,7 +62,7 @@ def test_every_method_beside_its_loop(report):
 
 
 def test_every_benchmarked_method_is_a_run_methods_name():
-  assert set(accelerator.METHODS) <= set(explain.METHODS)
+  assert set(accelerator.METHODS) <= set(registry.REGISTRY)
 
 
 def test_bad_settings_name_the_flag():

@@ -23,9 +23,10 @@ from medxai_jax.attribution import api
 from medxai_jax.attribution import cam
 from medxai_jax.attribution import common
 from medxai_jax.attribution import crm
+from medxai_jax.attribution import registry
 
+# 004's Table 3 compares these; any registered split method (e.g. the CAM family) can join.
 TABLE_METHODS = ("cam", "grad_cam", "crm")
-_TABLE_NAMES = {"cam": "CAM", "grad_cam": "Grad-CAM", "crm": "CRM"}
 Preprocess = Callable[[jax.Array], jax.Array]
 
 
@@ -210,9 +211,13 @@ def roi_size_table(split: api.Split, data: Any, *, methods: Sequence[str] | None
       resolved = crm.resolve_method(split, inputs) if crm_method == "auto" else crm_method
       chosen = list(methods) if methods is not None else [
           m for m in TABLE_METHODS if m != "cam" or resolved == "closed_form"]
-      unknown = [m for m in chosen if m not in TABLE_METHODS]
+      table_methods = [name for name in registry.names()
+                       if registry.get(name).needs in ("split", "gap_split")
+                       and registry.get(name).output_rank == 3]
+      unknown = [m for m in chosen if m not in table_methods]
       if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {TABLE_METHODS}.")
+        raise ValueError(f"unknown methods {unknown}; choose from the registered methods that "
+                         f"read the last conv map: {table_methods}.")
       if "cam" in chosen:
         problem = cam.gap_head_problem(split, inputs[:1])
         if problem:
@@ -224,12 +229,11 @@ def roi_size_table(split: api.Split, data: Any, *, methods: Sequence[str] | None
           labels = api.predicted_classes(split.logits(inputs))
         per_method = []
         for name in chosen:
-          if name == "cam":
-            maps = cam.cam(split, inputs, labels)
-          elif name == "grad_cam":
-            maps = cam.grad_cam(split, inputs, labels)
-          else:
+          spec = registry.get(name)
+          if name == "crm":
             maps = crm.crm(split, inputs, method=resolved, chunk_size=chunk_size)
+          else:
+            maps = spec(split, inputs, labels if spec.takes_targets else None)
           per_method.append(roi_pixel_counts(maps, fraction))
         return jnp.stack(per_method)
 
@@ -250,6 +254,6 @@ def roi_size_table(split: api.Split, data: Any, *, methods: Sequence[str] | None
   for row, name in enumerate(chosen):
     for c in range(num_classes):
       mean = totals[row, c] / counts[c] if counts[c] else float("nan")
-      rows.append({"method": _TABLE_NAMES[name], "class": names[c], "images": int(counts[c]),
+      rows.append({"method": registry.label(name), "class": names[c], "images": int(counts[c]),
                    "mean_pixels": float(mean), "percent": float(100.0 * mean / area)})
   return {"image_size": list(image_size), "fraction": fraction, "classes": names, "rows": rows}

@@ -36,9 +36,11 @@ from typing import Any, Callable, Mapping
 import jax
 
 from medxai_jax.attribution import cam
+from medxai_jax.attribution import cam_family
 from medxai_jax.attribution import crm
 from medxai_jax.attribution import gradients
 from medxai_jax.attribution import integrated
+from medxai_jax.attribution import lrp
 from medxai_jax.attribution import perturbation
 from medxai_jax.attribution import xrai
 
@@ -211,6 +213,29 @@ for _spec in (
     MethodSpec("rise", "RISE", perturbation.rise, "logits", False, 3,
                {"num_masks": 1000, "cell_size": None, "p_keep": 0.5,
                 "chunk_size": CHUNK_SIZE}, takes_key=True),
+    # pytorch-grad-cam's CAM family (cam_family.py; checked against grad-cam 1.5.7).
+    MethodSpec("grad_cam_plus_plus", "Grad-CAM++", cam_family.grad_cam_plus_plus, "split",
+               False, 3, {"relu": True, "upsample": True, "pre_relu_gradients": False}),
+    MethodSpec("xgrad_cam", "XGrad-CAM", cam_family.xgrad_cam, "split", False, 3,
+               {"relu": True, "upsample": True}),
+    MethodSpec("hires_cam", "HiResCAM", cam_family.hires_cam, "split", False, 3,
+               {"relu": True, "upsample": True}),
+    MethodSpec("layer_cam", "LayerCAM", cam_family.layer_cam, "split", False, 3,
+               {"relu": True, "upsample": True}),
+    MethodSpec("score_cam", "Score-CAM", cam_family.score_cam, "split", False, 3,
+               {"relu": True, "upsample": True, "chunk_size": CHUNK_SIZE,
+                "align_corners": True}),
+    MethodSpec("ablation_cam", "Ablation-CAM", cam_family.ablation_cam, "split", False, 3,
+               {"relu": True, "upsample": True, "chunk_size": CHUNK_SIZE,
+                "ablation_value": 0.0}),
+    MethodSpec("eigen_cam", "EigenCAM", cam_family.eigen_cam, "split", False, 3,
+               {"relu": True, "upsample": True, "sign_correction": False},
+               takes_targets=False),
+    # LRP with Zennit's composites (lrp.py; checked against zennit 0.5.1). Its logits_fn must
+    # run Flax Linen layers (the project's models, or `lambda x: module.apply(variables, x)`).
+    MethodSpec("lrp", "LRP", lrp.relevance, "logits", False, 4,
+               {"composite": "epsilon_plus_flat", "low": None, "high": None, "epsilon": None,
+                "gamma": None, "stabilizer": None}),
 ):
   register(_spec)
 del _spec
