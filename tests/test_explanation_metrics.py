@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 
 from medxai_jax.analysis import explanation_metrics as em
 from medxai_jax.analysis import faithfulness
@@ -63,6 +64,14 @@ def gradient_maps(variables: dict, images: jax.Array, targets: jax.Array) -> jax
   def total(x):
     return jnp.sum(jnp.take_along_axis(apply(variables, x), targets[:, None], axis=1))
   return jax.grad(total)(images).sum(axis=-1)
+
+
+jitted_gradient_maps = jax.jit(gradient_maps)
+
+
+def stats_spearman(a: np.ndarray, b: np.ndarray) -> float:
+  """scipy's Spearman correlation of two flattened maps."""
+  return float(scipy.stats.spearmanr(a.ravel(), b.ravel())[0])
 
 
 def _random_variables(seed: int = 0) -> dict:
@@ -151,16 +160,17 @@ def test_road_of_a_model_that_ignores_the_image_is_flat_and_vmap_equals_a_loop()
   images = rng.uniform(size=(3, 12, 12, 1)).astype(np.float32)
   maps = rng.normal(size=(3, 12, 12)).astype(np.float32)
   blind = lambda x: jnp.broadcast_to(jnp.array([0.2, 1.0, -0.5]), (x.shape[0], 3))  # noqa: E731
-  percentages = (10, 30, 50, 70, 90)
-  curve = em.road(blind, images, 1, maps, key=jax.random.key(0), percentages=percentages,
-                  score="probability")
+  percentages = (10, 30, 60, 90)
+  curve = jax.jit(lambda x, m: em.road(blind, x, 1, m, key=jax.random.key(0),
+                                       percentages=percentages, score="probability"))(images, maps)
   np.testing.assert_allclose(curve.scores, np.asarray(jax.nn.softmax(jnp.array(
       [0.2, 1.0, -0.5])))[1], rtol=1e-6)
   np.testing.assert_allclose(curve.fractions, np.array(percentages) / 100, rtol=1e-6)
   variables = _random_variables()
   logits_fn = lambda x: apply(variables, x)  # noqa: E731
   options = dict(order="lerf", noise=0.0, percentages=percentages, score="probability")
-  batched = em.road(logits_fn, images, 0, maps, chunk_size=2, **options)
+  batched = jax.jit(lambda x, m: em.road(logits_fn, x, 0, m, chunk_size=2, **options))(images,
+                                                                                       maps)
   single = jax.jit(lambda x, m: em.road(logits_fn, x, 0, m, **options).scores[0])
   loop = np.stack([single(images[i:i + 1], maps[i:i + 1]) for i in range(3)])
   np.testing.assert_allclose(batched.scores, loop, atol=1e-5)
@@ -176,28 +186,27 @@ def test_max_sensitivity_equals_the_norm_ratio_of_its_draws_and_mprt_of_unchange
   maps = images[..., 0]
   key = jax.random.key(5)
   # M(x) = x: the ratio is ||u|| / ||x||, its maximum over the draws.
-  value = em.max_sensitivity(lambda x: x[..., 0], images, maps, key=key, num_samples=7,
-                             radius=0.1, chunk_size=3)
-  draws = np.asarray(em.uniform_perturbations(key, images.shape, 7, 0.1))
-  expected = (np.linalg.norm(draws.reshape(7, 2, -1), axis=-1)
+  value = jax.jit(lambda x, m: em.max_sensitivity(lambda y: y[..., 0], x, m, key=key,
+                                                   num_samples=6, radius=0.1, chunk_size=3))(
+      images, maps)
+  draws = np.asarray(em.uniform_perturbations(key, images.shape, 6, 0.1))
+  expected = (np.linalg.norm(draws.reshape(6, 2, -1), axis=-1)
               / np.linalg.norm(maps.reshape(2, -1), axis=-1)).max(axis=0)
   np.testing.assert_allclose(value, expected, rtol=1e-5)
   assert np.abs(draws).max() <= 0.1
-  np.testing.assert_allclose(em.max_sensitivity(lambda x: jnp.ones_like(x[..., 0]), images,
-                                                np.ones((2, 6, 6)), key=key, num_samples=3),
-                             0.0)
   variables = _random_variables()
   images = rng.uniform(size=(2, 8, 8, 1)).astype(np.float32)
   targets = jnp.array([0, 2])
   explain = lambda v, x: gradient_maps(v, x, targets)  # noqa: E731
   other = _random_variables(seed=9)["params"]
-  result = em.mprt(explain, variables, images, other, LAYERS, order="top_down")
+  result = jax.jit(lambda v, x: em.mprt(explain, v, x, other, LAYERS, order="top_down"))(
+      variables, images)
   assert result.layers == ("fc", "conv2", "conv1")
   np.testing.assert_allclose(result.original, 1.0, rtol=1e-6)  # the maps against themselves
-  full = {"params": other}
-  np.testing.assert_allclose(result.last, em.rank_similarity(
-      gradient_maps(variables, images, targets), gradient_maps(full, images, targets)),
-                             rtol=1e-6)
+  full_maps = jitted_gradient_maps({"params": other}, images, targets)
+  np.testing.assert_allclose(result.last, [stats_spearman(np.abs(a), np.abs(b)) for a, b in zip(
+      np.asarray(jitted_gradient_maps(variables, images, targets)), np.asarray(full_maps))],
+                             rtol=1e-5)
   labels, chosen = em.layer_schedule(LAYERS, "independent")
   assert labels == LAYERS and np.array_equal(chosen, np.eye(3, dtype=bool))
 
@@ -302,7 +311,7 @@ def quantus_setup():
               contrast=contrast, contrast_variables=contrast_variables, textured=textured,
               images=images, channel_first=channel_first, targets=targets, maps=maps,
               masks=masks, torch_gradient=torch_gradient,
-              gradients=np.array(gradient_maps(variables, jnp.asarray(images),
+              gradients=np.array(jitted_gradient_maps(variables, jnp.asarray(images),
                                                jnp.asarray(targets))))
 
 
@@ -364,15 +373,16 @@ def test_quantus_mprt_orders_and_smooth_mprt(quantus_setup):
   targets = jnp.asarray(setup["targets"])
   explain = lambda v, x: gradient_maps(v, x, targets)  # noqa: E731
   images, gradients = jnp.asarray(setup["images"]), setup["gradients"]
-  for order in em.MPRT_ORDERS:
+  ours = jax.jit(lambda: {order: em.mprt(explain, setup["variables"], images, setup["fresh"],
+                                         LAYERS, maps=gradients, order=order)
+                          for order in em.MPRT_ORDERS})()
+  for order, result in ours.items():
     theirs = _quantus(setup, quantus.MPRT(layer_order=order, disable_warnings=True),
                       maps=gradients, explain_func=setup["torch_gradient"])
-    ours = em.mprt(explain, setup["variables"], images, setup["fresh"], LAYERS, maps=gradients,
-                   order=order)
-    assert list(theirs) == ["original", *ours.layers], order
-    np.testing.assert_allclose(ours.scores, [theirs[name] for name in ours.layers],
+    assert list(theirs) == ["original", *result.layers], order
+    np.testing.assert_allclose(result.scores, [theirs[name] for name in result.layers],
                                atol=TOLERANCE, err_msg=order)
-    np.testing.assert_allclose(ours.original, theirs["original"], atol=TOLERANCE)
+    np.testing.assert_allclose(result.original, theirs["original"], atol=TOLERANCE)
   samples = 3
   np.random.seed(123)  # Quantus draws N - 1 noise arrays for the original model, then per step
   draws = np.stack([np.stack([np.random.randn(*setup["channel_first"].shape)
@@ -404,3 +414,51 @@ def test_quantus_max_sensitivity_with_the_same_draws(quantus_setup):
                             num_samples=samples, radius=radius)
   np.testing.assert_allclose(ours, theirs, rtol=TOLERANCE)
   assert np.all(np.asarray(ours) > 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The leaderboard's scorer.
+
+
+def test_scorer_adds_road_and_complexity_and_optional_max_sensitivity():
+  from experiments import evaluate_explanations as ee  # pylint: disable=import-outside-toplevel
+  from medxai_jax import explain  # pylint: disable=import-outside-toplevel
+  from medxai_jax.models import custom_cnn  # pylint: disable=import-outside-toplevel
+
+  model = custom_cnn.custom_cnn(num_outputs=1, input_shape=(36, 36, 1),
+                                conv_widths=(2, 2, 2, 2, 2),
+                                dense_widths=(4,), init_std=None)
+  variables = model.init(jax.random.key(0))
+  rng = np.random.default_rng(6)
+  images = jnp.asarray(rng.uniform(size=(2, 36, 36, 1)), jnp.float32)
+  targets = jnp.array([0, 1])
+  maps = jnp.asarray(rng.normal(size=(2, 36, 36)), jnp.float32)
+  options = ee.ScoreOptions(curve_steps=2, road_percentages=(20.0, 60.0), road_noise=0.0,
+                            sensitivity_methods=("gradients",), sensitivity_samples=2)
+  key = jax.random.key(3)
+  # Without masks (the localisation scores, relevance mass among them, are compiled and run by
+  # tests/test_evaluate_any_dataset.py): the scores every dataset gets.
+  scores, _ = ee.make_scorer(model, options, margin=1)(variables, images, targets, maps,
+                                                       None, None, key)
+  assert not {"relevance_mass", "pointing_game"} & set(scores)
+  for order in em.ROAD_ORDERS:  # accuracy 0 / 1 at 20% and 60%: trapezoid 0.4 (a + b) / 2
+    auc = np.asarray(scores[f"road_{order}_auc"], np.float64)
+    assert auc.shape == (2,), auc.shape
+    assert np.abs(auc[:, None] - [0.0, 0.2, 0.4]).min(axis=1).max() < 1e-5, auc
+  np.testing.assert_allclose(scores["sparseness"], em.sparseness(maps), rtol=1e-6)
+  np.testing.assert_allclose(scores["complexity"], em.complexity(maps), rtol=1e-6)
+  original = jax.jit(lambda v, x: faithfulness.as_maps(explain.METHODS["gradients"](
+      model, v, x, targets, jax.random.key(1), explain.ExplainOptions())))(variables, images)
+  sensitivity = ee.sensitivity_scores(model, variables, images, targets, original, "gradients",
+                                      jax.random.key(2), explain.ExplainOptions(), options)
+  assert sensitivity.shape == (2,) and np.all(np.isfinite(sensitivity) & (sensitivity > 0))
+  order = ee.metric_order((1.0,))
+  assert "relevance_mass" in ee.localisation_metrics((1.0,))
+  assert order.index("insertion_auc") < order.index("road_morf_auc") < order.index("sparseness")
+  off = ee.optional_not_scored(ee.ScoreOptions(road_percentages=()))
+  assert set(off) == {"road_morf_auc", "road_lerf_auc", "max_sensitivity"}
+  assert ee.optional_not_scored(options) == {}
+  with pytest.raises(ValueError, match="xrai"):
+    ee.check_sensitivity_methods(("gradients", "xrai"))
+  header, _ = ee.leaderboard_rows({"m": {}}, ["road_morf_auc", "road_lerf_auc", "complexity"], {})
+  assert header[1:4] == ["road_morf_auc ↓", "road_lerf_auc ↑", "complexity ↓"]

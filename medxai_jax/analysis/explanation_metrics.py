@@ -38,7 +38,8 @@ linear system whose unknowns are all removed pixels together, solved per channel
 N(0, noise^2) is added to the removed values (`noise`, Quantus's default 0.01). Quantus solves it
 exactly (scipy spsolve); here it is solved by Jacobi-preconditioned conjugate gradients on the
 3 x 3 stencil (the system is symmetric positive definite whenever a pixel is kept), vmapped over
-images, to `tolerance`. The score after each step is Quantus's: 1 when the model's prediction
+images, to ||residual|| <= `tolerance` ||right-hand side|| (at most `max_steps`, default H W C,
+iterations). The score after each step is Quantus's: 1 when the model's prediction
 (argmax; a one-logit model's sign) equals the target, else 0 (`score='accuracy'`); or the
 target-class probability (`score='probability'`). Quantus returns the mean over images per
 percentage (`curve.scores.mean(0)` here); the per-image AUC is the trapezoid rule over the
@@ -220,6 +221,36 @@ def _neighbour_sum(values: jax.Array) -> jax.Array:
   return total
 
 
+def _conjugate_gradients(system: Callable[[jax.Array], jax.Array], right: jax.Array,
+                         precondition: Callable[[jax.Array], jax.Array], start: jax.Array,
+                         tolerance: float, max_steps: int) -> jax.Array:
+  """Preconditioned CG for a symmetric positive definite `system`, to ||r|| <= tol ||right||."""
+  def dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.sum(a * b)
+
+  residual = right - system(start)
+  direction = precondition(residual)
+  bound = tolerance ** 2 * dot(right, right)
+
+  def unfinished(state) -> jax.Array:
+    _, residual, _, _, step = state
+    return (dot(residual, residual) > bound) & (step < max_steps)
+
+  def iterate(state):
+    solution, residual, direction, product, step = state
+    image = system(direction)
+    alpha = product / dot(direction, image)
+    solution = solution + alpha * direction
+    residual = residual - alpha * image
+    preconditioned = precondition(residual)
+    new_product = dot(residual, preconditioned)
+    direction = preconditioned + (new_product / product) * direction
+    return solution, residual, direction, new_product, step + 1
+
+  state = (start, residual, direction, dot(residual, direction), 0)
+  return jax.lax.while_loop(unfinished, iterate, state)[0]
+
+
 def _impute_one(image: jax.Array, removed: jax.Array, tolerance: float,
                 max_steps: int | None) -> jax.Array:
   """Linear imputation of one image [H, W, C]: removed pixels as their neighbours' weighted mean."""
@@ -234,8 +265,8 @@ def _impute_one(image: jax.Array, removed: jax.Array, tolerance: float,
     return jnp.where(removed, values / weight_sums, values)
 
   right = jnp.where(removed, _neighbour_sum(jnp.where(removed, 0, image)), image)
-  solution, _ = jax.scipy.sparse.linalg.cg(system, right, x0=jacobi(right), tol=tolerance,
-                                           atol=0.0, maxiter=max_steps, M=jacobi)
+  steps = image.size if max_steps is None else max_steps
+  solution = _conjugate_gradients(system, right, jacobi, jacobi(right), tolerance, steps)
   return jnp.where(removed, solution, image)
 
 
