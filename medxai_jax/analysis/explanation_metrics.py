@@ -344,6 +344,7 @@ def road(logits_fn: api.LogitsFn, images: jax.Array, targets: api.Targets, maps:
   targets = api.resolve_targets(logits_fn, images, targets)
   counts = road_counts(images.shape[1], images.shape[2], percentages)
   ranks = jax.vmap(lambda m: _pixel_ranks(m, order))(maps)
+  # Without noise the keys are never used (checked above: a key is required when noise > 0).
   step_keys = jax.random.split(key if key is not None else jax.random.key(0), len(counts))
 
   def step(count: jax.Array, step_key: jax.Array) -> jax.Array:
