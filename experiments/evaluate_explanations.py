@@ -8,14 +8,16 @@ with its own `config.json`; --config is optional, and when given its differences
 config are printed and then used. Each method of `medxai_jax.attribution.registry` (plus a uniform
 random map as the contrast) explains --num_images test images of --label (a seeded sample;
 --label=-1: class-balanced, `explain.choose_indices`) for their label, and is scored per image
-(`medxai_jax.analysis.faithfulness`): deletion and insertion AUC, (for --sanity_methods) the
-Spearman correlation with the maps of the model after cascading randomisation of all its
-layers, and with --shuffled_labels_checkpoint (a run trained with
+(`medxai_jax.analysis.faithfulness`, `explanation_metrics`): deletion and insertion AUC, ROAD
+MoRF / LeRF AUC, sparseness, complexity, (for --sensitivity_methods) max-sensitivity, (for
+--sanity_methods) the Spearman correlation with the maps of the model after cascading
+randomisation of all its layers, and with --shuffled_labels_checkpoint (a run trained with
 --config.dataset.shuffle_labels=True) with the maps of that model (the data-randomisation
 test): these need no mask. Against the localisation mask the dataset declares
 (`medxai_jax.data.builders.mask_keys`: the phantoms' lesion_mask, covid_radiography's and
 tb_cxr's lung_mask, brain_tumor_mri's tumor_mask): pointing game, energy, IoU / precision of the
-top-k% region, and CheXlocalize's mIoU and hit rate; against a marker mask (the phantoms' L/R
+top-k% region, CheXlocalize's mIoU and hit rate, and Quantus's relevance mass; against a
+marker mask (the phantoms' L/R
 marker): the share of attribution on it. An image whose mask is empty (all zeros, or its
 `has_<mask>` feature False) gets NaN for those scores, left out of means and counts; metrics
 that cannot be scored at all are listed with the reason (`not_scored` in evaluation.json, under
@@ -51,6 +53,7 @@ from experiments import cli  # noqa: E402
 from medxai_jax import explain  # noqa: E402
 from medxai_jax import logs  # noqa: E402
 from medxai_jax import runs  # noqa: E402
+from medxai_jax.analysis import explanation_metrics  # noqa: E402
 from medxai_jax.analysis import faithfulness  # noqa: E402
 from medxai_jax.attribution import registry  # noqa: E402
 from medxai_jax.models import base  # noqa: E402
@@ -65,7 +68,8 @@ RANDOM = "random"
 POINTING_MARGIN_AT_224 = 15  # Zhang et al. (2018): 15 px tolerance on 224 px images
 # Lower is better for these metrics; higher for every other one.
 LOWER_IS_BETTER = frozenset({"deletion_auc", "marker_share", "cascade_spearman",
-                             "cascade_spearman_abs", "data_spearman", "data_spearman_abs"})
+                             "cascade_spearman_abs", "data_spearman", "data_spearman_abs",
+                             "road_morf_auc", "complexity", "max_sensitivity"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +94,14 @@ class ScoreOptions:
   binarisation_threshold: float = 0.5
   miou_true_positive_only: bool = True  # their default: an empty segmentation is not scored
   hit_ties: str = "first"  # 'first' maximal pixel in raster order (theirs) or the tied 'share'
+  # Quantus's metrics (medxai_jax/analysis/explanation_metrics.py). ROAD: the removed
+  # percentages (Quantus: 1, 3, ..., 99; () turns ROAD off) and the imputation noise.
+  road_percentages: tuple[float, ...] = (10.0, 30.0, 50.0, 70.0, 90.0)
+  road_noise: float = 0.01
+  # Max-sensitivity re-explains each image num_samples times: off unless methods are named.
+  sensitivity_methods: tuple[str, ...] = ()
+  sensitivity_samples: int = 10
+  sensitivity_radius: float = 0.2
 
 
 def _fit_masks(masks: np.ndarray, shape: Sequence[int], name: str = "masks") -> jax.Array:
@@ -117,7 +129,8 @@ def pointing_margin(options: ScoreOptions, image_size: int) -> int:
 
 def localisation_metrics(top_percents: Sequence[float]) -> list[str]:
   """The scores that need a localisation mask, in leaderboard order."""
-  return ["pointing_game", "energy", "hit_rate", "miou", "rank_accuracy", "iou_mask_size",
+  return ["pointing_game", "energy", "hit_rate", "miou", "rank_accuracy", "relevance_mass",
+          "iou_mask_size",
           *[f"{kind}_top{p:g}%" for p in top_percents for kind in ("iou", "precision")]]
 
 
@@ -125,12 +138,18 @@ MARKER_METRICS = ("marker_share",)
 CHEXLOCALIZE_METRICS = ("hit_rate", "miou")
 CASCADE_METRICS = ("cascade_spearman", "cascade_spearman_abs")
 DATA_METRICS = ("data_spearman", "data_spearman_abs")
+ROAD_METRICS = ("road_morf_auc", "road_lerf_auc")
+COMPLEXITY_METRICS = ("sparseness", "complexity")
+SENSITIVITY_METRICS = ("max_sensitivity",)
+# Scored after the others, so adding them kept the others' bootstrap seeds.
+QUANTUS_METRICS = ("relevance_mass", *ROAD_METRICS, *COMPLEXITY_METRICS, *SENSITIVITY_METRICS)
 
 
 def metric_order(top_percents: Sequence[float]) -> list[str]:
-  """Leaderboard columns: localisation, faithfulness, shortcut, sanity."""
-  return [*localisation_metrics(top_percents), "deletion_auc", "insertion_auc", *MARKER_METRICS,
-          *CASCADE_METRICS, *DATA_METRICS]
+  """Leaderboard columns: localisation, faithfulness, complexity, robustness, shortcut, sanity."""
+  return [*localisation_metrics(top_percents), "deletion_auc", "insertion_auc", *ROAD_METRICS,
+          *COMPLEXITY_METRICS, *SENSITIVITY_METRICS, *MARKER_METRICS, *CASCADE_METRICS,
+          *DATA_METRICS]
 
 
 class ScoringMasks(NamedTuple):
@@ -212,6 +231,17 @@ def not_scored_metrics(problems: Mapping[str, str], top_percents: Sequence[float
   return reasons
 
 
+def optional_not_scored(options: ScoreOptions) -> dict[str, str]:
+  """The optional Quantus metrics that `options` turn off, with the reason."""
+  reasons = {}
+  if not options.road_percentages:
+    reasons.update(dict.fromkeys(ROAD_METRICS, "ROAD turned off (no --road_percentages)"))
+  if not options.sensitivity_methods:
+    reasons.update(dict.fromkeys(SENSITIVITY_METRICS, "no method chosen for the re-explaining "
+                                 "max-sensitivity (--sensitivity_methods)"))
+  return reasons
+
+
 def mask_coverage(key: str | None, masks: jax.Array | None, chosen: np.ndarray
                   ) -> dict[str, Any] | None:
   """Which chosen images have a non-empty mask (the others' scores are NaN), or None."""
@@ -238,12 +268,13 @@ def gallery_rows_shown(masks: jax.Array | None, count: int, rows: int) -> np.nda
 
 
 def make_scorer(model: base.Classifier, options: ScoreOptions, margin: int):
-  """Jitted (variables, images, targets, maps [B,H,W], lesion, marker) -> per-image scores.
+  """Jitted (variables, images, targets, maps [B,H,W], lesion, marker, key) -> per-image scores.
 
-  `lesion` (the localisation masks) or `marker` may be None: those scores are left out.
+  `lesion` (the localisation masks) or `marker` may be None: those scores are left out. `key`
+  draws ROAD's imputation noise.
   """
 
-  def score(variables, images, targets, maps, lesion, marker):
+  def score(variables, images, targets, maps, lesion, marker, key):
     curve = dict(num_steps=options.curve_steps, patch_size=options.patch_size,
                  replacement=options.replacement, blur_sigma=options.blur_sigma,
                  baseline=options.baseline, chunk_size=options.chunk_size)
@@ -262,6 +293,16 @@ def make_scorer(model: base.Classifier, options: ScoreOptions, margin: int):
     if marker is not None:
       scores["marker_share"] = faithfulness.marker_reliance(
           maps, marker, options.marker_attribution, margin=margin)["per_image"]
+    if lesion is not None:
+      scores["relevance_mass"] = explanation_metrics.relevance_mass_accuracy(maps, lesion)
+    if options.road_percentages:
+      for order, road_key in zip(explanation_metrics.ROAD_ORDERS, jax.random.split(key)):
+        scores[f"road_{order}_auc"] = explanation_metrics.road(
+            model.logits_fn(variables), images, targets, maps, key=road_key, order=order,
+            percentages=options.road_percentages, noise=options.road_noise,
+            chunk_size=options.chunk_size).auc
+    scores["sparseness"] = explanation_metrics.sparseness(maps)
+    scores["complexity"] = explanation_metrics.complexity(maps)
     curves = {"fractions": deletion.fractions, "deletion": deletion.scores,
               "insertion": insertion.scores}
     return scores, curves
@@ -300,6 +341,37 @@ def sanity_scores(model: base.Classifier, variables: base.Variables, images: jax
     result[mode] = {"layers": list(test.layers), "spearman": np.asarray(test.spearman),
                     "spearman_abs": np.asarray(test.spearman_abs)}
   return result
+
+
+def check_sensitivity_methods(methods: Sequence[str]) -> tuple[str, ...]:
+  """The methods given max-sensitivity, raising on unknown or untraceable (host) ones."""
+  unknown = [m for m in methods if m not in explain.METHODS]
+  if unknown:
+    raise ValueError(f"Unknown sensitivity_methods {unknown}; known: {list(explain.METHODS)}.")
+  host = [m for m in methods if m in explain.HOST_METHODS]
+  if host:
+    raise ValueError(f"sensitivity_methods {host} run on the host (not traceable), so they "
+                     "cannot be re-explained under vmap; choose among "
+                     f"{[m for m in explain.METHODS if m not in explain.HOST_METHODS]}.")
+  return tuple(methods)
+
+
+def sensitivity_scores(model: base.Classifier, variables: base.Variables, images: jax.Array,
+                       targets: jax.Array, maps: jax.Array, method: str, key: jax.Array,
+                       options: explain.ExplainOptions, score_options: ScoreOptions
+                       ) -> np.ndarray:
+  """Max-sensitivity [B] of one (traceable) method's maps, re-explained with the same key."""
+  method_key, noise_key = jax.random.split(key)
+  fn = explain.METHODS[method]
+
+  def run(variables, images, targets, maps):
+    explain_fn = lambda x: faithfulness.as_maps(  # noqa: E731
+        fn(model, variables, x, targets, method_key, options))
+    return explanation_metrics.max_sensitivity(
+        explain_fn, images, maps, key=noise_key, num_samples=score_options.sensitivity_samples,
+        radius=score_options.sensitivity_radius, chunk_size=score_options.chunk_size)
+
+  return np.asarray(jax.jit(run)(variables, images, targets, maps))
 
 
 def format_interval(interval: faithfulness.Interval) -> str:
@@ -456,9 +528,10 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
   scorer = make_scorer(model, score_options, margin)
   per_image: dict[str, dict[str, np.ndarray]] = {}
   curves: dict[str, dict[str, np.ndarray]] = {}
+  road_key = jax.random.fold_in(random_key, 1)
   for name, value in maps_by_method.items():
     scores, curve = jax.device_get(scorer(variables, images, targets, jnp.asarray(value),
-                                          lesion, marker))
+                                          lesion, marker, road_key))
     per_image[name] = {k: np.asarray(v) for k, v in scores.items()}
     curves[name] = {k: np.asarray(v) for k, v in curve.items()}
 
@@ -478,12 +551,21 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
     per_image[name]["cascade_spearman"] = cascade["spearman"][-1]
     per_image[name]["cascade_spearman_abs"] = cascade["spearman_abs"][-1]
 
+  sensitivity_methods = [m for m in check_sensitivity_methods(score_options.sensitivity_methods)
+                         if m in maps]
+  for index, name in enumerate(sensitivity_methods):
+    per_image[name]["max_sensitivity"] = sensitivity_scores(
+        model, variables, images, targets, jnp.asarray(maps_by_method[name]), name,
+        jax.random.fold_in(random_key, 2 + index), options, score_options)
+
   for scores in per_image.values():  # last, so the other metrics keep their bootstrap seeds
     move_to_end(scores, CHEXLOCALIZE_METRICS)
+    move_to_end(scores, QUANTUS_METRICS)
   present = {k for scores in per_image.values() for k in scores}
   metrics = [m for m in metric_order(score_options.top_percents) if m in present]
   not_scored = not_scored_metrics(problems, score_options.top_percents, list(sanity),
                                   data_test is not None)
+  not_scored.update(optional_not_scored(score_options))
   leaderboard = {name: faithfulness.summarise(scores, seed=seed,
                                               num_resamples=score_options.num_resamples)
                  for name, scores in per_image.items()}
@@ -595,6 +677,26 @@ def leaderboard_section(summary: Mapping[str, Any], report_dir: str,
         f"normalised to [0, 1] and binarised by {binarised} with the mask (images whose "
         "segmentation is empty left out, as theirs), and hit_rate, the map's maximal pixel "
         f"inside the mask (no tolerance).{covered}")
+  quantus_parts = []
+  if "road_morf_auc" in metrics:
+    quantus_parts.append(
+        "road_morf_auc / road_lerf_auc: ROAD (Rong et al. 2022), the prediction's accuracy "
+        f"after removing {', '.join(f'{p:g}' for p in options['road_percentages'])}% of the "
+        "pixels (most / least relevant first) by noisy linear imputation, AUC over the removed "
+        "fraction (MoRF: lower is better; LeRF: higher)")
+  if "sparseness" in metrics:
+    quantus_parts.append("sparseness: Gini index of |map| (higher: sparser); complexity: entropy "
+                         "of |map| / sum |map| (lower: simpler)")
+  if "relevance_mass" in metrics:
+    quantus_parts.append(f"relevance_mass: share of the signed map's sum inside the {mask_name}")
+  if "max_sensitivity" in metrics:
+    quantus_parts.append(
+        "max_sensitivity: the largest relative change ||M(x + u) - M(x)|| / ||M(x)|| over "
+        f"{options['sensitivity_samples']} draws u ~ U(-{options['sensitivity_radius']:g}, "
+        f"{options['sensitivity_radius']:g}) (lower is better)")
+  if quantus_parts:
+    paragraphs.append("Quantus's metrics (Hedström et al. 2023, computed in JAX): "
+                      + "; ".join(quantus_parts) + ".")
   paragraphs.append(
       "Faithfulness: deletion / insertion AUC of the target probability over "
       f"{options['curve_steps']} steps of {options['patch_size']}x{options['patch_size']} "
@@ -681,6 +783,11 @@ def _define_flags() -> None:
     flags.DEFINE_enum("hit_ties", "first", list(faithfulness.HIT_TIES),
                       "CheXlocalize hit rate with tied maxima: the first in raster order, or the "
                       "share of tied maxima inside the mask.")
+  define("list", "road_percentages", ["10", "30", "50", "70", "90"],
+         "ROAD: percentages of pixels removed (Quantus: 1,3,...,99; '' turns ROAD off).")
+  define("list", "sensitivity_methods", [],
+         "Methods given max-sensitivity (each re-explained --sensitivity_samples times).")
+  define("integer", "sensitivity_samples", 10, "Max-sensitivity: perturbations per image.")
   flags.mark_flags_as_required(["checkpoint"])
 
 
@@ -697,7 +804,12 @@ def main(argv: list[str]) -> None:
                                sanity_methods=tuple(m for m in value("sanity_methods") if m),
                                binarisation=value("binarisation"),
                                binarisation_threshold=value("binarisation_threshold"),
-                               hit_ties=value("hit_ties"))
+                               hit_ties=value("hit_ties"),
+                               road_percentages=tuple(float(p) for p in
+                                                      value("road_percentages") if p),
+                               sensitivity_methods=tuple(m for m in
+                                                         value("sensitivity_methods") if m),
+                               sensitivity_samples=value("sensitivity_samples"))
   config = runs.resolve_config(value("checkpoint"), value("config"))
   workdir = value("workdir") or os.path.join(value("checkpoint"), "evaluation")
   summary = evaluate_run(config, value("checkpoint"), workdir,
