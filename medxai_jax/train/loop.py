@@ -945,8 +945,7 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
     train_seconds = seconds_before + time.time() - epoch_start
     this_run = time.time() - epoch_start  # this invocation's part of the epoch
     step_seconds += this_run
-    steady_steps = index - done_steps - len(epoch_first_calls) if done_steps < steps_per_epoch \
-        else 0
+    steady_steps = index - done_steps - len(epoch_first_calls)  # steps without a compilation
     steady = ((this_run - sum(epoch_first_calls)) / steady_steps if steady_steps > 0 else None)
     compile_seconds += sum(timing.compile_estimate(first, steady) or 0.0
                            for first in epoch_first_calls)
@@ -1005,14 +1004,14 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
                       f"{store.directory}. Run the same command again to continue.")
 
   profiler.stop()  # a run that ends before the last profiled step
-  phases["train/steps"] = {"wall_seconds": step_seconds,
-                           "compile_seconds": compile_seconds if first_calls else None}
-  phases["train/validation"] = {
-      "wall_seconds": sum(validation_seconds), "compile_seconds": timing.compile_estimate(
-          validation_seconds[0], float(np.mean(validation_seconds[1:])))
-      if len(validation_seconds) > 1 else None}
-  if summary_images is not None or summary_seconds:
-    phases["train/summary_images"] = {"wall_seconds": summary_seconds}
+  if validation_seconds:  # epochs trained now (a finished run keeps its recorded timings)
+    phases["train/steps"] = {"wall_seconds": step_seconds, "compile_seconds": compile_seconds}
+    phases["train/validation"] = {
+        "wall_seconds": sum(validation_seconds), "compile_seconds": timing.compile_estimate(
+            validation_seconds[0], float(np.mean(validation_seconds[1:])))
+        if len(validation_seconds) > 1 else None}
+    if summary_seconds:
+      phases["train/summary_images"] = {"wall_seconds": summary_seconds}
   phase_start = time.perf_counter()
   best_state, best_metadata = store.restore_best(state)
   test_source = sources[dataset.test_split]
