@@ -20,7 +20,7 @@ from medxai_jax.observe import summaries
 from medxai_jax.observe import timing
 from medxai_jax.train import loop
 from medxai_jax.viz import run_report
-from test_train_loop import tiny_config
+from configs import demo
 
 
 # --- an event-file reader written from TFRecord's framing and TensorBoard's Event proto
@@ -84,16 +84,24 @@ def values_of_kind(events, kind):
 # --- a tiny training run with summaries and a profile of steps 2..3
 
 
+def tiny_config(data_dir, **overrides):
+  """The demo config on 40 px phantoms: 3 steps of 16 images per epoch, one epoch."""
+  config = demo.get_config()
+  config.dataset.data_dir = data_dir
+  config.dataset.phantoms.update(dict(image_size=40, num_train=48, num_validation=16,
+                                      num_test=16))
+  config.model.update(dict(input_shape=(40, 40, 1), conv_widths=(4, 8, 8, 8, 8),
+                           dense_widths=(16, 16)))
+  config.update(dict(batch_size=16, eval_batch_size=16, num_epochs=1, log_every_steps=1))
+  config.update(overrides)
+  return config
+
+
 @pytest.fixture(scope="module")
 def watched_run(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   workdir = str(tmp_path_factory.mktemp("observe") / "run")
-  config = tiny_config(data_dir, batch_size=16, eval_batch_size=16, num_epochs=1,
-                       log_every_steps=1, profile_steps="2,3")
-  config.dataset.phantoms.update(dict(image_size=40, num_train=48, num_validation=16,
-                                      num_test=16))
-  config.model.update(dict(input_shape=(40, 40, 1), conv_widths=(4, 8, 8, 8, 8)))
-  config.augment.update(dict(flip=False, rotation_degrees=0.0, shift_pixels=0.0))
+  config = tiny_config(data_dir, profile_steps="2,3")
   config.summaries.num_images = 2
   result = loop.train_and_evaluate(config, workdir)
   with open(os.path.join(workdir, "history.jsonl")) as file:
