@@ -534,10 +534,9 @@ def timing_section(run_dir: str) -> report.Section | None:
         f"{os.path.join(run_dir, timing.TIMINGS_FILE)} is unreadable ({error})."])
   if not phases:
     return None
-  total = sum(float(fields.get("wall_seconds") or 0.0) for fields in phases.values())
   return report.Section(title, paragraphs=[
-      f"Wall time of each phase, as last run ({total:.1f} s in all), and the part of it spent "
-      "compiling: for training, each compiled step's first call minus a steady step; for "
+      "Wall time of each phase, as last run (a binary's phase, e.g. demo/train, includes the "
+      "phases it ran, e.g. train/steps), and the part of it spent compiling: for training, each compiled step's first call minus a steady step; for "
       "validation, the first evaluation minus the mean of the later ones; for jitted "
       "methods, their first call minus their second. '-': not measured."],
       tables=[report.Table(["phase", "wall seconds", "compile seconds",
