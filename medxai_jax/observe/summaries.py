@@ -73,14 +73,26 @@ def _image(name: str, image: Any) -> np.ndarray:
 
 
 class TensorBoardWriter:
-  """Writes scalars, images and text into event files under `logdir` (tensorboardX)."""
+  """Writes scalars, images and text into event files under `logdir` (tensorboardX).
+
+  The directory and its event file are created on the first write, so a run refused before
+  it writes anything leaves no trace.
+  """
 
   def __init__(self, logdir: str, *, flush_seconds: float = 30.0):
-    from tensorboardX import SummaryWriter  # imports torch: only where summaries are written
-
-    os.makedirs(logdir, exist_ok=True)
     self.logdir = logdir
-    self._writer = SummaryWriter(logdir=logdir, flush_secs=flush_seconds)
+    self._flush_seconds = flush_seconds
+    self._opened: Any = None
+
+  @property
+  def _writer(self) -> Any:
+    """tensorboardX's SummaryWriter, opened on first use."""
+    if self._opened is None:
+      from tensorboardX import SummaryWriter  # imports torch: only where summaries are written
+
+      os.makedirs(self.logdir, exist_ok=True)
+      self._opened = SummaryWriter(logdir=self.logdir, flush_secs=self._flush_seconds)
+    return self._opened
 
   def scalars(self, step: int, mapping: Mapping[str, Any]) -> None:
     """One scalar per name at `step`; None values are left out (see the module docstring)."""
@@ -99,10 +111,12 @@ class TensorBoardWriter:
     self._writer.add_text(name, str(text), global_step=int(step))
 
   def flush(self) -> None:
-    self._writer.flush()
+    if self._opened is not None:
+      self._opened.flush()
 
   def close(self) -> None:
-    self._writer.close()
+    if self._opened is not None:
+      self._opened.close()
 
   def __enter__(self) -> "TensorBoardWriter":
     return self
