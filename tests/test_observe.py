@@ -179,6 +179,10 @@ def test_disabled_writer_writes_nothing(tmp_path):
     writer.images(1, {"image": np.zeros((4, 4, 3), np.uint8)})
     writer.text(1, "config", "x")
   assert os.listdir(tmp_path) == []
+  unused = summaries.create_writer(str(tmp_path), enabled=True)  # opened on the first write
+  unused.flush()
+  unused.close()
+  assert os.listdir(tmp_path) == []
 
 
 def test_writer_round_trips_scalars_and_refuses_bad_values(tmp_path):

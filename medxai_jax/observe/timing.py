@@ -62,31 +62,6 @@ def record_phase(workdir: str, phase: str, *, wall_seconds: float,
   return path
 
 
-class PhaseTimer:
-  """Times a `with` block and records it as `phase` (on success only):
-
-      with timing.PhaseTimer(workdir, "demo/explain") as timer:
-        ...
-        timer.compile_seconds = 3.2   # optional
-  """
-
-  def __init__(self, workdir: str, phase: str, *, enabled: bool = True):
-    self.workdir, self.phase, self.enabled = workdir, phase, enabled
-    self.compile_seconds: float | None = None
-    self.details: dict[str, Any] = {}
-    self.wall_seconds: float | None = None
-
-  def __enter__(self) -> "PhaseTimer":
-    self._start = time.perf_counter()
-    return self
-
-  def __exit__(self, exc_type, *exc_info: Any) -> None:
-    self.wall_seconds = time.perf_counter() - self._start
-    if exc_type is None and self.enabled:
-      record_phase(self.workdir, self.phase, wall_seconds=self.wall_seconds,
-                   compile_seconds=self.compile_seconds, **self.details)
-
-
 def phase_rows(phases: Mapping[str, Mapping[str, Any]]) -> list[list[Any]]:
   """[phase, wall seconds, compile seconds, wall minus compile] rows in recorded order."""
   rows = []
