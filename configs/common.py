@@ -87,4 +87,13 @@ def base_config() -> ml_collections.ConfigDict:
   # resumes from its last such step, bit-identically. SIGTERM always checkpoints the current step.
   config.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2, every_steps=0))
   config.log_every_steps = 50
+  # TensorBoard event files under <workdir>/tensorboard/, written by process 0
+  # (medxai_jax/observe/summaries.py; view with `tensorboard --logdir <workdir>/tensorboard`):
+  # the config, step and epoch scalars, the test metrics and, per epoch, a Grad-CAM overlay of
+  # the first num_images validation images (0 = none). enabled=False writes no event files.
+  config.summaries = ml_collections.ConfigDict(dict(enabled=True, num_images=4))
+  # 'a,b': a jax.profiler trace of global training steps a..b (from 1) into <workdir>/profile/
+  # (TensorBoard's profile plugin / XProf, or its .trace.json.gz in https://ui.perfetto.dev);
+  # 'a' traces one step; '' = no profile.
+  config.profile_steps = ""
   return config

@@ -10,7 +10,8 @@ Each model is the selected (best) checkpoint of its training run, built from the
 run's config are printed (field, run value -> given value) and then used. Images come from a's
 dataset (`--split`, default its validation split as in 001), each model applying its own
 preprocessing. Writes `<output_dir>/similarity_<method>.{csv,npy,png}`; rows of the matrix are
-model a's taps, columns model b's.
+model a's taps, columns model b's. A progress line (batches of activations compared, rate,
+ETA) is logged while the batches are compared.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from medxai_jax import logs
 from medxai_jax import runs
 from medxai_jax.analysis import similarity
 from medxai_jax.data import pipeline
+from medxai_jax.observe import progress
 from medxai_jax.train import loop
 from medxai_jax.viz import analysis_figures
 
@@ -120,7 +122,10 @@ def main(argv: list[str]) -> None:
                _METHOD.value, num_examples, split)
   matrix = similarity.compare_layers(
       model_a, vars_a, model_b, vars_b,
-      pipeline.prefetch(limited_batches(source, _BATCH_SIZE.value, num_examples)),
+      progress.track(pipeline.prefetch(limited_batches(source, _BATCH_SIZE.value, num_examples)),
+                     total=-(-num_examples // _BATCH_SIZE.value),
+                     desc=f"compare_layers ({len(taps_a)} x {len(taps_b)} taps)",
+                     unit="batches"),
       taps_a, taps_b, _METHOD.value, preprocess_a=preprocess_a, preprocess_b=preprocess_b,
       mode=_MODE.value, grid=grid, positions_per_image=_POSITIONS.value,
       key=jax.random.key(_SEED.value), max_points=_MAX_POINTS.value, epsilon=_EPSILON.value,

@@ -3,7 +3,9 @@ r"""The main job on the built-in phantoms: train, evaluate, explain, write a rep
   python -m experiments.demo --workdir=runs/demo
 
 Writes into --workdir: metrics.json, history.jsonl, training_curves.png, gradcam.png and
-report.html (plus checkpoints/). Re-running resumes or reuses the finished training.
+report.html (plus checkpoints/). Re-running resumes or reuses the finished training. Each
+section logs a progress line (section k of n, ETA) and its wall time goes into timings.json
+and the report's timing table.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from experiments import evaluate_explanations
 from medxai_jax.attribution import cam
 from medxai_jax.data import pipeline
 from medxai_jax.models import base
+from medxai_jax.observe import timing
 from medxai_jax import logs
 from medxai_jax.train import loop
 from medxai_jax.train import metrics as metrics_lib
@@ -67,7 +70,10 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   start = time.time()
   workdir = loop.prepare_workdir(_WORKDIR.value)
+  phases = timing.PhaseSequence(workdir, "demo", total=8)
+  phases.start("train")
   result = loop.train_and_evaluate(config, workdir)
+  phases.start("grad_cam")
 
   # Explain the selected model on held-out images.
   model, variables = loop.restore_selected_model(config, workdir)
@@ -92,28 +98,35 @@ def main(argv: list[str]) -> None:
                                 os.path.join(workdir, "gradcam.png"),
                                 masks=examples["lesion_mask"][chosen], titles=titles)
   settings = config.explain
+  phases.start("attributions")
   path_section, explained = demo_sections.attribution_section(
       model, variables, examples["image"][chosen], inputs[chosen],
       examples["lesion_mask"][chosen], settings, workdir, config.seed)
+  phases.start("feature_maps")
   roi = np.arange(min(settings.num_roi_images, len(examples["label"])))
   feature_section, features = demo_sections.feature_map_section(
       model, variables, examples["image"][chosen], inputs[chosen], explained["maps"],
       inputs[roi], examples["label"][roi], workdir)
+  phases.start("representations")
   shown = np.arange(min(settings.representation.num_images, len(examples["label"])))
   batches = [{"image": examples["image"][shown][i:i + 128],
               "label": examples["label"][shown][i:i + 128]} for i in range(0, len(shown), 128)]
   representation_section, representation = demo_sections.representation_section(
       config, model, variables, batches, preprocess, workdir)
+  phases.start("evaluate_explanations")
   scored = evaluate_explanations.evaluate_run(
       config, workdir, os.path.join(workdir, "evaluation"),
       methods=[m for m in settings.methods if m != "xrai"], num_images=settings.num_scored,
       options=demo_sections.explain_overrides(settings),
       seed=config.seed)
+  phases.compile_seconds = scored["timing"]["compile_seconds"]
+  phases.start("annotation")
   annotation_section, result["annotation"] = demo_sections.annotation_section(
       config.annotation, config.seed, workdir)
   result["explanations"] = {"timings": explained["timings"],
                             "roi_table": features["roi_table"]["rows"], **representation,
                             "marker_share": scored["marker_share"]}
+  phases.start("report")
   history = read_history(workdir)
   figures.plot_training_curves(history, os.path.join(workdir, "training_curves.png"),
                                result["selected_epoch"])
@@ -162,6 +175,7 @@ def main(argv: list[str]) -> None:
   # curves, class balance), then the demo's; explain / evaluate_explanations add theirs later.
   for index, section in enumerate(sections):
     run_report.add_section(workdir, f"demo_{index:02d}", section, render=False)
+  phases.finish()  # before the report is written, so its timing table has every section
   run_report.write_run_report(workdir)
   print(f"Test accuracy {test['accuracy']:.4f} (ROC AUC {test['roc_auc']:.4f}); "
         f"demo took {result['demo_wall_seconds']:.0f} s. Report: "

@@ -36,6 +36,7 @@ import csv
 import dataclasses
 import json
 import os
+import time
 from typing import Any, Collection, Mapping, NamedTuple, Sequence
 
 from absl import app
@@ -57,6 +58,9 @@ from medxai_jax.analysis import explanation_metrics  # noqa: E402
 from medxai_jax.analysis import faithfulness  # noqa: E402
 from medxai_jax.attribution import registry  # noqa: E402
 from medxai_jax.models import base  # noqa: E402
+from medxai_jax.observe import progress  # noqa: E402
+from medxai_jax.observe import summaries  # noqa: E402
+from medxai_jax.observe import timing  # noqa: E402
 from medxai_jax.train import loop  # noqa: E402
 from medxai_jax.train import metrics as metrics_lib  # noqa: E402
 from medxai_jax.viz import figures  # noqa: E402
@@ -500,8 +504,12 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
 
   Returns what a report needs: `leaderboard` (method -> metric -> mean/low/high/count),
   `metrics`, `seconds_per_image`, `methods` (timings and skip reasons), `sanity` (per-layer mean
-  Spearman), `marker_share` (per method, mean), the written `files` and the image `indices`.
+  Spearman), `marker_share` (per method, mean), the written `files`, the image `indices` and
+  `timing` (wall and compile seconds, also in `<workdir>/timings.json`). The leaderboard means
+  are also TensorBoard scalars 'leaderboard/<metric>/<method>' in `<workdir>/tensorboard/`
+  (process 0). A progress line with rate and ETA follows the methods as they are scored.
   """
+  start = time.perf_counter()
   workdir = loop.prepare_workdir(workdir)
   model, variables = loop.restore_selected_model(config, checkpoint_dir)
   _, _, preprocess = loop.build_components(config)
@@ -529,7 +537,8 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
   per_image: dict[str, dict[str, np.ndarray]] = {}
   curves: dict[str, dict[str, np.ndarray]] = {}
   road_key = jax.random.fold_in(random_key, 1)
-  for name, value in maps_by_method.items():
+  for name, value in progress.track(maps_by_method.items(), desc="evaluate_explanations: scoring",
+                                    unit="methods"):
     scores, curve = jax.device_get(scorer(variables, images, targets, jnp.asarray(value),
                                           lesion, marker, road_key))
     per_image[name] = {k: np.asarray(v) for k, v in scores.items()}
@@ -543,7 +552,9 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
       per_image[name].update(scores)
 
   sanity = {}
-  for index, name in enumerate(m for m in score_options.sanity_methods if m in maps):
+  sanity_names = [m for m in score_options.sanity_methods if m in maps]
+  for index, name in enumerate(progress.track(
+      sanity_names, desc="evaluate_explanations: parameter randomisation", unit="methods")):
     sanity[name] = sanity_scores(model, variables, images, targets, name,
                                  jax.random.fold_in(sanity_key, index), options,
                                  how=score_options.sanity_how)
@@ -615,8 +626,23 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
       "score_options": {**dataclasses.asdict(score_options), "margin": margin},
       "files": {k: os.path.abspath(v) for k, v in files.items()},
   }
+  with summaries.create_writer(workdir) as writer:
+    writer.scalars(0, leaderboard_scalars(leaderboard))
+  compiled = [i["compile_seconds"] for i in info.values()
+              if isinstance(i, Mapping) and isinstance(i.get("compile_seconds"), (int, float))]
+  summary["timing"] = {"wall_seconds": time.perf_counter() - start,
+                       "compile_seconds": sum(compiled) if compiled else None}
+  timing.record_phase(workdir, "evaluate_explanations", **summary["timing"])
   metrics_lib.write_json(os.path.join(workdir, "evaluation.json"), summary)
   return summary
+
+
+def leaderboard_scalars(leaderboard: Mapping[str, Mapping[str, faithfulness.Interval]]
+                        ) -> dict[str, float]:
+  """'leaderboard/<metric>/<method>' -> the method's mean of the metric (TensorBoard scalars;
+  NaN where no image was scored)."""
+  return {f"leaderboard/{metric}/{method}": float(interval.mean)
+          for method, intervals in leaderboard.items() for metric, interval in intervals.items()}
 
 
 def data_randomisation(config: ml_collections.ConfigDict, shuffled_labels_checkpoint: str,
@@ -818,6 +844,7 @@ def main(argv: list[str]) -> None:
                          score_options=score_options, gallery_rows=value("gallery_rows"),
                          seed=value("seed"),
                          shuffled_labels_checkpoint=value("shuffled_labels_checkpoint"))
+  timing.record_phase(value("checkpoint"), "evaluate_explanations", **summary["timing"])
   report_path = run_report.add_section(value("checkpoint"), "evaluation",
                                        leaderboard_section(summary, value("checkpoint")))
   with open(summary["files"]["leaderboard_md"]) as file:

@@ -20,8 +20,9 @@ target is abnormality (001: wrist fracture). The config's top level is the targe
 A stage with `metrics.json` is finished and is not re-run; an interrupted one resumes from its
 own checkpoint (train_and_evaluate does that). A stage directory trained with a different value
 of any config field is an error (delete it or use another --workdir), so stale results are
-never reused; fields that a code change added or removed since, and log_every_steps, are not
-compared.
+never reused; fields that a code change added or removed since, and log_every_steps,
+profile_steps and config.summaries (what is watched, not trained), are not compared. A progress
+line (stage k of n, rate, ETA) follows each stage.
 Writes into --workdir: comparison.csv and comparison.md (arm x test accuracy, F1, kappa,
 ROC AUC of the target stage), training_loss.png (figure 11), comparison.png (figure 10) and
 report.html.
@@ -50,6 +51,7 @@ import numpy as np
 from experiments import cli
 from medxai_jax import logs
 from medxai_jax.models import registry
+from medxai_jax.observe import progress
 from medxai_jax.train import checkpoint
 from medxai_jax.train import freeze
 from medxai_jax.train import loop
@@ -66,7 +68,9 @@ TRANSFER_FIELDS = frozenset({"source", "imagenet_init", "arms"})
 METRICS = ("accuracy", "f1", "cohen_kappa", "roc_auc")
 METRIC_TITLES = ("accuracy", "F1", "Cohen's kappa", "ROC AUC")
 # Fields that may change between invocations without invalidating a stage's results.
-_HARMLESS_FIELDS = frozenset({"log_every_steps"})
+_HARMLESS_FIELDS = frozenset({"log_every_steps", "profile_steps"})
+# Sections whose fields may change likewise (what is watched, not what is trained).
+_HARMLESS_SECTIONS = ("summaries.",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +264,8 @@ def check_stage_matches(stage: Stage) -> None:
   wanted = _flat(json.loads(stage.config.to_json_best_effort()))
   # Fields only one side has were added or removed by a code change, not by the user.
   changed = sorted(key for key in set(stored) & set(wanted)
-                   if key not in _HARMLESS_FIELDS and stored[key] != wanted[key])
+                   if key not in _HARMLESS_FIELDS and not key.startswith(_HARMLESS_SECTIONS)
+                   and stored[key] != wanted[key])
   if changed:
     details = [f"{key}: {stored.get(key)!r} -> {wanted.get(key)!r}" for key in changed[:6]]
     raise ValueError(f"{stage.workdir} was trained with a different config ({details}); delete "
@@ -310,6 +315,10 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str) -> list[dict[s
     logging.info("ImageNet weights: %s (%s).", imagenet_init,
                  metadata.get("preprocessing", "no preprocessing recorded"))
   rows = []
+  runnable = [arm for arm in chosen if imagenet_init or not arm.from_imagenet]
+  stages_run = progress.Progress(
+      sum(len(plan_arm(arm, target, source, imagenet_init, workdir)) for arm in runnable),
+      "progressive transfer", unit="stages")
   for arm in ARMS:
     if arm not in chosen:
       rows.append(_skipped_row(arm, "not in config.transfer.arms"))
@@ -322,7 +331,10 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str) -> list[dict[s
       continue
     results = {}
     for stage in plan_arm(arm, target, source, imagenet_init, workdir):
+      logging.info("Stage %d of %d: %s %s.", stages_run.done + 1, stages_run.total, arm.title,
+                   stage.role)
       results[stage.role], _ = run_stage(stage)
+      stages_run.update()
     test = results["target"]["test"]
     rows.append({
         "arm": arm.title, "initialisation": arm.chain, "status": "done", "note": "",
@@ -332,6 +344,7 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str) -> list[dict[s
         "source_test_accuracy": (float(results["source"]["test"]["accuracy"])
                                  if "source" in results else math.nan),
         "train_seconds": sum(float(r["train_wall_seconds"]) for r in results.values())})
+  stages_run.close()
   return rows
 
 

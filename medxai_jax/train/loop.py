@@ -23,6 +23,10 @@ from medxai_jax.data import preprocess as preprocess_lib
 from medxai_jax.models import base
 from medxai_jax.models import porting
 from medxai_jax.models import registry
+from medxai_jax.observe import profiling
+from medxai_jax.observe import progress
+from medxai_jax.observe import summaries
+from medxai_jax.observe import timing
 from medxai_jax.train import checkpoint
 from medxai_jax.train import freeze
 from medxai_jax.train import metrics as metrics_lib
@@ -36,7 +40,9 @@ CONFIG_FIELDS = frozenset({
     "seed", "dataset", "preprocess", "model", "optimizer", "learning_rate", "schedule",
     "batch_size", "eval_batch_size", "num_epochs", "class_weights", "selection",
     "early_stopping", "checkpoint", "log_every_steps", "explain", "report", "train", "augment",
-    "init_from", "annotation"})
+    "init_from", "annotation", "summaries", "profile_steps"})
+# config.summaries: TensorBoard event files under <workdir>/tensorboard (observe/summaries.py).
+SUMMARY_FIELDS = {"enabled": True, "num_images": 4}
 TRAIN_FIELDS = ("trainable", "num_trainable_layers", "head_only_epochs", "compute_dtype",
                 "accumulation_steps")
 # config.train.compute_dtype: the dtype of activations and matrix products; parameters,
@@ -101,6 +107,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not isinstance(every_steps, int) or every_steps < 0:
     raise ValueError(f"config.checkpoint.every_steps must be an integer >= 0 (0 = checkpoint at "
                      f"the end of each epoch only), got {every_steps!r}.")
+  summary_settings(config)
+  profiling.parse_steps(config.get("profile_steps"))
   if not isinstance(config.get("init_from", ""), str):
     raise ValueError(f"config.init_from must be a path string ('' = random initialisation), "
                      f"got {config.init_from!r}.")
@@ -134,6 +142,23 @@ def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   settings["num_trainable_layers"] = layers
   settings["head_only_epochs"] = int(settings["head_only_epochs"])
   settings["accumulation_steps"] = int(settings["accumulation_steps"])
+  return settings
+
+
+def summary_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Validated `config.summaries`, with defaults for missing fields."""
+  given = dict(config.get("summaries") or {})
+  unknown = sorted(set(given) - set(SUMMARY_FIELDS))
+  if unknown:
+    raise ValueError(f"config.summaries has unknown field(s) {unknown}; known: "
+                     f"{list(SUMMARY_FIELDS)}.")
+  settings = {**SUMMARY_FIELDS, **given}
+  if not isinstance(settings["enabled"], bool):
+    raise ValueError(f"config.summaries.enabled must be True or False, got "
+                     f"{settings['enabled']!r}.")
+  if not isinstance(settings["num_images"], int) or settings["num_images"] < 0:
+    raise ValueError(f"config.summaries.num_images must be an integer >= 0, got "
+                     f"{settings['num_images']!r}.")
   return settings
 
 
@@ -582,6 +607,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpoint of it (`checkpoints/partial`, also written every config.checkpoint.every_steps
   steps) and raises `preemption.Preempted` (exit status 0); the next run continues from that
   step exactly as an uninterrupted run would.
+
+  Process 0 also writes TensorBoard summaries into `workdir/tensorboard/` (`config.summaries`:
+  the config as text; loss, accuracy, learning rate and images/s of the steps since the last
+  log line, every config.log_every_steps steps, as 'train/<name>'; every number of an epoch's
+  history.jsonl line as 'epoch/<key>'; the test metrics as 'test/<metric>'; a Grad-CAM overlay
+  of the first config.summaries.num_images validation images per epoch as 'gradcam/<i>') and
+  each phase's wall and compile seconds into `timings.json` (observe/timing.py).
+  `config.profile_steps='a,b'` traces global steps a..b into `workdir/profile/`
+  (observe/profiling.py).
   """
   check_config(config)
   fine_tuning = train_settings(config)
@@ -590,8 +624,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                             accumulation_steps=fine_tuning["accumulation_steps"])
   workdir = prepare_workdir(workdir)
   with workdir_lib.RunLock(workdir, jax.process_index()), \
-      preemption.SigtermWatch() as sigterm:
-    return _train_in_workdir(config, workdir, mesh, sigterm)
+      preemption.SigtermWatch() as sigterm, \
+      profiling.StepProfiler(os.path.join(workdir, profiling.PROFILE_DIR),
+                             profiling.parse_steps(config.get("profile_steps"))) as profiler, \
+      summaries.create_writer(workdir, enabled=jax.process_index() == 0 and (
+          summary_settings(config)["enabled"])) as writer:
+    return _train_in_workdir(config, workdir, mesh, sigterm, writer=writer, profiler=profiler)
+
+
+def fixed_summary_images(source: pipeline.RandomAccessSource, label_key: str, count: int
+                         ) -> dict[str, np.ndarray] | None:
+  """The stored images and labels of the first `count` records of `source` (the validation
+  split): the fixed images whose Grad-CAM the summaries show every epoch. None when `count` is
+  0, and (with a warning) on several processes, where no process holds the whole model's
+  inputs to run it alone."""
+  if count == 0 or len(source) == 0:
+    return None
+  if jax.process_count() > 1:
+    logging.warning("config.summaries.num_images=%d: Grad-CAM summary images are drawn in "
+                    "single-process runs only; this run has %d processes, so none are written.",
+                    count, jax.process_count())
+    return None
+  rows = source.__getitems__(list(range(min(count, len(source)))))
+  return {"images": np.stack([np.asarray(row["image"]) for row in rows]),
+          "labels": np.asarray([int(row[label_key]) for row in rows], np.int32)}
+
+
+def grad_cam_inputs(model: base.Classifier, preprocess: Any, variables: base.Variables,
+                    images: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Grad-CAM maps [B, H, W] of the stored `images`' `targets` at the model's last
+  convolution, and the preprocessed inputs [B, H, W, C] they explain (both float32)."""
+  inputs = preprocess(images)
+  maps = summaries.grad_cam(model.split(variables, "last_conv"), inputs, targets)
+  return maps.astype(jnp.float32), inputs.astype(jnp.float32)
+
+
+def write_grad_cam_images(writer: summaries.Writer, step: int, cam_fn: Any,
+                          variables: base.Variables, fixed: Mapping[str, np.ndarray]
+                          ) -> Mapping[str, np.ndarray] | None:
+  """Writes the 'gradcam/<i>' overlays of the `fixed` images at `step`; returns `fixed`, or
+  None, with a warning, when the model has no spatial last convolution for Grad-CAM."""
+  try:
+    maps, inputs = jax.device_get(cam_fn(variables, fixed["images"], fixed["labels"]))
+  except ValueError as error:
+    logging.warning("No Grad-CAM summary images (config.summaries.num_images=0 silences "
+                    "this): %s", error)
+    return None
+  writer.images(step, summaries.grad_cam_overlays(maps, inputs))
+  return fixed
 
 
 def record_run_start(config: ml_collections.ConfigDict, workdir: str, *, completed_epochs: int,
@@ -638,8 +718,12 @@ def epoch_rows(source: pipeline.RandomAccessSource, *, seed: int, epoch: int,
 
 
 def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any,
-                      sigterm: preemption.SigtermWatch) -> dict[str, Any]:
-  """`train_and_evaluate` in a prepared, locked workdir, SIGTERM watched by `sigterm`."""
+                      sigterm: preemption.SigtermWatch, *, writer: summaries.Writer | None = None,
+                      profiler: profiling.StepProfiler | None = None) -> dict[str, Any]:
+  """`train_and_evaluate` in a prepared, locked workdir, SIGTERM watched by `sigterm`,
+  summaries written through `writer`, steps profiled by `profiler`."""
+  writer = writer or summaries.NullWriter()
+  profiler = profiler or profiling.StepProfiler("", None)
   fine_tuning = train_settings(config)
   accumulation_steps = fine_tuning["accumulation_steps"]
   eval_batch_size = parallel.round_up_batch_size(
@@ -656,6 +740,8 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
   except BaseException:
     store.close()
     raise
+  writer.text(0, "config", summaries.config_markdown(config.to_json_best_effort(indent=2)))
+  phase_start = time.perf_counter()
   dataset = config.dataset
   splits = [dataset.train_split, dataset.validation_split, dataset.test_split]
   sources = pipeline.load_sources(dataset, splits)
@@ -674,6 +760,9 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
   if steps_per_epoch == 0:
     raise ValueError(f"The training split has {len(train_source)} examples, fewer than "
                      f"config.batch_size={config.batch_size}.")
+  # Each phase's wall seconds and compile estimate (observe/timing.py), written at the end.
+  phases: dict[str, dict[str, Any]] = {
+      "train/prepare_data": {"wall_seconds": time.perf_counter() - phase_start}}
   state = steps.create_train_state(model, tx, jax.random.key(config.seed))
   history_path = os.path.join(workdir, "history.jsonl")
   loop = LoopState(learning_rate=config.learning_rate)
@@ -731,6 +820,12 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
 
   eval_jit = jax.jit(eval_outputs, in_shardings=(replicated, data_sharding),
                      out_shardings=replicated)
+  summary_images = fixed_summary_images(
+      sources[dataset.validation_split], dataset.label_key,
+      summary_settings(config)["num_images"] if not isinstance(
+          writer, summaries.NullWriter) else 0)
+  cam_jit = jax.jit(lambda variables, images, targets: grad_cam_inputs(
+      model, preprocess, variables, images, targets))
 
   def eval_fn(state: steps.TrainState, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """The jitted eval step on a host batch, sharded over the mesh."""
@@ -756,6 +851,8 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
     return preemption.Preempted(message)
 
   first_epoch = loop.epoch
+  first_calls: dict[int, float] = {}  # seconds of each compiled train step's first call
+  step_seconds, compile_seconds, validation_seconds, summary_seconds = 0.0, 0.0, [], 0.0
   if loop.stopped_early and first_epoch < config.num_epochs:
     logging.info("The run stopped early after epoch %d; it is not trained further.", first_epoch)
   last_epoch = first_epoch if loop.stopped_early else config.num_epochs
@@ -779,6 +876,8 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
               {"loss_sum": 0.0, "correct": 0.0, "count": 0.0})
     seconds_before = float(resumed["train_seconds"]) if resumed else 0.0
     pending = []
+    window = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "steps": 0, "start": epoch_start}
+    epoch_first_calls = []
     batches = pipeline.prefetch(
         parallel.shard_batch(batch, mesh) for batch in pipeline.iterate_batches(
             host_source(epoch_rows(train_source, seed=config.seed, epoch=epoch,
@@ -786,9 +885,17 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
             batch_size=config.batch_size, label_key=dataset.label_key, shuffle=False,
             drop_remainder=True))
     for index, batch in enumerate(batches, start=done_steps + 1):
-      state, stats = train_step(state, batch)
-      pending.append(stats)
       global_step = epoch * steps_per_epoch + index
+      profiler.before_step(global_step)
+      call_start = time.perf_counter()
+      state, stats = train_step(state, batch)
+      if id(mask) not in first_calls:  # includes the compilation: timed to its end
+        jax.block_until_ready(stats)
+        first_calls[id(mask)] = time.perf_counter() - call_start
+        epoch_first_calls.append(first_calls[id(mask)])
+      profiler.after_step(global_step, stats)
+      pending.append(stats)
+      window["steps"] += 1
       if global_step == sigterm_step:
         preemption.send_sigterm_to_self()
       log_now = index % config.log_every_steps == 0 or index == steps_per_epoch
@@ -805,16 +912,26 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
                         store.directory, store.latest_step())
           for key in totals:
             totals[key] += float(item[key])
+            window[key] += float(item[key])
       if log_now:
-        elapsed = time.time() - epoch_start
+        now = time.time()
+        elapsed = now - epoch_start
         remaining = (steps_per_epoch - index) + steps_per_epoch * (config.num_epochs - epoch - 1)
         done_now = index - done_steps
         logging.info(
-            "epoch %d/%d step %d/%d loss %.4f acc %.3f lr %.2g | %.1f img/s | ETA %.0fs",
+            "epoch %d/%d step %d/%d loss %.4f acc %.3f lr %.2g | %.1f img/s | ETA %s",
             epoch + 1, config.num_epochs, index, steps_per_epoch,
             totals["loss_sum"] / totals["count"], totals["correct"] / totals["count"],
             learning_rate, done_now * config.batch_size / elapsed,
-            remaining * elapsed / done_now)
+            progress.format_duration(remaining * elapsed / done_now))
+        # The steps since the last line: their mean loss and accuracy, their images per second.
+        writer.scalars(global_step, {
+            "train/loss": window["loss_sum"] / window["count"],
+            "train/accuracy": window["correct"] / window["count"],
+            "train/learning_rate": learning_rate,
+            "train/images_per_second":
+            window["steps"] * config.batch_size / max(now - window["start"], 1e-9)})
+        window = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "steps": 0, "start": now}
       if save_now:
         store.save_partial(global_step, state, {
             "loop": loop.to_json(),
@@ -826,12 +943,20 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
             f"checkpointed in {store.directory}/partial/{global_step}. Run the same command "
             "again to continue from this step.")
     train_seconds = seconds_before + time.time() - epoch_start
+    this_run = time.time() - epoch_start  # this invocation's part of the epoch
+    step_seconds += this_run
+    steady_steps = index - done_steps - len(epoch_first_calls)  # steps without a compilation
+    steady = ((this_run - sum(epoch_first_calls)) / steady_steps if steady_steps > 0 else None)
+    compile_seconds += sum(timing.compile_estimate(first, steady) or 0.0
+                           for first in epoch_first_calls)
     train_loss = totals["loss_sum"] / totals["count"]
     train_accuracy = totals["correct"] / totals["count"]
+    validation_start = time.perf_counter()
     validation, _, _ = evaluate(
         state, host_source(sources[dataset.validation_split], eval_batch_size),
         eval_fn=eval_fn, batch_size=eval_batch_size, label_key=dataset.label_key,
         split=dataset.validation_split, warned=warned)
+    validation_seconds.append(time.perf_counter() - validation_start)
     completed = epoch + 1
 
     score = selection_score(selection_metric, train_accuracy, validation)
@@ -855,6 +980,12 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
               **{f"val_{k}": v for k, v in validation.items()}}
     if lead:
       _append_jsonl(history_path, record)
+    writer.scalars(record["step"], summaries.numeric_items(record, "epoch/"))
+    if summary_images is not None:
+      images_start = time.perf_counter()
+      summary_images = write_grad_cam_images(writer, record["step"], cam_jit, state.variables,
+                                             summary_images)
+      summary_seconds += time.perf_counter() - images_start
     metadata = {"loop": loop.to_json(), "record": record}
     if is_best:
       store.save_best(completed, state, metadata)
@@ -872,6 +1003,16 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
       raise preempted(f"Stopped on SIGTERM after epoch {completed}, checkpointed in "
                       f"{store.directory}. Run the same command again to continue.")
 
+  profiler.stop()  # a run that ends before the last profiled step
+  if validation_seconds:  # epochs trained now (a finished run keeps its recorded timings)
+    phases["train/steps"] = {"wall_seconds": step_seconds, "compile_seconds": compile_seconds}
+    phases["train/validation"] = {
+        "wall_seconds": sum(validation_seconds), "compile_seconds": timing.compile_estimate(
+            validation_seconds[0], float(np.mean(validation_seconds[1:])))
+        if len(validation_seconds) > 1 else None}
+    if summary_seconds:
+      phases["train/summary_images"] = {"wall_seconds": summary_seconds}
+  phase_start = time.perf_counter()
   best_state, best_metadata = store.restore_best(state)
   test_source = sources[dataset.test_split]
   present = [key for key in RECORD_FEATURES if key in test_source.__getitems__([0])[0]]
@@ -886,6 +1027,9 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
   test_features = {key: text_column(value, feature_names(features, key))
                    for key, value in test_features.items()}
   store.close()
+  phases["train/test"] = {"wall_seconds": time.perf_counter() - phase_start}
+  writer.scalars(int(state.step), summaries.numeric_items(test, "test/"))
+  writer.flush()
   result = {"selected_epoch": best_metadata["loop"]["best_epoch"],
             "selection_metric": selection_metric, "epochs_run": loop.epoch,
             "stopped_early": loop.stopped_early, "validation": best_metadata["record"],
@@ -906,6 +1050,8 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
       {"model_config": config.model.to_dict(), "selected_epoch": result["selected_epoch"],
        "kept_from_init": []})
   if lead:
+    for phase, fields in phases.items():
+      timing.record_phase(workdir, phase, **fields)
     metrics_lib.write_json(os.path.join(workdir, "metrics.json"), result)
     metrics_lib.write_json(os.path.join(workdir, SPLITS_FILE),
                            {"class_names": names, "counts": counts})

@@ -37,7 +37,7 @@ PREPARED_DATASET_FILE = "prepared_dataset.json"
 # Config fields (dotted paths; a section name covers its fields) a resumed run may change: they
 # affect logging, checkpoint keeping, evaluation batching or later binaries, not what is trained.
 RESUMABLE_FIELDS = ("log_every_steps", "eval_batch_size", "checkpoint", "explain", "report",
-                    "annotation")
+                    "annotation", "summaries", "profile_steps")
 # Where the data lives: a change is allowed when the prepared dataset stays the same.
 LOCATION_FIELDS = ("dataset.data_dir", "dataset.manual_dir")
 

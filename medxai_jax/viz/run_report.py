@@ -4,7 +4,9 @@ r"""The report of a training run: `<run>/report.html` from the files the run dir
 history.jsonl, metrics.json, predictions_test.npz, splits.json), draws the figures into
 `<run>/report_figures/` and renders the training sections (run summary, test metrics with the
 study-level / per-body-part tables, confusion matrix, ROC curves, training curves, class
-balance), followed by every section a later step added with `add_section` (explain, scoring).
+balance), followed by every section a later step added with `add_section` (explain, scoring),
+and last, when the run recorded them in `timings.json` (medxai_jax/observe/timing.py), the
+wall and compilation seconds of each phase.
 A file that is missing or unreadable is named in the report, and the sections that need it say
 so; nothing raises for it. `experiments/train.py` calls it at the end of training; for an old
 run or one still training:
@@ -25,6 +27,7 @@ from typing import Any, Mapping, Sequence
 from absl import logging
 import numpy as np
 
+from medxai_jax.observe import timing
 from medxai_jax.train import metrics as metrics_lib
 from medxai_jax.viz import figures
 from medxai_jax.viz import report
@@ -520,9 +523,33 @@ def add_section(run_dir: str, key: str, section: report.Section,
   return write_run_report(run_dir)
 
 
+def timing_section(run_dir: str) -> report.Section | None:
+  """Each recorded phase's wall and compilation seconds (`timings.json`); None when the run
+  recorded none, a paragraph naming the file when it is unreadable."""
+  title = "Timing"
+  try:
+    phases = timing.read_timings(run_dir)
+  except (OSError, ValueError) as error:
+    return report.Section(title, paragraphs=[
+        f"{os.path.join(run_dir, timing.TIMINGS_FILE)} is unreadable ({error})."])
+  if not phases:
+    return None
+  return report.Section(title, paragraphs=[
+      "Wall time of each phase, as last run (a binary's phase, e.g. demo/train, includes the "
+      "phases it ran, e.g. train/steps), and the part of it spent compiling: for training, each compiled step's first call minus a steady step; for "
+      "validation, the first evaluation minus the mean of the later ones; for jitted "
+      "methods, their first call minus their second. '-': not measured."],
+      tables=[report.Table(["phase", "wall seconds", "compile seconds",
+                            "seconds without compilation"], timing.phase_rows(phases),
+                           caption=f"From {timing.TIMINGS_FILE}.")])
+
+
 def write_run_report(run_dir: str) -> str:
-  """Writes `<run>/report.html`: the training sections, then every added section; its path."""
-  sections = [*training_sections(run_dir), *added_sections(run_dir)]
+  """Writes `<run>/report.html`: the training sections, every added section, then the timing
+  section (when timings were recorded); its path."""
+  timings = timing_section(run_dir)
+  sections = [*training_sections(run_dir), *added_sections(run_dir),
+              *([timings] if timings is not None else [])]
   title = f"Run report: {os.path.basename(os.path.abspath(run_dir))}"
   return report.write_report(os.path.join(run_dir, REPORT_NAME), title, sections)
 

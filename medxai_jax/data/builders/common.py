@@ -38,6 +38,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from medxai_jax.data import preprocess
+from medxai_jax.observe import progress
 
 SPLITS = ("train", "validation", "test")
 CORRUPT_POLICIES = ("fail", "skip")
@@ -392,8 +393,9 @@ def split_examples(info: tfds.core.DatasetInfo, split: str, items: Sequence[_Ite
   skipped: list[str] = []
   notes = preprocess.DecodeNotes()
   key = 0
-  for example in process_in_order(make_example, items, on_corrupt=on_corrupt, skipped=skipped,
-                                  notes=notes):
+  for example in progress.track(
+      process_in_order(make_example, items, on_corrupt=on_corrupt, skipped=skipped, notes=notes),
+      total=len(items), desc=f"{info.full_name}/{split}: decoding", unit="images"):
     yield key, example
     key += 1
   for line in notes.summary(f"{info.full_name}/{split}"):
