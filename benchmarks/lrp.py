@@ -81,7 +81,7 @@ def main(argv) -> None:
 
   size, batch, name = _IMAGE_SIZE.value, _BATCH.value, _COMPOSITE.value
   if size % 32:
-    raise app.UsageError(f"--image_size must be a multiple of 32; got {size}.")
+    raise ValueError(f"--image_size must be a multiple of 32; got {size}.")
   net = _torch_vgg16(torch, torchvision, size, _WITHOUT_ADAPTIVE_POOL.value)
   model = vgg.vgg16(num_outputs=1000, input_shape=(size, size, 3))
   with tempfile.TemporaryDirectory(prefix="lrp_bench_") as directory:

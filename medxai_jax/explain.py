@@ -26,6 +26,7 @@ from medxai_jax.attribution import common
 from medxai_jax.attribution import registry
 from medxai_jax.data import pipeline
 from medxai_jax.models import base
+from medxai_jax.observe import progress
 from medxai_jax.train import loop
 from medxai_jax.train import metrics as metrics_lib
 from medxai_jax.viz import figures
@@ -75,7 +76,8 @@ def run_methods(model: base.Classifier, variables: base.Variables, images: jax.A
   head_problem = (gap_head_problem(model, variables, images)
                   if any(spec.needs == "gap_split" for spec in specs) else None)
   maps, info = {}, {}
-  for index, spec in enumerate(specs):
+  for index, spec in enumerate(progress.track(
+      specs, desc=f"explain ({len(images)} images x {len(specs)} methods)", unit="methods")):
     name = spec.name
     if spec.needs == "gap_split" and head_problem:
       info[name] = {"skipped": head_problem, "options": options[name]}

@@ -14,6 +14,7 @@ from PIL import Image
 from tensorboardX.proto import event_pb2
 
 from medxai_jax.attribution import api
+from medxai_jax.attribution import cam
 from medxai_jax.observe import profiling
 from medxai_jax.observe import progress
 from medxai_jax.observe import summaries
@@ -211,7 +212,7 @@ def test_grad_cam_matches_a_per_image_computation():
   split = api.sequential_split(features, head)
   images = jax.random.normal(keys[2], (3, 13, 13, 1))
   targets = jnp.asarray([0, 2, 1])
-  maps = jax.jit(lambda x, t: summaries.grad_cam(split, x, t))(images, targets)
+  maps = jax.jit(lambda x, t: cam.grad_cam(split, x, t))(images, targets)
 
   @jax.jit
   def one_image(image, target):  # Selvaraju et al. eq. 1-2 for a batch of one

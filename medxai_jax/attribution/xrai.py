@@ -56,6 +56,7 @@ from skimage.morphology import disk
 from medxai_jax.attribution import api
 from medxai_jax.attribution import common
 from medxai_jax.attribution import integrated
+from medxai_jax.observe import progress
 
 XRAI_BASELINE_NAMES = ("black", "white")
 DEFAULT_BASELINE = ("black", "white")
@@ -396,7 +397,8 @@ def _segments_per_image(segments: Any, images: jax.Array, config: SegmentationCo
   batch, height, width = images.shape[:3]
   if segments is None:
     host_images = np.asarray(images)
-    return [segment_masks(image, config) for image in host_images]
+    return [segment_masks(image, config) for image in progress.track(
+        host_images, desc="XRAI segmentation", unit="images")]
   if isinstance(segments, (np.ndarray, jax.Array)) and np.ndim(segments) == 3:
     segments = [np.asarray(segments)] * batch
   if len(segments) != batch:

@@ -13,9 +13,8 @@ metric writers, used by the Flax examples and Scenic, need TensorFlow for their 
 writer and clu is not a dependency). Scalars whose value is None (a metric undefined on the
 split, warned about where it is computed) are not written: an event holds numbers only.
 
-`grad_cam_overlays` draws the Grad-CAM (Selvaraju et al. 2017, eq. 1-2: alpha_k = mean over
-cells of dS/dA^k, map = ReLU(sum_k alpha_k A^k), bilinearly resized to the input) of a
-`api.Split` over the images, for the per-epoch images of a training run.
+`grad_cam_overlays` draws Grad-CAM maps (`attribution.cam.grad_cam`) over the images, for the
+per-epoch images of a training run.
 """
 
 from __future__ import annotations
@@ -25,10 +24,8 @@ import os
 from typing import Any, Mapping, Protocol
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from medxai_jax.attribution import api
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -172,21 +169,6 @@ def numeric_items(record: Mapping[str, Any], prefix: str) -> dict[str, float | N
   return {f"{prefix}{key}": value for key, value in record.items()
           if value is None or (isinstance(value, (int, float, np.number))
                                and not isinstance(value, bool))}
-
-
-def grad_cam(split: api.Split, images: jax.Array, targets: jax.Array) -> jax.Array:
-  """Grad-CAM maps [B, H, W] of each image's target class at the split's cut [B, h, w, K]."""
-  activation = split.features(images)
-  if activation.ndim != 4:
-    raise ValueError(f"Grad-CAM needs a spatial cut with activations [B, h, w, K]; got shape "
-                     f"{activation.shape}.")
-
-  def total_score(edited: jax.Array) -> jax.Array:
-    return api.target_scores(split.head(edited, images), targets).sum()
-
-  weights = jax.grad(total_score)(activation).mean(axis=(1, 2))          # [B, K]
-  maps = jax.nn.relu(jnp.einsum("bhwk,bk->bhw", activation, weights))
-  return jax.image.resize(maps, (maps.shape[0], *images.shape[1:3]), method="bilinear")
 
 
 def overlay(gray: np.ndarray, heat: np.ndarray, *, alpha: float = 0.5) -> np.ndarray:

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from medxai_jax import runs
+from medxai_jax.attribution import cam
 from medxai_jax.data import augment as augment_lib
 from medxai_jax.data import pipeline
 from medxai_jax.data import preprocess as preprocess_lib
@@ -655,7 +656,7 @@ def grad_cam_inputs(model: base.Classifier, preprocess: Any, variables: base.Var
   """Grad-CAM maps [B, H, W] of the stored `images`' `targets` at the model's last
   convolution, and the preprocessed inputs [B, H, W, C] they explain (both float32)."""
   inputs = preprocess(images)
-  maps = summaries.grad_cam(model.split(variables, "last_conv"), inputs, targets)
+  maps = cam.grad_cam(model.split(variables, "last_conv"), inputs, targets)
   return maps.astype(jnp.float32), inputs.astype(jnp.float32)
 
 
