@@ -40,7 +40,6 @@ import numpy as np
 import optax
 
 from experiments import cli
-from medxai_jax import runtime
 from medxai_jax.models import base
 from medxai_jax.models import conv as conv_lib
 from medxai_jax.models import densenet
