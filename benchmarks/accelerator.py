@@ -53,19 +53,22 @@ from medxai_jax.models import densenet
 METHODS = ("ig", "smoothgrad", "guided_ig", "fast_xrai", "crm")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-_TINY = flags.DEFINE_bool("tiny", False, "Tiny sizes (CPU smoke run): DenseNet with one layer per "
-                          "block, 32 px, batch 2, few steps; overrides the size flags.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 320, "Square input size.")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "Images per train / forward step.")
-_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 5, "Timed steps after the first call.")
-_DTYPES = flags.DEFINE_list("dtypes", list(DTYPES), f"Compute dtypes, of {list(DTYPES)}.")
-_ATTRIBUTION_BATCH = flags.DEFINE_integer("attribution_batch_size", 8, "Images explained.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 32, "Path steps of IG, Guided IG, Fast XRAI.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 16, "SmoothGrad noise samples.")
-_CHUNK = flags.DEFINE_integer("chunk_size", 8, "Steps / samples vmapped per gradient batch.")
-_METHODS = flags.DEFINE_list("methods", list(METHODS), f"Attribution methods, of {METHODS}.")
-_REFERENCE = flags.DEFINE_enum("reference", "torch", ["torch", "none"],
-                               "Measure torchvision's model on the same device too.")
+def _define_flags() -> None:
+  """Defines the command-line flags (only when run as a binary: the tests import this module
+  beside other benchmarks whose flags share names such as --num_steps)."""
+  flags.DEFINE_bool("tiny", False, "Tiny sizes (CPU smoke run): DenseNet with one layer per "
+                    "block, 32 px, batch 2, few steps; overrides the size flags.")
+  flags.DEFINE_integer("image_size", 320, "Square input size.")
+  flags.DEFINE_integer("batch_size", 32, "Images per train / forward step.")
+  flags.DEFINE_integer("train_steps", 5, "Timed steps after the first call.")
+  flags.DEFINE_list("dtypes", list(DTYPES), f"Compute dtypes, of {list(DTYPES)}.")
+  flags.DEFINE_integer("attribution_batch_size", 8, "Images explained.")
+  flags.DEFINE_integer("num_steps", 32, "Path steps of IG, Guided IG, Fast XRAI.")
+  flags.DEFINE_integer("num_samples", 16, "SmoothGrad noise samples.")
+  flags.DEFINE_integer("chunk_size", 8, "Steps / samples vmapped per gradient batch.")
+  flags.DEFINE_list("methods", list(METHODS), f"Attribution methods, of {METHODS}.")
+  flags.DEFINE_enum("reference", "torch", ["torch", "none"],
+                    "Measure torchvision's model on the same device too.")
 
 
 def check_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -86,14 +89,16 @@ def check_settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 def settings_from_flags() -> dict[str, Any]:
   """The benchmark's sizes: the flags, or the tiny CPU smoke sizes under --tiny."""
-  settings = {"tiny": _TINY.value, "image_size": _IMAGE_SIZE.value, "batch_size": _BATCH.value,
-              "train_steps": _TRAIN_STEPS.value, "dtypes": list(_DTYPES.value),
-              "attribution_batch_size": _ATTRIBUTION_BATCH.value,
-              "num_steps": _NUM_STEPS.value, "num_samples": _NUM_SAMPLES.value,
-              "chunk_size": _CHUNK.value, "methods": list(_METHODS.value),
+  values = flags.FLAGS
+  settings = {"tiny": values.tiny, "image_size": values.image_size,
+              "batch_size": values.batch_size, "train_steps": values.train_steps,
+              "dtypes": list(values.dtypes),
+              "attribution_batch_size": values.attribution_batch_size,
+              "num_steps": values.num_steps, "num_samples": values.num_samples,
+              "chunk_size": values.chunk_size, "methods": list(values.methods),
               "architecture": {"block_sizes": list(densenet.BLOCK_SIZES[169]),
                                "growth_rate": 32, "stem_width": 64}, "num_outputs": 1000}
-  if _TINY.value:
+  if values.tiny:
     settings.update(tiny_settings(settings["dtypes"], settings["methods"]))
   return check_settings(settings)
 
@@ -410,8 +415,9 @@ def run(settings: dict[str, Any], reference: str) -> dict[str, Any]:
 
 def main(argv: list[str]) -> None:
   del argv
-  print(json.dumps(run(settings_from_flags(), _REFERENCE.value), indent=1))
+  print(json.dumps(run(settings_from_flags(), flags.FLAGS.reference), indent=1))
 
 
 if __name__ == "__main__":
+  _define_flags()
   cli.run(main)

@@ -349,28 +349,26 @@ def sanity_scores(model: base.Classifier, variables: base.Variables, images: jax
 
 def check_sensitivity_methods(methods: Sequence[str]) -> tuple[str, ...]:
   """The methods given max-sensitivity, raising on unknown or untraceable (host) ones."""
-  unknown = [m for m in methods if m not in explain.METHODS]
-  if unknown:
-    raise ValueError(f"Unknown sensitivity_methods {unknown}; known: {list(explain.METHODS)}.")
-  host = [m for m in methods if m in explain.HOST_METHODS]
+  registry.check_names(methods)
+  host = [m for m in methods if registry.get(m).host]
   if host:
     raise ValueError(f"sensitivity_methods {host} run on the host (not traceable), so they "
                      "cannot be re-explained under vmap; choose among "
-                     f"{[m for m in explain.METHODS if m not in explain.HOST_METHODS]}.")
+                     f"{[m for m in registry.names() if not registry.get(m).host]}.")
   return tuple(methods)
 
 
 def sensitivity_scores(model: base.Classifier, variables: base.Variables, images: jax.Array,
                        targets: jax.Array, maps: jax.Array, method: str, key: jax.Array,
-                       options: explain.ExplainOptions, score_options: ScoreOptions
+                       overrides: explain.Overrides | None, score_options: ScoreOptions
                        ) -> np.ndarray:
   """Max-sensitivity [B] of one (traceable) method's maps, re-explained with the same key."""
   method_key, noise_key = jax.random.split(key)
-  fn = explain.METHODS[method]
+  method_options = explain.method_options([method], overrides)[method]
 
   def run(variables, images, targets, maps):
-    explain_fn = lambda x: faithfulness.as_maps(  # noqa: E731
-        fn(model, variables, x, targets, method_key, options))
+    explain_fn = lambda x: faithfulness.as_maps(explain.method_maps(  # noqa: E731
+        model, variables, x, targets, method, method_key, method_options))
     return explanation_metrics.max_sensitivity(
         explain_fn, images, maps, key=noise_key, num_samples=score_options.sensitivity_samples,
         radius=score_options.sensitivity_radius, chunk_size=score_options.chunk_size)

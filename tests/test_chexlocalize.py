@@ -8,20 +8,18 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import cv2
 import jax
 import numpy as np
 import pandas as pd
 import pytest
-from absl import app
-from absl import flags
-from absl.testing import flagsaver
 from PIL import Image, ImageDraw
 from scipy import ndimage
 from skimage import draw
 
-from experiments import chexlocalize_eval
 from medxai_jax.analysis import chexlocalize as cx
 from medxai_jax.analysis import faithfulness
 
@@ -319,11 +317,15 @@ def benchmark_files(tmp_path_factory):
   return root, annotations, maps, thresholds
 
 
-@pytest.fixture(scope="module", autouse=True)
-def parsed_flags():
-  """The binary's flags usable in-process (flagsaver sets them; nothing parses argv here)."""
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_binary(**flag_values) -> subprocess.CompletedProcess:
+  """experiments/chexlocalize_eval.py run as a user runs it, with --name=value flags."""
+  argv = [f"--{name}={','.join(value) if isinstance(value, list) else value}"
+          for name, value in flag_values.items()]
+  return subprocess.run([sys.executable, "-m", "experiments.chexlocalize_eval", *argv],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def read_rows(path):
@@ -334,10 +336,10 @@ def read_rows(path):
 def test_binary_with_thresholds_matches_an_independent_computation(benchmark_files, tmp_path):
   root, annotations, maps, thresholds = benchmark_files
   workdir = tmp_path / "out"
-  with flagsaver.flagsaver(annotations=str(root / "gt.json"), saliency_dir=str(root / "maps"),
-                           thresholds=str(root / "thresholds.csv"), workdir=str(workdir),
-                           seed=3, pathologies=list(NAMES)):
-    chexlocalize_eval.main(["chexlocalize_eval"])
+  result = run_binary(annotations=root / "gt.json", saliency_dir=root / "maps",
+                      thresholds=root / "thresholds.csv", workdir=workdir, seed=3,
+                      pathologies=list(NAMES))
+  assert result.returncode == 0, result.stderr
   ids = sorted(SIZES)
   expected_iou, expected_hit = [], []
   for image_id in ids:
@@ -459,7 +461,7 @@ def test_errors_name_the_file_image_and_pathology(benchmark_files, tmp_path):
                      r"\['Cardiomegaly', 'Lung Lesion'\]"):
     cx.evaluate(str(root / "gt.json"), str(tmp_path / "o4"), saliency_dir=str(root / "maps"),
                 thresholds=str(tmp_path / "t.csv"), pathologies=list(NAMES))
-  with flagsaver.flagsaver(annotations=str(root / "gt.json"), saliency_dir=str(root / "maps"),
-                           segmentations=str(tmp_path / "pred.json"), workdir=str(tmp_path)):
-    with pytest.raises(app.UsageError, match="exactly one of --saliency_dir and --segmentations"):
-      chexlocalize_eval.main(["chexlocalize_eval"])
+  result = run_binary(annotations=root / "gt.json", saliency_dir=root / "maps",
+                      segmentations=tmp_path / "pred.json", workdir=tmp_path)
+  assert result.returncode != 0
+  assert "exactly one of --saliency_dir and --segmentations" in result.stderr, result.stderr

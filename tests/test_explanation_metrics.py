@@ -447,10 +447,10 @@ def test_scorer_adds_road_and_complexity_and_optional_max_sensitivity():
     assert np.abs(auc[:, None] - [0.0, 0.2, 0.4]).min(axis=1).max() < 1e-5, auc
   np.testing.assert_allclose(scores["sparseness"], em.sparseness(maps), rtol=1e-6)
   np.testing.assert_allclose(scores["complexity"], em.complexity(maps), rtol=1e-6)
-  original = jax.jit(lambda v, x: faithfulness.as_maps(explain.METHODS["gradients"](
-      model, v, x, targets, jax.random.key(1), explain.ExplainOptions())))(variables, images)
+  original = jax.jit(lambda v, x: faithfulness.as_maps(explain.method_maps(
+      model, v, x, targets, "gradients", jax.random.key(1))))(variables, images)
   sensitivity = ee.sensitivity_scores(model, variables, images, targets, original, "gradients",
-                                      jax.random.key(2), explain.ExplainOptions(), options)
+                                      jax.random.key(2), None, options)
   assert sensitivity.shape == (2,) and np.all(np.isfinite(sensitivity) & (sensitivity > 0))
   order = ee.metric_order((1.0,))
   assert "relevance_mass" in ee.localisation_metrics((1.0,))
