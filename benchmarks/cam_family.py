@@ -67,21 +67,6 @@ _CHUNK = flags.DEFINE_integer("chunk_size", 32, "Channels per vmapped step (Scor
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Timed calls of ours.")
 
 
-def _randomise_torch(torch, net, seed: int) -> None:
-  """Random BatchNorm statistics/affine parameters and biases (kernels keep torch's init)."""
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for module in net.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=generator))
-        module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
-        module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape,
-                                                    generator=generator))
-        module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=generator))
-      elif isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and module.bias is not None:
-        module.bias.copy_(0.05 * torch.randn(module.bias.shape, generator=generator))
-
-
 def build(name: str, image_size: int, directory: str) -> tuple[Any, Any, base.Classifier,
                                                                  base.Variables]:
   """(torch net, its target layer, our model, our ported variables) for `name`."""
@@ -98,7 +83,7 @@ def build(name: str, image_size: int, directory: str) -> tuple[Any, Any, base.Cl
     net = torchvision.models.vgg16(weights=None).eval()
     layer = net.features[29]
     model = vgg.vgg16(num_outputs=1000, head="classic", input_shape=shape)
-  _randomise_torch(torch, net, 1)
+  bench_common.randomise_torch_model(torch, net, 1)
   path = os.path.join(directory, f"{name}.pth")
   torch.save(net.state_dict(), path)
   shapes = jax.eval_shape(model.init, jax.random.key(0))

@@ -78,3 +78,20 @@ def small_cnn(image_size: int, channels: int = 1, num_outputs: int = 3) -> base.
                                input_shape=(image_size, image_size, channels),
                                conv_widths=(4, 8, 8, 8, 8), dense_widths=(16, 16),
                                init_std=None)
+
+
+def randomise_torch_model(torch: Any, net: Any, seed: int) -> None:
+  """Random BatchNorm statistics/affine parameters and biases of a torch model, in place
+  (kernels keep torch's init): the porting oracles' way to make a swapped mean/variance or a
+  dropped bias show."""
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for module in net.modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=generator))
+        module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
+        module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape,
+                                                    generator=generator))
+        module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=generator))
+      elif isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and module.bias is not None:
+        module.bias.copy_(0.05 * torch.randn(module.bias.shape, generator=generator))

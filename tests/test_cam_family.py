@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
+from benchmarks import common as bench_common
 from medxai_jax.attribution import api
 from medxai_jax.attribution import cam_family
 from medxai_jax.models import densenet
@@ -260,21 +261,6 @@ def test_bad_inputs_raise_errors_that_name_them():
 # ----------------------------------------------------------------------------- pytorch-grad-cam
 
 
-def _randomise_torch(torch, net, seed: int) -> None:
-  """Random BatchNorm statistics/affine parameters and biases (kernels keep torch's init)."""
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for module in net.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=generator))
-        module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
-        module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape,
-                                                    generator=generator))
-        module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=generator))
-      elif isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and module.bias is not None:
-        module.bias.copy_(0.05 * torch.randn(module.bias.shape, generator=generator))
-
-
 @pytest.fixture(scope="module")
 def one_torch_thread():
   """torch on one thread while the oracles run (its spinning threads cost more than they save
@@ -364,7 +350,7 @@ def densenet_case(tmp_path_factory, one_torch_thread):
   torch.manual_seed(0)
   net = torchvision.models.DenseNet(growth_rate=8, block_config=(2, 1, 2, 1),
                                     num_init_features=16, num_classes=1000).eval()
-  _randomise_torch(torch, net, 1)
+  bench_common.randomise_torch_model(torch, net, 1)
   path = str(tmp_path_factory.mktemp("cam_family") / "densenet.pth")
   torch.save(net.state_dict(), path)
   model = densenet.densenet(num_outputs=1000, head="softmax", input_shape=(96, 96, 3),
@@ -393,9 +379,9 @@ def vgg_case(tmp_path_factory, one_torch_thread):
   pytorch_grad_cam = _oracle("pytorch_grad_cam")
   torch.manual_seed(0)
   backbone = torchvision.models.vgg16(weights=None).eval()
-  _randomise_torch(torch, backbone, 2)
+  bench_common.randomise_torch_model(torch, backbone, 2)
   gap_conv, dense = torch.nn.Conv2d(512, 512, 3, padding=1), torch.nn.Linear(512, 5)
-  _randomise_torch(torch, torch.nn.Sequential(gap_conv, dense), 3)
+  bench_common.randomise_torch_model(torch, torch.nn.Sequential(gap_conv, dense), 3)
   relu = torch.nn.ReLU()
   net = torch.nn.Sequential(backbone.features[:30], gap_conv, relu, torch.nn.AdaptiveAvgPool2d(1),
                             torch.nn.Flatten(), dense).eval()

@@ -18,6 +18,7 @@ import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
+from benchmarks import common as bench_common  # pylint: disable=wrong-import-position
 from medxai_jax.models import densenet  # pylint: disable=wrong-import-position
 from medxai_jax.models import porting  # pylint: disable=wrong-import-position
 from medxai_jax.models import vgg  # pylint: disable=wrong-import-position
@@ -202,20 +203,6 @@ def test_keras_vgg16_without_top_320(tmp_path):
 # ----------------------------------------------------------------------------- torchvision
 
 
-def _randomise_torch(torch, net, seed: int) -> None:
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for module in net.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=generator))
-        module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
-        module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape,
-                                                    generator=generator))
-        module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=generator))
-      elif isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and module.bias is not None:
-        module.bias.copy_(0.05 * torch.randn(module.bias.shape, generator=generator))
-
-
 def _nhwc(tensor) -> np.ndarray:
   value = tensor.detach().numpy()
   return value.transpose(0, 2, 3, 1) if value.ndim == 4 else value
@@ -247,7 +234,7 @@ def _check_torch_densenet(tmp_path, block_sizes, input_shape, depth=None):
   torch.manual_seed(0)
   net = torchvision.models.DenseNet(growth_rate=32, block_config=tuple(block_sizes),
                                     num_init_features=64, num_classes=1000).eval()
-  _randomise_torch(torch, net, 1)
+  bench_common.randomise_torch_model(torch, net, 1)
   images = _inputs(input_shape)
   expected = _torch_densenet_outputs(torch, net, images)
   path = str(tmp_path / "densenet.pth")
@@ -279,7 +266,7 @@ def test_torchvision_vgg16_224(tmp_path):
   torchvision = _oracle("torchvision")
   torch.manual_seed(0)
   net = torchvision.models.vgg16(weights=None).eval()
-  _randomise_torch(torch, net, 2)
+  bench_common.randomise_torch_model(torch, net, 2)
   images = _inputs((224, 224, 3))
   expected = {}
   with torch.no_grad():
