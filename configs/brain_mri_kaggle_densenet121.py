@@ -26,18 +26,13 @@ from configs import common
 KAGGLE_TUMOUR_CLASSES = ("glioma", "meningioma", "no_tumor", "pituitary")
 
 
-def get_config() -> ml_collections.ConfigDict:
-  """DenseNet-121 on the Kaggle brain tumour MRI folder release, 003's hyperparameters."""
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """DenseNet-121 on the Kaggle brain tumour MRI folder release, 003's hyperparameters. `:runlocal` shrinks it for a CPU trial (common.runlocal)."""
+  words = common.parse_arg(arg, "brain_mri_kaggle_densenet121")
   config = common.base_config()
   config.dataset.update(dict(name="brain_tumor_kaggle", builder_config="default"))
   config.model = ml_collections.ConfigDict(dict(
       name="densenet", depth=121, head="softmax", num_outputs=len(KAGGLE_TUMOUR_CLASSES),
       input_shape=(225, 225, 1)))
-  config.optimizer = ml_collections.ConfigDict(dict(name="sgd", momentum=0.939,
-                                                    lr_decay=3e-4))
-  config.learning_rate = 1e-3
-  config.batch_size = 32
-  config.eval_batch_size = 64
-  config.num_epochs = 20
-  config.selection.metric = "accuracy"
-  return config
+  common.sgd_003(config)
+  return common.runlocal(config) if common.RUNLOCAL in words else config

@@ -17,8 +17,9 @@ import ml_collections
 from configs import common
 
 
-def get_config() -> ml_collections.ConfigDict:
-  """The custom CNN recipe of 002."""
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The custom CNN recipe of 002. `:runlocal` shrinks it for a CPU trial (common.runlocal)."""
+  words = common.parse_arg(arg, "chest_xray_custom_cnn")
   config = common.base_config()
   config.dataset.phantoms.update(dict(image_size=227))
   config.preprocess.update(dict(mean=(0.5,), std=(0.25,)))
@@ -26,12 +27,5 @@ def get_config() -> ml_collections.ConfigDict:
       name="custom_cnn", num_outputs=2, input_shape=(227, 227, 3),
       conv_widths=(96, 128, 256, 256, 256), dense_widths=(4096, 4096), dropout_rate=0.5,
       init_std=0.01))
-  config.optimizer = ml_collections.ConfigDict(dict(name="sgd", momentum=0.9,
-                                                    weight_decay=5e-4))
-  config.learning_rate = 1e-3
-  config.schedule.update(dict(name="plateau", metric="accuracy", factor=0.1, patience=2,
-                              max_reductions=3))
-  config.batch_size = 32
-  config.num_epochs = 60
-  config.selection.metric = "accuracy"
-  return config
+  common.sgd_002(config)
+  return common.runlocal(config) if common.RUNLOCAL in words else config

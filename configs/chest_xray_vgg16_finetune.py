@@ -35,20 +35,14 @@ from configs import common
 from configs import modality_vgg16_gap
 
 
-def get_config() -> ml_collections.ConfigDict:
-  """VGG16 fine-tuning recipe of 002."""
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """VGG16 fine-tuning recipe of 002. `:runlocal` shrinks it for a CPU trial (common.runlocal)."""
+  words = common.parse_arg(arg, "chest_xray_vgg16_finetune")
   config = common.base_config()
   config.preprocess.update(dict(mean=modality_vgg16_gap.CAFFE_MEAN_RGB, std=(1 / 255,) * 3))
   config.model = ml_collections.ConfigDict(dict(
       name="vgg16", head="classic", num_outputs=2, input_shape=(224, 224, 3), dropout_rate=0.5))
   config.train.update(dict(trainable="last_n_layers", num_trainable_layers=3))
-  config.optimizer = ml_collections.ConfigDict(dict(name="sgd", momentum=0.9,
-                                                    weight_decay=5e-4))
-  config.learning_rate = 1e-3
-  config.schedule.update(dict(name="plateau", metric="accuracy", factor=0.1, patience=2,
-                              max_reductions=3))
-  config.batch_size = 32
+  common.sgd_002(config)
   config.eval_batch_size = 64
-  config.num_epochs = 60
-  config.selection.metric = "accuracy"
-  return config
+  return common.runlocal(config) if common.RUNLOCAL in words else config

@@ -40,18 +40,13 @@ from configs import common
 COVID_CLASSES = ("covid", "lung_opacity", "normal")
 
 
-def get_config() -> ml_collections.ConfigDict:
-  """VGG16 on the three-class COVID-19 Radiography Database as in 003."""
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """VGG16 on the three-class COVID-19 Radiography Database as in 003. `:runlocal` shrinks it for a CPU trial (common.runlocal)."""
+  words = common.parse_arg(arg, "covid_radiography_vgg16")
   config = common.base_config()
   config.dataset.update(dict(name="covid_radiography", builder_config="three"))
   config.model = ml_collections.ConfigDict(dict(
       name="vgg16", head="classic", num_outputs=len(COVID_CLASSES), input_shape=(225, 225, 1)))
-  config.optimizer = ml_collections.ConfigDict(dict(name="sgd", momentum=0.939,
-                                                    lr_decay=3e-4))
-  config.learning_rate = 1e-3
-  config.batch_size = 32
-  config.eval_batch_size = 64
-  config.num_epochs = 20
+  common.sgd_003(config)
   config.class_weights = "balanced"
-  config.selection.metric = "accuracy"
-  return config
+  return common.runlocal(config) if common.RUNLOCAL in words else config

@@ -37,8 +37,9 @@ MODALITIES = ("abdomen_ct", "brain_mri", "cardiac_abdomen_ultrasound", "chest_xr
 CAFFE_MEAN_RGB = (123.68 / 255, 116.779 / 255, 103.939 / 255)
 
 
-def get_config() -> ml_collections.ConfigDict:
-  """VGG16-GAP modality classifier as in 004."""
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """VGG16-GAP modality classifier as in 004. `:runlocal` shrinks it for a CPU trial (common.runlocal)."""
+  words = common.parse_arg(arg, "modality_vgg16_gap")
   config = common.base_config()
   config.dataset.label_key = "body_part"  # the real builder's label is the modality
   config.preprocess.update(dict(mean=CAFFE_MEAN_RGB, std=(1 / 255,) * 3))
@@ -51,4 +52,4 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 20
   config.augment.update(dict(rotation_degrees=5.0, shift_pixels=3.0))
   config.selection.metric = "accuracy"
-  return config
+  return common.runlocal(config) if common.RUNLOCAL in words else config

@@ -29,8 +29,9 @@ from configs import common
 from medxai_jax.data import preprocess
 
 
-def get_config() -> ml_collections.ConfigDict:
-  """DenseNet-169 on MURA as in 000."""
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """DenseNet-169 on MURA as in 000. `:runlocal` shrinks it for a CPU trial (common.runlocal)."""
+  words = common.parse_arg(arg, "mura_densenet169")
   config = common.base_config()
   config.preprocess.update(dict(mean=preprocess.IMAGENET_MEAN, std=preprocess.IMAGENET_STD))
   config.model = ml_collections.ConfigDict(dict(
@@ -44,4 +45,4 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 32
   config.augment.update(dict(flip=True, rotation_degrees=30.0))
   config.selection.metric = "train_val_gap"
-  return config
+  return common.runlocal(config) if common.RUNLOCAL in words else config

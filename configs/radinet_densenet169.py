@@ -36,8 +36,9 @@ from configs import common
 from medxai_jax.data import preprocess
 
 
-def get_config() -> ml_collections.ConfigDict:
-  """DenseNet-169 + RadiNet head as in 001."""
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """DenseNet-169 + RadiNet head as in 001. `:runlocal` shrinks it for a CPU trial (common.runlocal)."""
+  words = common.parse_arg(arg, "radinet_densenet169")
   config = common.base_config()
   config.preprocess.update(dict(mean=preprocess.IMAGENET_MEAN, std=preprocess.IMAGENET_STD))
   config.model = ml_collections.ConfigDict(dict(
@@ -53,4 +54,4 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 32
   config.num_epochs = 100
   config.selection.metric = "loss"
-  return config
+  return common.runlocal(config) if common.RUNLOCAL in words else config

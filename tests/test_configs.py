@@ -319,3 +319,50 @@ def test_cpu_trial_outputs_match_the_builders_default_classes(dataset, tmp_path)
 def test_cpu_trial_names_its_datasets():
   with pytest.raises(ValueError, match="choose one of"):
     cpu_trial.get_config("no_such_collection")
+
+
+RUNLOCAL_CONFIGS = [name for name in CONFIG_NAMES
+                    if "common.runlocal" in open(os.path.join(REPO, "configs", f"{name}.py")).read()]
+SHRUNK_FIELDS = {"model.input_shape", "batch_size", "eval_batch_size", "num_epochs",
+                 "log_every_steps", "train.head_only_epochs", "summaries.num_images"}
+
+
+def _flat_fields(config):
+  flat = {}
+  for key, value in config.items():
+    if hasattr(value, "items") and not key == "builder":
+      flat.update({f"{key}.{inner}": v for inner, v in _flat_fields(value).items()})
+    else:
+      flat[key] = value
+  return flat
+
+
+def test_every_paper_recipe_takes_runlocal():
+  assert {"mura_densenet169", "radinet_densenet169", "modality_vgg16_gap",
+          "chest_xray_vgg16_finetune", "chest_xray_custom_cnn", "brain_mri_densenet121",
+          "brain_mri_kaggle_densenet121", "covid_radiography_vgg16"} <= set(RUNLOCAL_CONFIGS)
+
+
+@pytest.mark.parametrize("name", RUNLOCAL_CONFIGS)
+def test_runlocal_keeps_the_recipe_and_shrinks_only_sizes(name):
+  full = load_module(name).get_config()
+  small = load_module(name).get_config("runlocal")
+  loop.check_config(small)
+  full_fields, small_fields = _flat_fields(full), _flat_fields(small)
+  assert full_fields.keys() == small_fields.keys()
+  changed = {key for key in full_fields if full_fields[key] != small_fields[key]}
+  assert changed - SHRUNK_FIELDS - {key for key in changed if key.startswith("dataset.phantoms.")
+                                    } == set(), name
+  assert tuple(small.model.input_shape) == (64, 64, full.model.input_shape[-1])
+  assert small.num_epochs <= 2 and small.batch_size <= 8
+  model, _, preprocess = loop.build_components(small)
+  variables = jax.eval_shape(model.init, jax.random.key(0))
+  images = jax.ShapeDtypeStruct((2, 100, 100, full.model.input_shape[-1]), np.uint8)
+  logits = jax.eval_shape(lambda v, x: model.logits(v, preprocess(x)), variables, images)
+  assert logits.shape == (2, model.num_outputs)
+
+
+def test_an_unknown_config_argument_names_the_file_and_the_choices():
+  with pytest.raises(ValueError, match=r"mura_densenet169\.py:tiny.*'runlocal'"):
+    load_module("mura_densenet169").get_config("tiny")
+  assert load_module("mura_densenet169").get_config("") == load("mura_densenet169")
