@@ -88,6 +88,14 @@ def test_the_registry_holds_every_method_once_with_a_valid_spec():
           if "num_steps" in spec.defaults} == {registry.NUM_STEPS}
   assert {spec.defaults["chunk_size"] for spec in registry.REGISTRY.values()
           if "chunk_size" in spec.defaults} == {registry.CHUNK_SIZE}
+  # ... and a method called directly, outside the registry, has the same defaults.
+  shared = {"num_steps": registry.NUM_STEPS, "num_samples": registry.NUM_SAMPLES,
+            "chunk_size": registry.CHUNK_SIZE}
+  for name, spec in registry.REGISTRY.items():
+    parameters = inspect.signature(spec.fn).parameters
+    for option, value in shared.items():
+      if option in parameters and option in spec.defaults:
+        assert parameters[option].default == value, (name, option, parameters[option].default)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medxai_jax.attribution import api
+from medxai_jax.attribution import common
 
 GRAD_CAM_PLUS_PLUS_EPS = 1e-6
 XGRAD_CAM_EPS = 1e-7
@@ -230,7 +231,7 @@ def layer_cam(split: api.Split, images: jax.Array, targets: api.Targets, *,
 
 
 def score_cam_weights(split: api.Split, images: jax.Array, targets: jax.Array,
-                      activation: jax.Array, *, chunk_size: int = 16,
+                      activation: jax.Array, *, chunk_size: int = common.CHUNK_SIZE,
                       align_corners: bool = True) -> jax.Array:
   """Score-CAM channel weights [B, K]: softmax over channels of the masked images' scores."""
   _check_chunk_size(chunk_size)
@@ -253,7 +254,7 @@ def score_cam_weights(split: api.Split, images: jax.Array, targets: jax.Array,
 
 
 def score_cam(split: api.Split, images: jax.Array, targets: api.Targets, *,
-              relu: bool = True, upsample: bool = True, chunk_size: int = 16,
+              relu: bool = True, upsample: bool = True, chunk_size: int = common.CHUNK_SIZE,
               align_corners: bool = True) -> jax.Array:
   """Score-CAM maps [B, H, W] ([B, h, w] without upsample); chunk_size channels per forward
   (chunk_size * B masked images), align_corners for the mask upsampling (module docstring)."""
@@ -267,7 +268,7 @@ def score_cam(split: api.Split, images: jax.Array, targets: api.Targets, *,
 
 
 def ablation_scores(split: api.Split, images: jax.Array, targets: jax.Array,
-                    activation: jax.Array, *, chunk_size: int = 32,
+                    activation: jax.Array, *, chunk_size: int = common.CHUNK_SIZE,
                     ablation_value: float = 0.0) -> jax.Array:
   """Target scores [B, K] of the network run on from `activation` with channel k set to
   `ablation_value`, `chunk_size` channels per vmapped step."""
@@ -285,7 +286,7 @@ def ablation_scores(split: api.Split, images: jax.Array, targets: jax.Array,
 
 
 def ablation_cam(split: api.Split, images: jax.Array, targets: api.Targets, *,
-                 relu: bool = True, upsample: bool = True, chunk_size: int = 32,
+                 relu: bool = True, upsample: bool = True, chunk_size: int = common.CHUNK_SIZE,
                  ablation_value: float = 0.0) -> jax.Array:
   """Ablation-CAM maps [B, H, W] ([B, h, w] without upsample): w_k = (S - S^k) / S."""
   _check_chunk_size(chunk_size)

@@ -25,6 +25,12 @@ from medxai_jax.models import base
 Targets = api.Targets
 ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
 CHANNEL_REDUCTIONS = ("abs_sum", "sum", "max_abs")
+# The one set of defaults of every method (and of the registry): gradient evaluations along a
+# path, noise samples, and inputs per gradient batch. PAIR uses 100 steps for XRAI and 200 for
+# Guided IG; pass num_steps to reproduce them.
+NUM_STEPS = 64
+NUM_SAMPLES = 32
+CHUNK_SIZE = 16
 
 
 # Re-exported for the methods that still import it from here; the definition is `api`'s.

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 from medxai_jax.attribution import api
 from medxai_jax.attribution import common
 
-DEFAULT_NUM_SAMPLES = 32
+DEFAULT_NUM_SAMPLES = common.NUM_SAMPLES
 DEFAULT_NOISE_LEVEL = 0.15
-DEFAULT_CHUNK_SIZE = 16
+DEFAULT_CHUNK_SIZE = common.CHUNK_SIZE
 
 
 def vanilla_gradients(logits_fn: api.LogitsFn, images: jax.Array, targets: common.Targets

@@ -51,8 +51,8 @@ IG_RULES = ("riemann_left", "riemann_right", "riemann_midpoint", "riemann_trapez
             "gauss_legendre", "pair_uniform", "captum_trapezoid")
 # Captum's `method=` names for the rules that are the same as ours.
 RULE_ALIASES = {"riemann_middle": "riemann_midpoint", "gausslegendre": "gauss_legendre"}
-DEFAULT_NUM_STEPS = 64
-DEFAULT_CHUNK_SIZE = 16
+DEFAULT_NUM_STEPS = common.NUM_STEPS
+DEFAULT_CHUNK_SIZE = common.CHUNK_SIZE
 BASELINE_NAMES = ("zeros", "blurred", "random")
 BLUR_PADDINGS = ("constant", "reflect")
 BLUR_MAX_SIGMA = 50.0

@@ -40,7 +40,7 @@ from medxai_jax.attribution import common
 from medxai_jax.attribution import integrated
 
 AXES = ("height", "width", "channels")
-DEFAULT_CHUNK_SIZE = 16
+DEFAULT_CHUNK_SIZE = common.CHUNK_SIZE
 RISE_GRID = 7  # cells along the shorter side by default (RISE: s = 7 on 224-pixel images)
 Window = int | Sequence[int]
 

@@ -37,6 +37,7 @@ import jax
 
 from medxai_jax.attribution import cam
 from medxai_jax.attribution import cam_family
+from medxai_jax.attribution import common
 from medxai_jax.attribution import crm
 from medxai_jax.attribution import gradients
 from medxai_jax.attribution import integrated
@@ -46,9 +47,9 @@ from medxai_jax.attribution import xrai
 
 NEEDS = ("logits", "split", "gap_split")
 OUTPUT_RANKS = (3, 4)
-NUM_STEPS = 64
-NUM_SAMPLES = 32
-CHUNK_SIZE = 16
+NUM_STEPS = common.NUM_STEPS
+NUM_SAMPLES = common.NUM_SAMPLES
+CHUNK_SIZE = common.CHUNK_SIZE
 
 
 @dataclasses.dataclass(frozen=True)
