@@ -97,6 +97,20 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return flat
 
 
+def flatten_config(tree: Mapping[str, Any] | ml_collections.ConfigDict) -> dict[str, Any]:
+  """A nested config or mapping as {'a.b': leaf}; an empty section is one leaf."""
+  return _flatten(tree.to_dict() if isinstance(tree, ml_collections.ConfigDict) else tree)
+
+
+def read_json(path: str) -> Any:
+  """A JSON file's content; invalid JSON raises ValueError naming the file."""
+  with open(path) as file:
+    try:
+      return json.load(file)
+    except json.JSONDecodeError as error:
+      raise ValueError(f"{path} is not valid JSON: {error}.") from error
+
+
 def _comparable(value: Any) -> Any:
   """A value as JSON would store it (tuples as lists), for comparison."""
   if isinstance(value, (Mapping, ml_collections.ConfigDict)):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import progressive_transfer as pt_config
-from experiments import progressive_transfer as pt
+from medxai_jax.train import transfer as pt
 from medxai_jax.data import phantoms
 from medxai_jax.data.builders import mura
 from medxai_jax.models import registry

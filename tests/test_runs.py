@@ -99,6 +99,21 @@ def test_differences_are_listed_and_the_given_config_is_applied(tmp_path, capsys
   assert "using --config as given" in capsys.readouterr().out
 
 
+def test_flatten_config_and_read_json_agree_with_a_naive_walk(tmp_path):
+  config = ml_collections.ConfigDict(
+      {"a": {"b": 1, "c": {"d": (2, 3)}}, "e": "x", "empty": {}})
+  # Naive: every leaf path joined by dots; an empty section is one leaf.
+  expected = {"a.b": 1, "a.c.d": (2, 3), "e": "x", "empty": {}}
+  assert runs.flatten_config(config) == expected
+  assert runs.flatten_config(config.to_dict()) == expected
+  path = tmp_path / "m.json"
+  path.write_text(json.dumps({"test": {"accuracy": 0.5}}))
+  assert runs.read_json(str(path)) == {"test": {"accuracy": 0.5}}
+  path.write_text("{not json")
+  with pytest.raises(ValueError, match="m.json is not valid JSON"):
+    runs.read_json(str(path))
+
+
 def test_incompatible_init_from_architecture_names_both_models():
   source = dict(name="densenet", depth=169, num_outputs=7, head="softmax",
                 input_shape=(320, 320, 3))
