@@ -21,8 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import cli
-from experiments import demo_sections
-from experiments import evaluate_explanations
+from medxai_jax.analysis import evaluation
 from medxai_jax.attribution import cam
 from medxai_jax.data import pipeline
 from medxai_jax.models import base
@@ -30,6 +29,8 @@ from medxai_jax.observe import timing
 from medxai_jax import logs
 from medxai_jax.train import loop
 from medxai_jax.train import metrics as metrics_lib
+from medxai_jax.viz import demo_sections
+from medxai_jax.viz import evaluation_report
 from medxai_jax.viz import figures
 from medxai_jax.viz import report
 from medxai_jax.viz import run_report
@@ -114,7 +115,7 @@ def main(argv: list[str]) -> None:
   representation_section, representation = demo_sections.representation_section(
       config, model, variables, batches, preprocess, workdir)
   phases.start("evaluate_explanations")
-  scored = evaluate_explanations.evaluate_run(
+  scored = evaluation.evaluate_run(
       config, workdir, os.path.join(workdir, "evaluation"),
       methods=[m for m in settings.methods if m != "xrai"], num_images=settings.num_scored,
       options=demo_sections.explain_overrides(settings),
@@ -169,7 +170,7 @@ def main(argv: list[str]) -> None:
           figures=[report.Figure("gradcam.png", "Top: input with the lesion mask in red. "
                                  "Bottom: Grad-CAM ('jet').")]),
       path_section, feature_section, representation_section,
-      annotation_section, evaluate_explanations.leaderboard_section(scored, workdir),
+      annotation_section, evaluation_report.leaderboard_section(scored, workdir),
   ]
   # The run's report: the training sections every run gets (metrics, confusion matrix, ROC,
   # curves, class balance), then the demo's; explain / evaluate_explanations add theirs later.

@@ -20,10 +20,11 @@ from PIL import Image
 
 import real_data
 from configs import common
-from experiments import evaluate_explanations as ee
+from medxai_jax.analysis import evaluation as ee
 from medxai_jax import explain
 from medxai_jax.analysis import faithfulness
 from medxai_jax.train import loop
+from medxai_jax.viz import evaluation_report
 
 SIZE = 48  # the tiny custom CNN's five poolings need at least 32 px
 COVID_CLASSES = ("COVID", "Normal", "Viral Pneumonia")  # the real sample has no Lung_Opacity
@@ -106,7 +107,7 @@ def test_covid_without_masks_scores_faithfulness_and_sanity_and_lists_the_rest(c
   table = (workdir / "leaderboard.md").read_text()
   assert "Not scored:" in table and "covid_radiography declares no marker mask" in table
   assert "pointing_game" not in table.split("Not scored:")[0]
-  section = ee.leaderboard_section(summary, str(covid["base"]))
+  section = evaluation_report.leaderboard_section(summary, str(covid["base"]))
   text = " ".join(section.paragraphs)
   assert "Not scored: " in text and "marker_share: covid_radiography declares no marker" in text
   assert "Localisation against" not in text
@@ -155,7 +156,8 @@ def test_covid_with_lung_masks_scores_localisation_only_where_a_mask_exists(covi
     assert scores["gradients/miou"][index] == pytest.approx(expected_iou, abs=0.02)
     peak = np.unravel_index(np.argmax(saliency), saliency.shape)
     assert scores["gradients/hit_rate"][index] == float(mask[peak])
-  assert "Only" in " ".join(ee.leaderboard_section(summary, str(covid["base"])).paragraphs)
+  section = evaluation_report.leaderboard_section(summary, str(covid["base"]))
+  assert "Only" in " ".join(section.paragraphs)
 
 
 def test_tb_shenzhen_real_lung_masks_scored_where_present_never_zero_elsewhere(tmp_path):

@@ -421,7 +421,7 @@ def test_quantus_max_sensitivity_with_the_same_draws(quantus_setup):
 
 
 def test_scorer_adds_road_and_complexity_and_optional_max_sensitivity():
-  from experiments import evaluate_explanations as ee  # pylint: disable=import-outside-toplevel
+  from medxai_jax.analysis import evaluation as ee  # pylint: disable=import-outside-toplevel
   from medxai_jax import explain  # pylint: disable=import-outside-toplevel
   from medxai_jax.models import custom_cnn  # pylint: disable=import-outside-toplevel
 
