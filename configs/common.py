@@ -160,8 +160,7 @@ def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   batch 8, 2 epochs (a warm-up of head-only epochs is cut to 1). For checking that a recipe
   runs on your collection, not for results.
   """
-  height, width, channels = config.model.input_shape
-  del height, width
+  channels = config.model.input_shape[-1]
   config.model.input_shape = (RUNLOCAL_IMAGE_SIZE, RUNLOCAL_IMAGE_SIZE, channels)
   config.dataset.phantoms.update(dict(image_size=RUNLOCAL_IMAGE_SIZE, num_train=256,
                                       num_validation=64, num_test=64))
