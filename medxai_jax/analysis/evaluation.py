@@ -309,11 +309,14 @@ def sanity_scores(model: base.Classifier, variables: base.Variables, images: jax
                       **{k: np.stack([np.asarray(step[k]) for step in steps])
                          for k in ("spearman", "spearman_abs")}}
     return result
+  layers = faithfulness.parameter_layers(model)
+  similarities = jax.jit(lambda v, schedule: faithfulness.randomisation_similarities(
+      model, v, explain_fn, weights_key, schedule, layers, how=how))  # one compile, both modes
   for mode in faithfulness.RANDOMISATION_MODES:
-    test = jax.jit(lambda v, mode=mode: faithfulness.randomisation_test(
-        model, v, explain_fn, weights_key, mode=mode, how=how))(variables)
-    result[mode] = {"layers": list(test.layers), "spearman": np.asarray(test.spearman),
-                    "spearman_abs": np.asarray(test.spearman_abs)}
+    labels, schedule = faithfulness.randomisation_schedule(layers, mode)
+    scores = similarities(variables, schedule)
+    result[mode] = {"layers": list(labels), "spearman": np.asarray(scores["spearman"]),
+                    "spearman_abs": np.asarray(scores["spearman_abs"])}
   return result
 
 

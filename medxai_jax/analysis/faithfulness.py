@@ -603,6 +603,26 @@ def randomise_layers(model: base.Classifier, variables: base.Variables, layers: 
                        np.ones(len(layers), bool))
 
 
+def randomisation_similarities(model: base.Classifier, variables: base.Variables,
+                               explain_fn: Callable[[base.Variables], jax.Array],
+                               key: jax.Array, schedule: jax.Array, layers: Sequence[str], *,
+                               how: str = "init", scale: float = 0.01) -> dict[str, jax.Array]:
+  """Spearman of original vs randomised maps per step of `schedule` [S, L] (a bool matrix over
+  `layers`, as `randomisation_schedule` gives): 'spearman' and 'spearman_abs' [S, B].
+
+  The schedule is an argument, not a constant, so one compiled program serves both modes.
+  """
+  original = explain_fn(variables)
+  fresh = fresh_parameters(model, variables, key, how=how, scale=scale)
+  leaf_layers = leaf_layer_indices(variables["params"], layers)
+
+  def similarity(chosen: jax.Array) -> dict[str, jax.Array]:
+    return map_similarity(original, explain_fn(select_layers(variables, fresh, leaf_layers,
+                                                             chosen)))
+
+  return jax.lax.map(similarity, jnp.asarray(schedule))
+
+
 def randomisation_test(model: base.Classifier, variables: base.Variables,
                        explain_fn: Callable[[base.Variables], jax.Array], key: jax.Array, *,
                        mode: str = "cascading", layers: Sequence[str] | None = None,
@@ -614,15 +634,8 @@ def randomisation_test(model: base.Classifier, variables: base.Variables,
   """
   layers = _check_layers(model, layers)
   labels, schedule = randomisation_schedule(layers, mode)
-  original = explain_fn(variables)
-  fresh = fresh_parameters(model, variables, key, how=how, scale=scale)
-  leaf_layers = leaf_layer_indices(variables["params"], layers)
-
-  def similarity(chosen: jax.Array) -> dict[str, jax.Array]:
-    return map_similarity(original, explain_fn(select_layers(variables, fresh, leaf_layers,
-                                                             chosen)))
-
-  scores = jax.lax.map(similarity, jnp.asarray(schedule))
+  scores = randomisation_similarities(model, variables, explain_fn, key, schedule, layers,
+                                      how=how, scale=scale)
   return SanityResult(mode, labels, scores["spearman"], scores["spearman_abs"])
 
 
