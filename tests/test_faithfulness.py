@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -503,3 +505,22 @@ def test_bootstrap_interval_contains_the_mean_and_shrinks_with_more_samples():
   assert narrow.high - narrow.low == pytest.approx(2 * 1.96 * many.std() / np.sqrt(2000), rel=0.15)
   assert fa.bootstrap_interval(many, seed=1) == narrow
   assert np.isnan(fa.bootstrap_interval([np.nan]).mean)
+
+
+def test_defined_mean_skips_nan_and_is_nan_without_warning_where_nothing_is_defined():
+  values = np.array([[1.0, np.nan, 3.0], [np.nan, np.nan, np.nan]])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    means = fa.defined_mean(values, axis=1)
+    overall = fa.defined_mean(values)
+  np.testing.assert_allclose(means[0], 2.0)
+  assert np.isnan(means[1])
+  np.testing.assert_allclose(overall, 2.0)
+
+
+def test_leaderboard_tags_are_legal_tensorboard_names():
+  from medxai_jax.analysis import evaluation
+  interval = fa.Interval(0.5, 0.4, 0.6, 3)
+  tags = evaluation.leaderboard_scalars({"ig": {"iou_top5%": interval, "auc": interval}})
+  assert set(tags) == {"leaderboard/iou_top5pct/ig", "leaderboard/auc/ig"}
+  assert all(re.fullmatch(r"[A-Za-z0-9_./-]+", tag) for tag in tags)

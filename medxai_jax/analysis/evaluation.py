@@ -422,8 +422,8 @@ def write_sanity_csv(sanity: Mapping[str, Mapping[str, Any]], path: str) -> str:
       for mode, values in result.items():
         for step, layer in enumerate(values["layers"]):
           writer.writerow([method, mode, step, layer,
-                           f"{np.nanmean(values['spearman'][step]):.6g}",
-                           f"{np.nanmean(values['spearman_abs'][step]):.6g}"])
+                           f"{faithfulness.defined_mean(values['spearman'][step]):.6g}",
+                           f"{faithfulness.defined_mean(values['spearman_abs'][step]):.6g}"])
   return path
 
 
@@ -551,15 +551,14 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
       "marker_share": {name: leaderboard[name]["marker_share"].mean for name in leaderboard
                        if "marker_share" in leaderboard[name]},
       "sanity": {name: {mode: {"layers": values["layers"],
-                               "spearman": np.nanmean(values["spearman"], axis=1).tolist(),
-                               "spearman_abs": np.nanmean(values["spearman_abs"],
-                                                          axis=1).tolist()}
+                               **{key: faithfulness.defined_mean(values[key], axis=1).tolist()
+                                  for key in ("spearman", "spearman_abs")}}
                         for mode, values in result.items()}
                  for name, result in sanity.items()},
       "data_randomisation": None if data_test is None else {
           "checkpoint": os.path.abspath(shuffled_labels_checkpoint),
           "test_accuracy_shuffled_model": data_test["test_accuracy"],
-          "mean": {name: {k: float(np.nanmean(v)) for k, v in scores.items()}
+          "mean": {name: {k: float(faithfulness.defined_mean(v)) for k, v in scores.items()}
                    for name, scores in data_test["per_image"].items()}},
       "options": dict(options or {}),
       "score_options": {**dataclasses.asdict(score_options), "margin": margin},
@@ -579,8 +578,8 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
 def leaderboard_scalars(leaderboard: Mapping[str, Mapping[str, faithfulness.Interval]]
                         ) -> dict[str, float]:
   """'leaderboard/<metric>/<method>' -> the method's mean of the metric (TensorBoard scalars;
-  NaN where no image was scored)."""
-  return {f"leaderboard/{metric}/{method}": float(interval.mean)
+  NaN where no image was scored). TensorBoard tags cannot hold '%': iou_top5% is iou_top5pct."""
+  return {f"leaderboard/{metric.replace('%', 'pct')}/{method}": float(interval.mean)
           for method, intervals in leaderboard.items() for metric, interval in intervals.items()}
 
 

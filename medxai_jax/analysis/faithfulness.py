@@ -660,6 +660,15 @@ def marker_reliance(maps: jax.Array, marker_masks: jax.Array, attribution: str =
 # Bootstrap.
 
 
+def defined_mean(values: Any, axis: int | None = None) -> Any:
+  """Mean over the defined (non-NaN) entries; NaN without a warning where none is (Spearman is
+  undefined against a constant map, e.g. Grad-CAM once a randomised layer zeroes it)."""
+  values = np.asarray(values, np.float64)
+  count = np.sum(~np.isnan(values), axis=axis)
+  total = np.nansum(values, axis=axis)
+  return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
 class Interval(NamedTuple):
   """A mean with a percentile bootstrap interval."""
 

@@ -37,7 +37,8 @@ def plot_sanity(sanity: Mapping[str, Mapping[str, Any]], path: str) -> str:
   for axis, mode in zip(axes, faithfulness.RANDOMISATION_MODES):
     for method, result in sanity.items():
       layers = result[mode]["layers"]
-      axis.plot(np.arange(len(layers)), np.nanmean(result[mode]["spearman_abs"], axis=1), "o-",
+      axis.plot(np.arange(len(layers)),
+                faithfulness.defined_mean(result[mode]["spearman_abs"], axis=1), "o-",
                 label=method)
       axis.set_xticks(np.arange(len(layers)), layers, rotation=60, fontsize=7)
     axis.axhline(0, color="gray", linewidth=0.8)
