@@ -20,6 +20,7 @@ import zipfile
 import numpy as np
 import pytest
 
+import tiny
 from medxai_jax.models import porting
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -306,8 +307,7 @@ ALL_METHODS = {**TARGETED, **UNTARGETED}
 
 def _tiny_densenet(num_outputs: int):
   head = "sigmoid" if num_outputs == 1 else "softmax"
-  model = densenet.densenet(block_sizes=(1, 1, 1, 1), growth_rate=4, stem_width=8,
-                            num_outputs=num_outputs, head=head, input_shape=(SIDE, SIDE, 1))
+  model = tiny.densenet(num_outputs=num_outputs, head=head, input_shape=(SIDE, SIDE, 1))
   return model, jax.jit(model.init)(jax.random.key(1))
 
 
@@ -429,8 +429,7 @@ def _head_input_side(model, side: int) -> int:
 
 
 @pytest.mark.parametrize("model", [
-    densenet.densenet(block_sizes=(1, 1, 1, 1), growth_rate=4, stem_width=8,
-                      input_shape=(64, 64, 1)),
+    tiny.densenet(input_shape=(64, 64, 1)),
     densenet.densenet(depth=121, input_shape=(224, 224, 3)),
     vgg.vgg16(head="gap", num_outputs=2, input_shape=(64, 64, 3)),
     vgg.vgg16(head="classic", num_outputs=2, input_shape=(224, 224, 3)),

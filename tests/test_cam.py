@@ -6,15 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tiny
 from medxai_jax.attribution import cam
 from medxai_jax.models import custom_cnn
-from medxai_jax.models import densenet
 
 
 @pytest.fixture(scope="module")
 def gap_model():
-  model = densenet.densenet(block_sizes=(1, 1, 1, 1), growth_rate=4, stem_width=8,
-                            num_outputs=3, head="softmax", input_shape=(64, 64, 1))
+  model = tiny.densenet(num_outputs=3, head="softmax", input_shape=(64, 64, 1))
   return model, jax.jit(model.init)(jax.random.key(0))
 
 
@@ -56,8 +55,7 @@ def test_predicted_targets_are_the_argmax_of_the_logits(gap_model):
 
 
 def test_one_logit_targets_flip_the_sign():
-  model = densenet.densenet(block_sizes=(1, 1, 1, 1), growth_rate=4, stem_width=8,
-                            input_shape=(48, 48, 1))
+  model = tiny.densenet(input_shape=(48, 48, 1))
   variables = jax.jit(model.init)(jax.random.key(3))
   images = jax.random.uniform(jax.random.key(4), (1, 48, 48, 1))
   positive = cam.cam(model.split(variables), images, jnp.array([1]), upsample=False)
@@ -80,9 +78,8 @@ def test_grad_cam_matches_an_explicit_gradient_for_the_custom_cnn():
 
 
 def test_cam_refuses_heads_that_are_not_gap_plus_dense():
-  radinet = densenet.densenet(block_sizes=(1, 1, 1, 1), growth_rate=4, stem_width=8,
-                              num_outputs=2, head="radinet", head_hidden_widths=(8, 8),
-                              input_shape=(128, 128, 1))  # a 4x4 last_conv map
+  radinet = tiny.densenet(num_outputs=2, head="radinet", head_hidden_widths=(8, 8),
+                          input_shape=(128, 128, 1))  # a 4x4 last_conv map
   variables = jax.jit(radinet.init)(jax.random.key(7))
   # Varied inputs so the hidden ReLUs switch between cells (else the head is locally affine).
   images = 20.0 * jax.random.normal(jax.random.key(8), (2, 128, 128, 1))

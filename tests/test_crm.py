@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tiny
 from medxai_jax.analysis import crm_tables
 from medxai_jax.attribution import cam
 from medxai_jax.attribution import crm
 from medxai_jax.models import base
 from medxai_jax.models import custom_cnn
-from medxai_jax.models import densenet
 from medxai_jax.models import heads
 
 
@@ -74,8 +74,7 @@ def identity_net():
 @pytest.fixture(scope="module")
 def linear():
   """Small DenseNet with GAP + dense (softmax, 3 logits); 128 px -> 4x4 last-conv cells."""
-  model = densenet.densenet(block_sizes=(1, 1, 1, 1), growth_rate=4, stem_width=8,
-                            num_outputs=3, head="softmax", input_shape=(128, 128, 1))
+  model = tiny.densenet(num_outputs=3, head="softmax", input_shape=(128, 128, 1))
   variables = jax.jit(model.init)(jax.random.key(1))
   images = jax.random.uniform(jax.random.key(2), (2, 128, 128, 1))
   fmap = jax.jit(lambda v, x: model.features(v, x, "last_conv"))(variables, images)
@@ -85,9 +84,8 @@ def linear():
 @pytest.fixture(scope="module")
 def radinet():
   """The same backbone with RadiNet's non-linear dense stack; varied inputs switch its ReLUs."""
-  model = densenet.densenet(block_sizes=(1, 1, 1, 1), growth_rate=4, stem_width=8,
-                            num_outputs=2, head="radinet", head_hidden_widths=(16, 8),
-                            input_shape=(128, 128, 1))
+  model = tiny.densenet(num_outputs=2, head="radinet", head_hidden_widths=(16, 8),
+                        input_shape=(128, 128, 1))
   variables = jax.jit(model.init)(jax.random.key(3))
   images = 20.0 * jax.random.normal(jax.random.key(4), (2, 128, 128, 1))
   fmap = jax.jit(lambda v, x: model.features(v, x, "last_conv"))(variables, images)

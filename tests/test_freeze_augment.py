@@ -11,10 +11,10 @@ import pytest
 import scipy.ndimage as ndi
 
 from configs import demo
+import tiny
 from medxai_jax.data import augment
 from medxai_jax.data import preprocess as preprocess_lib
 from medxai_jax.models import custom_cnn
-from medxai_jax.models import densenet
 from medxai_jax.models import vgg
 from medxai_jax.train import checkpoint
 from medxai_jax.train import freeze
@@ -27,8 +27,7 @@ KERAS_VGG16_CONVS = [f"block{b}_conv{c}" for b, n in enumerate((2, 2, 3, 3, 3), 
 
 
 def tiny_densenet():
-  return densenet.densenet(block_sizes=(1, 1, 1, 1), growth_rate=4, stem_width=8,
-                           input_shape=(32, 32, 3))
+  return tiny.densenet(input_shape=(32, 32, 3))
 
 
 def keras_densenet_layers(block_sizes):
@@ -80,9 +79,8 @@ def test_densenet_and_custom_cnn_masks():
   assert set(mask) == {"backbone", "classifier"}
   assert trainable_modules(freeze.trainable_mask(model, "last_n_layers", 3)) == {
       ("backbone", "conv5_block1_2_conv"), ("backbone", "bn"), ("classifier", "predictions")}
-  radinet = densenet.densenet(block_sizes=(1, 1, 1, 1), growth_rate=4, stem_width=8,
-                              input_shape=(32, 32, 3), head="radinet", num_outputs=2,
-                              head_hidden_widths=(8, 4))
+  radinet = tiny.densenet(input_shape=(32, 32, 3), head="radinet", num_outputs=2,
+                          head_hidden_widths=(8, 4))
   assert trainable_modules(freeze.trainable_mask(radinet, "head")) == {
       ("classifier", "dense1"), ("classifier", "dense2"), ("classifier", "predictions")}
   cnn = custom_cnn.custom_cnn(num_outputs=2, input_shape=(48, 48, 1), conv_widths=(4,) * 5,
@@ -322,14 +320,8 @@ def test_bad_augment_settings_are_named():
 
 
 def tiny_config(data_dir, **train):
-  config = demo.get_config()
-  config.dataset.data_dir = data_dir
-  config.dataset.phantoms.update(dict(image_size=48, num_train=64, num_validation=32,
-                                      num_test=32))
-  config.model.update(dict(input_shape=(48, 48, 1), conv_widths=(4, 8, 8, 8, 8),
-                           dense_widths=(16, 16)))
-  config.batch_size = 16
-  config.log_every_steps = 2
+  config = tiny.demo_config(data_dir, image_size=48, num_train=64, num_validation=32,
+                            num_test=32, batch_size=16, log_every_steps=2)
   config.augment.update(dict(flip=True, rotation_degrees=10.0, shift_pixels=2.0, zoom=0.1))
   config.train.update(train)
   return config

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import tiny
 from configs import demo
 from medxai_jax.models import densenet
 from medxai_jax.models import porting
@@ -19,7 +20,7 @@ from medxai_jax.train import checkpoint
 from medxai_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_DENSENET = dict(block_sizes=(1, 1, 1, 1), growth_rate=4, stem_width=8)
+TINY_DENSENET = tiny.DENSENET
 
 
 def _tiny_densenet_config(data_dir: str) -> ml_collections.ConfigDict:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tiny
 from medxai_jax.attribution import lrp
 from medxai_jax.models import densenet
 from medxai_jax.models import heads
@@ -329,9 +330,8 @@ BN_EPSILON = 1.001e-5
 
 
 def _tiny_densenet():
-  return densenet.densenet(block_sizes=(1, 1, 1, 1), growth_rate=4, stem_width=8,
-                           num_outputs=3, head="softmax", dtype=jnp.float64,
-                           input_shape=(DENSE_SIZE, DENSE_SIZE, 3))
+  return tiny.densenet(num_outputs=3, head="softmax", dtype=jnp.float64,
+                       input_shape=(DENSE_SIZE, DENSE_SIZE, 3))
 
 
 def _randomised(shapes, seed: int):

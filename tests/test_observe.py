@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
+import tiny
 from medxai_jax.attribution import api
 from medxai_jax.attribution import cam
 from medxai_jax.observe import profiling
@@ -21,7 +22,6 @@ from medxai_jax.observe import summaries
 from medxai_jax.observe import timing
 from medxai_jax.train import loop
 from medxai_jax.viz import run_report
-from configs import demo
 
 
 # --- an event-file reader written from TFRecord's framing and TensorBoard's Event proto
@@ -87,13 +87,9 @@ def values_of_kind(events, kind):
 
 def tiny_config(data_dir, **overrides):
   """The demo config on 40 px phantoms: 3 steps of 16 images per epoch, one epoch."""
-  config = demo.get_config()
-  config.dataset.data_dir = data_dir
-  config.dataset.phantoms.update(dict(image_size=40, num_train=48, num_validation=16,
-                                      num_test=16))
-  config.model.update(dict(input_shape=(40, 40, 1), conv_widths=(4, 8, 8, 8, 8),
-                           dense_widths=(16, 16)))
-  config.update(dict(batch_size=16, eval_batch_size=16, num_epochs=1, log_every_steps=1))
+  config = tiny.demo_config(data_dir, image_size=40, num_train=48, num_validation=16,
+                            num_test=16, batch_size=16, eval_batch_size=16, num_epochs=1,
+                            log_every_steps=1)
   config.update(overrides)
   return config
 

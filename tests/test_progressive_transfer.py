@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import tiny
 from configs import progressive_transfer as pt_config
 from medxai_jax.train import transfer as pt
 from medxai_jax.data import phantoms
@@ -51,7 +52,7 @@ HEAD_LEAVES = 10  # the RadiNet head: four hidden dense layers + the output laye
 
 
 def _tiny_model_fields() -> dict:
-  return dict(input_shape=(32, 32, 1), block_sizes=(1, 1, 1, 1), growth_rate=4, stem_width=8)
+  return dict(input_shape=(32, 32, 1), **tiny.DENSENET)
 
 
 def _run(config_path, workdir, data_dir, *args):

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+import tiny
 from configs import demo
 from medxai_jax import runs
 from medxai_jax.train import checkpoint
@@ -27,16 +28,9 @@ TIMING = ("train_seconds", "images_per_second")
 
 def tiny_config(data_dir: str, **overrides):
   """Two epochs of four steps on 48-px phantoms with a tiny CNN and on-device augmentation."""
-  config = demo.get_config()
-  config.dataset.data_dir = data_dir
-  config.dataset.phantoms.update(dict(image_size=48, num_train=64, num_validation=16,
-                                      num_test=16))
-  config.model.update(dict(input_shape=(48, 48, 1), conv_widths=(4, 4, 4, 4, 4),
-                           dense_widths=(8, 8)))
-  config.batch_size = 16
-  config.eval_batch_size = 16
-  config.num_epochs = 2
-  config.log_every_steps = 2
+  config = tiny.demo_config(data_dir, image_size=48, num_train=64, num_validation=16,
+                            num_test=16, conv_widths=(4, 4, 4, 4, 4), dense_widths=(8, 8),
+                            batch_size=16, eval_batch_size=16, num_epochs=2, log_every_steps=2)
   config.augment.update(dict(flip=True, rotation_degrees=10.0))
   config.update(overrides)
   return config

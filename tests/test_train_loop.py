@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import demo
+import tiny
 from medxai_jax.data import pipeline
 from medxai_jax.train import checkpoint
 from medxai_jax.train import loop
@@ -17,16 +17,10 @@ from medxai_jax.train import steps
 
 
 def tiny_config(data_dir: str, **overrides):
-  config = demo.get_config()
-  config.dataset.data_dir = data_dir
-  config.dataset.phantoms.update(dict(image_size=48, num_train=96, num_validation=32,
-                                      num_test=32))
-  config.model.update(dict(input_shape=(48, 48, 1), conv_widths=(4, 8, 8, 8, 8),
-                           dense_widths=(16, 16)))
-  config.batch_size = 16
-  config.eval_batch_size = 24  # not a divisor of 32: exercises the padded last batch
-  config.num_epochs = 3
-  config.log_every_steps = 2
+  # eval_batch_size 24 is not a divisor of 32: exercises the padded last batch.
+  config = tiny.demo_config(data_dir, image_size=48, num_train=96, num_validation=32,
+                            num_test=32, batch_size=16, eval_batch_size=24, num_epochs=3,
+                            log_every_steps=2)
   # On-device augmentation keyed by the state's rng and step: resumption must stay exact.
   config.augment.update(dict(flip=True, rotation_degrees=10.0, shift_pixels=2.0))
   config.update(overrides)

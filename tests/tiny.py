@@ -1,0 +1,43 @@
+"""The tiny settings tests share: the demo recipe on small phantoms, and a tiny DenseNet.
+
+Tests `import tiny` (pytest puts tests/ on sys.path, as for real_data). Each test states the
+sizes it relies on; what is left at its default here is what the test does not care about.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+
+from configs import demo
+from medxai_jax.models import base
+from medxai_jax.models import densenet as densenet_lib
+
+# One dense layer per block, growth 4, an 8-channel stem: every DenseNet code path, in ~2k params.
+DENSENET = dict(block_sizes=(1, 1, 1, 1), growth_rate=4, stem_width=8)
+
+
+def demo_config(data_dir: str | os.PathLike, *, image_size: int = 48, num_train: int = 96,
+                num_validation: int = 32, num_test: int = 32,
+                conv_widths: tuple[int, ...] = (4, 8, 8, 8, 8),
+                dense_widths: tuple[int, ...] = (16, 16), **fields: Any
+                ) -> ml_collections.ConfigDict:
+  """configs/demo.py on `image_size`-px phantoms in `data_dir`, with a narrow custom CNN;
+  `fields` then update the config's top level (batch_size=16, augment=..., ...)."""
+  config = demo.get_config()
+  config.dataset.data_dir = str(data_dir)
+  config.dataset.phantoms.update(dict(image_size=image_size, num_train=num_train,
+                                      num_validation=num_validation, num_test=num_test))
+  config.model.update(dict(input_shape=(image_size, image_size, 1), conv_widths=conv_widths,
+                           dense_widths=dense_widths))
+  config.update(fields)
+  return config
+
+
+def densenet(*, input_shape: tuple[int, int, int] = (32, 32, 3), **fields: Any
+             ) -> base.Classifier:
+  """A DenseNet with `DENSENET`'s sizes; `fields` go to `densenet.densenet` (num_outputs, head,
+  dtype, ...)."""
+  return densenet_lib.densenet(**DENSENET, input_shape=input_shape, **fields)
