@@ -10,7 +10,6 @@ and the report's timing table.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -35,16 +34,14 @@ from medxai_jax.viz import figures
 from medxai_jax.viz import report
 from medxai_jax.viz import run_report
 
-_CONFIG = cli.define_config_file(
-    "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs", "demo.py"), "Demo config file.")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Output directory.")
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs", "demo.py")
 
 
-def read_history(workdir: str) -> list[dict]:
-  """Epoch records of a training run."""
-  with open(os.path.join(workdir, "history.jsonl")) as f:
-    return [json.loads(line) for line in f]
+def _define_flags() -> None:
+  """Defines the command-line flags (only when run as a binary, so importing defines none)."""
+  cli.define_config_file("config", DEMO_CONFIG, "Demo config file.")
+  flags.DEFINE_string("workdir", "runs/demo", "Output directory.")
 
 
 def load_test_examples(source: pipeline.RandomAccessSource) -> dict[str, np.ndarray]:
@@ -68,9 +65,9 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.setup_console_logging()
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   start = time.time()
-  workdir = loop.prepare_workdir(_WORKDIR.value)
+  workdir = loop.prepare_workdir(flags.FLAGS.workdir)
   phases = timing.PhaseSequence(workdir, "demo", total=8)
   phases.start("train")
   result = loop.train_and_evaluate(config, workdir)
@@ -128,7 +125,7 @@ def main(argv: list[str]) -> None:
                             "roi_table": features["roi_table"]["rows"], **representation,
                             "marker_share": scored["marker_share"]}
   phases.start("report")
-  history = read_history(workdir)
+  history = run_report.read_history(os.path.join(workdir, "history.jsonl"))
   figures.plot_training_curves(history, os.path.join(workdir, "training_curves.png"),
                                result["selected_epoch"])
   result["demo_wall_seconds"] = time.time() - start
@@ -184,4 +181,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   cli.run(main)
