@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOST_METHOD = "host_gradients"  # registered by the tests: gradients, run on the host
+HOST_METHOD = "host_scaled"  # registered by the tests: a numpy method, run on the host
 NUM_IMAGES = 20  # shards of 8, 8 and 4 (a padded tail)
 BATCH_SIZE = 8
 METHODS = ("gradients", "grad_cam", "smoothgrad", HOST_METHOD)
@@ -74,11 +74,11 @@ def tiny_model():
                          input_shape=(32, 32, 1), num_outputs=1)
 
 
-def host_gradients(logits_fn, images, targets):
-  """The input gradients through numpy: fails under jit, so it runs only as a host method."""
-  from medxai_jax.attribution import gradients
-
-  return np.asarray(gradients.vanilla_gradients(logits_fn, images, targets))
+def host_scaled(logits_fn, images, targets):
+  """Each image times (its target + 1), in numpy: fails under jit, so it runs only as a host
+  method (as XRAI's segmentation does); its rows show whose image and target each map is."""
+  del logits_fn
+  return np.asarray(images) * (np.asarray(targets) + 1.0)[:, None, None, None]
 
 
 @contextlib.contextmanager
@@ -86,7 +86,7 @@ def host_method_registered():
   """`HOST_METHOD` in the registry (a host method, like XRAI and CRM) while the block runs."""
   from medxai_jax.attribution import registry
 
-  registry.register(registry.MethodSpec(HOST_METHOD, "Host gradients", host_gradients, "logits",
+  registry.register(registry.MethodSpec(HOST_METHOD, "Scaled images", host_scaled, "logits",
                                         True, 4))
   try:
     yield
@@ -236,11 +236,14 @@ def test_the_store_holds_the_maps_of_one_batch_of_every_image(one_device):
   # SmoothGrad's shard s draws from fold_in(fold_in(key, 2), s): shard 1 by hand.
   options = explain.method_options(["smoothgrad"], OVERRIDES)["smoothgrad"]
   shard_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(3), 2), 1)
-  by_hand = explain.method_maps(model, variables, images[8:16], targets[8:16], "smoothgrad",
-                                shard_key, options)
+  by_hand = jax.jit(lambda x, t: explain.method_maps(model, variables, x, t, "smoothgrad",
+                                                    shard_key, options))(images[8:16],
+                                                                         targets[8:16])
   assert_close(maps["smoothgrad"][8:16], np.asarray(by_hand), "smoothgrad")
   assert not np.allclose(maps["smoothgrad"], maps["gradients"], rtol=0.01)
-  assert_close(maps[HOST_METHOD], reference["gradients"], HOST_METHOD)
+  assert_close(maps[HOST_METHOD], np.asarray(images) * (np.asarray(targets) + 1.0)[:, None, None,
+                                                                                  None],
+               HOST_METHOD)
   info = one_device["result"]["methods"]
   assert info["gradients"]["shards_computed"] == [0, 1, 2]
   assert info["gradients"]["compile_seconds"] is not None
@@ -337,6 +340,96 @@ def test_the_reader_is_lazy_and_indexes_across_shards(one_device):
     maps[20]
   with pytest.raises(FileNotFoundError, match="is not a map store"):
     map_store.open_map_store(str(one_device["root"]))
+
+
+def test_num_images_is_a_count_or_all():
+  from medxai_jax import explain
+
+  assert explain.parse_num_images("8") == 8 and explain.parse_num_images(3) == 3
+  assert explain.parse_num_images(" All ") is None
+  with pytest.raises(ValueError, match="drop --indices"):
+    explain.parse_num_images("all", ["3"])
+  with pytest.raises(ValueError, match="a number or 'all'; got 'every'"):
+    explain.parse_num_images("every")
+  with pytest.raises(ValueError, match="at least 1"):
+    explain.parse_num_images("0")
+  # 'all' (None) is every index of the split, whatever the label; evaluate_run chooses so too.
+  labels = np.array([1, 0, 0, 1, 1])
+  np.testing.assert_array_equal(explain.choose_indices(labels, None, 1), np.arange(5))
+  with pytest.raises(ValueError, match="drop --indices"):
+    explain.choose_indices(labels, None, 1, indices=[2])
+
+
+def _fake_run(workdir, data_dir: str):
+  """A run directory as experiments/train.py leaves it (config.json, a 'best' checkpoint), of
+  random weights: 48 px phantoms, 12 test images."""
+  import jax
+  import jax.numpy as jnp
+
+  from configs import demo
+  from medxai_jax.train import checkpoint
+  from medxai_jax.train import loop
+  from medxai_jax.train import steps
+
+  config = demo.get_config()
+  config.dataset.data_dir = data_dir
+  config.dataset.phantoms.update(dict(image_size=48, num_train=4, num_validation=4, num_test=12))
+  config.model.update(dict(input_shape=(48, 48, 1), conv_widths=(4, 8, 8, 8, 8),
+                           dense_widths=(8,)))
+  model, tx, _ = loop.build_components(config)
+  rng = np.random.default_rng(0)
+  state = jax.tree_util.tree_map(
+      lambda s: (0.3 * rng.normal(size=s.shape)).astype(s.dtype)
+      if jnp.issubdtype(s.dtype, jnp.floating) else np.zeros(s.shape, s.dtype),
+      jax.eval_shape(lambda key: steps.create_train_state(model, tx, key), jax.random.key(0)))
+  store = checkpoint.CheckpointStore(str(workdir / "checkpoints"))
+  store.save_best(1, state, {"loop": {}, "record": {}})
+  store.close()
+  (workdir / "config.json").write_text(config.to_json_best_effort())
+  return config
+
+
+def test_the_binary_explains_a_whole_split_and_a_rerun_resumes_it(tmp_path):
+  import jax
+  import jax.numpy as jnp
+
+  from medxai_jax import explain
+  from medxai_jax import explain_dataset
+  from medxai_jax import map_store
+  from medxai_jax.train import loop
+
+  run_dir = tmp_path / "run"
+  config = _fake_run(run_dir, str(tmp_path / "tfds"))
+  command = [sys.executable, "-m", "experiments.explain", f"--checkpoint={run_dir}",
+             "--split=test", "--num_images=all", "--methods=gradients,grad_cam",
+             "--batch_size=8"]
+
+  first = subprocess.run(command, env=_environment(1), cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+  assert first.returncode == 0, first.stderr[-4000:]
+  workdir = run_dir / "explain"
+  assert "12 images explained into the map store" in first.stdout
+  opened = map_store.open_map_store(str(workdir / "maps"))
+  np.testing.assert_array_equal(opened.indices, np.arange(12))  # every image: no label filter
+  summary = json.loads((workdir / "explain.json").read_text())
+  assert summary["num_images"] == 12 and summary["indices"] == list(range(8))
+  assert (workdir / "attributions.png").exists()
+  np.testing.assert_array_equal(np.load(workdir / "maps_grad_cam.npy"), opened["grad_cam"][:8])
+  # The store's maps are the gradients of one batch of the whole split (independent path).
+  model, variables = loop.restore_selected_model(config, str(run_dir))
+  _, _, preprocess = loop.build_components(config)
+  examples = explain.load_split(config, "test")
+  assert set(examples["label"].tolist()) == {0, 1}
+  reference, _ = explain.run_methods(
+      model, variables, jax.jit(preprocess)(jnp.asarray(examples["image"])),
+      jnp.asarray(examples["label"], jnp.int32), ["gradients"], jax.random.key(0))
+  assert_close(np.concatenate(list(opened["gradients"])), reference["gradients"], "gradients")
+  # The same command again (here in-process) finds every shard written and recomputes none.
+  times = {p: p.stat().st_mtime_ns for p in (workdir / "maps").rglob("shard_*.npy")}
+  again = explain_dataset.explain_split_run(config, str(run_dir), str(workdir), split="test",
+                                            methods=["gradients", "grad_cam"], batch_size=8)
+  assert all(not info["shards_computed"] for info in again["methods"].values())
+  assert {p: p.stat().st_mtime_ns for p in times} == times
 
 
 if __name__ == "__main__":
