@@ -94,6 +94,16 @@ def host_method_registered():
     del registry.REGISTRY[HOST_METHOD]
 
 
+def random_variables(model, scale: float = 0.5):
+  """Normal weights drawn in numpy for the model's variable shapes (no XLA compilation)."""
+  import jax
+
+  rng = np.random.default_rng(0)
+  return jax.tree_util.tree_map(
+      lambda leaf: (scale * rng.standard_normal(leaf.shape)).astype(leaf.dtype),
+      jax.eval_shape(model.init, jax.random.key(0)))
+
+
 @functools.lru_cache(maxsize=None)
 def tiny_setup():
   """The tiny model, randomly initialised, and 20 phantoms of 32 px."""
@@ -103,7 +113,7 @@ def tiny_setup():
   from medxai_jax.data import preprocess as preprocess_lib
 
   model = tiny_model()
-  variables = jax.jit(model.init)(jax.random.key(0))
+  variables = random_variables(model)
   examples = phantoms.generate_phantoms(NUM_IMAGES, seed=1,
                                         config=phantoms.PhantomConfig(image_size=32))
   source = ArraySource({"image": examples["image"], "label": examples["label"].astype(np.int64)})
@@ -390,18 +400,14 @@ def _fake_run(workdir, data_dir: str):
 
 
 def test_the_binary_explains_a_whole_split_and_a_rerun_resumes_it(tmp_path):
-  import jax
-  import jax.numpy as jnp
-
   from medxai_jax import explain
   from medxai_jax import explain_dataset
   from medxai_jax import map_store
-  from medxai_jax.train import loop
 
   run_dir = tmp_path / "run"
   config = _fake_run(run_dir, str(tmp_path / "tfds"))
   command = [sys.executable, "-m", "experiments.explain", f"--checkpoint={run_dir}",
-             "--split=test", "--num_images=all", "--methods=gradients,grad_cam",
+             "--split=test", "--num_images=all", "--methods=gradients,grad_cam,cam",
              "--batch_size=8"]
 
   first = subprocess.run(command, env=_environment(1), cwd=REPO, capture_output=True, text=True,
@@ -411,24 +417,22 @@ def test_the_binary_explains_a_whole_split_and_a_rerun_resumes_it(tmp_path):
   assert "12 images explained into the map store" in first.stdout
   opened = map_store.open_map_store(str(workdir / "maps"))
   np.testing.assert_array_equal(opened.indices, np.arange(12))  # every image: no label filter
+  assert opened.methods == ["gradients", "grad_cam"]
+  assert "CAM" in opened.skipped["cam"]  # the custom CNN's head is not GAP + dense
   summary = json.loads((workdir / "explain.json").read_text())
   assert summary["num_images"] == 12 and summary["indices"] == list(range(8))
   assert (workdir / "attributions.png").exists()
   np.testing.assert_array_equal(np.load(workdir / "maps_grad_cam.npy"), opened["grad_cam"][:8])
-  # The store's maps are the gradients of one batch of the whole split (independent path).
-  model, variables = loop.restore_selected_model(config, str(run_dir))
-  _, _, preprocess = loop.build_components(config)
-  examples = explain.load_split(config, "test")
-  assert set(examples["label"].tolist()) == {0, 1}
-  reference, _ = explain.run_methods(
-      model, variables, jax.jit(preprocess)(jnp.asarray(examples["image"])),
-      jnp.asarray(examples["label"], jnp.int32), ["gradients"], jax.random.key(0))
-  assert_close(np.concatenate(list(opened["gradients"])), reference["gradients"], "gradients")
+  labels = explain.load_split(config, "test", ("label",))["label"]
+  assert set(labels.tolist()) == {0, 1} and summary["targets"] == labels[:8].tolist()
   # The same command again (here in-process) finds every shard written and recomputes none.
   times = {p: p.stat().st_mtime_ns for p in (workdir / "maps").rglob("shard_*.npy")}
   again = explain_dataset.explain_split_run(config, str(run_dir), str(workdir), split="test",
-                                            methods=["gradients", "grad_cam"], batch_size=8)
-  assert all(not info["shards_computed"] for info in again["methods"].values())
+                                            methods=["gradients", "grad_cam", "cam"],
+                                            batch_size=8)
+  assert all(not info["shards_computed"] for name, info in again["methods"].items()
+             if name != "cam")
+  assert again["methods"]["cam"]["skipped"] == opened.skipped["cam"]
   assert {p: p.stat().st_mtime_ns for p in times} == times
 
 
