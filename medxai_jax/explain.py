@@ -5,7 +5,8 @@ method jitted whole unless it runs on the host, the split methods on the model c
 conv layer) and `explain_run` explains the selected model of a training run
 (`experiments/explain.py`). Methods and options are the registry's: `overrides` maps an option
 name (e.g. 'num_steps') to a value for every selected method that has that option, or a method
-name to that method's own options (e.g. {'ig': {'rule': 'pair_uniform'}}).
+name to that method's own options (e.g. {'ig': {'rule': 'pair_uniform'}}). A whole split,
+streamed over every device and host into a sharded map store, is `explain_dataset`.
 """
 
 from __future__ import annotations
@@ -209,8 +210,8 @@ def explain_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir:
   summary = {"checkpoint": os.path.abspath(checkpoint_dir), "split": split,
              "indices": chosen.tolist(), "targets": np.asarray(targets).tolist(),
              "label": label, "seed": seed,
-             "overrides": _json_options(overrides or {}),
-             "options": _json_options(shared_options(info)), "methods": _json_options(info),
+             "overrides": json_options(overrides or {}),
+             "options": json_options(shared_options(info)), "methods": json_options(info),
              "figure": os.path.basename(figure)}
   metrics_lib.write_json(os.path.join(workdir, "explain.json"), summary)
   return summary
@@ -228,12 +229,12 @@ def shared_options(info: Mapping[str, Any]) -> dict[str, Any]:
           and isinstance(seen[0], (int, float, str, bool))}
 
 
-def _json_options(value: Any) -> Any:
+def json_options(value: Any) -> Any:
   """Options as strict JSON: arrays become lists, tuples lists, other values stay."""
   if isinstance(value, Mapping):
-    return {str(k): _json_options(v) for k, v in value.items()}
+    return {str(k): json_options(v) for k, v in value.items()}
   if isinstance(value, (tuple, list)):
-    return [_json_options(v) for v in value]
+    return [json_options(v) for v in value]
   if isinstance(value, (np.ndarray, jax.Array)):
     return np.asarray(value).tolist()
   if isinstance(value, np.generic):

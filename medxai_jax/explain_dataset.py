@@ -74,7 +74,7 @@ def _method_entries(methods: Sequence[str], options: Mapping[str, Any],
   entries = {}
   for name in methods:
     spec = registry.get(name)
-    entry = {"options": explain._json_options(options[name]), "host": spec.host}
+    entry = {"options": explain.json_options(options[name]), "host": spec.host}
     if spec.needs == "gap_split" and head_problem:
       entry["skipped"] = head_problem
     entries[name] = entry
@@ -114,18 +114,18 @@ def explain_source(model: base.Classifier, variables: base.Variables, preprocess
       **dict(settings or {}), "split": split, "batch_size": int(batch_size),
       "indices_sha1": map_store.fingerprint({"indices": indices.tolist()}),
       "num_examples": int(len(indices)), "methods": list(methods),
-      "options": explain._json_options(options), "label_key": label_key,
+      "options": explain.json_options(options), "label_key": label_key,
       "key": np.asarray(jax.random.key_data(key)).tolist()}
 
   index = map_store.read_index(store)
   if index is not None:
     map_store.check_settings(store, index, full_settings)
   # The contract on one concrete example (shape, finite, targets; CAM's head), before jitting.
-  sample = pipeline._stack(source.__getitems__([int(indices[0])]), ["image", label_key])
-  sample_images = jax.jit(preprocess)(jnp.asarray(sample["image"]))
+  (sample,) = source.__getitems__([int(indices[0])])
+  sample_images = jax.jit(preprocess)(jnp.asarray(sample["image"])[None])
   common.check_inputs(model, sample_images)
   common.check_method_inputs(model.logits_fn(variables), sample_images,
-                             jnp.asarray(sample[label_key], jnp.int32))
+                             jnp.asarray(sample[label_key], jnp.int32).reshape(1))
   if index is None:
     head_problem = (explain.gap_head_problem(model, variables, sample_images)
                     if any(spec.needs == "gap_split" for spec in specs) else None)
@@ -250,7 +250,7 @@ def run_settings(config: ml_collections.ConfigDict, checkpoint_dir: str) -> dict
 
 def runs_flat(section: Any) -> dict[str, Any]:
   """A config section as {dotted field: JSON value}."""
-  return explain._json_options(runs.flatten_config(section))
+  return explain.json_options(runs.flatten_config(section))
 
 
 def explain_split_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir: str, *,
@@ -291,9 +291,9 @@ def explain_split_run(config: ml_collections.ConfigDict, checkpoint_dir: str, wo
              "store": result["store"], "num_shards": result["num_shards"],
              "batch_size": batch_size, "num_devices": result["num_devices"],
              "num_processes": result["num_processes"],
-             "overrides": explain._json_options(overrides or {}),
-             "options": explain._json_options(explain.shared_options(result["methods"])),
-             "methods": explain._json_options(result["methods"]), "figure": "attributions.png"}
+             "overrides": explain.json_options(overrides or {}),
+             "options": explain.json_options(explain.shared_options(result["methods"])),
+             "methods": explain.json_options(result["methods"]), "figure": "attributions.png"}
   if jax.process_index() == 0:
     for name, value in maps.items():
       np.save(os.path.join(workdir, f"maps_{name}.npy"), value)
