@@ -9,13 +9,15 @@ weights on phantoms in memory, every local device) and of `explain.run_methods` 
 images in one batch (the in-memory path), both first runs including compilation; per method the
 seconds per image without compilation of both; the seconds of a rerun after one method's shards
 were deleted, and of one with every shard present (the resume check alone); the store's bytes;
-and the largest |difference| between the two paths' maps of the deterministic methods.
+the process's peak resident memory before, after streaming and after the in-memory path (the
+stream's peak should not grow with --num_images); and the largest |difference| between the two paths' maps of the deterministic methods.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -54,6 +56,11 @@ class _Source:
     return [{"image": self._images[i], "label": self._labels[i]} for i in indices]
 
 
+def _peak_rss_mb() -> float:
+  """This process's peak resident memory so far (MiB; Linux reports KiB)."""
+  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def main(argv: list[str]) -> None:
   del argv
   size = _IMAGE_SIZE.value
@@ -75,9 +82,11 @@ def main(argv: list[str]) -> None:
                                             methods=methods, key=key,
                                             batch_size=_BATCH.value, overrides=overrides)
 
+    rss_before = _peak_rss_mb()
     start = time.perf_counter()
     result = stream()
     first = time.perf_counter() - start
+    rss_stream = _peak_rss_mb()
     shutil.rmtree(os.path.join(store, methods[0]))
     start = time.perf_counter()
     stream()
@@ -92,6 +101,7 @@ def main(argv: list[str]) -> None:
     in_memory, memory_info = explain.run_methods(model, variables, images, targets, methods,
                                                  key, overrides)
     memory_seconds = time.perf_counter() - start
+    rss_memory = _peak_rss_mb()
 
     opened = map_store.open_map_store(store)
     deterministic = [m for m in methods if not registry.get(m).takes_key]
@@ -107,7 +117,9 @@ def main(argv: list[str]) -> None:
         "stream_rerun_one_method_seconds": round(one_method, 3),
         "stream_resume_check_seconds": round(resume_check, 3),
         "in_memory_images_per_second_first_run": round(n / memory_seconds, 2),
-        "store_bytes": store_bytes, "max_abs_difference_vs_in_memory": difference,
+        "store_bytes": store_bytes,
+        "peak_rss_mb": {"before": rss_before, "after_stream": rss_stream,
+                        "after_in_memory": rss_memory}, "max_abs_difference_vs_in_memory": difference,
         "stream_seconds_per_image": {m: result["methods"][m]["seconds_per_image"]
                                      for m in methods},
         "in_memory_seconds_per_image": {m: memory_info[m]["seconds_per_image"] for m in methods},
