@@ -97,7 +97,7 @@ def explain_source(model: base.Classifier, variables: base.Variables, preprocess
   the batch size, indices, methods, their options and the key they are the store's settings,
   and a store written with others raises `map_store.StoreMismatchError` naming the field.
   Returns per method its options, seconds per image and compile seconds (or why it was
-  skipped), and the shards computed by this call.
+  skipped), the shards computed by this call and those this process wrote.
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
   parallel.check_batch_size(batch_size, mesh, field="--batch_size")
@@ -162,6 +162,7 @@ def explain_source(model: base.Classifier, variables: base.Variables, preprocess
   seconds = {name: 0.0 for name in methods}
   compile_seconds = {name: 0.0 for name in methods}
   computed = {name: [] for name in methods}
+  written = {name: [] for name in methods}
   rows_local = parallel.local_rows(mesh, batch_size)
 
   def batches():
@@ -209,6 +210,7 @@ def explain_source(model: base.Classifier, variables: base.Variables, preprocess
       maps = maps[:real]
       if shard % jax.process_count() == jax.process_index():
         map_store.write_shard(store, name, shard, maps)
+        written[name].append(shard)
       entry = index["methods"][name]
       if entry.get("shape") is None:
         entry["shape"], entry["dtype"] = list(maps.shape[1:]), str(maps.dtype)
@@ -230,7 +232,7 @@ def explain_source(model: base.Classifier, variables: base.Variables, preprocess
         else round(compile_seconds[name], 2),
         "seconds_per_image": round(seconds[name] / images_done, 4) if images_done else None,
         "options": options[name], "host": spec.host, "shards_computed": computed[name],
-        "shards_reused": num_shards - len(computed[name])}
+        "shards_written": written[name], "shards_reused": num_shards - len(computed[name])}
   return {"store": os.path.abspath(store), "split": split, "num_examples": int(len(indices)),
           "num_shards": num_shards, "batch_size": int(batch_size),
           "num_devices": parallel.num_shards(mesh), "num_processes": jax.process_count(),

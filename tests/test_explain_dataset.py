@@ -2,8 +2,8 @@
 the maps one device writes, a killed run resumes at its missing shards, and the reader is lazy.
 
 The reference is independent of the streaming code: `explain.run_methods` on all images in one
-batch (the deterministic methods must match it; SmoothGrad draws per shard, so it is compared
-across device counts only). JAX fixes its device count at start, so the multi-device runs are
+batch (the deterministic methods must match it; SmoothGrad draws per shard, so its shard 1 is
+computed by hand with the documented key, and the device counts are compared with each other). JAX fixes its device count at start, so the multi-device runs are
 this file run as a script in subprocesses (XLA_FLAGS=--xla_force_host_platform_device_count=N;
 the 2-process run joined by jax.distributed on a free localhost port), as tests/test_parallel.py
 does.
@@ -37,11 +37,13 @@ class ArraySource:
 
   def __init__(self, examples: dict[str, np.ndarray]):
     self._examples = examples
+    self.decoded = 0  # records read so far
 
   def __len__(self) -> int:
     return len(self._examples["label"])
 
   def __getitems__(self, indices):
+    self.decoded += len(indices)
     return [{key: value[i] for key, value in self._examples.items()} for i in indices]
 
 
@@ -152,7 +154,8 @@ def _worker_main(argv: list[str]) -> None:
   with host_method_registered():
     result = explain_into(store)
   print(json.dumps({"result": result, "process_index": jax.process_index(),
-                    "devices": jax.device_count()}, default=str))
+                    "devices": jax.device_count(), "decoded": tiny_setup()[3].decoded},
+                   default=str))
 
 
 def _environment(devices: int) -> dict[str, str]:
@@ -255,7 +258,7 @@ def test_the_store_holds_the_maps_of_one_batch_of_every_image(one_device):
                                                                                   None],
                HOST_METHOD)
   info = one_device["result"]["methods"]
-  assert info["gradients"]["shards_computed"] == [0, 1, 2]
+  assert info["gradients"]["shards_computed"] == info["gradients"]["shards_written"] == [0, 1, 2]
   assert info["gradients"]["compile_seconds"] is not None
   assert info[HOST_METHOD]["host"] and info[HOST_METHOD]["compile_seconds"] is None
 
@@ -275,7 +278,12 @@ def test_two_processes_of_two_devices_write_the_maps_of_one_device(one_device):
   assert sorted(o["process_index"] for o in outputs) == [0, 1]
   assert all(o["devices"] == 4 and o["result"]["num_processes"] == 2 for o in outputs)
   store = str(one_device["root"] / "hosts")
-  # Each process wrote its share of the shard files (shard s by process s % 2).
+  # Each process read only its rows of every shard (4 of 8; the tail's padding included) and
+  # one sample record, and wrote its share of the shard files (shard s by process s % 2).
+  for output in sorted(outputs, key=lambda o: o["process_index"]):
+    assert output["decoded"] == 3 * 4 + 1
+    written = [[0, 2], [1]][output["process_index"]]
+    assert all(info["shards_written"] == written for info in output["result"]["methods"].values())
   hosts, one = _all_maps(store), _all_maps(str(one_device["root"] / "one"))
   for name in one:
     assert_close(hosts[name], one[name], name)
