@@ -130,7 +130,7 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, name: str) -> None:
   np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * scale, err_msg=name)
 
 
-def explain_into(store: str, **kwargs) -> dict[str, Any]:
+def explain_into(store: str, batch_size: int = BATCH_SIZE, **kwargs) -> dict[str, Any]:
   import jax
 
   from medxai_jax import explain_dataset
@@ -138,7 +138,7 @@ def explain_into(store: str, **kwargs) -> dict[str, Any]:
   model, variables, preprocess, source = tiny_setup()
   return explain_dataset.explain_source(
       model, variables, preprocess, source, store, methods=list(METHODS), key=jax.random.key(3),
-      split="test", batch_size=BATCH_SIZE, overrides=OVERRIDES, settings={"run": "tiny"},
+      split="test", batch_size=batch_size, overrides=OVERRIDES, settings={"run": "tiny"},
       **kwargs)
 
 
@@ -153,8 +153,14 @@ def _worker_main(argv: list[str]) -> None:
 
   with host_method_registered():
     result = explain_into(store)
+    try:  # a shard size the devices cannot share
+      explain_into(store + "_bad", batch_size=6)
+      error = None
+    except ValueError as raised:
+      error = str(raised)
   print(json.dumps({"result": result, "process_index": jax.process_index(),
-                    "devices": jax.device_count(), "decoded": tiny_setup()[3].decoded},
+                    "devices": jax.device_count(), "decoded": tiny_setup()[3].decoded,
+                    "bad_batch_error": error, "bad_store_created": os.path.exists(store + "_bad")},
                    default=str))
 
 
@@ -266,6 +272,8 @@ def test_the_store_holds_the_maps_of_one_batch_of_every_image(one_device):
 def test_four_devices_write_the_maps_of_one_device(one_device):
   (output,) = _wait([one_device["four"]])
   assert output["devices"] == 4 and output["result"]["num_devices"] == 4
+  assert "--batch_size=6 is not divisible by the 4 devices" in output["bad_batch_error"]
+  assert not output["bad_store_created"]  # refused before anything is written
   four, one = _all_maps(str(one_device["root"] / "four")), _all_maps(str(one_device["root"] /
                                                                          "one"))
   assert sorted(four) == sorted(one)
