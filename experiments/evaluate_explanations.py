@@ -38,6 +38,7 @@ from absl import app
 from absl import flags
 
 from experiments import cli
+from medxai_jax import explain
 from medxai_jax import logs
 from medxai_jax import runs
 from medxai_jax.analysis import evaluation
@@ -53,9 +54,13 @@ def _define_flags() -> None:
   flags.DEFINE_string("checkpoint", None, "Training run directory to evaluate.")
   flags.DEFINE_string("workdir", None, "Output directory (default: <checkpoint>/evaluation).")
   flags.DEFINE_list("methods", None, "Methods (default: all of attribution.registry).")
-  flags.DEFINE_integer("num_images", 16, "Test images to score.")
-  flags.DEFINE_integer("label", 1, "Score test images of this label (-1: any, class-balanced).")
-  flags.DEFINE_list("indices", [], "Test-split indices (overrides --label).")
+  flags.DEFINE_string("num_images", "16", "Images to score: a number (chosen by --label / "
+                      "--indices), or 'all': every image of --split (scored in one batch, in "
+                      "memory).")
+  flags.DEFINE_string("split", None, "Split to score (default: the run's "
+                      "config.dataset.test_split).")
+  flags.DEFINE_integer("label", 1, "Score images of this label (-1: any, class-balanced).")
+  flags.DEFINE_list("indices", [], "Split indices (overrides --label).")
   flags.DEFINE_integer("steps", 64, "IG / Blur IG / Guided IG gradient evaluations.")
   flags.DEFINE_integer("samples", 32, "SmoothGrad noise samples.")
   flags.DEFINE_integer("seed", 0, "Seed of the random parts (noise, random order, randomised "
@@ -109,7 +114,8 @@ def main(argv: list[str]) -> None:
   workdir = value("workdir") or os.path.join(value("checkpoint"), "evaluation")
   summary, report_path = evaluation_report.evaluate_and_report(
       config, value("checkpoint"), workdir, methods=value("methods"),
-      num_images=value("num_images"), label=value("label"), indices=value("indices"),
+      num_images=explain.parse_num_images(value("num_images"), value("indices")),
+      split=value("split"), label=value("label"), indices=value("indices"),
       options=options, score_options=score_options, gallery_rows=value("gallery_rows"),
       seed=value("seed"), shuffled_labels_checkpoint=value("shuffled_labels_checkpoint"))
   with open(summary["files"]["leaderboard_md"]) as file:

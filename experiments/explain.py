@@ -20,6 +20,20 @@ has them, and --method_options sets one method's own, e.g.
 else kept as strings). The old --steps / --samples are refused with the new names. The run's
 `report.html` gets an "explanations" section: every method's map overlaid on the image ('jet', low values
 transparent, the dataset's localisation mask outlined), and the timings.
+
+A whole split, on every device (and host):
+
+  python -m experiments.explain --checkpoint=runs/mura --split=test --num_images=all \
+      --methods=gradients,grad_cam,ig --batch_size=64
+
+explains every image of --split (no --label filter) for its label, in shards of --batch_size
+images split over the device mesh (`medxai_jax.explain_dataset`), into the map store
+<workdir>/maps (`index.json` + one `<method>/shard_<s>.npy` per shard; read it with
+`medxai_jax.map_store.open_map_store`). Rerun the same command after a kill: the shards already
+written are kept; other settings under an existing store are refused naming the field.
+maps_<method>.npy, attributions.png and explain.json then cover the first 8 images. Several
+hosts: the same command on each with --multihost (or --coordinator_address, --num_processes,
+--process_id), as experiments/train.py; each process reads only its rows of every shard.
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+import jax
 
 from experiments import cli
 from medxai_jax import explain
@@ -39,7 +54,9 @@ from medxai_jax.attribution import registry
 from medxai_jax import logs
 from medxai_jax import runs
 from medxai_jax.data import builders
+from medxai_jax import explain_dataset
 from medxai_jax.data import pipeline
+from medxai_jax.train import parallel
 from medxai_jax.viz import run_report
 
 _CONFIG = cli.define_config_file(
@@ -49,10 +66,28 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training run directory to
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: <checkpoint>/explain).")
 _METHODS = flags.DEFINE_list("methods", None,
                              "Methods (default: all); see attribution.registry.REGISTRY.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "Images to explain.")
-_LABEL = flags.DEFINE_integer("label", 1, "Explain test images of this label (-1: any, "
+_NUM_IMAGES = flags.DEFINE_string(
+    "num_images", "8", "Images to explain: a number (chosen by --label / --indices, one batch), "
+    "or 'all': every image of --split, streamed over every device into the map store "
+    "<workdir>/maps.")
+_SPLIT = flags.DEFINE_string("split", None, "Split to explain (default: the run's "
+                             "config.dataset.test_split).")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", 32, "--num_images=all: images per shard, split over the devices (a multiple "
+    "of the device count).")
+_LABEL = flags.DEFINE_integer("label", 1, "Explain images of this label (-1: any, "
                               "class-balanced).")
-_INDICES = flags.DEFINE_list("indices", [], "Test-split indices (overrides --label).")
+_INDICES = flags.DEFINE_list("indices", [], "Split indices (overrides --label).")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", None, "Start jax.distributed with the cluster auto-detected (SLURM, Open MPI, "
+    "TPU pods). Default: $MEDXAI_DISTRIBUTED=1.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "HOST:PORT of process 0 for a multi-host run without "
+    "auto-detection (default: $JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes of a multi-host run (0: "
+                                      "auto-detected).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a multi-host run "
+                                   "(-1: auto-detected).")
 _NUM_STEPS = flags.DEFINE_integer(
     "num_steps", None, f"Gradient evaluations of the path methods (IG, Blur IG, Guided IG, "
     f"XRAI; default {registry.NUM_STEPS}).")
@@ -113,15 +148,29 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.setup_console_logging()
+  num_images = explain.parse_num_images(_NUM_IMAGES.value, _INDICES.value)
+  if num_images is None and _LABEL.present:
+    raise ValueError(f"--num_images=all explains every image of --split whatever its label; "
+                     f"drop --label={_LABEL.value} or give --num_images a number.")
   overrides = overrides_from_flags()
   registry.check_names(_METHODS.value or [])
   explain.method_options(_METHODS.value or list(registry.REGISTRY), overrides)
+  # Before anything touches a device.
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                  auto=_MULTIHOST.value)
   config = runs.resolve_config(_CHECKPOINT.value, _CONFIG.value)
   workdir = _WORKDIR.value or os.path.join(_CHECKPOINT.value, "explain")
-  summary = explain.explain_run(config, _CHECKPOINT.value, workdir,
-                                methods=_METHODS.value, num_images=_NUM_IMAGES.value,
-                                label=_LABEL.value, indices=_INDICES.value, overrides=overrides,
-                                seed=_SEED.value)
+  if num_images is None:
+    summary = explain_dataset.explain_split_run(
+        config, _CHECKPOINT.value, workdir, split=_SPLIT.value, methods=_METHODS.value,
+        overrides=overrides, batch_size=_BATCH_SIZE.value, seed=_SEED.value)
+    if jax.process_index() != 0:  # process 0 writes the report
+      return
+  else:
+    summary = explain.explain_run(config, _CHECKPOINT.value, workdir,
+                                  methods=_METHODS.value, num_images=num_images,
+                                  label=_LABEL.value, indices=_INDICES.value,
+                                  overrides=overrides, seed=_SEED.value, split=_SPLIT.value)
   split = summary["split"]
   source = pipeline.load_sources(config.dataset, [split])[split]
   images, masks = run_report.explained_inputs(
@@ -131,6 +180,10 @@ def main(argv: list[str]) -> None:
       run_report.explanation_section(workdir, summary, _CHECKPOINT.value, images=images,
                                      masks=masks))
   print(json.dumps(summary["methods"], indent=2))
+  if "store" in summary:
+    print(f"{summary['num_images']} images explained into the map store {summary['store']} "
+          f"({summary['num_shards']} shards on {summary['num_devices']} devices, "
+          f"{summary['num_processes']} processes).")
   print(f"Maps in {workdir}; report: {report_path}")
 
 

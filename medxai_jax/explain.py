@@ -5,7 +5,8 @@ method jitted whole unless it runs on the host, the split methods on the model c
 conv layer) and `explain_run` explains the selected model of a training run
 (`experiments/explain.py`). Methods and options are the registry's: `overrides` maps an option
 name (e.g. 'num_steps') to a value for every selected method that has that option, or a method
-name to that method's own options (e.g. {'ig': {'rule': 'pair_uniform'}}).
+name to that method's own options (e.g. {'ig': {'rule': 'pair_uniform'}}). A whole split,
+streamed over every device and host into a sharded map store, is `explain_dataset`.
 """
 
 from __future__ import annotations
@@ -101,9 +102,31 @@ def run_methods(model: base.Classifier, variables: base.Variables, images: jax.A
   return maps, info
 
 
-def choose_indices(labels: np.ndarray, num_images: int, label: int,
+ALL = "all"
+
+
+def parse_num_images(text: str | int, indices: Sequence[Any] = ()) -> int | None:
+  """--num_images as a count >= 1, or None for 'all' (every image of the split: no label filter,
+  so no --indices either)."""
+  text = str(text).strip().lower()
+  if text == ALL:
+    if indices:
+      raise ValueError(f"--num_images=all takes every image of the split; drop --indices "
+                       f"({list(indices)}) or give --num_images a number.")
+    return None
+  try:
+    count = int(text)
+  except ValueError:
+    raise ValueError(f"--num_images must be a number or 'all'; got {text!r}.") from None
+  if count < 1:
+    raise ValueError(f"--num_images must be at least 1 (or 'all'); got {count}.")
+  return count
+
+
+def choose_indices(labels: np.ndarray, num_images: int | None, label: int,
                    indices: Sequence[int] = (), seed: int = 0) -> np.ndarray:
-  """Test-split indices to explain: `indices` if given, else a seeded sample of `num_images`.
+  """Split indices to explain: `indices` if given, else a seeded sample of `num_images`, or
+  every index of the split when `num_images` is None ('all': no label filter, no `indices`).
 
   label >= 0: a random sample (seeded) of the images of that label. label = -1: a class-balanced
   sample, round-robin over the classes present (in class order) each drawn from a seeded
@@ -114,6 +137,11 @@ def choose_indices(labels: np.ndarray, num_images: int, label: int,
   fewer candidates.
   """
   labels = np.asarray(labels)
+  if num_images is None:
+    if indices:
+      raise ValueError(f"--num_images=all takes every image of the split; drop --indices "
+                       f"({list(indices)}) or give --num_images a number.")
+    return np.arange(len(labels))
   if indices:
     chosen = np.asarray([int(i) for i in indices])
     if chosen.min() < 0 or chosen.max() >= len(labels):
@@ -155,16 +183,18 @@ def load_split(config: ml_collections.ConfigDict, split: str,
 def explain_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir: str, *,
                 methods: Sequence[str] | None = None, num_images: int = 8, label: int = 1,
                 indices: Sequence[int] = (), overrides: Overrides | None = None,
-                seed: int = 0) -> dict[str, Any]:
+                seed: int = 0, split: str | None = None) -> dict[str, Any]:
   """Explains the selected model of a training run; writes maps, the grid figure and JSON.
 
-  The images are `choose_indices(labels, num_images, label, indices, seed)` of the test split.
+  The images are `choose_indices(labels, num_images, label, indices, seed)` of `split`
+  (default: the test split), explained in one batch; a whole split, streamed over every device
+  into a map store, is `explain_dataset.explain_split_run`.
   """
+  split = split or config.dataset.test_split
   model, variables = loop.restore_selected_model(config, checkpoint_dir)
   workdir = loop.prepare_workdir(workdir)
   _, _, preprocess = loop.build_components(config)
-  examples = load_split(config, config.dataset.test_split,
-                        ("image", "label", "lesion_mask", "index"))
+  examples = load_split(config, split, ("image", "label", "lesion_mask", "index"))
   chosen = choose_indices(examples["label"], num_images, label, indices, seed)
   images = jax.jit(preprocess)(jnp.asarray(examples["image"][chosen]))
   targets = jnp.asarray(examples["label"][chosen], jnp.int32)
@@ -175,13 +205,13 @@ def explain_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir:
     np.save(os.path.join(workdir, f"maps_{name}.npy"), value)
   figure = figures.plot_attribution_grid(
       examples["image"][chosen], maps, os.path.join(workdir, "attributions.png"),
-      masks=examples.get("lesion_mask", None) if "lesion_mask" in examples else None,
+      masks=examples["lesion_mask"][chosen] if "lesion_mask" in examples else None,
       titles=[f"#{i}" for i in chosen])
-  summary = {"checkpoint": os.path.abspath(checkpoint_dir), "split": config.dataset.test_split,
+  summary = {"checkpoint": os.path.abspath(checkpoint_dir), "split": split,
              "indices": chosen.tolist(), "targets": np.asarray(targets).tolist(),
              "label": label, "seed": seed,
-             "overrides": _json_options(overrides or {}),
-             "options": _json_options(shared_options(info)), "methods": _json_options(info),
+             "overrides": json_options(overrides or {}),
+             "options": json_options(shared_options(info)), "methods": json_options(info),
              "figure": os.path.basename(figure)}
   metrics_lib.write_json(os.path.join(workdir, "explain.json"), summary)
   return summary
@@ -199,12 +229,12 @@ def shared_options(info: Mapping[str, Any]) -> dict[str, Any]:
           and isinstance(seen[0], (int, float, str, bool))}
 
 
-def _json_options(value: Any) -> Any:
+def json_options(value: Any) -> Any:
   """Options as strict JSON: arrays become lists, tuples lists, other values stay."""
   if isinstance(value, Mapping):
-    return {str(k): _json_options(v) for k, v in value.items()}
+    return {str(k): json_options(v) for k, v in value.items()}
   if isinstance(value, (tuple, list)):
-    return [_json_options(v) for v in value]
+    return [json_options(v) for v in value]
   if isinstance(value, (np.ndarray, jax.Array)):
     return np.asarray(value).tolist()
   if isinstance(value, np.generic):

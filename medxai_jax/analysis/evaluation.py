@@ -428,12 +428,19 @@ def write_sanity_csv(sanity: Mapping[str, Mapping[str, Any]], path: str) -> str:
 
 
 def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir: str, *,
-                 methods: Sequence[str] | None = None, num_images: int = 16, label: int = 1,
-                 indices: Sequence[int] = (), options: explain.Overrides | None = None,
+                 methods: Sequence[str] | None = None, num_images: int | None = 16,
+                 label: int = 1, indices: Sequence[int] = (),
+                 options: explain.Overrides | None = None,
                  score_options: ScoreOptions = ScoreOptions(),
                  gallery_rows: int = 6, seed: int = 0,
-                 shuffled_labels_checkpoint: str | None = None) -> dict[str, Any]:
-  """Scores every method on test images of a run's selected model; writes the leaderboard files.
+                 shuffled_labels_checkpoint: str | None = None,
+                 split: str | None = None) -> dict[str, Any]:
+  """Scores every method on images of a run's selected model; writes the leaderboard files.
+
+  The images are `explain.choose_indices(labels, num_images, label, indices, seed)` of `split`
+  (default: the test split): with `num_images=None` every image of the split (no label
+  filter). They are scored in one batch, so the split's images and maps sit in memory (a whole
+  large split streamed over the devices into a map store is `explain_dataset`).
 
   `shuffled_labels_checkpoint`: a run of the same config trained with
   `config.dataset.shuffle_labels=True` (Adebayo et al.'s data-randomisation test); every method
@@ -453,8 +460,8 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
   _, _, preprocess = loop.build_components(config)
   keys = dataset_mask_keys(config.dataset.name)
   wanted = [k for key in keys if key is not None for k in (key, f"has_{key}")]
-  examples = explain.load_split(config, config.dataset.test_split,
-                                ("image", "label", *wanted, "index"))
+  split = split or config.dataset.test_split
+  examples = explain.load_split(config, split, ("image", "label", *wanted, "index"))
   chosen = explain.choose_indices(examples["label"], num_images, label, indices, seed=seed)
   images = jax.jit(preprocess)(jnp.asarray(examples["image"][chosen]))
   targets = jnp.asarray(examples["label"][chosen], jnp.int32)
@@ -539,7 +546,7 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
               for metric, values in scores.items()})
 
   summary = {
-      "checkpoint": os.path.abspath(checkpoint_dir), "split": config.dataset.test_split,
+      "checkpoint": os.path.abspath(checkpoint_dir), "split": split,
       "indices": chosen.tolist(), "targets": np.asarray(targets).tolist(),
       "num_images": len(chosen), "metrics": metrics, "not_scored": not_scored,
       "masks": {"localisation": masks.localisation_key, "marker": masks.marker_key,
