@@ -21,6 +21,7 @@ before `main` runs.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import functools
@@ -36,6 +37,7 @@ from ml_collections import config_flags
 from ml_collections.config_flags import config_flags as config_flags_lib
 
 from medxai_jax import runtime
+from medxai_jax.attribution import registry
 from medxai_jax.data import preprocess
 from medxai_jax.train import loop
 from medxai_jax.train import workdir as workdir_lib
@@ -192,6 +194,67 @@ def define_config_file(name: str, default: str | None, help_string: str) -> flag
     if traceback_wanted():
       raise
     exit_with_user_error(config_override_error(expand_flagfiles(sys.argv), error))
+
+
+# The explanation options of explain and evaluate_explanations: one spelling for both.
+RENAMED_OPTION_FLAGS = {"steps": "num_steps", "samples": "num_samples"}
+
+
+def define_explanation_flags() -> None:
+  """--num_steps, --num_samples, --chunk_size and --method_options (unset: the registry's
+  defaults), and the old --steps / --samples, which are refused with their new names."""
+  flags.DEFINE_integer(
+      "num_steps", None, f"Gradient evaluations of the path methods (IG, Blur IG, Guided IG, "
+      f"XRAI; default {registry.NUM_STEPS}).")
+  flags.DEFINE_integer("num_samples", None,
+                       f"SmoothGrad noise samples (default {registry.NUM_SAMPLES}).")
+  flags.DEFINE_integer(
+      "chunk_size", None, f"Steps / samples / windows / masks per batch of every chunked "
+      f"method (default {registry.CHUNK_SIZE}).")
+  flags.DEFINE_list(
+      "method_options", [], "One method's options as method.option=value, e.g. "
+      "ig.rule=pair_uniform,occlusion.window=8.")
+  for old, new in RENAMED_OPTION_FLAGS.items():
+    flags.DEFINE_integer(old, None, f"Renamed: use --{new}.")
+
+
+def _literal(text: str) -> Any:
+  """A Python literal (number, tuple, None, True...) or, failing that, the text itself."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_method_options(entries: Sequence[str]) -> dict[str, dict[str, Any]]:
+  """`--method_options` entries method.option=value as {method: {option: value}}."""
+  parsed: dict[str, dict[str, Any]] = {}
+  for entry in entries:
+    name, equals, value = entry.partition("=")
+    method, dot, option = name.partition(".")
+    if not (equals and dot and method.strip() and option.strip()):
+      raise ValueError(f"--method_options entries are method.option=value (no commas in "
+                       f"a value); got {entry!r}.")
+    parsed.setdefault(method.strip(), {})[option.strip()] = _literal(value.strip())
+  return parsed
+
+
+def explanation_overrides() -> dict[str, Any]:
+  """The explanation overrides `define_explanation_flags`' flags give (only those set)."""
+  values = flags.FLAGS
+  for old, new in RENAMED_OPTION_FLAGS.items():
+    if values[old].value is not None:
+      raise ValueError(f"--{old} is now --{new} (one spelling for every method and "
+                       f"binary): pass --{new}={values[old].value}.")
+  overrides: dict[str, Any] = {name: values[name].value
+                               for name in ("num_steps", "num_samples", "chunk_size")
+                               if values[name].value is not None}
+  for method, options in parse_method_options(values["method_options"].value).items():
+    if method not in registry.REGISTRY:
+      raise ValueError(f"--method_options names {method!r}, not a method; choose from "
+                       f"{list(registry.REGISTRY)}.")
+    overrides[method] = options
+  return overrides
 
 
 def parse_flags(argv: list[str]) -> list[str]:

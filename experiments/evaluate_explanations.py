@@ -61,8 +61,7 @@ def _define_flags() -> None:
                       "config.dataset.test_split).")
   flags.DEFINE_integer("label", 1, "Score images of this label (-1: any, class-balanced).")
   flags.DEFINE_list("indices", [], "Split indices (overrides --label).")
-  flags.DEFINE_integer("steps", 64, "IG / Blur IG / Guided IG gradient evaluations.")
-  flags.DEFINE_integer("samples", 32, "SmoothGrad noise samples.")
+  cli.define_explanation_flags()
   flags.DEFINE_integer("seed", 0, "Seed of the random parts (noise, random order, randomised "
                        "weights, bootstrap).")
   flags.DEFINE_integer("curve_steps", 50, "Deletion / insertion steps.")
@@ -99,7 +98,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.setup_console_logging()
   value = lambda name: flags.FLAGS[name].value  # noqa: E731
-  options = {"num_steps": value("steps"), "num_samples": value("samples")}
+  options = cli.explanation_overrides()
   margin = value("margin")
   score_options = evaluation.ScoreOptions(
       margin=None if margin < 0 else margin, curve_steps=value("curve_steps"),

@@ -41,9 +41,6 @@ from __future__ import annotations
 import json
 import os
 
-import ast
-from typing import Any
-
 from absl import app
 from absl import flags
 import jax
@@ -88,60 +85,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes of a multi-
                                       "auto-detected).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a multi-host run "
                                    "(-1: auto-detected).")
-_NUM_STEPS = flags.DEFINE_integer(
-    "num_steps", None, f"Gradient evaluations of the path methods (IG, Blur IG, Guided IG, "
-    f"XRAI; default {registry.NUM_STEPS}).")
-_NUM_SAMPLES = flags.DEFINE_integer(
-    "num_samples", None, f"SmoothGrad noise samples (default {registry.NUM_SAMPLES}).")
-_CHUNK_SIZE = flags.DEFINE_integer(
-    "chunk_size", None, f"Steps / samples / windows / masks per batch of every chunked method "
-    f"(default {registry.CHUNK_SIZE}).")
-_METHOD_OPTIONS = flags.DEFINE_list(
-    "method_options", [], "One method's options as method.option=value, e.g. "
-    "ig.rule=pair_uniform,occlusion.window=8.")
-_OLD_STEPS = flags.DEFINE_integer("steps", None, "Renamed: use --num_steps.")
-_OLD_SAMPLES = flags.DEFINE_integer("samples", None, "Renamed: use --num_samples.")
+cli.define_explanation_flags()
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random parts (image sample, SmoothGrad "
                              "noise).")
 flags.mark_flags_as_required(["checkpoint"])
-
-
-def _literal(text: str) -> Any:
-  """A Python literal (number, tuple, None, True...) or, failing that, the text itself."""
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
-
-
-def parse_method_options(entries: list[str]) -> dict[str, dict[str, Any]]:
-  """{method: {option: value}} from 'method.option=value' entries (checked by explain)."""
-  parsed: dict[str, dict[str, Any]] = {}
-  for entry in entries:
-    name, equals, value = entry.partition("=")
-    method, dot, option = name.partition(".")
-    if not (equals and dot and method.strip() and option.strip()):
-      raise ValueError(f"--method_options entries are method.option=value (no commas in "
-                           f"a value); got {entry!r}.")
-    parsed.setdefault(method.strip(), {})[option.strip()] = _literal(value.strip())
-  return parsed
-
-
-def overrides_from_flags() -> dict[str, Any]:
-  """The explanation overrides of the flags (only the ones given)."""
-  for old, new in ((_OLD_STEPS, "num_steps"), (_OLD_SAMPLES, "num_samples")):
-    if old.value is not None:
-      raise ValueError(f"--{old.name} is now --{new} (one spelling for every method and "
-                           f"binary): pass --{new}={old.value}.")
-  overrides: dict[str, Any] = {name: flag.value for name, flag in (
-      ("num_steps", _NUM_STEPS), ("num_samples", _NUM_SAMPLES), ("chunk_size", _CHUNK_SIZE))
-      if flag.value is not None}
-  for method, options in parse_method_options(_METHOD_OPTIONS.value).items():
-    if method not in registry.REGISTRY:
-      raise ValueError(f"--method_options names {method!r}, not a method; choose from "
-                           f"{list(registry.REGISTRY)}.")
-    overrides[method] = options
-  return overrides
 
 
 def main(argv: list[str]) -> None:
@@ -152,7 +99,7 @@ def main(argv: list[str]) -> None:
   if num_images is None and _LABEL.present:
     raise ValueError(f"--num_images=all explains every image of --split whatever its label; "
                      f"drop --label={_LABEL.value} or give --num_images a number.")
-  overrides = overrides_from_flags()
+  overrides = cli.explanation_overrides()
   registry.check_names(_METHODS.value or [])
   explain.method_options(_METHODS.value or list(registry.REGISTRY), overrides)
   # Before anything touches a device.

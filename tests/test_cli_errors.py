@@ -339,3 +339,15 @@ def test_every_registered_method_explains_a_classifier():
   expected = np.asarray(jax.grad(target_score)(images))
   np.testing.assert_allclose(all_maps["gradients"].reshape(expected.shape), expected,
                              rtol=1e-5, atol=1e-7)
+
+
+def test_evaluate_explanations_spells_the_options_as_explain_does():
+  # The same flags as explain: --num_steps / --num_samples; the old names are refused.
+  message = assert_one_error_block(run("experiments.evaluate_explanations",
+                                       "--checkpoint=/nonexistent_run", "--samples=4"))
+  assert message == ("--samples is now --num_samples (one spelling for every method and "
+                     "binary): pass --num_samples=4.")
+  message = assert_one_error_block(run("experiments.evaluate_explanations",
+                                       "--checkpoint=/nonexistent_run",
+                                       "--method_options=nosuch.window=4"))
+  assert message.startswith("--method_options names 'nosuch', not a method")
