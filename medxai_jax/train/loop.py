@@ -33,6 +33,7 @@ from medxai_jax.train import metrics as metrics_lib
 from medxai_jax.train import optim
 from medxai_jax.train import parallel
 from medxai_jax.train import preemption
+from medxai_jax.train import results
 from medxai_jax.train import schema
 from medxai_jax.train import steps
 from medxai_jax.train import workdir as workdir_lib
@@ -94,26 +95,10 @@ def evaluate(state: steps.TrainState, source: pipeline.RandomAccessSource, *, ev
   labels_all = np.concatenate(labels)
   if features is not None:
     features.update({key: np.concatenate(values) for key, values in columns.items()})
-  result = defined_metrics(metrics_lib.classification_metrics(labels_all, logits_all),
+  result = results.defined_metrics(metrics_lib.classification_metrics(labels_all, logits_all),
                            f"the {split} split" if split else "the evaluated split", warned)
   result["loss"] = float(np.concatenate(losses).mean())
   return result, logits_all, labels_all
-
-
-def defined_metrics(summary: Mapping[str, Any], where: str,
-                    warned: set[tuple[str, str]] | None = None) -> dict[str, Any]:
-  """`summary` (metrics_lib's) with its undefined metrics set to None, each one warned about
-  (`where`, e.g. 'the test split', names the data in the warning)."""
-  result = dict(summary)
-  for metric, reason in metrics_lib.undefined_metrics(
-      np.asarray(summary["confusion_matrix"])).items():
-    result[metric] = None
-    if warned is None or (where, metric) not in warned:
-      logging.warning("%s is undefined on %s (%d examples): %s; it is reported as null.",
-                      metric, where, summary["num_examples"], reason)
-      if warned is not None:
-        warned.add((where, metric))
-  return result
 
 
 def _format_metric(value: float | None) -> str:
@@ -211,73 +196,6 @@ def _check_finite(loss: float, epoch: int, step: int, learning_rate: float, stor
     raise NonFiniteLossError(
         f"Training loss became {loss} at epoch {epoch + 1}, step {step} (learning rate "
         f"{learning_rate:g}); {where}. Lower config.learning_rate or check the input data.")
-
-
-# Record features copied into predictions_test.npz and grouped by in metrics.json, when present.
-RECORD_FEATURES = ("study_id", "body_part", "patient_id", "path")
-
-
-def text_column(values: np.ndarray, names: Sequence[str] | None = None) -> np.ndarray:
-  """A feature column as str [N]: bytes decoded, class indices named by `names`."""
-  def text(value: Any) -> str:
-    value = value.item() if isinstance(value, np.generic) or (
-        isinstance(value, np.ndarray) and value.ndim == 0) else value
-    if isinstance(value, bytes):
-      return value.decode()
-    if names is not None and isinstance(value, (int, np.integer)):
-      return names[int(value)]
-    return str(value)
-  return np.asarray([text(value) for value in np.asarray(values, dtype=object)], dtype=str)
-
-
-def study_level_metrics(labels: np.ndarray, probabilities: np.ndarray, study_ids: np.ndarray,
-                        where: str, warned: set[tuple[str, str]] | None = None
-                        ) -> dict[str, Any]:
-  """MURA's study-level metrics: each study's probabilities are the mean of its images'
-  (Rajpurkar et al.; `mura.study_scores`), thresholded as one image's would be."""
-  from medxai_jax.data.builders import mura  # imports tensorflow_datasets
-
-  _, means, study_labels = mura.study_scores(probabilities, study_ids, labels)
-  return defined_metrics(metrics_lib.probability_metrics(study_labels, means),
-                         f"{where}, per study", warned)
-
-
-def grouped_metrics(labels: np.ndarray, logits: np.ndarray, features: Mapping[str, np.ndarray],
-                    split: str, warned: set[tuple[str, str]] | None = None) -> dict[str, Any]:
-  """'<split>_by_study' (when records carry study_id) and '<split>_by_body_part' (body_part:
-  name -> {'image': metrics, 'study': metrics}) as 000 and the MURA paper report them."""
-  result: dict[str, Any] = {}
-  probabilities = metrics_lib.probabilities_from_logits(logits)
-  studies = features.get("study_id")
-  if studies is not None:
-    result[f"{split}_by_study"] = study_level_metrics(labels, probabilities, studies,
-                                                      f"the {split} split", warned)
-  parts = features.get("body_part")
-  if parts is not None:
-    by_part = {}
-    for part in sorted(set(parts.tolist())):
-      rows = parts == part
-      where = f"the {split} split's {part} images"
-      entry = {"image": defined_metrics(
-          metrics_lib.classification_metrics(labels[rows], logits[rows]), where, warned)}
-      if studies is not None:
-        entry["study"] = study_level_metrics(labels[rows], probabilities[rows], studies[rows],
-                                             where, warned)
-      by_part[part] = entry
-    result[f"{split}_by_body_part"] = by_part
-  return result
-
-
-def write_predictions(path: str, labels: np.ndarray, logits: np.ndarray,
-                      features: Mapping[str, np.ndarray]) -> str:
-  """predictions_test.npz: labels int64 [N], logits float32 [N, K'], probabilities float32
-  [N, K] and the record features as str [N]."""
-  logits = np.asarray(logits, np.float32)
-  logits = logits.reshape(len(logits), -1)
-  np.savez(path, labels=np.asarray(labels, np.int64), logits=logits,
-           probabilities=metrics_lib.probabilities_from_logits(logits).astype(np.float32),
-           **{key: np.asarray(value, dtype=str) for key, value in features.items()})
-  return path
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -718,7 +636,7 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
   phase_start = time.perf_counter()
   best_state, best_metadata = store.restore_best(state)
   test_source = sources[dataset.test_split]
-  present = [key for key in RECORD_FEATURES if key in test_source.__getitems__([0])[0]]
+  present = [key for key in results.RECORD_FEATURES if key in test_source.__getitems__([0])[0]]
   single = jax.process_count() == 1
   test_features: dict[str, np.ndarray] = {}
   test, test_logits, test_labels = evaluate(
@@ -727,7 +645,7 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
       warned=warned, feature_keys=present if single else (), features=test_features)
   if not single:  # host batches hold this process's rows only: read the features in order
     test_features = pipeline.read_features(test_source, present)
-  test_features = {key: text_column(value, components.feature_names(features, key))
+  test_features = {key: results.text_column(value, components.feature_names(features, key))
                    for key, value in test_features.items()}
   store.close()
   phases["train/test"] = {"wall_seconds": time.perf_counter() - phase_start}
@@ -744,7 +662,7 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
             "per_device_batch_size": config.batch_size // parallel.num_shards(mesh),
             "eval_batch_size": eval_batch_size, "accumulation_steps": accumulation_steps,
             "compute_dtype": fine_tuning["compute_dtype"], "class_names": names,
-            **grouped_metrics(test_labels, test_logits, test_features, "test", warned)}
+            **results.grouped_metrics(test_labels, test_logits, test_features, "test", warned)}
   if init_report is not None:
     result["init_from"] = {k: v for k, v in init_report.items() if k != "kept_from_init"}
     result["init_from"]["kept_from_init"] = len(init_report["kept_from_init"])
@@ -758,7 +676,7 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
     metrics_lib.write_json(os.path.join(workdir, "metrics.json"), result)
     metrics_lib.write_json(os.path.join(workdir, runs.SPLITS_FILE),
                            {"class_names": names, "counts": counts})
-    write_predictions(os.path.join(workdir, runs.PREDICTIONS_FILE), test_labels, test_logits,
+    results.write_predictions(os.path.join(workdir, runs.PREDICTIONS_FILE), test_labels, test_logits,
                       test_features)
   logging.info("Test (epoch %d): accuracy %.4f, ROC AUC %s, kappa %s.",
                result["selected_epoch"], test["accuracy"], _format_metric(test["roc_auc"]),
