@@ -281,7 +281,8 @@ def test_train_val_gap_selects_the_epoch_with_the_smallest_gap():
   best, best_epoch = None, 0
   for epoch, (a, b) in enumerate(zip(train, val), start=1):
     score = loop.selection_score(config.selection.metric, a, {"accuracy": b})
-    if optim.improved(score, best, schema.monitor_mode(config.selection.metric, config.selection.mode)):
+    mode = schema.monitor_mode(config.selection.metric, config.selection.mode)
+    if optim.improved(score, best, mode):
       best, best_epoch = score, epoch
   assert best_epoch == 2
 

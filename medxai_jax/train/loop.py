@@ -372,8 +372,8 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
   features = components.dataset_features(dataset)
   names = components.class_names(features, dataset.label_key, classes)
   # After config.dataset.filter; shuffled training labels are a permutation: the same counts.
-  counts = {role: components.class_counts(pipeline.read_feature(sources[split], dataset.label_key),
-                               classes, split)
+  counts = {role: components.class_counts(
+      pipeline.read_feature(sources[split], dataset.label_key), classes, split)
             for role, split in zip(("train", "validation", "test"), splits)}
   weights = components.resolve_class_weights(config.class_weights, np.asarray(counts["train"]))
   warned: set[tuple[str, str]] = set()
@@ -676,8 +676,8 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
     metrics_lib.write_json(os.path.join(workdir, "metrics.json"), result)
     metrics_lib.write_json(os.path.join(workdir, runs.SPLITS_FILE),
                            {"class_names": names, "counts": counts})
-    results.write_predictions(os.path.join(workdir, runs.PREDICTIONS_FILE), test_labels, test_logits,
-                      test_features)
+    results.write_predictions(os.path.join(workdir, runs.PREDICTIONS_FILE), test_labels,
+                              test_logits, test_features)
   logging.info("Test (epoch %d): accuracy %.4f, ROC AUC %s, kappa %s.",
                result["selected_epoch"], test["accuracy"], _format_metric(test["roc_auc"]),
                _format_metric(test["cohen_kappa"]))

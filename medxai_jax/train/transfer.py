@@ -105,7 +105,7 @@ def split_config(config: ml_collections.ConfigDict
                      f"fields are {sorted(TRANSFER_FIELDS)}.")
   target = _copy(config)
   del target["transfer"]
-  if target.get("init_from"):
+  if target.init_from:
     raise ValueError(f"config.init_from={target.init_from!r}: each stage's init_from is set by "
                      "this binary; give ImageNet weights as config.transfer.imagenet_init.")
   schema.check_config(target)

@@ -198,8 +198,8 @@ def check_resume(run_config: Any, config: Any, *, config_file: str, completed_ep
   differences = runs.config_differences(run_config, config)
   same_dataset = run_dataset is None or _plain(dict(run_dataset)) == _plain(
       dict(dataset))
-  schedule = config.get("schedule") or {}
-  step_decay = schedule.get("name") == "step_decay" and bool(schedule.get("boundaries"))
+  schedule = config["schedule"]  # a full config: runs.read_run_config / with_defaults fill it
+  step_decay = schedule["name"] == "step_decay" and bool(schedule["boundaries"])
   refused = refused_changes(differences, completed_epochs=completed_epochs,
                             same_dataset=same_dataset, step_decay=step_decay)
   if not same_dataset:
