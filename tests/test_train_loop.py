@@ -272,3 +272,22 @@ def test_restoring_a_missing_run_is_a_clear_error_that_creates_nothing(data_dir,
   with pytest.raises(FileNotFoundError, match="has no checkpoint"):
     runs.restore_selected_model(config, str(empty))
   assert list(empty.iterdir()) == []
+
+
+def test_a_finished_run_without_its_selected_model_writes_it_again_without_training(
+    finished_run, tmp_path):
+  config, workdir, result = finished_run
+  old_run = str(tmp_path / "old_run")  # as a run finished before selected_model/ existed
+  shutil.copytree(workdir, old_run)
+  shutil.rmtree(os.path.join(old_run, runs.SELECTED_MODEL_DIR))
+  with pytest.raises(FileNotFoundError, match="has not finished.*Run the same"):
+    runs.check_trained(old_run)
+  history = _read_history(old_run)
+  again = loop.train_and_evaluate(config, old_run)
+  assert _read_history(old_run) == history  # no epoch was trained again
+  assert again["selected_epoch"] == result["selected_epoch"]
+  assert again["test"]["confusion_matrix"] == result["test"]["confusion_matrix"]
+  restored = runs.restore_selected_model(config, old_run).variables
+  original, _ = checkpoint.load_variables(os.path.join(workdir, runs.SELECTED_MODEL_DIR))
+  for got, want in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(original)):
+    np.testing.assert_array_equal(np.asarray(got), want)
