@@ -21,6 +21,7 @@ from benchmarks import common
 from configs import demo
 from medxai_jax.observe import progress
 from medxai_jax.observe import summaries
+from medxai_jax.train import components
 from medxai_jax.train import loop
 
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 4, "Grad-CAM summary images.")
@@ -52,7 +53,7 @@ def progress_microseconds(repeats: int) -> float:
 def grad_cam_seconds(num_images: int) -> dict:
   """Compile and steady seconds of the demo model's Grad-CAM summary images."""
   config = demo.get_config()
-  model, _, preprocess = loop.build_components(config)
+  model, _, preprocess = components.build_components(config)
   variables = common.random_variables(model)
   height, width, channels = model.input_shape
   rng = np.random.default_rng(0)

@@ -18,7 +18,7 @@ from configs import chest_xray_custom_cnn
 from configs import demo
 from experiments import cli
 from medxai_jax.models import base
-from medxai_jax.train import loop
+from medxai_jax.train import components
 from medxai_jax.train import steps
 
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per setting (after one warm-up step).")
@@ -28,7 +28,7 @@ _DEMO_BATCH = flags.DEFINE_integer("demo_batch_size", 32, "Batch size at the dem
 
 def measure(config, batch_size: int, num_steps: int) -> dict:
   """Compile time and steady-state train-step throughput for a config's model and optimiser."""
-  model, tx, preprocess = loop.build_components(config)
+  model, tx, preprocess = components.build_components(config)
   state = steps.create_train_state(model, tx, jax.random.key(0))
   height, width, _ = model.input_shape
   rng = np.random.default_rng(0)

@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 25
   # Demo report settings.
   config.explain = ml_collections.ConfigDict(dict(
-      num_images=8, tap="last_conv",
+      num_images=8,
       methods=("gradients", "smoothgrad", "ig", "blur_ig", "guided_ig", "xrai", "grad_cam",
                "crm"),
       num_steps=32, num_samples=16,  # path-method gradient evaluations, SmoothGrad samples

@@ -36,7 +36,7 @@ import numpy as np
 from experiments import cli
 from medxai_jax import logs
 from medxai_jax.annotation import reports
-from medxai_jax.train import loop
+from medxai_jax.train import workdir as workdir_lib
 
 _REPORTS = flags.DEFINE_string("reports", "", "Report CSV (or use --synthetic).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
@@ -168,7 +168,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.setup_console_logging()
-  workdir = loop.prepare_workdir(_WORKDIR.value)
+  workdir = workdir_lib.prepare_workdir(_WORKDIR.value)
   data_key, run_key = jax.random.split(jax.random.key(_SEED.value))
   path = _REPORTS.value
   if _SYNTHETIC.value > 0:

@@ -5,7 +5,7 @@ two networks), written as CSV, NPY and a heat map PNG.
       --method=minibatch_cka --taps_a=conv1,conv2,conv3,conv4,conv5,fc6,fc7 \
       --output_dir=runs/compare
 
-Each model is the selected (best) checkpoint of its training run, built from the run's own
+Each model is the selected model (`selected_model/`) of its training run, built from the run's own
 `config.json`. --config_a / --config_b are optional: when given, their differences from the
 run's config are printed (field, run value -> given value) and then used. Images come from a's
 dataset (`--split`, default its validation split as in 001), each model applying its own
@@ -33,7 +33,7 @@ from medxai_jax import runs
 from medxai_jax.analysis import similarity
 from medxai_jax.data import pipeline
 from medxai_jax.observe import progress
-from medxai_jax.train import loop
+from medxai_jax.train import workdir as workdir_lib
 from medxai_jax.viz import analysis_figures
 
 _CONFIG_A = cli.define_config_file(
@@ -100,13 +100,14 @@ def main(argv: list[str]) -> None:
   if given_b is None and not os.path.exists(runs.config_path(_WORKDIR_B.value)):
     given_b, flag_b = _CONFIG_A.value, "--config_a"  # a run without config.json: a's config
   config_b = runs.resolve_config(_WORKDIR_B.value, given_b, flag=flag_b)
-  model_a, vars_a = loop.restore_selected_model(config_a, _WORKDIR_A.value)
-  model_b, vars_b = loop.restore_selected_model(config_b, _WORKDIR_B.value)
-  preprocess_a = loop.build_components(config_a)[2]
+  selected_a = runs.restore_selected_model(config_a, _WORKDIR_A.value)
+  selected_b = runs.restore_selected_model(config_b, _WORKDIR_B.value)
+  model_a, vars_a, preprocess_a = selected_a.model, selected_a.variables, selected_a.preprocess
+  model_b, vars_b = selected_b.model, selected_b.variables
   same_inputs = (config_b.preprocess == config_a.preprocess
                  and tuple(model_b.input_shape) == tuple(model_a.input_shape))
   # The same preprocessing function lets compare_layers compile one extractor for equal models.
-  preprocess_b = preprocess_a if same_inputs else loop.build_components(config_b)[2]
+  preprocess_b = preprocess_a if same_inputs else selected_b.preprocess
   taps_a = list(_TAPS_A.value) or list(model_a.taps)
   taps_b = list(_TAPS_B.value) or list(model_b.taps)
   grid = tuple(int(v) for v in _GRID.value) if _GRID.value else None
@@ -131,7 +132,7 @@ def main(argv: list[str]) -> None:
       key=jax.random.key(_SEED.value), max_points=_MAX_POINTS.value, epsilon=_EPSILON.value,
       variance_kept=_VARIANCE_KEPT.value, sigma_fraction=_SIGMA_FRACTION.value)
 
-  output_dir = loop.prepare_workdir(_OUTPUT_DIR.value or _WORKDIR_A.value)
+  output_dir = workdir_lib.prepare_workdir(_OUTPUT_DIR.value or _WORKDIR_A.value)
   stem = os.path.join(output_dir, f"similarity_{_METHOD.value}")
   np.save(stem + ".npy", matrix)
   write_csv(stem + ".csv", matrix, taps_a, taps_b)

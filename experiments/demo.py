@@ -26,8 +26,10 @@ from medxai_jax.data import pipeline
 from medxai_jax.models import base
 from medxai_jax.observe import timing
 from medxai_jax import logs
+from medxai_jax import runs
 from medxai_jax.train import loop
 from medxai_jax.train import metrics as metrics_lib
+from medxai_jax.train import workdir as workdir_lib
 from medxai_jax.viz import demo_sections
 from medxai_jax.viz import evaluation_report
 from medxai_jax.viz import figures
@@ -67,15 +69,15 @@ def main(argv: list[str]) -> None:
   logs.setup_console_logging()
   config = flags.FLAGS.config
   start = time.time()
-  workdir = loop.prepare_workdir(flags.FLAGS.workdir)
+  workdir = workdir_lib.prepare_workdir(flags.FLAGS.workdir)
   phases = timing.PhaseSequence(workdir, "demo", total=8)
   phases.start("train")
   result = loop.train_and_evaluate(config, workdir)
   phases.start("grad_cam")
 
   # Explain the selected model on held-out images.
-  model, variables = loop.restore_selected_model(config, workdir)
-  _, _, preprocess = loop.build_components(config)
+  selected = runs.restore_selected_model(config, workdir)
+  model, variables, preprocess = selected.model, selected.variables, selected.preprocess
   source = pipeline.load_sources(config.dataset, [config.dataset.test_split])[
       config.dataset.test_split]
   examples = load_test_examples(source)

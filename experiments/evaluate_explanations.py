@@ -3,7 +3,7 @@ r"""Scores every explanation method of a trained model on any dataset: a leaderb
   python -m experiments.evaluate_explanations --checkpoint=runs/demo \
       --workdir=runs/demo/explanations --num_images=32
 
---checkpoint is a training run directory (its selected, 'best' checkpoint is explained), read
+--checkpoint is a training run directory (its selected model, `selected_model/`, is explained), read
 with its own `config.json`; --config is optional, and when given its differences from the run's
 config are printed and then used. Each method of `medxai_jax.attribution.registry` (plus a uniform
 random map as the contrast) explains --num_images test images of --label (a seeded sample;

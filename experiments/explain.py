@@ -3,7 +3,7 @@ r"""Explains a trained model's predictions on chosen test images with chosen met
   python -m experiments.explain --checkpoint=runs/demo --workdir=runs/demo/explain \
       --methods=gradients,smoothgrad,ig,grad_cam --num_images=8 --label=-1
 
---checkpoint is a training run directory (its selected, 'best' checkpoint is explained); the
+--checkpoint is a training run directory (its selected model, `selected_model/`, is explained); the
 model, preprocessing and dataset are those of its `config.json`, every training override
 included. --config is optional: when given (e.g. `--config=configs/demo.py
 --config.dataset.data_dir=/elsewhere`), its differences from the run's config are printed

@@ -41,8 +41,8 @@ from absl import flags
 
 from experiments import cli
 from medxai_jax import logs
-from medxai_jax.train import loop
 from medxai_jax.train import transfer
+from medxai_jax.train import workdir as workdir_lib
 
 
 def _define_flags() -> tuple[flags.FlagHolder, flags.FlagHolder]:
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.setup_console_logging()
   start = time.time()
-  written = transfer.run(_CONFIG.value, loop.prepare_workdir(_WORKDIR.value))
+  written = transfer.run(_CONFIG.value, workdir_lib.prepare_workdir(_WORKDIR.value))
   with open(written["md"]) as f:
     print(f.read())
   print(f"Progressive transfer took {time.time() - start:.0f} s. Report: {written['report']}")

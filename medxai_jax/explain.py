@@ -28,8 +28,9 @@ from medxai_jax.attribution import registry
 from medxai_jax.data import pipeline
 from medxai_jax.models import base
 from medxai_jax.observe import progress
-from medxai_jax.train import loop
+from medxai_jax import runs
 from medxai_jax.train import metrics as metrics_lib
+from medxai_jax.train import workdir as workdir_lib
 from medxai_jax.viz import figures
 
 Overrides = Mapping[str, Any]
@@ -191,9 +192,9 @@ def explain_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir:
   into a map store, is `explain_dataset.explain_split_run`.
   """
   split = split or config.dataset.test_split
-  model, variables = loop.restore_selected_model(config, checkpoint_dir)
-  workdir = loop.prepare_workdir(workdir)
-  _, _, preprocess = loop.build_components(config)
+  selected = runs.restore_selected_model(config, checkpoint_dir)
+  model, variables, preprocess = selected.model, selected.variables, selected.preprocess
+  workdir = workdir_lib.prepare_workdir(workdir)
   examples = load_split(config, split, ("image", "label", "lesion_mask", "index"))
   chosen = choose_indices(examples["label"], num_images, label, indices, seed)
   images = jax.jit(preprocess)(jnp.asarray(examples["image"][chosen]))

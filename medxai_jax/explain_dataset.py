@@ -38,7 +38,6 @@ from medxai_jax.attribution import registry
 from medxai_jax.data import pipeline
 from medxai_jax.models import base
 from medxai_jax.observe import progress
-from medxai_jax.train import loop
 from medxai_jax.train import metrics as metrics_lib
 from medxai_jax.train import parallel
 from medxai_jax.train import workdir as workdir_lib
@@ -266,9 +265,9 @@ def explain_split_run(config: ml_collections.ConfigDict, checkpoint_dir: str, wo
   `explain.json` (as `explain.explain_run` does), plus the store's path and size.
   """
   split = split or config.dataset.test_split
-  model, variables = loop.restore_selected_model(config, checkpoint_dir)
-  workdir = loop.prepare_workdir(workdir)
-  _, _, preprocess = loop.build_components(config)
+  selected = runs.restore_selected_model(config, checkpoint_dir)
+  model, variables, preprocess = selected.model, selected.variables, selected.preprocess
+  workdir = workdir_lib.prepare_workdir(workdir)
   source = pipeline.load_sources(config.dataset, [split])[split]
   methods = list(methods or registry.REGISTRY)
   store = os.path.join(workdir, STORE_DIR)

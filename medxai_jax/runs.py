@@ -1,11 +1,13 @@
 """A training run read back from its directory: its config, its selected model, its splits.
 
 `experiments/train.py --workdir=RUN` writes `RUN/config.json` (the full training config, every
-override included), `RUN/checkpoints/best` (the selected epoch), `RUN/metrics.json` and
-`RUN/splits.json`. The binaries that use a trained model (explain, evaluate_explanations,
-compare_layers) read the config from there, so no training override is typed twice; a config
-given on their command line is compared with the run's (`config_differences`) and then applied
-(`merge_config`).
+override included), `RUN/selected_model/` (the variables of the selected epoch, written when
+training finishes), `RUN/metrics.json` and `RUN/splits.json`. Everything that uses a trained
+model (explain, evaluate_explanations, compare_layers, the demo, config.init_from) reads it from
+there: the config (`read_run_config`, filled with base_config's defaults for the fields an
+older config.json lacks), the selected model (`restore_selected_model`), the split files
+(`Run`). No training override is typed twice; a config given on a command line is compared with
+the run's (`config_differences`) and then applied (`merge_config`).
 """
 
 from __future__ import annotations
@@ -16,12 +18,21 @@ import os
 from typing import Any, Mapping, Sequence
 
 from absl import logging
+import jax
+import jax.numpy as jnp
 import ml_collections
+
+from medxai_jax.models import base
+from medxai_jax.train import checkpoint
+from medxai_jax.train import components
+from medxai_jax.train import schema
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 SPLITS_FILE = "splits.json"
 PREDICTIONS_FILE = "predictions_test.npz"
+# The selected epoch's variables (no optimiser state): what inference and init_from read.
+SELECTED_MODEL_DIR = "selected_model"
 # Fields every training config has (configs/common.py); a config.json without them is not one.
 REQUIRED_FIELDS = ("dataset", "model", "preprocess")
 # config.model fields that may differ between an init_from source run and the model it starts:
@@ -58,7 +69,9 @@ def config_path(run_dir: str) -> str:
 
 
 def read_run_config(run_dir: str) -> ml_collections.ConfigDict:
-  """The training config a run was trained with (`<run_dir>/config.json`), unlocked.
+  """The training config a run was trained with (`<run_dir>/config.json`), unlocked, with
+  base_config's default for every field it lacks (`schema.with_defaults`: a run written before
+  the field existed was trained as its default says).
 
   Sequences come back as tuples, null fields (e.g. an unset `preprocess.bit_depth`) as None.
   Raises FileNotFoundError naming the file when it is missing, ValueError when it is not a
@@ -82,7 +95,7 @@ def read_run_config(run_dir: str) -> ml_collections.ConfigDict:
   if missing:
     raise ValueError(f"{path} is not a training config: it lacks the section(s) {missing} that "
                      "experiments/train.py writes.")
-  return ml_collections.ConfigDict(_tuples(content))
+  return schema.with_defaults(_tuples(content))
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -179,17 +192,79 @@ def resolve_config(run_dir: str, given: ml_collections.ConfigDict | None = None,
 
 
 @dataclasses.dataclass(frozen=True)
+class SelectedModel:
+  """A run's selected model, for inference: it computes in float32 whatever the run trained in."""
+
+  model: base.Classifier
+  variables: base.Variables
+  preprocess: components.Preprocess  # stored images -> the model's inputs
+  epoch: int | None  # the selected epoch (None when its metadata does not say)
+
+
+def check_trained(run_dir: str) -> str:
+  """The absolute `run_dir`; raises FileNotFoundError, creating nothing, unless it holds the
+  selected model of a finished training run (`selected_model/variables`)."""
+  directory = os.path.abspath(os.path.expanduser(run_dir))
+  selected = os.path.join(directory, SELECTED_MODEL_DIR)
+  if os.path.isdir(os.path.join(selected, "variables")):
+    return directory
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"The training run {directory!r} does not exist; give the --workdir "
+                            "of a finished `python -m experiments.train` run.")
+  epochs = os.path.join(directory, "checkpoints", "best")
+  unfinished = (f": its training has not finished ({epochs} holds epoch checkpoints; the "
+                "selected model is written after the last epoch). Run the same `python -m "
+                "experiments.train` command again to finish it (a finished run from before "
+                "selected_model/ existed is not retrained: the command only writes it)"
+                if os.path.isdir(epochs) else "")
+  raise FileNotFoundError(f"The training run {directory!r} has no checkpoint in "
+                          f"{selected}{unfinished}.")
+
+
+def _fit_variables(expected: Any, loaded: Any, what: str, hint: str = "") -> Any:
+  """`loaded` (arrays by path) in the structure of `expected` (shapes by path); raises
+  ValueError naming `what` and the first arrays missing, extra or of another shape."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(expected)
+  wanted = {jax.tree_util.keystr(path): leaf.shape for path, leaf in leaves}
+  found = {jax.tree_util.keystr(path): leaf
+           for path, leaf in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+  problems = [f"{name}: missing (expected {shape})" if name not in found else
+              f"{name}: {tuple(found[name].shape)}, expected {shape}"
+              for name, shape in wanted.items()
+              if name not in found or tuple(found[name].shape) != tuple(shape)]
+  problems += [f"{name}: not an array of the model" for name in sorted(set(found) - set(wanted))]
+  if problems:
+    raise ValueError(f"{what}: {len(problems)} array(s) differ: {problems[:5]}.{hint}")
+  return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(found[name]) for name in wanted])
+
+
+def restore_selected_model(config: ml_collections.ConfigDict, run_dir: str) -> SelectedModel:
+  """The model of `config` (in float32), the run's selected variables and the preprocessing.
+
+  Raises FileNotFoundError (`check_trained`) for a run without a selected model and ValueError
+  naming the file and the arrays when the variables do not fit config.model.
+  """
+  directory = os.path.join(check_trained(run_dir), SELECTED_MODEL_DIR)
+  model = components.build_model(config, compute_dtype="float32")
+  loaded, metadata = checkpoint.load_variables(directory)
+  variables = _fit_variables(
+      jax.eval_shape(model.init, jax.random.key(0)), loaded,
+      f"{directory}/variables does not match the model of config.model {dict(config.model)}",
+      " Give the run's own config (without --config its config.json is used).")
+  return SelectedModel(model, variables, components.build_preprocess(config, model),
+                       metadata.get("selected_epoch"))
+
+
+@dataclasses.dataclass(frozen=True)
 class Run:
   """A finished training run: its directory and config (see `load_run`)."""
 
   directory: str
   config: ml_collections.ConfigDict
 
-  def restore_selected_model(self):
-    """(model computing in float32, variables of the selected epoch)."""
-    from medxai_jax.train import loop  # loop reads runs for init_from: imported here
-
-    return loop.restore_selected_model(self.config, self.directory)
+  def restore_selected_model(self) -> SelectedModel:
+    """The selected model (`restore_selected_model` with the run's config)."""
+    return restore_selected_model(self.config, self.directory)
 
   def metrics(self) -> dict[str, Any] | None:
     """metrics.json (None before training finished)."""
@@ -221,9 +296,45 @@ def source_run_dir(init_from: str) -> str | None:
   path = os.path.abspath(os.path.expanduser(init_from))
   for candidate in (path, os.path.dirname(path)):
     if os.path.isfile(os.path.join(candidate, CONFIG_FILE)) and os.path.isdir(
-        os.path.join(candidate, "selected_model")):
+        os.path.join(candidate, SELECTED_MODEL_DIR)):
       return candidate
   return None
+
+
+def resolve_init_from(path: str) -> str:
+  """Directory holding `variables/`: `path` itself or a training run's `selected_model/`."""
+  path = os.path.abspath(os.path.expanduser(path))
+  for candidate in (path, os.path.join(path, SELECTED_MODEL_DIR)):
+    if os.path.isdir(os.path.join(candidate, "variables")):
+      return candidate
+  raise FileNotFoundError(
+      f"config.init_from={path!r} holds no 'variables/' checkpoint: give a directory written by "
+      "experiments/port_weights.py or a finished training run (its selected_model/).")
+
+
+def describe_source_run(init_from: str, model_config: Mapping[str, Any]
+                        ) -> dict[str, Any] | None:
+  """What a training run given as config.init_from was (its config.json: dataset, model, test
+  accuracy), or None for other weights; raises ValueError naming both models when its
+  architecture is not config.model's (only the head and input size may differ)."""
+  run_dir = source_run_dir(init_from)
+  if run_dir is None:
+    return None
+  source = read_run_config(run_dir)
+  differing = check_compatible_models(
+      source.model, model_config, source_name=f"config.init_from={run_dir!r}",
+      target_name="config.model")
+  metrics = Run(run_dir, source).metrics() or {}
+  description = {"directory": run_dir, "dataset": source.dataset.name,
+                 "builder_config": source.dataset.builder_config,
+                 "filter": source.dataset.filter, "model": source.model.to_dict(),
+                 "head_fields_changed": differing,
+                 "test_accuracy": (metrics.get("test") or {}).get("accuracy")}
+  logging.info("config.init_from is the training run %s (dataset %s, model %s, test accuracy "
+               "%s)%s.", run_dir, description["dataset"], description["model"],
+               description["test_accuracy"],
+               f"; new values of {differing}" if differing else "")
+  return description
 
 
 def check_compatible_models(source: Mapping[str, Any], target: Mapping[str, Any], *,

@@ -1,5 +1,5 @@
 """User errors of the binaries end in one `error: ...` block naming the thing, with exit status 1:
-unknown config fields (experiments/cli.py), unusable work directories (loop.prepare_workdir);
+unknown config fields (experiments/cli.py), unusable work directories (workdir.prepare_workdir);
 and every explanation method answers the calling convention the docs give."""
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from experiments import cli
-from medxai_jax import explain
 from medxai_jax.attribution import registry
+from medxai_jax import explain
 from medxai_jax.models import base
-from medxai_jax.train import loop
+from medxai_jax.train import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -237,17 +237,17 @@ def test_a_workdir_that_is_a_file_or_under_a_file(tmp_path):
   file.write_text("x")
   with pytest.raises(NotADirectoryError, match=re.escape(f"--workdir={str(file)!r} exists and "
                                                          "is not a directory")):
-    loop.prepare_workdir(str(file))
+    workdir_lib.prepare_workdir(str(file))
   for below in (file / "run", file / "a" / "b"):
     with pytest.raises(NotADirectoryError, match=re.escape(
         f"--workdir={str(below)!r} cannot be created: {str(file)!r} is a file")):
-      loop.prepare_workdir(str(below))
+      workdir_lib.prepare_workdir(str(below))
 
 
 def test_a_missing_parent_says_mkdir(tmp_path):
   workdir = tmp_path / "no" / "such" / "run"
   with pytest.raises(FileNotFoundError) as error:
-    loop.prepare_workdir(str(workdir))
+    workdir_lib.prepare_workdir(str(workdir))
   assert "does not exist" in str(error.value)
   assert str(error.value).endswith(f"mkdir -p {workdir.parent}")
   assert not (tmp_path / "no").exists()
@@ -261,7 +261,7 @@ def test_a_workdir_where_no_file_can_be_created(workdir):
     pytest.skip(f"no {mount} on this machine")
   with pytest.raises(PermissionError, match=re.escape(f"--workdir={workdir!r} cannot be "
                                                       "written")):
-    loop.prepare_workdir(workdir)
+    workdir_lib.prepare_workdir(workdir)
   assert not os.path.exists(workdir) or workdir == "/proc"
 
 
@@ -276,15 +276,15 @@ def test_a_workdir_on_a_read_only_file_system(tmp_path, monkeypatch):
 
   monkeypatch.setattr(os, "statvfs", ReadOnly)
   with pytest.raises(PermissionError, match="read-only file system"):
-    loop.prepare_workdir(str(tmp_path / "run"))
+    workdir_lib.prepare_workdir(str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
 
 def test_a_writable_workdir_is_created_and_left_clean(tmp_path):
-  workdir = loop.prepare_workdir(str(tmp_path / "run"))
+  workdir = workdir_lib.prepare_workdir(str(tmp_path / "run"))
   assert workdir == str(tmp_path / "run") and os.path.isdir(workdir)
   assert os.listdir(workdir) == [] and sorted(os.listdir(tmp_path)) == ["run"]
-  assert loop.prepare_workdir(workdir) == workdir  # an existing run directory (resume)
+  assert workdir_lib.prepare_workdir(workdir) == workdir  # an existing run directory (resume)
 
 
 # ----------------------------------------------------------------------------------------------

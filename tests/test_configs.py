@@ -10,9 +10,11 @@ import pytest
 
 from configs import cpu_trial
 from medxai_jax.data import augment
+from medxai_jax.train import components
 from medxai_jax.train import freeze
 from medxai_jax.train import loop
 from medxai_jax.train import optim
+from medxai_jax.train import schema
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_NAMES = sorted(
@@ -51,8 +53,8 @@ def test_the_paper_configs_are_found():
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_config_checks_and_builds(name):
   config = training_config(name)
-  loop.check_config(config)
-  model, tx, preprocess = loop.build_components(config)
+  schema.check_config(config)
+  model, tx, preprocess = components.build_components(config)
   # Shapes only: nothing of the (possibly large) model is computed.
   variables = jax.eval_shape(model.init, jax.random.key(0))
   images = jax.ShapeDtypeStruct((2, *model.input_shape), np.uint8)
@@ -60,7 +62,7 @@ def test_config_checks_and_builds(name):
   assert logits.shape == (2, model.num_outputs)
   jax.eval_shape(tx.init, variables["params"])
   augment.make_augment_fn(config.augment)
-  settings = loop.train_settings(config)
+  settings = schema.train_settings(config)
   if settings["trainable"] != "all" or settings["head_only_epochs"]:
     mask = freeze.trainable_mask(model, settings["trainable"], settings["num_trainable_layers"])
     assert 0 < freeze.count_trainable(variables["params"], mask)
@@ -68,7 +70,7 @@ def test_config_checks_and_builds(name):
 
 
 def _num_params(config):
-  model = loop.build_components(config)[0]
+  model = components.build_components(config)[0]
   shapes = jax.eval_shape(model.init, jax.random.key(0))["params"]
   return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(shapes))
 
@@ -107,16 +109,16 @@ def test_check_config_names_bad_fine_tuning_and_augment_fields():
   config = load("demo")
   config.augment.rotation_degrees = 200.0
   with pytest.raises(ValueError, match="config.augment.rotation_degrees=200.0"):
-    loop.check_config(config)
+    schema.check_config(config)
   config = load("demo")
   config.train.trainable = "backbone"
   with pytest.raises(ValueError, match="config.train.trainable='backbone'"):
-    loop.check_config(config)
+    schema.check_config(config)
   config = load("demo")
   with config.unlocked():
     config.train.num_layers = 3
   with pytest.raises(ValueError, match=r"config.train has unknown field\(s\) \['num_layers'\]"):
-    loop.check_config(config)
+    schema.check_config(config)
 
 
 def _plateau_trace(config, metric_values):
@@ -157,10 +159,10 @@ def test_radinet_densenet169_is_the_recipe_of_001():
     stops.append(stop)
   assert stops.index(True) == 14  # epoch 15: the 10th epoch after the last improvement (5)
   # Balanced class weights: n / (K n_k).
-  np.testing.assert_allclose(loop.resolve_class_weights(config.class_weights,
+  np.testing.assert_allclose(components.resolve_class_weights(config.class_weights,
                                                         np.array([56, 44])), [100 / 112, 100 / 88])
   # The warm-up trains only the head: the five dense layers.
-  model = loop.build_components(config)[0]
+  model = components.build_components(config)[0]
   params = jax.eval_shape(model.init, jax.random.key(0))["params"]
   head = freeze.trainable_mask(model, "head")
   assert freeze.count_trainable(params, head) == _radinet_head_params(
@@ -187,9 +189,9 @@ def test_the_002_configs_divide_the_rate_by_10_at_most_three_times(name):
 
 def test_chest_xray_vgg16_finetune_trains_only_the_last_three_layers():
   config = load("chest_xray_vgg16_finetune")
-  model = loop.build_components(config)[0]
+  model = components.build_components(config)[0]
   params = jax.eval_shape(model.init, jax.random.key(0))["params"]
-  settings = loop.train_settings(config)
+  settings = schema.train_settings(config)
   mask = freeze.trainable_mask(model, settings["trainable"], settings["num_trainable_layers"])
   trainable = {path[0].key for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]
                if leaf}
@@ -279,7 +281,8 @@ def test_train_val_gap_selects_the_epoch_with_the_smallest_gap():
   best, best_epoch = None, 0
   for epoch, (a, b) in enumerate(zip(train, val), start=1):
     score = loop.selection_score(config.selection.metric, a, {"accuracy": b})
-    if optim.improved(score, best, loop._mode(config.selection.metric, config.selection.mode)):
+    mode = schema.monitor_mode(config.selection.metric, config.selection.mode)
+    if optim.improved(score, best, mode):
       best, best_epoch = score, epoch
   assert best_epoch == 2
 
@@ -288,18 +291,18 @@ def test_precision_and_accumulation_fields_are_checked():
   config = load("demo")
   config.train.compute_dtype = "float16"
   with pytest.raises(ValueError, match="config.train.compute_dtype='float16'"):
-    loop.check_config(config)
+    schema.check_config(config)
   config = load("demo")
   config.train.accumulation_steps = 3  # batch_size 32
   with pytest.raises(ValueError, match="batch_size=32 is not divisible by "
                                        "config.train.accumulation_steps=3"):
-    loop.check_config(config)
+    schema.check_config(config)
   config = load("demo")
   config.train.compute_dtype = "bfloat16"
-  loop.check_config(config)
-  model = loop.build_components(config)[0]
+  schema.check_config(config)
+  model = components.build_components(config)[0]
   assert model.module.dtype == jax.numpy.bfloat16
-  assert loop.build_components(config, compute_dtype="float32")[0].module.dtype == np.float32
+  assert components.build_components(config, compute_dtype="float32")[0].module.dtype == np.float32
 
 
 @pytest.mark.parametrize("dataset", sorted(cpu_trial.TRIAL_DATASETS))
@@ -309,7 +312,7 @@ def test_cpu_trial_outputs_match_the_builders_default_classes(dataset, tmp_path)
   import medxai_jax.data.builders  # noqa: F401  (registers the builders)
 
   config = cpu_trial.get_config(dataset)
-  loop.check_config(config)
+  schema.check_config(config)
   label = tfds.builder(dataset, data_dir=str(tmp_path),
                        config=config.dataset.builder_config).info.features["label"]
   expected = 1 if label.num_classes == 2 else label.num_classes  # binary: one sigmoid logit
@@ -347,7 +350,7 @@ def test_every_paper_recipe_takes_runlocal():
 def test_runlocal_keeps_the_recipe_and_shrinks_only_sizes(name):
   full = load_module(name).get_config()
   small = load_module(name).get_config("runlocal")
-  loop.check_config(small)
+  schema.check_config(small)
   full_fields, small_fields = _flat_fields(full), _flat_fields(small)
   assert full_fields.keys() == small_fields.keys()
   changed = {key for key in full_fields if full_fields[key] != small_fields[key]}
@@ -355,7 +358,7 @@ def test_runlocal_keeps_the_recipe_and_shrinks_only_sizes(name):
                                     } == set(), name
   assert tuple(small.model.input_shape) == (64, 64, full.model.input_shape[-1])
   assert small.num_epochs <= 2 and small.batch_size <= 8
-  model, _, preprocess = loop.build_components(small)
+  model, _, preprocess = components.build_components(small)
   variables = jax.eval_shape(model.init, jax.random.key(0))
   images = jax.ShapeDtypeStruct((2, 100, 100, full.model.input_shape[-1]), np.uint8)
   logits = jax.eval_shape(lambda v, x: model.logits(v, preprocess(x)), variables, images)

@@ -21,8 +21,9 @@ from PIL import Image
 import real_data
 from configs import common
 from medxai_jax.analysis import evaluation as ee
-from medxai_jax import explain
 from medxai_jax.analysis import faithfulness
+from medxai_jax import explain
+from medxai_jax import runs
 from medxai_jax.train import loop
 from medxai_jax.viz import evaluation_report
 
@@ -139,8 +140,8 @@ def test_covid_with_lung_masks_scores_localisation_only_where_a_mask_exists(covi
       assert np.isfinite(values[present]).all(), (method, metric)
       assert summary["leaderboard"][method][metric]["count"] == present.sum()
   # The gradient maps rebuilt here, scored by skimage's Otsu and numpy's argmax.
-  model, variables = loop.restore_selected_model(config, covid["run"])
-  _, _, preprocess = loop.build_components(config)
+  selected = runs.restore_selected_model(config, covid["run"])
+  model, variables, preprocess = selected.model, selected.variables, selected.preprocess
   images = jax.jit(preprocess)(jnp.asarray(examples["image"][chosen]))
   targets = jnp.asarray(examples["label"][chosen], jnp.int32)
   maps = np.asarray(faithfulness.as_maps(jax.jit(

@@ -17,9 +17,11 @@ from medxai_jax.data import preprocess as preprocess_lib
 from medxai_jax.models import custom_cnn
 from medxai_jax.models import vgg
 from medxai_jax.train import checkpoint
+from medxai_jax.train import components
 from medxai_jax.train import freeze
 from medxai_jax.train import loop
 from medxai_jax.train import optim
+from medxai_jax.train import schema
 from medxai_jax.train import steps
 
 KERAS_VGG16_CONVS = [f"block{b}_conv{c}" for b, n in enumerate((2, 2, 3, 3, 3), start=1)
@@ -102,11 +104,11 @@ def test_bad_fine_tuning_settings_are_named():
   config = demo.get_config()
   config.train.trainable = "last_n_layers"
   with pytest.raises(ValueError, match="num_trainable_layers must be >= 1"):
-    loop.check_config(config)
+    schema.check_config(config)
   config = demo.get_config()
   config.train.head_only_epochs = -1
   with pytest.raises(ValueError, match="head_only_epochs"):
-    loop.check_config(config)
+    schema.check_config(config)
 
 
 # --- frozen training
@@ -328,7 +330,7 @@ def tiny_config(data_dir, **train):
 
 
 def restore(config, workdir, step):
-  model, tx, _ = loop.build_components(config)
+  model, tx, _ = components.build_components(config)
   template = steps.create_train_state(model, tx, jax.random.key(config.seed))
   store = checkpoint.CheckpointStore(os.path.join(workdir, "checkpoints"))
   state, _ = store.restore_latest(template, step=step)
@@ -367,7 +369,7 @@ def test_warm_up_then_last_layers_with_augmentation_end_to_end(data_dir, tmp_pat
   # Adam's first moment of conv5 stayed exactly zero through the warm-up.
   adam_state = after_warm_up.opt_state.inner_state[1][0]
   assert not np.any(adam_state.mu["conv5"]["kernel"]) and np.any(adam_state.mu["fc8"]["kernel"])
-  model = loop.build_components(config)[0]
+  model = components.build_components(config)[0]
   expected = [freeze.count_trainable(initial.params, freeze.trainable_mask(model, "head")),
               freeze.count_trainable(initial.params,
                                      freeze.trainable_mask(model, "last_n_layers", 4))]

@@ -16,6 +16,7 @@ import tiny
 from configs import demo
 from medxai_jax.models import densenet
 from medxai_jax.models import porting
+from medxai_jax import runs
 from medxai_jax.train import checkpoint
 from medxai_jax.train import loop
 
@@ -62,7 +63,7 @@ def test_head_training_from_ported_backbone_keeps_it_exactly(tmp_path, ported_di
   workdir = str(tmp_path / "run")
   result = loop.train_and_evaluate(config, workdir)
   assert result["init_from"]["kept_from_init"] == 2  # the new one-logit head: kernel and bias
-  selected, _ = checkpoint.load_variables(os.path.join(workdir, loop.SELECTED_MODEL_DIR))
+  selected, _ = checkpoint.load_variables(os.path.join(workdir, runs.SELECTED_MODEL_DIR))
   for collection in ("params", "batch_stats"):
     flat = jax.tree_util.tree_flatten_with_path(ported[collection]["backbone"])[0]
     got = dict(jax.tree_util.tree_flatten_with_path(selected[collection]["backbone"])[0])

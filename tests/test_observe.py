@@ -21,6 +21,7 @@ from medxai_jax.observe import progress
 from medxai_jax.observe import summaries
 from medxai_jax.observe import timing
 from medxai_jax.train import loop
+from medxai_jax.train import schema
 from medxai_jax.viz import run_report
 
 
@@ -305,7 +306,7 @@ def test_bad_profile_steps_and_summaries_are_refused(tmp_path):
   config = tiny_config(str(tmp_path))
   config.summaries.num_images = -1
   with pytest.raises(ValueError, match="config.summaries.num_images"):
-    loop.check_config(config)
+    schema.check_config(config)
   config = tiny_config(str(tmp_path), profile_steps="9,3")
   with pytest.raises(ValueError, match="config.profile_steps"):
-    loop.check_config(config)
+    schema.check_config(config)

@@ -77,9 +77,9 @@ def _train_steps(config, devices, batches, accumulation_steps: int = 1, augment:
   import jax
 
   from medxai_jax.data import augment as augment_lib
-  from medxai_jax.train import loop, parallel, steps
+  from medxai_jax.train import components, parallel, steps
 
-  model, tx, preprocess = loop.build_components(config)
+  model, tx, preprocess = components.build_components(config)
   mesh = parallel.make_mesh(devices)
   replicated = parallel.replicated_sharding(mesh)
   step = jax.jit(functools.partial(

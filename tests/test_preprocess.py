@@ -255,13 +255,13 @@ def test_preprocess_fn_names_a_bad_dtype_or_bit_depth():
 
 def test_build_components_reads_config_preprocess_bit_depth():
   from configs import demo
-  from medxai_jax.train import loop
+  from medxai_jax.train import components
 
   config = demo.get_config()
   assert config.preprocess.bit_depth is None
   shape = (1, *config.model.input_shape)
-  _, _, fn = loop.build_components(config)
+  _, _, fn = components.build_components(config)
   np.testing.assert_allclose(jax.jit(fn)(np.full(shape, 65535, np.uint16)), 3.0, rtol=1e-6)
   config.preprocess.bit_depth = 12  # as --config.preprocess.bit_depth=12 sets it
-  _, _, fn = loop.build_components(config)
+  _, _, fn = components.build_components(config)
   np.testing.assert_allclose(jax.jit(fn)(np.full(shape, 4095, np.uint16)), 3.0, rtol=1e-6)

@@ -16,12 +16,12 @@ import pytest
 
 import tiny
 from configs import progressive_transfer as pt_config
+from medxai_jax import runs
 from medxai_jax.train import transfer as pt
 from medxai_jax.data import phantoms
 from medxai_jax.data.builders import mura
 from medxai_jax.models import registry
 from medxai_jax.train import checkpoint
-from medxai_jax.train import loop
 from medxai_jax.viz import transfer_figures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +82,7 @@ def _save_imagenet_stand_in(directory, stem_width: int = 8) -> tuple[str, dict]:
 
 
 def _variables(stage_dir) -> dict:
-  return checkpoint.load_variables(os.path.join(stage_dir, loop.SELECTED_MODEL_DIR))[0]
+  return checkpoint.load_variables(os.path.join(stage_dir, runs.SELECTED_MODEL_DIR))[0]
 
 
 def _assert_backbones_equal(a: dict, b: dict, what: str) -> None:

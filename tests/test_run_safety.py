@@ -16,8 +16,10 @@ import tiny
 from configs import demo
 from medxai_jax import runs
 from medxai_jax.train import checkpoint
+from medxai_jax.train import components
 from medxai_jax.train import loop
 from medxai_jax.train import preemption
+from medxai_jax.train import schema
 from medxai_jax.train import steps
 from medxai_jax.train import workdir as workdir_lib
 
@@ -76,7 +78,7 @@ def _history(workdir):
 
 
 def _latest_state(config, workdir, step):
-  model, tx, _ = loop.build_components(config)
+  model, tx, _ = components.build_components(config)
   template = steps.create_train_state(model, tx, jax.random.key(0))
   store = checkpoint.CheckpointStore(os.path.join(workdir, "checkpoints"))
   state, _ = store.restore_latest(template, step=step)
@@ -308,7 +310,7 @@ def test_bad_every_steps_is_refused(data_dir):
   config = tiny_config(data_dir)
   config.checkpoint.every_steps = -1
   with pytest.raises(ValueError, match=r"config.checkpoint.every_steps must be an integer >= 0"):
-    loop.check_config(config)
+    schema.check_config(config)
 
 
 COVID = "COVID-19_Radiography_Dataset"

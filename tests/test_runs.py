@@ -12,10 +12,11 @@ from PIL import Image
 
 from configs import demo
 from configs import mura_densenet169
+from medxai_jax.data.builders import mura
 from medxai_jax import explain
 from medxai_jax import runs
-from medxai_jax.data.builders import mura
 from medxai_jax.train import loop
+from medxai_jax.train import schema
 
 
 def _write_run_config(directory, config: ml_collections.ConfigDict) -> str:
@@ -48,7 +49,7 @@ def test_run_config_round_trips_tuples_nulls_and_values(tmp_path):
   assert read.preprocess.bit_depth is None and "bit_depth" in read.preprocess
   assert (read.model.num_outputs, read.learning_rate) == (2, 3e-5)
   assert runs.config_differences(read, config) == []
-  loop.check_config(read)  # a valid training config again
+  schema.check_config(read)  # a valid training config again
   config.preprocess.bit_depth = 12
   again = runs.read_run_config(_write_run_config(tmp_path / "run12", config))
   assert again.preprocess.bit_depth == 12 and isinstance(again.preprocess.bit_depth, int)
@@ -295,7 +296,8 @@ def test_load_run_gives_the_config_the_selected_model_and_the_split_files(mura_r
   assert run.config.dataset.name == "mura" and run.config.model.input_shape == (48, 48, 1)
   assert run.metrics()["test"] == result["test"]
   assert run.splits()["class_names"] == ["normal", "abnormal"]
-  model, variables = run.restore_selected_model()
+  selected = run.restore_selected_model()
+  model, variables = selected.model, selected.variables
   assert model.input_shape == (48, 48, 1) and "params" in variables
   assert runs.source_run_dir(workdir) == workdir
   assert runs.source_run_dir(os.path.join(workdir, "selected_model")) == workdir

@@ -11,8 +11,11 @@ import pytest
 
 import tiny
 from medxai_jax.data import pipeline
+from medxai_jax import runs
 from medxai_jax.train import checkpoint
+from medxai_jax.train import components
 from medxai_jax.train import loop
+from medxai_jax.train import schema
 from medxai_jax.train import steps
 
 
@@ -45,7 +48,7 @@ def _read_history(workdir):
 
 
 def _restore_params(config, workdir, step):
-  model, tx, _ = loop.build_components(config)
+  model, tx, _ = components.build_components(config)
   template = steps.create_train_state(model, tx, jax.random.key(0))
   store = checkpoint.CheckpointStore(os.path.join(workdir, "checkpoints"))
   state, metadata = store.restore_latest(template, step=step)
@@ -123,16 +126,16 @@ def test_bad_workdir_and_unknown_config_fields(data_dir, tmp_path):
   config = tiny_config(data_dir)
   config.selection.metric = "acuracy"
   with pytest.raises(ValueError, match="acuracy"):
-    loop.check_config(config)
+    schema.check_config(config)
 
 
 def test_balanced_class_weights():
-  np.testing.assert_allclose(loop.resolve_class_weights("balanced", np.array([30, 10])),
+  np.testing.assert_allclose(components.resolve_class_weights("balanced", np.array([30, 10])),
                              [40 / 60, 40 / 20])
-  np.testing.assert_allclose(loop.resolve_class_weights("1,3", np.array([1, 1])), [1, 3])
-  assert loop.resolve_class_weights("", np.array([1, 1])) is None
+  np.testing.assert_allclose(components.resolve_class_weights("1,3", np.array([1, 1])), [1, 3])
+  assert components.resolve_class_weights("", np.array([1, 1])) is None
   with pytest.raises(ValueError, match="2 classes"):
-    loop.resolve_class_weights("1,2,3", np.array([1, 1]))
+    components.resolve_class_weights("1,2,3", np.array([1, 1]))
 
 
 def test_bfloat16_compute_with_gradient_accumulation_end_to_end(data_dir, tmp_path):
@@ -145,11 +148,11 @@ def test_bfloat16_compute_with_gradient_accumulation_end_to_end(data_dir, tmp_pa
   assert result["global_batch_size"] == 16 and result["per_device_batch_size"] == 16
   assert _read_history(workdir)[-1]["step"] == 96 // 16  # one optimiser step per global batch
   assert np.isfinite(result["test"]["loss"]) and result["test"]["num_examples"] == 32
-  selected, _ = checkpoint.load_variables(os.path.join(workdir, loop.SELECTED_MODEL_DIR))
+  selected, _ = checkpoint.load_variables(os.path.join(workdir, runs.SELECTED_MODEL_DIR))
   assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(selected)} == {np.dtype(np.float32)}
-  model, variables = loop.restore_selected_model(config, workdir)
+  model = runs.restore_selected_model(config, workdir).model
   assert model.module.dtype == np.float32  # explanations run in float32
-  assert loop.build_components(config)[0].module.dtype == jax.numpy.bfloat16
+  assert components.build_components(config)[0].module.dtype == jax.numpy.bfloat16
 
 
 def test_filtered_shuffled_label_run_selects_by_training_accuracy(data_dir, tmp_path):
@@ -185,7 +188,7 @@ def test_filtered_shuffled_label_run_selects_by_training_accuracy(data_dir, tmp_
   best = max(history, key=lambda row: row["train_accuracy"])
   assert result["selected_epoch"] == best["epoch"]
   with pytest.raises(ValueError, match="only a selection metric"):
-    loop.check_config(tiny_config(data_dir, early_stopping=dict(
+    schema.check_config(tiny_config(data_dir, early_stopping=dict(
         patience=1, metric="train_accuracy", mode="")))
 
 
@@ -203,7 +206,7 @@ def test_report_files_follow_the_contract(finished_run):
   assert written["class_names"] == ["normal", "abnormal"]
   test_source = pipeline.load_sources(config.dataset, ["test"])["test"]
   labels = pipeline.read_feature(test_source, "label")
-  predictions = np.load(os.path.join(workdir, loop.PREDICTIONS_FILE))
+  predictions = np.load(os.path.join(workdir, runs.PREDICTIONS_FILE))
   np.testing.assert_array_equal(predictions["labels"], labels)
   assert predictions["labels"].dtype == np.int64
   assert predictions["logits"].dtype == np.float32 and predictions["logits"].shape == (32, 1)
@@ -221,7 +224,7 @@ def test_report_files_follow_the_contract(finished_run):
       [phantoms.BODY_PARTS[k] for k in pipeline.read_feature(test_source, "body_part")])
   assert set(written["test_by_body_part"]) == set(predictions["body_part"].tolist())
   assert "test_by_study" not in written  # the phantoms have no studies
-  with open(os.path.join(workdir, loop.SPLITS_FILE)) as f:
+  with open(os.path.join(workdir, runs.SPLITS_FILE)) as f:
     splits = _strict_loads(f.read())
   assert splits["class_names"] == ["normal", "abnormal"]
   sources = pipeline.load_sources(config.dataset, ["train", "validation", "test"])
@@ -256,10 +259,29 @@ def test_restoring_a_missing_run_is_a_clear_error_that_creates_nothing(data_dir,
   config = tiny_config(data_dir)
   missing = tmp_path / "no_such_run"
   with pytest.raises(FileNotFoundError, match="no_such_run.*does not exist"):
-    loop.restore_selected_model(config, str(missing))
+    runs.restore_selected_model(config, str(missing))
   assert not missing.exists()
   empty = tmp_path / "empty_run"
   empty.mkdir()
   with pytest.raises(FileNotFoundError, match="has no checkpoint"):
-    loop.restore_selected_model(config, str(empty))
+    runs.restore_selected_model(config, str(empty))
   assert list(empty.iterdir()) == []
+
+
+def test_a_finished_run_without_its_selected_model_writes_it_again_without_training(
+    finished_run, tmp_path):
+  config, workdir, result = finished_run
+  old_run = str(tmp_path / "old_run")  # as a run finished before selected_model/ existed
+  shutil.copytree(workdir, old_run)
+  shutil.rmtree(os.path.join(old_run, runs.SELECTED_MODEL_DIR))
+  with pytest.raises(FileNotFoundError, match="has not finished.*Run the same"):
+    runs.check_trained(old_run)
+  history = _read_history(old_run)
+  again = loop.train_and_evaluate(config, old_run)
+  assert _read_history(old_run) == history  # no epoch was trained again
+  assert again["selected_epoch"] == result["selected_epoch"]
+  assert again["test"]["confusion_matrix"] == result["test"]["confusion_matrix"]
+  restored = runs.restore_selected_model(config, old_run).variables
+  original, _ = checkpoint.load_variables(os.path.join(workdir, runs.SELECTED_MODEL_DIR))
+  for got, want in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(original)):
+    np.testing.assert_array_equal(np.asarray(got), want)

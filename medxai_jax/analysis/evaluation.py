@@ -32,8 +32,8 @@ from medxai_jax.models import base
 from medxai_jax.observe import progress
 from medxai_jax.observe import summaries
 from medxai_jax.observe import timing
-from medxai_jax.train import loop
 from medxai_jax.train import metrics as metrics_lib
+from medxai_jax.train import workdir as workdir_lib
 from medxai_jax.viz import evaluation_figures
 from medxai_jax.viz import figures
 
@@ -455,9 +455,9 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
   (process 0). A progress line with rate and ETA follows the methods as they are scored.
   """
   start = time.perf_counter()
-  workdir = loop.prepare_workdir(workdir)
-  model, variables = loop.restore_selected_model(config, checkpoint_dir)
-  _, _, preprocess = loop.build_components(config)
+  workdir = workdir_lib.prepare_workdir(workdir)
+  selected = runs.restore_selected_model(config, checkpoint_dir)
+  model, variables, preprocess = selected.model, selected.variables, selected.preprocess
   keys = dataset_mask_keys(config.dataset.name)
   wanted = [k for key in keys if key is not None for k in (key, f"has_{key}")]
   split = split or config.dataset.test_split
@@ -598,11 +598,12 @@ def data_randomisation(config: ml_collections.ConfigDict, shuffled_labels_checkp
   metrics_path = os.path.join(shuffled_labels_checkpoint, "metrics.json")
   shuffled_config = (runs.read_run_config(shuffled_labels_checkpoint)
                      if os.path.exists(runs.config_path(shuffled_labels_checkpoint)) else None)
-  if shuffled_config is None or not shuffled_config.dataset.get("shuffle_labels", False):
+  if shuffled_config is None or not shuffled_config.dataset.shuffle_labels:
     raise ValueError(f"{shuffled_labels_checkpoint} was not trained with "
                      "config.dataset.shuffle_labels=True (see its config.json); the data-"
                      "randomisation test needs a model fit to shuffled training labels.")
-  model, variables = loop.restore_selected_model(shuffled_config, shuffled_labels_checkpoint)
+  shuffled = runs.restore_selected_model(shuffled_config, shuffled_labels_checkpoint)
+  model, variables = shuffled.model, shuffled.variables
   shuffled_maps, _ = explain.run_methods(model, variables, images, targets, list(maps), key,
                                          options)
   per_image = {}

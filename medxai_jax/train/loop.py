@@ -20,41 +20,23 @@ from medxai_jax import runs
 from medxai_jax.attribution import cam
 from medxai_jax.data import augment as augment_lib
 from medxai_jax.data import pipeline
-from medxai_jax.data import preprocess as preprocess_lib
 from medxai_jax.models import base
-from medxai_jax.models import porting
-from medxai_jax.models import registry
 from medxai_jax.observe import profiling
 from medxai_jax.observe import progress
 from medxai_jax.observe import summaries
 from medxai_jax.observe import timing
 from medxai_jax.train import checkpoint
+from medxai_jax.train import components
 from medxai_jax.train import freeze
+from medxai_jax.train import init_from as init_from_lib
 from medxai_jax.train import metrics as metrics_lib
 from medxai_jax.train import optim
 from medxai_jax.train import parallel
 from medxai_jax.train import preemption
+from medxai_jax.train import results
+from medxai_jax.train import schema
 from medxai_jax.train import steps
 from medxai_jax.train import workdir as workdir_lib
-
-CONFIG_FIELDS = frozenset({
-    "seed", "dataset", "preprocess", "model", "optimizer", "learning_rate", "schedule",
-    "batch_size", "eval_batch_size", "num_epochs", "class_weights", "selection",
-    "early_stopping", "checkpoint", "log_every_steps", "explain", "report", "train", "augment",
-    "init_from", "annotation", "summaries", "profile_steps"})
-# config.summaries: TensorBoard event files under <workdir>/tensorboard (observe/summaries.py).
-SUMMARY_FIELDS = {"enabled": True, "num_images": 4}
-TRAIN_FIELDS = ("trainable", "num_trainable_layers", "head_only_epochs", "compute_dtype",
-                "accumulation_steps")
-# config.train.compute_dtype: the dtype of activations and matrix products; parameters,
-# optimiser state, BatchNorm statistics and the loss stay float32.
-COMPUTE_DTYPES = ("float32", "bfloat16")
-# Selection/monitor metrics where larger is better; the rest ('loss') are minimised.
-_MAXIMISED = frozenset({"accuracy", "f1", "roc_auc", "cohen_kappa", "mcc", "precision",
-                        "recall", "train_val_gap", "train_accuracy"})
-# Selection metrics computed from the training epoch rather than the validation split.
-_TRAIN_METRICS = frozenset({"train_val_gap", "train_accuracy"})
-
 
 @dataclasses.dataclass
 class LoopState:
@@ -79,149 +61,6 @@ class LoopState:
     data = dict(data)
     data["plateau"] = optim.PlateauState(**data.get("plateau", {}))
     return cls(**data)
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises a ValueError naming any unknown top-level field or impossible value."""
-  unknown = sorted(set(config.keys()) - CONFIG_FIELDS)
-  if unknown:
-    raise ValueError(f"Unknown config field(s) {unknown}; known fields: {sorted(CONFIG_FIELDS)}.")
-  for field in ("batch_size", "num_epochs"):
-    if int(config[field]) <= 0:
-      raise ValueError(f"config.{field} must be positive, got {config[field]}.")
-  if config.learning_rate <= 0:
-    raise ValueError(f"config.learning_rate must be positive, got {config.learning_rate}.")
-  for section in ("selection", "early_stopping", "schedule"):
-    monitor = config[section].get("metric") if section in config else None
-    if monitor and monitor != "loss" and monitor not in _MAXIMISED:
-      raise ValueError(f"config.{section}.metric={monitor!r} is not one of "
-                       f"{sorted(_MAXIMISED | {'loss'})}.")
-    if section != "selection" and monitor in _TRAIN_METRICS:
-      raise ValueError(f"config.{section}.metric={monitor!r} is only a selection metric; "
-                       "monitor a validation metric.")
-  settings = train_settings(config)
-  if int(config.batch_size) % settings["accumulation_steps"]:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
-                     f"config.train.accumulation_steps={settings['accumulation_steps']}.")
-  augment_lib.check_augment_config(config.get("augment") or {})
-  every_steps = (config.get("checkpoint") or {}).get("every_steps", 0)
-  if not isinstance(every_steps, int) or every_steps < 0:
-    raise ValueError(f"config.checkpoint.every_steps must be an integer >= 0 (0 = checkpoint at "
-                     f"the end of each epoch only), got {every_steps!r}.")
-  summary_settings(config)
-  profiling.parse_steps(config.get("profile_steps"))
-  if not isinstance(config.get("init_from", ""), str):
-    raise ValueError(f"config.init_from must be a path string ('' = random initialisation), "
-                     f"got {config.init_from!r}.")
-
-
-def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Validated `config.train` (fine-tuning controls), with defaults for missing fields."""
-  settings = dict(trainable="all", num_trainable_layers=0, head_only_epochs=0,
-                  compute_dtype="float32", accumulation_steps=1)
-  given = dict(config.get("train") or {})
-  unknown = sorted(set(given) - set(TRAIN_FIELDS))
-  if unknown:
-    raise ValueError(f"config.train has unknown field(s) {unknown}; known: {list(TRAIN_FIELDS)}.")
-  settings.update(given)
-  if settings["trainable"] not in freeze.TRAINABLE_CHOICES:
-    raise ValueError(f"config.train.trainable={settings['trainable']!r} is not one of "
-                     f"{list(freeze.TRAINABLE_CHOICES)}.")
-  layers = int(settings["num_trainable_layers"])
-  if settings["trainable"] == "last_n_layers" and layers < 1:
-    raise ValueError("config.train.num_trainable_layers must be >= 1 with "
-                     f"trainable='last_n_layers', got {layers}.")
-  if int(settings["head_only_epochs"]) < 0:
-    raise ValueError(f"config.train.head_only_epochs must be >= 0, got "
-                     f"{settings['head_only_epochs']}.")
-  if settings["compute_dtype"] not in COMPUTE_DTYPES:
-    raise ValueError(f"config.train.compute_dtype={settings['compute_dtype']!r} is not one of "
-                     f"{list(COMPUTE_DTYPES)}.")
-  if int(settings["accumulation_steps"]) < 1:
-    raise ValueError(f"config.train.accumulation_steps must be >= 1, got "
-                     f"{settings['accumulation_steps']}.")
-  settings["num_trainable_layers"] = layers
-  settings["head_only_epochs"] = int(settings["head_only_epochs"])
-  settings["accumulation_steps"] = int(settings["accumulation_steps"])
-  return settings
-
-
-def summary_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Validated `config.summaries`, with defaults for missing fields."""
-  given = dict(config.get("summaries") or {})
-  unknown = sorted(set(given) - set(SUMMARY_FIELDS))
-  if unknown:
-    raise ValueError(f"config.summaries has unknown field(s) {unknown}; known: "
-                     f"{list(SUMMARY_FIELDS)}.")
-  settings = {**SUMMARY_FIELDS, **given}
-  if not isinstance(settings["enabled"], bool):
-    raise ValueError(f"config.summaries.enabled must be True or False, got "
-                     f"{settings['enabled']!r}.")
-  if not isinstance(settings["num_images"], int) or settings["num_images"] < 0:
-    raise ValueError(f"config.summaries.num_images must be an integer >= 0, got "
-                     f"{settings['num_images']!r}.")
-  return settings
-
-
-def _nearest_existing(path: str) -> str:
-  """`path` itself if it exists, else its closest ancestor that does."""
-  while not os.path.lexists(path):
-    path = os.path.dirname(path)
-  return path
-
-
-def _why_unwritable(directory: str) -> str | None:
-  """Why no file can be created in the existing `directory` (a read-only mount, a virtual file
-  system like /proc, no permission), or None when one can (checked by creating one)."""
-  if os.statvfs(directory).f_flag & os.ST_RDONLY:
-    return "it is on a read-only file system"
-  probe = os.path.join(directory, f".medxai_write_test_{os.uname().nodename}_{os.getpid()}")
-  try:
-    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-  except OSError as error:
-    return f"no file can be created in it ({error.strerror})"
-  os.remove(probe)
-  return None
-
-
-def prepare_workdir(workdir: str) -> str:
-  """Absolute work directory, created if its parent exists; an error naming the path and what to
-  do when it is a file, lies under a file, has no parent or cannot be written."""
-  if not workdir:
-    raise ValueError("--workdir is required.")
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  parent = os.path.dirname(workdir)
-  existing = _nearest_existing(workdir)
-  if not os.path.isdir(existing):
-    if existing == workdir:
-      raise NotADirectoryError(f"--workdir={workdir!r} exists and is not a directory; give a "
-                               "directory (or move the file away).")
-    raise NotADirectoryError(f"--workdir={workdir!r} cannot be created: {existing!r} is a file, "
-                             "not a directory; give a --workdir outside it.")
-  if existing not in (workdir, parent):
-    raise FileNotFoundError(f"The parent directory of --workdir={workdir!r} does not exist: "
-                            f"{parent!r}. Create it first: mkdir -p {parent}")
-  reason = _why_unwritable(existing)
-  if reason:
-    raise PermissionError(f"--workdir={workdir!r} cannot be written: {existing!r}: {reason}; "
-                          "give a --workdir on a writable file system.")
-  os.makedirs(workdir, exist_ok=True)
-  return workdir
-
-
-def resolve_class_weights(spec: Any, counts: np.ndarray) -> np.ndarray | None:
-  """Per-class loss weights from '', 'balanced' (n / (K * n_k)) or a comma-separated list."""
-  if spec is None or spec == "" or spec == ():
-    return None
-  if spec == "balanced":
-    if (counts == 0).any():
-      raise ValueError(f"class_weights='balanced' needs every class in the training split; "
-                       f"counts are {counts.tolist()}.")
-    return counts.sum() / (len(counts) * counts.astype(np.float64))
-  values = [float(v) for v in spec.split(",")] if isinstance(spec, str) else list(spec)
-  if len(values) != len(counts):
-    raise ValueError(f"config.class_weights has {len(values)} values for {len(counts)} classes.")
-  return np.asarray(values, np.float64)
 
 
 def evaluate(state: steps.TrainState, source: pipeline.RandomAccessSource, *, eval_fn,
@@ -256,26 +95,10 @@ def evaluate(state: steps.TrainState, source: pipeline.RandomAccessSource, *, ev
   labels_all = np.concatenate(labels)
   if features is not None:
     features.update({key: np.concatenate(values) for key, values in columns.items()})
-  result = defined_metrics(metrics_lib.classification_metrics(labels_all, logits_all),
+  result = results.defined_metrics(metrics_lib.classification_metrics(labels_all, logits_all),
                            f"the {split} split" if split else "the evaluated split", warned)
   result["loss"] = float(np.concatenate(losses).mean())
   return result, logits_all, labels_all
-
-
-def defined_metrics(summary: Mapping[str, Any], where: str,
-                    warned: set[tuple[str, str]] | None = None) -> dict[str, Any]:
-  """`summary` (metrics_lib's) with its undefined metrics set to None, each one warned about
-  (`where`, e.g. 'the test split', names the data in the warning)."""
-  result = dict(summary)
-  for metric, reason in metrics_lib.undefined_metrics(
-      np.asarray(summary["confusion_matrix"])).items():
-    result[metric] = None
-    if warned is None or (where, metric) not in warned:
-      logging.warning("%s is undefined on %s (%d examples): %s; it is reported as null.",
-                      metric, where, summary["num_examples"], reason)
-      if warned is not None:
-        warned.add((where, metric))
-  return result
 
 
 def _format_metric(value: float | None) -> str:
@@ -300,12 +123,7 @@ def selection_score(metric: str, train_accuracy: float, validation: Mapping[str,
     return float(train_accuracy)
   if metric == "train_val_gap":
     return -abs(train_accuracy - validation["accuracy"])
-  return _monitored(validation[metric], _mode(metric, None))
-
-
-def _mode(metric: str, mode: str | None) -> str:
-  """Configured mode, or the natural one for `metric`."""
-  return mode or ("max" if metric in _MAXIMISED else "min")
+  return _monitored(validation[metric], schema.monitor_mode(metric, ""))
 
 
 def _epoch_learning_rate(config: ml_collections.ConfigDict, epoch: int, loop: LoopState) -> float:
@@ -327,7 +145,7 @@ def plateau_step(config: ml_collections.ConfigDict, learning_rate: float,
                  ) -> tuple[float, optim.PlateauState]:
   """Next epoch's rate under config.schedule ('plateau') after an epoch's validation metrics."""
   schedule = config.schedule
-  mode = _mode(schedule.metric, schedule.get("mode"))
+  mode = schema.monitor_mode(schedule.metric, schedule.mode)
   return optim.plateau_update(
       learning_rate, _monitored(validation[schedule.metric], mode), plateau,
       mode=mode, factor=schedule.factor,
@@ -340,7 +158,7 @@ def early_stopping_step(config: ml_collections.ConfigDict, validation: Mapping[s
                         ) -> tuple[float | None, int, bool]:
   """(best, epochs without improvement, stop now?) after an epoch, under config.early_stopping."""
   stopping = config.early_stopping
-  mode = _mode(stopping.metric, stopping.get("mode"))
+  mode = schema.monitor_mode(stopping.metric, stopping.mode)
   value = _monitored(validation[stopping.metric], mode)
   if optim.improved(value, best, mode):
     best, epochs_since_improvement = value, 0
@@ -380,212 +198,13 @@ def _check_finite(loss: float, epoch: int, step: int, learning_rate: float, stor
         f"{learning_rate:g}); {where}. Lower config.learning_rate or check the input data.")
 
 
-def build_components(config: ml_collections.ConfigDict, compute_dtype: str | None = None):
-  """Model, optimiser and preprocessing function of a config.
-
-  The model computes in `compute_dtype` (default: config.train.compute_dtype); its parameters
-  are float32 whatever the compute dtype.
-  """
-  model = registry.build_model(model_fields(config, compute_dtype))
-  tx = optim.make_optimizer(config.optimizer, config.learning_rate)
-  preprocess = preprocess_lib.make_preprocess_fn(
-      model.input_shape, tuple(config.preprocess.mean), tuple(config.preprocess.std),
-      bit_depth=config.preprocess.get("bit_depth"))
-  return model, tx, preprocess
-
-
-def model_fields(config: ml_collections.ConfigDict, compute_dtype: str | None = None
-                 ) -> dict[str, Any]:
-  """config.model as keyword arguments, with `dtype` set for a non-float32 compute dtype."""
-  fields = dict(config.model)
-  dtype = compute_dtype or train_settings(config)["compute_dtype"]
-  if dtype not in COMPUTE_DTYPES:
-    raise ValueError(f"compute_dtype={dtype!r} is not one of {list(COMPUTE_DTYPES)}.")
-  if dtype != "float32":
-    if "dtype" in fields:
-      raise ValueError(f"config.model.dtype={fields['dtype']!r} and config.train.compute_dtype="
-                       f"{dtype!r} both set the compute dtype; set only compute_dtype.")
-    fields["dtype"] = getattr(jnp, dtype)
-  return fields
-
-
-SELECTED_MODEL_DIR = "selected_model"
-PREDICTIONS_FILE = "predictions_test.npz"
-SPLITS_FILE = "splits.json"
-# Record features copied into predictions_test.npz and grouped by in metrics.json, when present.
-RECORD_FEATURES = ("study_id", "body_part", "patient_id", "path")
-
-
-def dataset_features(dataset_config: Mapping[str, Any]) -> Any:
-  """The TFDS feature dictionary of the configured dataset (None if the builder has none)."""
-  return getattr(pipeline.load_builder(dataset_config).info, "features", None)
-
-
-def feature_names(features: Any, key: str) -> list[str] | None:
-  """Class names of a ClassLabel feature, or None."""
-  spec = features[key] if features is not None and key in features else None
-  names = getattr(spec, "names", None)
-  return list(names) if names else None
-
-
-def class_names(features: Any, label_key: str, num_classes: int) -> list[str]:
-  """The label feature's class names, or '0'..'K-1' when it has none (or not K of them)."""
-  names = feature_names(features, label_key)
-  if names and len(names) == num_classes:
-    return names
-  if names:
-    logging.warning("The label feature %r has %d class names %s but the model has %d classes; "
-                    "classes are named by index.", label_key, len(names), names, num_classes)
-  return [str(k) for k in range(num_classes)]
-
-
-def class_counts(labels: np.ndarray, num_classes: int, split: str) -> list[int]:
-  """Examples per class [K]; raises ValueError naming the split for a label outside [0, K)."""
-  labels = np.asarray(labels).astype(np.int64)
-  outside = np.unique(labels[(labels < 0) | (labels >= num_classes)])
-  if outside.size:
-    raise ValueError(f"The {split!r} split has label(s) {outside.tolist()[:5]} outside [0, "
-                     f"{num_classes}), the classes of config.model; check model.num_outputs "
-                     "and config.dataset.label_key.")
-  return np.bincount(labels, minlength=num_classes).tolist()
-
-
-def text_column(values: np.ndarray, names: Sequence[str] | None = None) -> np.ndarray:
-  """A feature column as str [N]: bytes decoded, class indices named by `names`."""
-  def text(value: Any) -> str:
-    value = value.item() if isinstance(value, np.generic) or (
-        isinstance(value, np.ndarray) and value.ndim == 0) else value
-    if isinstance(value, bytes):
-      return value.decode()
-    if names is not None and isinstance(value, (int, np.integer)):
-      return names[int(value)]
-    return str(value)
-  return np.asarray([text(value) for value in np.asarray(values, dtype=object)], dtype=str)
-
-
-def study_level_metrics(labels: np.ndarray, probabilities: np.ndarray, study_ids: np.ndarray,
-                        where: str, warned: set[tuple[str, str]] | None = None
-                        ) -> dict[str, Any]:
-  """MURA's study-level metrics: each study's probabilities are the mean of its images'
-  (Rajpurkar et al.; `mura.study_scores`), thresholded as one image's would be."""
-  from medxai_jax.data.builders import mura  # imports tensorflow_datasets
-
-  _, means, study_labels = mura.study_scores(probabilities, study_ids, labels)
-  return defined_metrics(metrics_lib.probability_metrics(study_labels, means),
-                         f"{where}, per study", warned)
-
-
-def grouped_metrics(labels: np.ndarray, logits: np.ndarray, features: Mapping[str, np.ndarray],
-                    split: str, warned: set[tuple[str, str]] | None = None) -> dict[str, Any]:
-  """'<split>_by_study' (when records carry study_id) and '<split>_by_body_part' (body_part:
-  name -> {'image': metrics, 'study': metrics}) as 000 and the MURA paper report them."""
-  result: dict[str, Any] = {}
-  probabilities = metrics_lib.probabilities_from_logits(logits)
-  studies = features.get("study_id")
-  if studies is not None:
-    result[f"{split}_by_study"] = study_level_metrics(labels, probabilities, studies,
-                                                      f"the {split} split", warned)
-  parts = features.get("body_part")
-  if parts is not None:
-    by_part = {}
-    for part in sorted(set(parts.tolist())):
-      rows = parts == part
-      where = f"the {split} split's {part} images"
-      entry = {"image": defined_metrics(
-          metrics_lib.classification_metrics(labels[rows], logits[rows]), where, warned)}
-      if studies is not None:
-        entry["study"] = study_level_metrics(labels[rows], probabilities[rows], studies[rows],
-                                             where, warned)
-      by_part[part] = entry
-    result[f"{split}_by_body_part"] = by_part
-  return result
-
-
-def write_predictions(path: str, labels: np.ndarray, logits: np.ndarray,
-                      features: Mapping[str, np.ndarray]) -> str:
-  """predictions_test.npz: labels int64 [N], logits float32 [N, K'], probabilities float32
-  [N, K] and the record features as str [N]."""
-  logits = np.asarray(logits, np.float32)
-  logits = logits.reshape(len(logits), -1)
-  np.savez(path, labels=np.asarray(labels, np.int64), logits=logits,
-           probabilities=metrics_lib.probabilities_from_logits(logits).astype(np.float32),
-           **{key: np.asarray(value, dtype=str) for key, value in features.items()})
-  return path
-
-
-def resolve_init_from(path: str) -> str:
-  """Directory holding `variables/`: `path` itself or a training run's `selected_model/`."""
-  path = os.path.abspath(os.path.expanduser(path))
-  for candidate in (path, os.path.join(path, SELECTED_MODEL_DIR)):
-    if os.path.isdir(os.path.join(candidate, "variables")):
-      return candidate
-  raise FileNotFoundError(
-      f"config.init_from={path!r} holds no 'variables/' checkpoint: give a directory written by "
-      "experiments/port_weights.py or a finished training run (its selected_model/).")
-
-
-def initialise_from(state: steps.TrainState, init_from: str, model_config: Mapping[str, Any]
-                    ) -> tuple[steps.TrainState, dict[str, Any]]:
-  """`state` with every parameter / BatchNorm statistic that `init_from` holds (same path and
-  shape) loaded; the rest (e.g. a new head) keeps its fresh initialisation."""
-  directory = resolve_init_from(init_from)
-  source_run = describe_source_run(init_from, model_config)
-  pretrained, metadata = checkpoint.load_variables(directory)
-  skip = tuple(metadata.get("kept_from_init", ()))  # random leaves a port did not fill
-  merged, loaded, kept = porting.merge_variables(state.variables, pretrained, skip)
-  if not loaded:
-    raise ValueError(f"config.init_from={init_from!r}: none of its arrays matches a parameter of "
-                     f"config.model ({dict(model_config)}); wrong architecture?")
-  source_config = metadata.get("model_config") or {}
-  for field in ("bn_epsilon",):
-    if field in source_config and field in model_config and (
-        source_config[field] != model_config[field]):
-      logging.warning("config.init_from weights expect model.%s=%s; config.model has %s.",
-                      field, source_config[field], model_config[field])
-  logging.info("Initialised %d arrays from %s; %d keep their fresh initialisation: %s",
-               len(loaded), directory, len(kept), kept[:8])
-  state = state.replace(params=jax.tree_util.tree_map(jnp.asarray, merged["params"]),
-                        batch_stats=jax.tree_util.tree_map(
-                            jnp.asarray, merged.get("batch_stats", {})))
-  report = {"init_from": directory, "loaded": len(loaded), "kept_from_init": kept,
-            "preprocessing": metadata.get("preprocessing")}
-  if source_run is not None:
-    report["source_run"] = source_run
-  return state, report
-
-
-def describe_source_run(init_from: str, model_config: Mapping[str, Any]
-                        ) -> dict[str, Any] | None:
-  """What a training run given as config.init_from was (its config.json: dataset, model, test
-  accuracy), or None for other weights; raises ValueError naming both models when its
-  architecture is not config.model's (only the head and input size may differ)."""
-  from medxai_jax import runs  # runs uses this module
-
-  run_dir = runs.source_run_dir(init_from)
-  if run_dir is None:
-    return None
-  source = runs.read_run_config(run_dir)
-  differing = runs.check_compatible_models(
-      source.model, model_config, source_name=f"config.init_from={run_dir!r}",
-      target_name="config.model")
-  metrics = runs.Run(run_dir, source).metrics() or {}
-  description = {"directory": run_dir, "dataset": source.dataset.name,
-                 "builder_config": source.dataset.get("builder_config", ""),
-                 "filter": source.dataset.get("filter", ""), "model": source.model.to_dict(),
-                 "head_fields_changed": differing,
-                 "test_accuracy": (metrics.get("test") or {}).get("accuracy")}
-  logging.info("config.init_from is the training run %s (dataset %s, model %s, test accuracy "
-               "%s)%s.", run_dir, description["dataset"], description["model"],
-               description["test_accuracy"],
-               f"; new values of {differing}" if differing else "")
-  return description
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains with checkpoints and resumption, selects an epoch, and evaluates it on the test split.
 
   Writes `config.json`, `history.jsonl` (one line per epoch) and `metrics.json` into `workdir`,
-  checkpoints into `workdir/checkpoints/{latest,best}`, and returns the metrics.json content.
+  checkpoints into `workdir/checkpoints/{latest,best}`, the selected epoch's variables into
+  `workdir/selected_model/` (what `runs.restore_selected_model` and config.init_from read), and
+  returns the metrics.json content.
   metrics.json (strict JSON: an undefined metric is null, with a warning) holds `class_names`,
   the test metrics and, when the test records carry `study_id` / `body_part`, `test_by_study`
   (MURA's study-level metrics) and `test_by_body_part`. Also writes `splits.json` (class names,
@@ -618,18 +237,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   `config.profile_steps='a,b'` traces global steps a..b into `workdir/profile/`
   (observe/profiling.py).
   """
-  check_config(config)
-  fine_tuning = train_settings(config)
+  config = schema.with_defaults(config)
+  schema.check_config(config)
+  fine_tuning = schema.train_settings(config)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh,
                             accumulation_steps=fine_tuning["accumulation_steps"])
-  workdir = prepare_workdir(workdir)
+  workdir = workdir_lib.prepare_workdir(workdir)
   with workdir_lib.RunLock(workdir, jax.process_index()), \
       preemption.SigtermWatch() as sigterm, \
       profiling.StepProfiler(os.path.join(workdir, profiling.PROFILE_DIR),
-                             profiling.parse_steps(config.get("profile_steps"))) as profiler, \
+                             profiling.parse_steps(config.profile_steps)) as profiler, \
       summaries.create_writer(workdir, enabled=jax.process_index() == 0 and (
-          summary_settings(config)["enabled"])) as writer:
+          config.summaries.enabled)) as writer:
     return _train_in_workdir(config, workdir, mesh, sigterm, writer=writer, profiler=profiler)
 
 
@@ -725,10 +345,10 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
   summaries written through `writer`, steps profiled by `profiler`."""
   writer = writer or summaries.NullWriter()
   profiler = profiler or profiling.StepProfiler("", None)
-  fine_tuning = train_settings(config)
+  fine_tuning = schema.train_settings(config)
   accumulation_steps = fine_tuning["accumulation_steps"]
   eval_batch_size = parallel.round_up_batch_size(
-      config.get("eval_batch_size") or config.batch_size, mesh)
+      config.eval_batch_size, mesh)
   replicated = parallel.replicated_sharding(mesh)
   data_sharding = parallel.batch_sharding(mesh)
   lead = jax.process_index() == 0  # writes the JSON files
@@ -747,15 +367,15 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
   splits = [dataset.train_split, dataset.validation_split, dataset.test_split]
   sources = pipeline.load_sources(dataset, splits)
   train_source = sources[dataset.train_split]
-  model, tx, preprocess = build_components(config)
+  model, tx, preprocess = components.build_components(config)
   classes = model.num_classes
-  features = dataset_features(dataset)
-  names = class_names(features, dataset.label_key, classes)
+  features = components.dataset_features(dataset)
+  names = components.class_names(features, dataset.label_key, classes)
   # After config.dataset.filter; shuffled training labels are a permutation: the same counts.
-  counts = {role: class_counts(pipeline.read_feature(sources[split], dataset.label_key),
-                               classes, split)
+  counts = {role: components.class_counts(
+      pipeline.read_feature(sources[split], dataset.label_key), classes, split)
             for role, split in zip(("train", "validation", "test"), splits)}
-  weights = resolve_class_weights(config.class_weights, np.asarray(counts["train"]))
+  weights = components.resolve_class_weights(config.class_weights, np.asarray(counts["train"]))
   warned: set[tuple[str, str]] = set()
   steps_per_epoch = pipeline.num_batches(len(train_source), config.batch_size, True)
   if steps_per_epoch == 0:
@@ -773,8 +393,8 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
   resume_partial = partial_step is not None and partial_step > (latest_epoch or 0) * (
       steps_per_epoch)
   position = None  # where in an epoch a mid-epoch checkpoint stopped
-  if config.get("init_from") and latest_epoch is None and not resume_partial:
-    state, init_report = initialise_from(state, config.init_from, config.model)
+  if config.init_from and latest_epoch is None and not resume_partial:
+    state, init_report = init_from_lib.initialise_from(state, config.init_from, config.model)
   state = parallel.replicate(state, mesh)
   if resume_partial:
     state, metadata = store.restore_partial(state)  # into the replicated template's sharding
@@ -799,7 +419,7 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
   head_mask = freeze.trainable_mask(model, "head") if head_only_epochs else None
   if head_mask is not None and head_mask == main_mask:
     head_mask = main_mask  # trainable='head' with a warm-up: one mask, one compilation
-  augment_fn = augment_lib.make_augment_fn(config.get("augment") or {})
+  augment_fn = augment_lib.make_augment_fn(config.augment)
   compiled_steps = {}
 
   def train_step_for(mask: Any):
@@ -809,7 +429,7 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
           steps.train_step, model=model, tx=tx, preprocess=preprocess,
           class_weights=None if weights is None else jnp.asarray(weights, jnp.float32),
           augment=augment_fn, trainable=mask, accumulation_steps=accumulation_steps,
-          bit_depth=config.preprocess.get("bit_depth")),
+          bit_depth=config.preprocess.bit_depth),
           in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
           donate_argnums=0)
     return compiled_steps[id(mask)]
@@ -823,7 +443,7 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
                      out_shardings=replicated)
   summary_images = fixed_summary_images(
       sources[dataset.validation_split], dataset.label_key,
-      summary_settings(config)["num_images"] if not isinstance(
+      config.summaries.num_images if not isinstance(
           writer, summaries.NullWriter) else 0)
   cam_jit = jax.jit(lambda variables, images, targets: grad_cam_inputs(
       model, preprocess, variables, images, targets))
@@ -838,10 +458,10 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
       return source
     return parallel.ProcessLocalSource(source, parallel.local_rows(mesh, batch_size), batch_size)
   selection_metric = config.selection.metric
-  selection_mode = _mode(selection_metric, config.selection.get("mode"))
+  selection_mode = schema.monitor_mode(selection_metric, config.selection.mode)
   stopping = config.early_stopping
   run_start = time.time()
-  every_steps = int(config.checkpoint.get("every_steps") or 0)
+  every_steps = config.checkpoint.every_steps
   sigterm_step = preemption.hooked_sigterm_step()
   num_processes = jax.process_count()
 
@@ -1016,7 +636,7 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
   phase_start = time.perf_counter()
   best_state, best_metadata = store.restore_best(state)
   test_source = sources[dataset.test_split]
-  present = [key for key in RECORD_FEATURES if key in test_source.__getitems__([0])[0]]
+  present = [key for key in results.RECORD_FEATURES if key in test_source.__getitems__([0])[0]]
   single = jax.process_count() == 1
   test_features: dict[str, np.ndarray] = {}
   test, test_logits, test_labels = evaluate(
@@ -1025,7 +645,7 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
       warned=warned, feature_keys=present if single else (), features=test_features)
   if not single:  # host batches hold this process's rows only: read the features in order
     test_features = pipeline.read_features(test_source, present)
-  test_features = {key: text_column(value, feature_names(features, key))
+  test_features = {key: results.text_column(value, components.feature_names(features, key))
                    for key, value in test_features.items()}
   store.close()
   phases["train/test"] = {"wall_seconds": time.perf_counter() - phase_start}
@@ -1042,22 +662,22 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
             "per_device_batch_size": config.batch_size // parallel.num_shards(mesh),
             "eval_batch_size": eval_batch_size, "accumulation_steps": accumulation_steps,
             "compute_dtype": fine_tuning["compute_dtype"], "class_names": names,
-            **grouped_metrics(test_labels, test_logits, test_features, "test", warned)}
+            **results.grouped_metrics(test_labels, test_logits, test_features, "test", warned)}
   if init_report is not None:
     result["init_from"] = {k: v for k, v in init_report.items() if k != "kept_from_init"}
     result["init_from"]["kept_from_init"] = len(init_report["kept_from_init"])
   checkpoint.save_variables(
-      os.path.join(workdir, SELECTED_MODEL_DIR), best_state.variables,
+      os.path.join(workdir, runs.SELECTED_MODEL_DIR), best_state.variables,
       {"model_config": config.model.to_dict(), "selected_epoch": result["selected_epoch"],
        "kept_from_init": []})
   if lead:
     for phase, fields in phases.items():
       timing.record_phase(workdir, phase, **fields)
     metrics_lib.write_json(os.path.join(workdir, "metrics.json"), result)
-    metrics_lib.write_json(os.path.join(workdir, SPLITS_FILE),
+    metrics_lib.write_json(os.path.join(workdir, runs.SPLITS_FILE),
                            {"class_names": names, "counts": counts})
-    write_predictions(os.path.join(workdir, PREDICTIONS_FILE), test_labels, test_logits,
-                      test_features)
+    results.write_predictions(os.path.join(workdir, runs.PREDICTIONS_FILE), test_labels,
+                              test_logits, test_features)
   logging.info("Test (epoch %d): accuracy %.4f, ROC AUC %s, kappa %s.",
                result["selected_epoch"], test["accuracy"], _format_metric(test["roc_auc"]),
                _format_metric(test["cohen_kappa"]))
@@ -1068,28 +688,3 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
                  _format_metric(study["cohen_kappa"]))
   return result
 
-
-def check_trained(workdir: str) -> str:
-  """The absolute `workdir`; raises FileNotFoundError, creating nothing, unless it holds a
-  selected ('best') checkpoint of a training run."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  best = os.path.join(workdir, "checkpoints", "best")
-  steps_saved = [n for n in os.listdir(best) if n.isdigit()] if os.path.isdir(best) else []
-  if not steps_saved:
-    where = "does not exist" if not os.path.isdir(workdir) else f"has no checkpoint in {best}"
-    raise FileNotFoundError(f"The training run {workdir!r} {where}; give the --workdir of a "
-                            "`python -m experiments.train` run that finished an epoch.")
-  return workdir
-
-
-def restore_selected_model(config: ml_collections.ConfigDict, workdir: str
-                           ) -> tuple[base.Classifier, dict[str, Any]]:
-  """The model of a config (computing in float32, whatever config.train.compute_dtype) and the
-  variables of its best checkpoint in `workdir`."""
-  check_trained(workdir)
-  model, tx, _ = build_components(config, compute_dtype="float32")
-  template = steps.create_train_state(model, tx, jax.random.key(config.seed))
-  store = checkpoint.CheckpointStore(os.path.join(os.path.abspath(workdir), "checkpoints"))
-  state, _ = store.restore_best(template)
-  store.close()
-  return model, state.variables

@@ -35,6 +35,7 @@ from medxai_jax.observe import progress
 from medxai_jax.train import checkpoint
 from medxai_jax.train import freeze
 from medxai_jax.train import loop
+from medxai_jax.train import schema
 from medxai_jax.viz import report
 from medxai_jax.viz import run_report
 from medxai_jax.viz import transfer_figures
@@ -104,10 +105,10 @@ def split_config(config: ml_collections.ConfigDict
                      f"fields are {sorted(TRANSFER_FIELDS)}.")
   target = _copy(config)
   del target["transfer"]
-  if target.get("init_from"):
+  if target.init_from:
     raise ValueError(f"config.init_from={target.init_from!r}: each stage's init_from is set by "
                      "this binary; give ImageNet weights as config.transfer.imagenet_init.")
-  loop.check_config(target)
+  schema.check_config(target)
   return target, transfer
 
 
@@ -144,7 +145,7 @@ def stage_config(base: ml_collections.ConfigDict, init_from: str) -> ml_collecti
   config.init_from = init_from
   if not init_from:
     config.train.head_only_epochs = 0
-  loop.check_config(config)
+  schema.check_config(config)
   return config
 
 
@@ -178,7 +179,7 @@ def check_imagenet_weights(model_config: Mapping[str, Any], directory: str) -> d
   """Metadata of an ImageNet port; raises unless it holds every backbone array of the model."""
   if not directory:
     raise ValueError("config.transfer.imagenet_init is empty.")
-  resolved = loop.resolve_init_from(directory)
+  resolved = runs.resolve_init_from(directory)
   model = registry.build_model(model_config)
   shapes = jax.eval_shape(model.init, jax.random.key(0))
   head = {tuple(path) for path in freeze.head_layers(model)}

@@ -16,6 +16,9 @@ each field with its old and new value (`ConfigChangeError`), and allows only `RE
 epochs already done, and a moved data_dir / manual_dir whose prepared dataset is the same
 (`prepared_dataset`, stored in `<workdir>/prepared_dataset.json`). Allowed changes are appended
 to `<workdir>/config_history.jsonl` (`record_config_change`) before config.json is rewritten.
+
+`prepare_workdir` makes the output directory of any binary (training or not), refusing one that
+cannot be created or written with the path and what to do.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ CONFIG_HISTORY_FILE = "config_history.jsonl"
 PREPARED_DATASET_FILE = "prepared_dataset.json"
 # Config fields (dotted paths; a section name covers its fields) a resumed run may change: they
 # affect logging, checkpoint keeping, evaluation batching or later binaries, not what is trained.
-RESUMABLE_FIELDS = ("log_every_steps", "eval_batch_size", "checkpoint", "explain", "report",
-                    "annotation", "summaries", "profile_steps")
+RESUMABLE_FIELDS = ("log_every_steps", "eval_batch_size", "checkpoint", "explain", "annotation",
+                    "summaries", "profile_steps")
 # Where the data lives: a change is allowed when the prepared dataset stays the same.
 LOCATION_FIELDS = ("dataset.data_dir", "dataset.manual_dir")
 
@@ -195,8 +198,8 @@ def check_resume(run_config: Any, config: Any, *, config_file: str, completed_ep
   differences = runs.config_differences(run_config, config)
   same_dataset = run_dataset is None or _plain(dict(run_dataset)) == _plain(
       dict(dataset))
-  schedule = config.get("schedule") or {}
-  step_decay = schedule.get("name") == "step_decay" and bool(schedule.get("boundaries"))
+  schedule = config["schedule"]  # a full config: runs.read_run_config / with_defaults fill it
+  step_decay = schedule["name"] == "step_decay" and bool(schedule["boundaries"])
   refused = refused_changes(differences, completed_epochs=completed_epochs,
                             same_dataset=same_dataset, step_decay=step_decay)
   if not same_dataset:
@@ -243,3 +246,49 @@ def write_prepared_dataset(workdir: str, dataset: Mapping[str, Any]) -> str:
   with open(path, "w") as file:
     json.dump(dict(dataset), file, indent=2)
   return path
+
+
+def _nearest_existing(path: str) -> str:
+  """`path` itself if it exists, else its closest ancestor that does."""
+  while not os.path.lexists(path):
+    path = os.path.dirname(path)
+  return path
+
+
+def _why_unwritable(directory: str) -> str | None:
+  """Why no file can be created in the existing `directory` (a read-only mount, a virtual file
+  system like /proc, no permission), or None when one can (checked by creating one)."""
+  if os.statvfs(directory).f_flag & os.ST_RDONLY:
+    return "it is on a read-only file system"
+  probe = os.path.join(directory, f".medxai_write_test_{os.uname().nodename}_{os.getpid()}")
+  try:
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+  except OSError as error:
+    return f"no file can be created in it ({error.strerror})"
+  os.remove(probe)
+  return None
+
+
+def prepare_workdir(workdir: str) -> str:
+  """Absolute work directory, created if its parent exists; an error naming the path and what to
+  do when it is a file, lies under a file, has no parent or cannot be written."""
+  if not workdir:
+    raise ValueError("--workdir is required.")
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  parent = os.path.dirname(workdir)
+  existing = _nearest_existing(workdir)
+  if not os.path.isdir(existing):
+    if existing == workdir:
+      raise NotADirectoryError(f"--workdir={workdir!r} exists and is not a directory; give a "
+                               "directory (or move the file away).")
+    raise NotADirectoryError(f"--workdir={workdir!r} cannot be created: {existing!r} is a file, "
+                             "not a directory; give a --workdir outside it.")
+  if existing not in (workdir, parent):
+    raise FileNotFoundError(f"The parent directory of --workdir={workdir!r} does not exist: "
+                            f"{parent!r}. Create it first: mkdir -p {parent}")
+  reason = _why_unwritable(existing)
+  if reason:
+    raise PermissionError(f"--workdir={workdir!r} cannot be written: {existing!r}: {reason}; "
+                          "give a --workdir on a writable file system.")
+  os.makedirs(workdir, exist_ok=True)
+  return workdir

@@ -20,7 +20,7 @@ from medxai_jax.attribution import activations
 from medxai_jax.attribution import registry
 from medxai_jax.models import base
 from medxai_jax.train import steps
-from medxai_jax.train import loop
+from medxai_jax.train import components
 from medxai_jax.viz import analysis_figures
 from medxai_jax.viz import feature_maps
 from medxai_jax.viz import figures
@@ -105,7 +105,7 @@ def representation_section(config: ml_collections.ConfigDict, model: base.Classi
                            preprocess: Any, workdir: str
                            ) -> tuple[report.Section, dict[str, Any]]:
   """Layer-by-layer CKA of the initial vs the trained network (001 fig. 14 style) and t-SNE."""
-  _, tx, _ = loop.build_components(config)
+  _, tx, _ = components.build_components(config)
   initial = steps.create_train_state(model, tx, jax.random.key(config.seed)).variables
   taps = [tap for tap in model.taps if tap != "embedding"]
   matrix = similarity.compare_layers(model, initial, model, variables, batches, taps, taps,
