@@ -47,3 +47,27 @@ def test_the_import_check_catches_every_form(tmp_path):
   assert [m for m in modules if m not in ALLOWED] == [
       "experiments.demo", "experiments.demo_sections", "experiments.evaluate_explanations",
       "experiments.train"]
+
+
+LIBRARY = EXPERIMENTS.parent / "medxai_jax"
+OUTSIDE_THE_PACKAGE = ("configs", "experiments", "benchmarks", "tests")
+
+
+def top_level_imports(path: pathlib.Path) -> list[tuple[int, str]]:
+  """(line, top-level package) of every absolute import in `path` (any scope)."""
+  found = []
+  for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    if isinstance(node, ast.Import):
+      found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+      found.append((node.lineno, node.module.split(".")[0]))
+  return found
+
+
+def test_the_library_imports_nothing_that_is_not_installed_with_it():
+  # pip installs medxai_jax only: research code importing it from elsewhere has no configs/.
+  files = sorted(LIBRARY.rglob("*.py"))
+  assert len(files) > 20, f"no library modules found in {LIBRARY}"
+  bad = [f"{path.relative_to(LIBRARY.parent)}:{line} imports {package}" for path in files
+         for line, package in top_level_imports(path) if package in OUTSIDE_THE_PACKAGE]
+  assert not bad, "medxai_jax must not import the repository's other folders: " + "; ".join(bad)

@@ -1,6 +1,7 @@
 """The training config's schema: its fields, their defaults and the checks of their values.
 
-The defaults are `configs/common.base_config()`'s, the one place they are written.
+The defaults are `train/defaults.base_config()`'s (configs/common.py re-exports it), the one
+place they are written.
 `with_defaults` fills a config that lacks some of them (a config.json written before a field
 existed, a config built by hand) so that the code reads every field directly.
 """
@@ -11,7 +12,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from configs import common
+from medxai_jax.train import defaults
 from medxai_jax.data import augment as augment_lib
 from medxai_jax.observe import profiling
 from medxai_jax.train import freeze
@@ -19,7 +20,7 @@ from medxai_jax.train import freeze
 # Top-level fields of a training config: base_config's, plus the demo's own sections
 # (`explain`, `annotation`: read by experiments/demo.py, kept in the one config it trains with).
 DEMO_FIELDS = frozenset({"explain", "annotation"})
-CONFIG_FIELDS = frozenset(common.base_config().keys()) | DEMO_FIELDS
+CONFIG_FIELDS = frozenset(defaults.base_config().keys()) | DEMO_FIELDS
 # config.train.compute_dtype: the dtype of activations and matrix products; parameters,
 # optimiser state, BatchNorm statistics and the loss stay float32.
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -49,7 +50,7 @@ def with_defaults(config: ml_collections.ConfigDict | Mapping[str, Any]
   options) are kept; nothing in `config` is changed or checked (`check_config` does that).
   """
   given = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
-  return ml_collections.ConfigDict(_merged(common.base_config().to_dict(), given))
+  return ml_collections.ConfigDict(_merged(defaults.base_config().to_dict(), given))
 
 
 def monitor_mode(metric: str, mode: str) -> str:
@@ -59,7 +60,7 @@ def monitor_mode(metric: str, mode: str) -> str:
 
 def _check_section(config: ml_collections.ConfigDict, section: str) -> None:
   """Raises a ValueError naming the fields of `config.<section>` that base_config lacks."""
-  known = common.base_config()[section].keys()
+  known = defaults.base_config()[section].keys()
   unknown = sorted(set(config[section].keys()) - set(known))
   if unknown:
     raise ValueError(f"config.{section} has unknown field(s) {unknown}; known: {list(known)}.")
