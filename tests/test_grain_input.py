@@ -1,0 +1,177 @@
+"""The grain input pipeline (data/pipeline.py): batches, worker processes, resumable state."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import pytest
+
+from configs import demo
+from medxai_jax.data import pipeline
+from medxai_jax.train import checkpoint
+from medxai_jax.train import loop
+from medxai_jax.train import preemption
+
+
+class ListSource:
+  """An in-memory random-access source whose image pixels hold the row number."""
+
+  def __init__(self, count: int):
+    self.count = count
+
+  def __len__(self) -> int:
+    return self.count
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    return [{"image": np.full((3, 2, 1), i, np.uint16), "grade": np.int64(i % 4),
+             "study": np.int64(100 + i)} for i in indices]
+
+
+def _naive_batches(count: int, batch_size: int, seed: int, epoch: int, shuffle: bool,
+                   drop_remainder: bool) -> list[dict[str, np.ndarray]]:
+  """The batches by hand: rows in numpy's permutation of seed [seed, epoch], the short tail
+  padded with its last row (weight 0)."""
+  rows = (np.random.default_rng([seed, epoch]).permutation(count) if shuffle
+          else np.arange(count))
+  batches = []
+  for start in range(0, count, batch_size):
+    chunk = list(rows[start:start + batch_size])
+    if len(chunk) < batch_size and drop_remainder:
+      break
+    weight = [1.0] * len(chunk) + [0.0] * (batch_size - len(chunk))
+    chunk += [chunk[-1]] * (batch_size - len(chunk))
+    batches.append({
+        "image": np.stack([np.full((3, 2, 1), i, np.uint16) for i in chunk]),
+        "study": np.asarray([100 + i for i in chunk], np.int64),
+        "label": np.asarray([i % 4 for i in chunk], np.int32),
+        "weight": np.asarray(weight, np.float32)})
+  return batches
+
+
+def _assert_same_batches(got: list[dict], expected: list[dict]) -> None:
+  assert len(got) == len(expected) > 0
+  for index, (a, b) in enumerate(zip(got, expected)):
+    assert sorted(a) == sorted(b), index
+    for key in b:
+      assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, (index, key)
+      np.testing.assert_array_equal(a[key], b[key], err_msg=f"batch {index}, {key!r}")
+
+
+@pytest.mark.parametrize("shuffle, drop_remainder", [(True, False), (True, True), (False, False)])
+def test_batches_equal_a_naive_loop(shuffle, drop_remainder):
+  got = list(pipeline.iterate_batches(
+      ListSource(11), batch_size=4, keys=("image", "study"), label_key="grade", seed=5,
+      epoch=2, shuffle=shuffle, drop_remainder=drop_remainder))
+  _assert_same_batches(got, _naive_batches(11, 4, 5, 2, shuffle, drop_remainder))
+  # Random access: batch i of the dataset is the i-th batch iterated.
+  dataset = pipeline.batch_dataset(ListSource(11), batch_size=4, keys=("image", "study"),
+                                   label_key="grade", seed=5, epoch=2, shuffle=shuffle,
+                                   drop_remainder=drop_remainder)
+  _assert_same_batches([dataset[i] for i in range(len(dataset))], got)
+
+
+def test_a_stream_resumes_from_its_json_state_at_the_same_batch():
+  dataset = pipeline.batch_dataset(ListSource(23), batch_size=3, keys=("image",),
+                                   label_key="grade", seed=1, shuffle=True)
+  everything = list(pipeline.BatchStream(dataset))
+  stream = pipeline.BatchStream(dataset)
+  first = [next(stream) for _ in range(3)]
+  state = json.loads(json.dumps(stream.state()))  # as a checkpoint's JSON metadata holds it
+  assert state["next"] == 3 and state["workers"] == 0
+  stream.close()
+  resumed = pipeline.BatchStream.resume(dataset, state, 3)
+  _assert_same_batches(first + list(resumed), everything)
+  # Saved again after more batches of the resumed stream, it still continues where it was.
+  again = pipeline.BatchStream.resume(dataset, state, 3)
+  [next(again) for _ in range(2)]
+  later = json.loads(json.dumps(again.state()))
+  _assert_same_batches(list(pipeline.BatchStream.resume(dataset, later, 5)), everything[5:])
+  # State of another worker count (grain's differs): continues from the batch index instead.
+  other = dict(state, workers=3, iterator={"unreadable": True})
+  _assert_same_batches(list(pipeline.BatchStream.resume(dataset, other, 3, workers=0)),
+                       everything[3:])
+  with pytest.raises(ValueError, match=r"ckpt/partial: the input iterator state is at batch 3 "
+                     r"but the training position at batch 4"):
+    pipeline.BatchStream.resume(dataset, state, 4, where="ckpt/partial")
+
+
+def test_one_worker_process_gives_the_in_process_batches_and_state():
+  dataset = pipeline.batch_dataset(ListSource(10), batch_size=4, keys=("image", "study"),
+                                   label_key="grade", seed=2, shuffle=True)
+  in_process = list(pipeline.BatchStream(dataset, workers=0))
+  stream = pipeline.BatchStream(dataset, workers=1)
+  first = next(stream)
+  state = json.loads(json.dumps(stream.state()))
+  rest = list(stream)
+  _assert_same_batches([first, *rest], in_process)
+  assert all(type(value) is np.ndarray for value in first.values())  # not shared memory
+  resumed = pipeline.BatchStream.resume(dataset, state, 1, workers=1)
+  _assert_same_batches(list(resumed), in_process[1:])
+
+
+def test_bad_input_settings_name_the_field():
+  config = demo.get_config()
+  assert loop.input_settings(config) == {"workers": 0, "prefetch": 2}
+  config.input.workers = -1
+  with pytest.raises(ValueError, match=r"config.input.workers must be an integer >= 0, got -1"):
+    loop.input_settings(config)
+
+
+def _tiny_config(data_dir: str):
+  """One epoch of six steps of a tiny CNN on 32-px phantoms, no event files."""
+  config = demo.get_config()
+  config.dataset.data_dir = data_dir
+  config.dataset.phantoms.update(dict(image_size=32, num_train=48, num_validation=8,
+                                      num_test=8))
+  config.model.update(dict(input_shape=(32, 32, 1), conv_widths=(4,) * 5, dense_widths=(8,),
+                           pool_after=(True, True, False, False, False), lrn_after=(False,) * 5))
+  config.update(dict(batch_size=8, eval_batch_size=8, num_epochs=1, log_every_steps=2))
+  config.summaries.enabled = False
+  return config
+
+
+def test_a_run_stopped_mid_epoch_resumes_with_the_same_batches(tmp_path, monkeypatch):
+  seen: list[bytes] = []
+  states: list[Any] = []
+  original_next, original_init = pipeline.BatchStream.__next__, pipeline.BatchStream.__init__
+
+  def recording_next(self):
+    batch = original_next(self)
+    if self.training:
+      seen.append(batch["image"].tobytes() + batch["label"].tobytes())
+    return batch
+
+  def recording_init(self, dataset, **kwargs):
+    original_init(self, dataset, **kwargs)
+    self.training = len(dataset) == 6  # the eval splits have one batch
+    states.append(kwargs.get("iterator_state"))
+
+  monkeypatch.setattr(pipeline.BatchStream, "__next__", recording_next)
+  monkeypatch.setattr(pipeline.BatchStream, "__init__", recording_init)
+  config = _tiny_config(str(tmp_path / "tfds"))
+  workdir = str(tmp_path / "run")
+  monkeypatch.setenv(preemption.SIGTERM_AFTER_STEP_ENV, "4")
+  with pytest.raises(preemption.Preempted, match="after step 4 of 6 of epoch 1"):
+    loop.train_and_evaluate(copy.deepcopy(config), workdir)
+  metadata = os.path.join(workdir, "checkpoints", "partial", "4", "metadata", "metadata")
+  with open(metadata) as f:
+    saved = json.load(f)["position"]["input"]
+  assert saved == {"workers": 0, "start": 0, "next": 4, "iterator": {"next_index": 4}}
+  monkeypatch.delenv(preemption.SIGTERM_AFTER_STEP_ENV)
+  states.clear()
+  loop.train_and_evaluate(copy.deepcopy(config), workdir)
+  assert states[0] == saved["iterator"]  # the resumed epoch continued grain's saved state
+  # What an uninterrupted epoch reads, by hand: numpy's permutation of [seed, epoch 0], in
+  # batches of 8 rows.
+  source = pipeline.load_sources(config.dataset, ["train"])["train"]
+  rows = np.random.default_rng([config.seed, 0]).permutation(48).reshape(6, 8)
+  expected = []
+  for batch_rows in rows:
+    records = source.__getitems__([int(i) for i in batch_rows])
+    expected.append(np.stack([r["image"] for r in records]).tobytes()
+                    + np.asarray([r["label"] for r in records], np.int32).tobytes())
+  assert seen == expected  # steps 1-4 before the stop, 5-6 after the resume
