@@ -88,8 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2, every_steps=0))
   config.log_every_steps = 50
   # The input pipeline (grain; medxai_jax/data/pipeline.py): workers = processes decoding
-  # batches (0 = in this process, in one background thread; on a GPU set about one per free CPU
-  # core, e.g. --config.input.workers=8), prefetch = batches each reads ahead. The batches and
+  # batches (0 = in this process, in one background thread; a GPU host with CPU cores to spare:
+  # e.g. --config.input.workers=8), prefetch = batches each reads ahead. The batches and
   # their order do not depend on either, so a resumed run may change them.
   config.input = ml_collections.ConfigDict(dict(workers=0, prefetch=2))
   # TensorBoard event files under <workdir>/tensorboard/, written by process 0
