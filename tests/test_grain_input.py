@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
+import sys
 from typing import Any, Sequence
 
+from etils import epy
 import numpy as np
 import pytest
 
@@ -99,7 +102,7 @@ def test_a_stream_resumes_from_its_json_state_at_the_same_batch():
     pipeline.BatchStream.resume(dataset, state, 4, where="ckpt/partial")
 
 
-def test_one_worker_process_gives_the_in_process_batches_and_state():
+def test_one_worker_process_gives_the_in_process_batches_and_state(monkeypatch):
   dataset = pipeline.batch_dataset(ListSource(10), batch_size=4, keys=("image", "study"),
                                    label_key="grade", seed=2, shuffle=True)
   in_process = list(pipeline.BatchStream(dataset, workers=0))
@@ -111,6 +114,14 @@ def test_one_worker_process_gives_the_in_process_batches_and_state():
   assert all(type(value) is np.ndarray for value in first.values())  # not shared memory
   resumed = pipeline.BatchStream.resume(dataset, state, 1, workers=1)
   _assert_same_batches(list(resumed), in_process[1:])
+  # Ended streams leave nothing whose finaliser fails in a garbage collection that runs inside
+  # tfds' lazy-import context (multiprocessing's finalisers import a module when they run).
+  del stream, resumed
+  failures = []
+  monkeypatch.setattr(sys, "unraisablehook", failures.append)
+  with epy.lazy_imports():
+    gc.collect()
+  assert not failures, [str(failure.exc_value) for failure in failures]
 
 
 def test_bad_input_settings_name_the_field():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import gc
 import glob
 import hashlib
 import os
@@ -645,6 +646,7 @@ class BatchStream:
   def __init__(self, dataset, *, workers: int = 0, prefetch: int = 2, start: int = 0,
                iterator_state: Mapping[str, Any] | None = None):
     self.workers, self.start, self.next_index = workers, start, start
+    self._final_state: dict[str, Any] | None = None
     self._iterator = batch_iterator(dataset[start:], workers=workers, prefetch=prefetch)
     if iterator_state is not None:
       self._iterator.set_state(dict(iterator_state))
@@ -669,11 +671,12 @@ class BatchStream:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    try:
-      batch = next(self._iterator)
-    except StopIteration:
+    if self._iterator is None:
+      raise StopIteration
+    batch = next(self._iterator, None)
+    if batch is None:  # closed outside an except block, whose traceback holds the iterator
       self.close()
-      raise
+      raise StopIteration
     if self.workers:  # own copies: grain's shared-memory arrays are freed at once, not at exit
       batch = {key: np.array(value) for key, value in batch.items()}
     self.next_index += 1
@@ -681,14 +684,24 @@ class BatchStream:
 
   def state(self) -> dict[str, Any]:
     """What `resume` needs to continue after the batches returned so far (JSON-serialisable)."""
+    iterator_state = (self._final_state if self._iterator is None
+                      else self._iterator.get_state())
     return {"workers": self.workers, "start": self.start, "next": self.next_index,
-            "iterator": self._iterator.get_state()}
+            "iterator": iterator_state}
 
   def close(self) -> None:
-    """Stops the worker processes and threads (also done when the stream is collected)."""
-    close = getattr(self._iterator, "close", None)
-    if close is not None:
-      close()
+    """Stops the worker processes and threads (done at the end of the stream too)."""
+    iterator, self._iterator = self._iterator, None
+    if iterator is None:
+      return
+    self._final_state = iterator.get_state()
+    iterator.close()
+    if self.workers:
+      # grain's multiprocessing queues and events are left in reference cycles; their
+      # finalisers import multiprocessing.resource_tracker, which fails when a later garbage
+      # collection runs inside tfds' lazy-import context. Collect them now, outside it.
+      del iterator
+      gc.collect()
 
 
 def iterate_batches(source: RandomAccessSource, *, batch_size: int, keys: Sequence[str] = (

@@ -227,20 +227,20 @@ def resolve_class_weights(spec: Any, counts: np.ndarray) -> np.ndarray | None:
 def evaluate(state: steps.TrainState, source: pipeline.RandomAccessSource, *, eval_fn,
              batch_size: int, label_key: str, split: str = "",
              warned: set[tuple[str, str]] | None = None, feature_keys: Sequence[str] = (),
-             features: dict[str, np.ndarray] | None = None, workers: int = 0
-             ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+             features: dict[str, np.ndarray] | None = None, workers: int = 0,
+             prefetch: int = 2) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
   """Metrics over a whole split, plus its logits and labels (padding removed).
 
   A metric that is undefined on the split (AUC with one class, ...) is None, with a warning
   naming it, the split and why (once per split and metric when `warned` is given). The scalar
   record features `feature_keys` (e.g. 'study_id') of the evaluated rows are put into
   `features` (one process only: on several, each host batch holds only its own rows).
-  `workers`: input worker processes (`pipeline.batch_iterator`).
+  `workers`, `prefetch`: the input pipeline's (`pipeline.batch_iterator`).
   """
   logits, labels, losses = [], [], []
   columns: dict[str, list[np.ndarray]] = {key: [] for key in feature_keys}
   for batch in pipeline.iterate_batches(
-      source, batch_size=batch_size, label_key=label_key, workers=workers,
+      source, batch_size=batch_size, label_key=label_key, workers=workers, prefetch=prefetch,
       keys=("image", *[k for k in feature_keys if k != label_key])):
     extra = {key: batch["label"] if key == label_key else batch.pop(key)
              for key in feature_keys}  # iterate_batches renames the label feature 'label'
@@ -964,7 +964,7 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
     validation, _, _ = evaluate(
         state, host_source(sources[dataset.validation_split], eval_batch_size),
         eval_fn=eval_fn, batch_size=eval_batch_size, label_key=dataset.label_key,
-        split=dataset.validation_split, warned=warned, workers=inputs["workers"])
+        split=dataset.validation_split, warned=warned, **inputs)
     validation_seconds.append(time.perf_counter() - validation_start)
     completed = epoch + 1
 
@@ -1030,8 +1030,7 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
   test, test_logits, test_labels = evaluate(
       best_state, host_source(test_source, eval_batch_size), eval_fn=eval_fn,
       batch_size=eval_batch_size, label_key=dataset.label_key, split=dataset.test_split,
-      warned=warned, feature_keys=present if single else (), features=test_features,
-      workers=inputs["workers"])
+      warned=warned, feature_keys=present if single else (), features=test_features, **inputs)
   if not single:  # host batches hold this process's rows only: read the features in order
     test_features = pipeline.read_features(test_source, present)
   test_features = {key: text_column(value, feature_names(features, key))
