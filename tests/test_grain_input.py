@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
-import os
 import sys
 from typing import Any, Sequence
 
@@ -13,11 +11,10 @@ from etils import epy
 import numpy as np
 import pytest
 
-from configs import demo
 from medxai_jax.data import pipeline
-from medxai_jax.train import checkpoint
-from medxai_jax.train import loop
-from medxai_jax.train import preemption
+
+# A worker process imports this module to unpickle ListSource: the training modules are imported
+# inside the one test that needs them, so the worker's start stays light.
 
 
 class ListSource:
@@ -125,64 +122,11 @@ def test_one_worker_process_gives_the_in_process_batches_and_state(monkeypatch):
 
 
 def test_bad_input_settings_name_the_field():
+  from configs import demo
+  from medxai_jax.train import loop
+
   config = demo.get_config()
   assert loop.input_settings(config) == {"workers": 0, "prefetch": 2}
   config.input.workers = -1
   with pytest.raises(ValueError, match=r"config.input.workers must be an integer >= 0, got -1"):
     loop.input_settings(config)
-
-
-def _tiny_config(data_dir: str):
-  """One epoch of six steps of a tiny CNN on 32-px phantoms, no event files."""
-  config = demo.get_config()
-  config.dataset.data_dir = data_dir
-  config.dataset.phantoms.update(dict(image_size=32, num_train=48, num_validation=8,
-                                      num_test=8))
-  config.model.update(dict(input_shape=(32, 32, 1), conv_widths=(4,) * 5, dense_widths=(8,),
-                           pool_after=(True, True, False, False, False), lrn_after=(False,) * 5))
-  config.update(dict(batch_size=8, eval_batch_size=8, num_epochs=1, log_every_steps=2))
-  config.summaries.enabled = False
-  return config
-
-
-def test_a_run_stopped_mid_epoch_resumes_with_the_same_batches(tmp_path, monkeypatch):
-  seen: list[bytes] = []
-  states: list[Any] = []
-  original_next, original_init = pipeline.BatchStream.__next__, pipeline.BatchStream.__init__
-
-  def recording_next(self):
-    batch = original_next(self)
-    if self.training:
-      seen.append(batch["image"].tobytes() + batch["label"].tobytes())
-    return batch
-
-  def recording_init(self, dataset, **kwargs):
-    original_init(self, dataset, **kwargs)
-    self.training = len(dataset) == 6  # the eval splits have one batch
-    states.append(kwargs.get("iterator_state"))
-
-  monkeypatch.setattr(pipeline.BatchStream, "__next__", recording_next)
-  monkeypatch.setattr(pipeline.BatchStream, "__init__", recording_init)
-  config = _tiny_config(str(tmp_path / "tfds"))
-  workdir = str(tmp_path / "run")
-  monkeypatch.setenv(preemption.SIGTERM_AFTER_STEP_ENV, "4")
-  with pytest.raises(preemption.Preempted, match="after step 4 of 6 of epoch 1"):
-    loop.train_and_evaluate(copy.deepcopy(config), workdir)
-  metadata = os.path.join(workdir, "checkpoints", "partial", "4", "metadata", "metadata")
-  with open(metadata) as f:
-    saved = json.load(f)["position"]["input"]
-  assert saved == {"workers": 0, "start": 0, "next": 4, "iterator": {"next_index": 4}}
-  monkeypatch.delenv(preemption.SIGTERM_AFTER_STEP_ENV)
-  states.clear()
-  loop.train_and_evaluate(copy.deepcopy(config), workdir)
-  assert states[0] == saved["iterator"]  # the resumed epoch continued grain's saved state
-  # What an uninterrupted epoch reads, by hand: numpy's permutation of [seed, epoch 0], in
-  # batches of 8 rows.
-  source = pipeline.load_sources(config.dataset, ["train"])["train"]
-  rows = np.random.default_rng([config.seed, 0]).permutation(48).reshape(6, 8)
-  expected = []
-  for batch_rows in rows:
-    records = source.__getitems__([int(i) for i in batch_rows])
-    expected.append(np.stack([r["image"] for r in records]).tobytes()
-                    + np.asarray([r["label"] for r in records], np.int32).tobytes())
-  assert seen == expected  # steps 1-4 before the stop, 5-6 after the resume
