@@ -1,15 +1,17 @@
 r"""Input-pipeline throughput (grain, PNG decode) per worker count, beside the train step's.
 
   python -m benchmarks.input_pipeline [--image_sizes=224,320] [--workers=0,1,2,N]
-      [--num_images=256] [--batch_size=16] [--train_model=small_cnn|densenet169]
+      [--num_images=384] [--batch_size=16] [--train_model=small_cnn|densenet169]
 
 Prepares radiograph phantoms at each size (tfds array_record, PNG-encoded, in --data_dir, a
 temporary folder by default), then reads one shuffled epoch through `pipeline.BatchStream` with
 each worker count (0 = in this process; N = this machine's CPU count). Per setting it prints the
-start-up seconds (to the first batch, spawning the workers included) and the steady images/s
-after each worker's first batch (max(1, workers) batches); beside them, the images/s of the jitted train step on the same batch size and
-size (`--train_model`: the benchmarks' narrow custom CNN by default, DenseNet-169 for an
-accelerator). The input keeps up when its images/s exceed the train step's.
+start-up seconds (to the first batch, spawning the workers included), the steady images/s of
+the epoch's second half (the first half, at least two batches per worker, warms the workers up:
+their first decodes import modules) and the seconds that stopping the workers takes; beside
+them, the images/s of the jitted train step on the same batch size and size (`--train_model`:
+the benchmarks' narrow custom CNN by default, DenseNet-169 for an accelerator). The input keeps
+up when its images/s exceed the train step's.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from medxai_jax.train import steps
 _IMAGE_SIZES = flags.DEFINE_list("image_sizes", ["224", "320"], "Stored image sides, pixels.")
 _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2", "N"],
                              "Worker counts to time; N = os.cpu_count().")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 256, "Training images per size (one epoch).")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 384, "Training images per size (one epoch).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Images per batch.")
 _TRAIN_MODEL = flags.DEFINE_enum("train_model", "small_cnn", ["small_cnn", "densenet169"],
                                  "The model whose train step is timed beside the input.")
@@ -58,7 +60,7 @@ def input_rate(source: pipeline.RandomAccessSource, batch_size: int, workers: in
   """Start-up seconds and steady images/s of one shuffled epoch read with `workers` workers."""
   dataset = pipeline.batch_dataset(source, batch_size=batch_size, seed=0, shuffle=True,
                                    drop_remainder=True)
-  warm_up = max(1, workers)  # every worker's first batch pays its imports
+  warm_up = max(len(dataset) // 2, 2 * max(1, workers))
   if len(dataset) < warm_up + 2:
     raise ValueError(f"--num_images={len(source)} gives {len(dataset)} batch(es) of "
                      f"{batch_size}; {workers} workers need at least {warm_up + 2}.")
@@ -68,12 +70,15 @@ def input_rate(source: pipeline.RandomAccessSource, batch_size: int, workers: in
   first = time.perf_counter()
   for _ in range(warm_up - 1):
     next(stream)
-  warm = time.perf_counter()
-  rest = sum(1 for _ in stream)
-  end = time.perf_counter()
-  stream.close()
+  warm = end = time.perf_counter()
+  rest = 0
+  for _ in stream:  # the timing stops at the last batch: the end of the stream closes it
+    rest += 1
+    end = time.perf_counter()
+  closed = time.perf_counter()
   return {"workers": workers, "startup_seconds": round(first - start, 3),
-          "images_per_second": common.rate(rest * batch_size, end - warm)}
+          "images_per_second": common.rate(rest * batch_size, end - warm),
+          "close_seconds": round(closed - end, 3)}
 
 
 def train_model(name: str, image_size: int) -> tuple[base.Classifier, str]:
