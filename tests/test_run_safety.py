@@ -15,6 +15,7 @@ import pytest
 import tiny
 from configs import demo
 from medxai_jax import runs
+from medxai_jax.data import pipeline
 from medxai_jax.train import checkpoint
 from medxai_jax.train import components
 from medxai_jax.train import loop
@@ -254,7 +255,7 @@ def _train_in_child(data_dir: str, workdir: str, env: dict[str, str]
 
 
 def test_sigterm_mid_epoch_checkpoints_exits_0_and_resumes_bit_identically(
-    finished_run, data_dir, tmp_path):
+    finished_run, data_dir, tmp_path, monkeypatch):
   config, reference, result = finished_run
   workdir = str(tmp_path / "preempted")
   stop_at = STEPS_PER_EPOCH + 2  # epoch 2, step 2 of 4
@@ -265,7 +266,22 @@ def test_sigterm_mid_epoch_checkpoints_exits_0_and_resumes_bit_identically(
   assert os.listdir(os.path.join(workdir, "checkpoints", "partial")) == [str(stop_at)]
   assert [r["epoch"] for r in _history(workdir)] == [1]
   assert not os.path.exists(os.path.join(workdir, "metrics.json"))
+  # The checkpoint holds the input iterator's state (grain's), and the resumed epoch starts
+  # from it: after 2 of the epoch's batches.
+  with open(os.path.join(workdir, "checkpoints", "partial", str(stop_at), "metadata",
+                         "metadata")) as f:
+    saved = json.load(f)["position"]["input"]
+  assert saved == {"workers": 0, "start": 0, "next": 2, "iterator": {"next_index": 2}}
+  started_from = []
+  init = pipeline.BatchStream.__init__
+
+  def recording_init(self, dataset, **kwargs):
+    started_from.append(kwargs.get("iterator_state"))
+    init(self, dataset, **kwargs)
+
+  monkeypatch.setattr(pipeline.BatchStream, "__init__", recording_init)
   resumed = loop.train_and_evaluate(copy.deepcopy(config), workdir)
+  assert started_from[0] == saved["iterator"]
   _assert_same_states(_latest_state(config, reference, 2), _latest_state(config, workdir, 2))
   assert _history(workdir) == _history(reference)
   assert resumed["test"] == result["test"]

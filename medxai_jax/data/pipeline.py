@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import gc
 import glob
 import hashlib
 import os
@@ -557,29 +558,165 @@ def _stack(records: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, np.n
   return {key: np.stack([np.asarray(record[key]) for record in records]) for key in keys}
 
 
-def iterate_batches(source: RandomAccessSource, *, batch_size: int, keys: Sequence[str] = (
-    "image", "label"), label_key: str = "label", seed: int = 0, epoch: int = 0,
-                    shuffle: bool = False, drop_remainder: bool = False,
-                    ) -> Iterator[dict[str, np.ndarray]]:
-  """Yields batches of `keys` plus 'label' and 'weight' (0 marks padding in the last batch).
+class BatchReader:
+  """Batch `index` of an epoch: the rows `order[index * batch_size:][:batch_size]` of `source`
+  (a short tail padded with copies of its last row), 'label' and a 'weight' column (0 = padding).
 
-  Every batch has exactly `batch_size` rows, so a jitted step compiles once.
+  A picklable callable, so grain worker processes can decode batches.
   """
+
+  def __init__(self, source: RandomAccessSource, order: np.ndarray, *, batch_size: int,
+               feature_keys: Sequence[str], label_key: str):
+    self.source = source
+    self.order = np.asarray(order, np.int64)
+    self.batch_size = batch_size
+    self.feature_keys = list(feature_keys)
+    self.label_key = label_key
+
+  def __call__(self, index: int) -> dict[str, np.ndarray]:
+    indices = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+    real = len(indices)
+    if real == 0:
+      raise IndexError(f"Batch {index} is past the end of the epoch ({len(self.order)} rows, "
+                       f"batch_size {self.batch_size}).")
+    if real < self.batch_size:
+      indices = np.concatenate([indices, np.full(self.batch_size - real, indices[-1])])
+    batch = _stack(self.source.__getitems__([int(i) for i in indices]), self.feature_keys)
+    batch["label"] = batch.pop(self.label_key).astype(np.int32)
+    batch["weight"] = (np.arange(self.batch_size) < real).astype(np.float32)
+    return batch
+
+
+def batch_dataset(source: RandomAccessSource, *, batch_size: int, keys: Sequence[str] = (
+    "image", "label"), label_key: str = "label", seed: int = 0, epoch: int = 0,
+                  shuffle: bool = False, drop_remainder: bool = False):
+  """One epoch of batches as a random-access `grain.MapDataset` (element i = batch i).
+
+  Rows come in `epoch_order(seed, epoch)`; each batch holds `keys` plus 'label' (the
+  `label_key` feature, int32) and 'weight' (float32, 0 marks the padding rows of the last batch,
+  which repeat its last real row). Every batch has exactly `batch_size` rows, so a jitted step
+  compiles once; `drop_remainder` leaves out a short last batch instead.
+  """
+  import grain  # kept local: only iteration needs it
+
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}.")
   order = epoch_order(len(source), seed=seed, epoch=epoch, shuffle=shuffle)
-  feature_keys = list(dict.fromkeys([*keys, label_key]))
-  for start in range(0, len(order), batch_size):
-    indices = order[start:start + batch_size]
-    real = len(indices)
-    if real < batch_size:
-      if drop_remainder:
-        return
-      indices = np.concatenate([indices, np.full(batch_size - real, indices[-1])])
-    batch = _stack(source.__getitems__([int(i) for i in indices]), feature_keys)
-    batch["label"] = batch.pop(label_key).astype(np.int32)
-    batch["weight"] = (np.arange(batch_size) < real).astype(np.float32)
-    yield batch
+  reader = BatchReader(source, order, batch_size=batch_size,
+                       feature_keys=list(dict.fromkeys([*keys, label_key])), label_key=label_key)
+  return grain.MapDataset.range(num_batches(len(order), batch_size, drop_remainder)).map(reader)
+
+
+def _parse_grain_flags() -> None:
+  """Marks absl flags parsed (at their defaults) if no absl binary parsed them: grain 0.2.18's
+  worker processes read one of its flags and fail otherwise (google/grain#1355)."""
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def batch_iterator(dataset, *, workers: int = 0, prefetch: int = 2):
+  """A checkpointable grain iterator over `dataset` (`get_state()` / `set_state()`).
+
+  `workers` > 0 decodes in that many worker processes (each `prefetch` batches ahead); 0 decodes
+  in this process, in one background thread `prefetch` batches ahead (0: no thread, no
+  read-ahead). The batches and their order do not depend on `workers` or `prefetch`.
+  """
+  import grain  # kept local: only iteration needs it
+
+  if workers < 0 or prefetch < 0:
+    raise ValueError(f"config.input.workers={workers} and config.input.prefetch={prefetch} "
+                     "must be >= 0.")
+  threads = 1 if prefetch else 0
+  iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                       prefetch_buffer_size=prefetch))
+  if workers:
+    _parse_grain_flags()
+    iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=max(prefetch, 1)))
+  return iter(iterable)
+
+
+class BatchStream:
+  """The batches of a `batch_dataset` from batch `start`, with a JSON-able `state()` that
+  `resume` continues from at the same batch (grain's iterator state, the worker count, where the
+  stream started and the next batch's index)."""
+
+  def __init__(self, dataset, *, workers: int = 0, prefetch: int = 2, start: int = 0,
+               iterator_state: Mapping[str, Any] | None = None):
+    self.workers, self.start, self.next_index = workers, start, start
+    self._final_state: dict[str, Any] | None = None
+    self._iterator = batch_iterator(dataset[start:], workers=workers, prefetch=prefetch)
+    if iterator_state is not None:
+      self._iterator.set_state(dict(iterator_state))
+
+  @classmethod
+  def resume(cls, dataset, state: Mapping[str, Any] | None, next_index: int, *, workers: int = 0,
+             prefetch: int = 2, where: str = "the checkpoint") -> "BatchStream":
+    """The stream that continues at batch `next_index`: from grain's saved iterator `state`
+    when it was saved with `workers` workers (and agrees with `next_index`), else a fresh
+    iterator from that batch (grain's state does not carry over to another worker count)."""
+    if state is None or int(state["workers"]) != workers:
+      return cls(dataset, workers=workers, prefetch=prefetch, start=next_index)
+    if int(state["next"]) != next_index:
+      raise ValueError(f"{where}: the input iterator state is at batch {state['next']} but the "
+                       f"training position at batch {next_index}; the checkpoint is inconsistent.")
+    stream = cls(dataset, workers=workers, prefetch=prefetch, start=int(state["start"]),
+                 iterator_state=state["iterator"])
+    stream.next_index = next_index
+    return stream
+
+  def __iter__(self) -> "BatchStream":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._iterator is None:
+      raise StopIteration
+    batch = next(self._iterator, None)
+    if batch is None:  # closed outside an except block, whose traceback holds the iterator
+      self.close()
+      raise StopIteration
+    if self.workers:  # own copies: grain's shared-memory arrays are freed at once, not at exit
+      batch = {key: np.array(value) for key, value in batch.items()}
+    self.next_index += 1
+    return batch
+
+  def state(self) -> dict[str, Any]:
+    """What `resume` needs to continue after the batches returned so far (JSON-serialisable)."""
+    iterator_state = (self._final_state if self._iterator is None
+                      else self._iterator.get_state())
+    return {"workers": self.workers, "start": self.start, "next": self.next_index,
+            "iterator": iterator_state}
+
+  def close(self) -> None:
+    """Stops the worker processes and threads (done at the end of the stream too)."""
+    iterator, self._iterator = self._iterator, None
+    if iterator is None:
+      return
+    self._final_state = iterator.get_state()
+    iterator.close()
+    if self.workers:
+      # grain's multiprocessing queues and events are left in reference cycles; their
+      # finalisers import multiprocessing.resource_tracker, which fails when a later garbage
+      # collection runs inside tfds' lazy-import context. Collect them now, outside it.
+      del iterator
+      gc.collect()
+
+
+def iterate_batches(source: RandomAccessSource, *, batch_size: int, keys: Sequence[str] = (
+    "image", "label"), label_key: str = "label", seed: int = 0, epoch: int = 0,
+                    shuffle: bool = False, drop_remainder: bool = False, workers: int = 0,
+                    prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+  """Yields batches of `keys` plus 'label' and 'weight' (0 marks padding in the last batch).
+
+  Every batch has exactly `batch_size` rows, so a jitted step compiles once. `workers` and
+  `prefetch`: see `batch_iterator`; see `batch_dataset` for the rest.
+  """
+  return BatchStream(batch_dataset(source, batch_size=batch_size, keys=keys,
+                                   label_key=label_key, seed=seed, epoch=epoch, shuffle=shuffle,
+                                   drop_remainder=drop_remainder),
+                     workers=workers, prefetch=prefetch)
 
 
 def num_batches(num_examples: int, batch_size: int, drop_remainder: bool) -> int:
@@ -588,7 +725,8 @@ def num_batches(num_examples: int, batch_size: int, drop_remainder: bool) -> int
 
 
 def prefetch(iterator: Iterator[Any], size: int = 2) -> Iterator[Any]:
-  """Runs `iterator` in a background thread, `size` items ahead (decoding overlaps compute)."""
+  """Runs any `iterator` in a background thread, `size` items ahead (decoding overlaps compute);
+  batches of a source come from `iterate_batches` / `BatchStream`, which read ahead already."""
   buffer: queue.Queue = queue.Queue(maxsize=size)
   done = object()
 

@@ -94,6 +94,11 @@ def base_config() -> ml_collections.ConfigDict:
   # resumes from its last such step, bit-identically. SIGTERM always checkpoints the current step.
   config.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2, every_steps=0))
   config.log_every_steps = 50
+  # The input pipeline (grain; medxai_jax/data/pipeline.py): workers = processes decoding
+  # batches (0 = in this process, in one background thread; a GPU host with CPU cores to spare:
+  # e.g. --config.input.workers=8), prefetch = batches each reads ahead. The batches and
+  # their order do not depend on either, so a resumed run may change them.
+  config.input = ml_collections.ConfigDict(dict(workers=0, prefetch=2))
   # TensorBoard event files under <workdir>/tensorboard/, written by process 0
   # (medxai_jax/observe/summaries.py; view with `tensorboard --logdir <workdir>/tensorboard`):
   # the config, step and epoch scalars, the test metrics and, per epoch, a Grad-CAM overlay of

@@ -66,20 +66,21 @@ class LoopState:
 def evaluate(state: steps.TrainState, source: pipeline.RandomAccessSource, *, eval_fn,
              batch_size: int, label_key: str, split: str = "",
              warned: set[tuple[str, str]] | None = None, feature_keys: Sequence[str] = (),
-             features: dict[str, np.ndarray] | None = None
-             ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+             features: dict[str, np.ndarray] | None = None, workers: int = 0,
+             prefetch: int = 2) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
   """Metrics over a whole split, plus its logits and labels (padding removed).
 
   A metric that is undefined on the split (AUC with one class, ...) is None, with a warning
   naming it, the split and why (once per split and metric when `warned` is given). The scalar
   record features `feature_keys` (e.g. 'study_id') of the evaluated rows are put into
   `features` (one process only: on several, each host batch holds only its own rows).
+  `workers`, `prefetch`: the input pipeline's (`pipeline.batch_iterator`).
   """
   logits, labels, losses = [], [], []
   columns: dict[str, list[np.ndarray]] = {key: [] for key in feature_keys}
-  for batch in pipeline.prefetch(pipeline.iterate_batches(
-      source, batch_size=batch_size, label_key=label_key,
-      keys=("image", *[k for k in feature_keys if k != label_key]))):
+  for batch in pipeline.iterate_batches(
+      source, batch_size=batch_size, label_key=label_key, workers=workers, prefetch=prefetch,
+      keys=("image", *[k for k in feature_keys if k != label_key])):
     extra = {key: batch["label"] if key == label_key else batch.pop(key)
              for key in feature_keys}  # iterate_batches renames the label feature 'label'
     for key in feature_keys:
@@ -330,14 +331,6 @@ def record_run_start(config: ml_collections.ConfigDict, workdir: str, *, complet
     workdir_lib.write_prepared_dataset(workdir, dataset)
 
 
-def epoch_rows(source: pipeline.RandomAccessSource, *, seed: int, epoch: int,
-               skip: int) -> pipeline.RandomAccessSource:
-  """The training rows of `epoch` in their shuffled order (`pipeline.epoch_order`), without
-  its first `skip` rows (the steps a resumed epoch already did); iterate it unshuffled."""
-  order = pipeline.epoch_order(len(source), seed=seed, epoch=epoch, shuffle=True)
-  return pipeline.SubsetSource(source, order[skip:])
-
-
 def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any,
                       sigterm: preemption.SigtermWatch, *, writer: summaries.Writer | None = None,
                       profiler: profiling.StepProfiler | None = None) -> dict[str, Any]:
@@ -346,6 +339,7 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
   writer = writer or summaries.NullWriter()
   profiler = profiler or profiling.StepProfiler("", None)
   fine_tuning = schema.train_settings(config)
+  inputs = schema.input_settings(config)  # the input pipeline's workers and read-ahead
   accumulation_steps = fine_tuning["accumulation_steps"]
   eval_batch_size = parallel.round_up_batch_size(
       config.eval_batch_size, mesh)
@@ -499,13 +493,16 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
     pending = []
     window = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "steps": 0, "start": epoch_start}
     epoch_first_calls = []
-    batches = pipeline.prefetch(
-        parallel.shard_batch(batch, mesh) for batch in pipeline.iterate_batches(
-            host_source(epoch_rows(train_source, seed=config.seed, epoch=epoch,
-                                   skip=done_steps * config.batch_size), config.batch_size),
-            batch_size=config.batch_size, label_key=dataset.label_key, shuffle=False,
-            drop_remainder=True))
-    for index, batch in enumerate(batches, start=done_steps + 1):
+    # The epoch's batches in (seed, epoch) order; a resumed epoch continues grain's saved
+    # iterator state at the next batch.
+    batches = pipeline.BatchStream.resume(
+        pipeline.batch_dataset(host_source(train_source, config.batch_size),
+                               batch_size=config.batch_size, label_key=dataset.label_key,
+                               seed=config.seed, epoch=epoch, shuffle=True, drop_remainder=True),
+        resumed.get("input") if resumed else None, done_steps, **inputs,
+        where=f"{store.directory}/partial")
+    for index, host_batch in enumerate(batches, start=done_steps + 1):
+      batch = parallel.shard_batch(host_batch, mesh)
       global_step = epoch * steps_per_epoch + index
       profiler.before_step(global_step)
       call_start = time.perf_counter()
@@ -557,8 +554,10 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
         store.save_partial(global_step, state, {
             "loop": loop.to_json(),
             "position": {"epoch": epoch, "step": index, "totals": totals,
-                         "train_seconds": seconds_before + time.time() - epoch_start}})
+                         "train_seconds": seconds_before + time.time() - epoch_start,
+                         "input": batches.state()}})
       if stop:
+        batches.close()
         raise preempted(
             f"Stopped on SIGTERM after step {index} of {steps_per_epoch} of epoch {epoch + 1}, "
             f"checkpointed in {store.directory}/partial/{global_step}. Run the same command "
@@ -576,7 +575,7 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
     validation, _, _ = evaluate(
         state, host_source(sources[dataset.validation_split], eval_batch_size),
         eval_fn=eval_fn, batch_size=eval_batch_size, label_key=dataset.label_key,
-        split=dataset.validation_split, warned=warned)
+        split=dataset.validation_split, warned=warned, **inputs)
     validation_seconds.append(time.perf_counter() - validation_start)
     completed = epoch + 1
 
@@ -642,7 +641,7 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
   test, test_logits, test_labels = evaluate(
       best_state, host_source(test_source, eval_batch_size), eval_fn=eval_fn,
       batch_size=eval_batch_size, label_key=dataset.label_key, split=dataset.test_split,
-      warned=warned, feature_keys=present if single else (), features=test_features)
+      warned=warned, feature_keys=present if single else (), features=test_features, **inputs)
   if not single:  # host batches hold this process's rows only: read the features in order
     test_features = pipeline.read_features(test_source, present)
   test_features = {key: results.text_column(value, components.feature_names(features, key))

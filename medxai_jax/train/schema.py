@@ -143,3 +143,12 @@ def summary_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     raise ValueError(f"config.summaries.num_images must be an integer >= 0, got "
                      f"{settings['num_images']!r}.")
   return settings
+
+
+def input_settings(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """config.input's worker count and read-ahead (`pipeline.batch_iterator`), checked."""
+  settings = {"workers": int(config.input.workers), "prefetch": int(config.input.prefetch)}
+  for name, value in settings.items():
+    if value < 0:
+      raise ValueError(f"config.input.{name} must be an integer >= 0, got {value}.")
+  return settings

@@ -38,9 +38,10 @@ LOCK_FILE = ".lock"
 CONFIG_HISTORY_FILE = "config_history.jsonl"
 PREPARED_DATASET_FILE = "prepared_dataset.json"
 # Config fields (dotted paths; a section name covers its fields) a resumed run may change: they
-# affect logging, checkpoint keeping, evaluation batching or later binaries, not what is trained.
+# affect logging, checkpoint keeping, evaluation batching, input workers or later binaries, not
+# what is trained.
 RESUMABLE_FIELDS = ("log_every_steps", "eval_batch_size", "checkpoint", "explain", "annotation",
-                    "summaries", "profile_steps")
+                    "summaries", "profile_steps", "input")
 # Where the data lives: a change is allowed when the prepared dataset stays the same.
 LOCATION_FIELDS = ("dataset.data_dir", "dataset.manual_dir")
 
