@@ -40,6 +40,7 @@ from medxai_jax import runtime
 from medxai_jax.attribution import registry
 from medxai_jax.data import preprocess
 from medxai_jax.train import loop
+from medxai_jax.train import parallel
 from medxai_jax.train import workdir as workdir_lib
 
 # Flags defined through this module belong to the binary that calls it (its --helpshort).
@@ -194,6 +195,27 @@ def define_config_file(name: str, default: str | None, help_string: str) -> flag
     if traceback_wanted():
       raise
     exit_with_user_error(config_override_error(expand_flagfiles(sys.argv), error))
+
+
+def define_multihost_flags() -> None:
+  """--multihost, --coordinator_address, --num_processes and --process_id (a multi-host run;
+  `initialize_distributed` reads them)."""
+  flags.DEFINE_bool(
+      "multihost", None, "Start jax.distributed with the cluster auto-detected (SLURM, Open MPI, "
+      "TPU pods). Default: $MEDXAI_DISTRIBUTED=1.")
+  flags.DEFINE_string(
+      "coordinator_address", "", "HOST:PORT of process 0 for a multi-host run without "
+      "auto-detection (default: $JAX_COORDINATOR_ADDRESS).")
+  flags.DEFINE_integer("num_processes", 0, "Processes of a multi-host run (0: auto-detected).")
+  flags.DEFINE_integer("process_id", -1, "This process's index in a multi-host run "
+                       "(-1: auto-detected).")
+
+
+def initialize_distributed() -> None:
+  """Starts jax.distributed as `define_multihost_flags`' flags say (before any device use)."""
+  values = flags.FLAGS
+  parallel.initialize_distributed(values.coordinator_address, values.num_processes,
+                                  values.process_id, auto=values.multihost)
 
 
 # The explanation options of explain and evaluate_explanations: one spelling for both.

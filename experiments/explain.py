@@ -53,7 +53,6 @@ from medxai_jax import runs
 from medxai_jax.data import builders
 from medxai_jax import explain_dataset
 from medxai_jax.data import pipeline
-from medxai_jax.train import parallel
 from medxai_jax.viz import run_report
 
 _CONFIG = cli.define_config_file(
@@ -75,16 +74,7 @@ _BATCH_SIZE = flags.DEFINE_integer(
 _LABEL = flags.DEFINE_integer("label", 1, "Explain images of this label (-1: any, "
                               "class-balanced).")
 _INDICES = flags.DEFINE_list("indices", [], "Split indices (overrides --label).")
-_MULTIHOST = flags.DEFINE_bool(
-    "multihost", None, "Start jax.distributed with the cluster auto-detected (SLURM, Open MPI, "
-    "TPU pods). Default: $MEDXAI_DISTRIBUTED=1.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", "", "HOST:PORT of process 0 for a multi-host run without "
-    "auto-detection (default: $JAX_COORDINATOR_ADDRESS).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes of a multi-host run (0: "
-                                      "auto-detected).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a multi-host run "
-                                   "(-1: auto-detected).")
+cli.define_multihost_flags()
 cli.define_explanation_flags()
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random parts (image sample, SmoothGrad "
                              "noise).")
@@ -103,8 +93,7 @@ def main(argv: list[str]) -> None:
   registry.check_names(_METHODS.value or [])
   explain.method_options(_METHODS.value or list(registry.REGISTRY), overrides)
   # Before anything touches a device.
-  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                  auto=_MULTIHOST.value)
+  cli.initialize_distributed()
   config = runs.resolve_config(_CHECKPOINT.value, _CONFIG.value)
   workdir = _WORKDIR.value or os.path.join(_CHECKPOINT.value, "explain")
   if num_images is None:

@@ -45,21 +45,11 @@ import jax
 from experiments import cli
 from medxai_jax import logs
 from medxai_jax.train import loop
-from medxai_jax.train import parallel
 from medxai_jax.viz import run_report
 
 _CONFIG = cli.define_config_file("config", None, "Training config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
-_MULTIHOST = flags.DEFINE_bool(
-    "multihost", None, "Start jax.distributed with the cluster auto-detected (SLURM, Open MPI, "
-    "TPU pods). Default: $MEDXAI_DISTRIBUTED=1.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", "", "HOST:PORT of process 0 for a multi-host run without "
-    "auto-detection (default: $JAX_COORDINATOR_ADDRESS).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes of a multi-host run (0: "
-                                      "auto-detected).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a multi-host run "
-                                   "(-1: auto-detected).")
+cli.define_multihost_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -68,8 +58,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.setup_console_logging()
   # Before anything touches a device.
-  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                  auto=_MULTIHOST.value)
+  cli.initialize_distributed()
   loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() == 0:  # the process that wrote the run's JSON files
     logging.info("Report: %s", run_report.write_run_report(_WORKDIR.value))

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+import subprocess_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST_METHOD = "host_scaled"  # registered by the tests: a numpy method, run on the host
 NUM_IMAGES = 20  # shards of 8, 8 and 4 (a padded tail)
@@ -164,20 +166,10 @@ def _worker_main(argv: list[str]) -> None:
                    default=str))
 
 
-def _environment(devices: int) -> dict[str, str]:
-  env = dict(os.environ)
-  flags = [flag for flag in env.get("XLA_FLAGS", "").split()
-           if not flag.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
-  return env
-
-
 def _spawn(devices: int, *args: str) -> subprocess.Popen:
   return subprocess.Popen([sys.executable, os.path.abspath(__file__), *args],
-                          env=_environment(devices), cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+                          env=subprocess_env.forced_cpu_environment(devices), cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait(processes: list[subprocess.Popen]) -> list[dict[str, Any]]:
@@ -427,8 +419,8 @@ def test_the_binary_explains_a_whole_split_into_a_store_of_the_run_settings(tmp_
              "--split=test", "--num_images=all", "--methods=gradients,grad_cam,cam",
              "--batch_size=8"]
 
-  first = subprocess.run(command, env=_environment(1), cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
+  first = subprocess.run(command, env=subprocess_env.forced_cpu_environment(1), cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
   assert first.returncode == 0, first.stderr[-4000:]
   workdir = run_dir / "explain"
   assert "12 images explained into the map store" in first.stdout

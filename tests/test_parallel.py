@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+import subprocess_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # float32, different summation order across devices
 
@@ -236,16 +238,6 @@ def _worker_main(argv: list[str]) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _environment(devices: int) -> dict[str, str]:
-  env = dict(os.environ)
-  flags = [flag for flag in env.get("XLA_FLAGS", "").split()
-           if not flag.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
-  return env
-
-
 def _parse(output: subprocess.CompletedProcess) -> dict[str, Any]:
   assert output.returncode == 0, output.stderr[-6000:]
   return json.loads(output.stdout.strip().splitlines()[-1])
@@ -254,8 +246,8 @@ def _parse(output: subprocess.CompletedProcess) -> dict[str, Any]:
 def run_worker(scenario: str, *args: str, devices: int = 4) -> dict[str, Any]:
   """Runs a worker scenario in a fresh interpreter with `devices` host devices."""
   output = subprocess.run([sys.executable, os.path.abspath(__file__), scenario, *args],
-                          env=_environment(devices), cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+                          env=subprocess_env.forced_cpu_environment(devices), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
   return _parse(output)
 
 
@@ -440,8 +432,8 @@ def test_two_processes_of_two_devices_match_one_process_of_four(data_dir, four_d
   workdir = str(tmp_path / "multihost")
   processes = [subprocess.Popen(
       [sys.executable, os.path.abspath(__file__), "multihost", address, "2", str(index),
-       data_dir, workdir], env=_environment(2), cwd=REPO, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for index in range(2)]
+       data_dir, workdir], env=subprocess_env.forced_cpu_environment(2), cwd=REPO,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for index in range(2)]
   outputs = []
   for process in processes:
     try:
