@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import subprocess_env
+import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST_METHOD = "host_scaled"  # registered by the tests: a numpy method, run on the host
@@ -381,28 +382,14 @@ def test_num_images_is_a_count_or_all():
 def _fake_run(workdir, data_dir: str):
   """A run directory as experiments/train.py leaves it (config.json, selected_model/), of
   random weights: 48 px phantoms, 12 test images."""
-  import jax
-  import jax.numpy as jnp
-
   from configs import demo
-  from medxai_jax.train import checkpoint
-  from medxai_jax import runs
-  from medxai_jax.train import components
-  from medxai_jax.train import steps
 
   config = demo.get_config()
   config.dataset.data_dir = data_dir
   config.dataset.phantoms.update(dict(image_size=48, num_train=4, num_validation=4, num_test=12))
   config.model.update(dict(input_shape=(48, 48, 1), conv_widths=(4, 8, 8, 8, 8),
                            dense_widths=(8,)))
-  model, tx, _ = components.build_components(config)
-  rng = np.random.default_rng(0)
-  state = jax.tree_util.tree_map(
-      lambda s: (0.3 * rng.normal(size=s.shape)).astype(s.dtype)
-      if jnp.issubdtype(s.dtype, jnp.floating) else np.zeros(s.shape, s.dtype),
-      jax.eval_shape(lambda key: steps.create_train_state(model, tx, key), jax.random.key(0)))
-  checkpoint.save_variables(str(workdir / runs.SELECTED_MODEL_DIR), state.variables,
-                            {"selected_epoch": 1})
+  tiny.save_random_selected_model(config, workdir, scale=0.3)
   (workdir / "config.json").write_text(config.to_json_best_effort())
   return config
 

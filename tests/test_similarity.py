@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tiny
 from medxai_jax.analysis import similarity as sim
 from medxai_jax.models import custom_cnn
 from medxai_jax.viz import analysis_figures
@@ -514,27 +515,14 @@ def test_similarity_heat_map(tmp_path):
 @pytest.mark.slow
 def test_compare_layers_binary_writes_matrix_and_heat_map(tmp_path):
   from configs import demo
-  from medxai_jax import runs
-  from medxai_jax.train import checkpoint
-  from medxai_jax.train import components
-  from medxai_jax.train import steps
 
   overrides = dict(image_size=48, num_train=16, num_validation=24, num_test=8)
   config = demo.get_config()
   config.dataset.phantoms.update(overrides)
   config.model.update(dict(input_shape=(48, 48, 1), conv_widths=(4, 8, 8, 8, 8),
                            dense_widths=(16, 16)))
-  model, tx, _ = components.build_components(config)
   workdir = tmp_path / "run"
-  # A state of the right structure with random weights (no compilation in this process),
-  # saved as a finished run's selected model.
-  rng = np.random.default_rng(0)
-  state = jax.tree_util.tree_map(
-      lambda s: (0.1 * rng.normal(size=s.shape)).astype(s.dtype)
-      if jnp.issubdtype(s.dtype, jnp.floating) else np.zeros(s.shape, s.dtype),
-      jax.eval_shape(lambda key: steps.create_train_state(model, tx, key), jax.random.key(0)))
-  checkpoint.save_variables(str(workdir / runs.SELECTED_MODEL_DIR), state.variables,
-                            {"selected_epoch": 1})
+  tiny.save_random_selected_model(config, workdir, scale=0.1)
   flags = [f"--config_a.dataset.phantoms.{k}={v}" for k, v in overrides.items()] + [
       "--config_a.model.input_shape=(48, 48, 1)", "--config_a.model.conv_widths=(4, 8, 8, 8, 8)",
       "--config_a.model.dense_widths=(16, 16)"]

@@ -41,3 +41,27 @@ def densenet(*, input_shape: tuple[int, int, int] = (32, 32, 3), **fields: Any
   """A DenseNet with `DENSENET`'s sizes; `fields` go to `densenet.densenet` (num_outputs, head,
   dtype, ...)."""
   return densenet_lib.densenet(**DENSENET, input_shape=input_shape, **fields)
+
+
+def save_random_selected_model(config: ml_collections.ConfigDict, run_dir: str | os.PathLike,
+                               *, scale: float, seed: int = 0) -> None:
+  """Writes `run_dir/selected_model/` as a finished run leaves it, for `config.model`, with
+  random weights: floats N(0, scale^2) drawn over the train state's leaves in order, integers 0
+  (no compilation: the structure comes from `jax.eval_shape`)."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from medxai_jax import runs  # noqa: PLC0415
+  from medxai_jax.train import checkpoint  # noqa: PLC0415
+  from medxai_jax.train import components  # noqa: PLC0415
+  from medxai_jax.train import steps  # noqa: PLC0415
+
+  model, tx, _ = components.build_components(config)
+  rng = np.random.default_rng(seed)
+  state = jax.tree_util.tree_map(
+      lambda s: (scale * rng.normal(size=s.shape)).astype(s.dtype)
+      if jnp.issubdtype(s.dtype, jnp.floating) else np.zeros(s.shape, s.dtype),
+      jax.eval_shape(lambda key: steps.create_train_state(model, tx, key), jax.random.key(0)))
+  checkpoint.save_variables(os.path.join(str(run_dir), runs.SELECTED_MODEL_DIR),
+                            state.variables, {"selected_epoch": 1})
