@@ -131,7 +131,7 @@ def explain_source(model: base.Classifier, variables: base.Variables, preprocess
     index = map_store.new_index(split, indices, batch_size,
                                 _method_entries(methods, options, head_problem), full_settings)
     if jax.process_index() == 0:
-      map_store.write_json_atomic(map_store.index_path(store), index)
+      map_store.write_index(store, index)
 
   num_shards = len(index["shards"])
   pending = map_store.pending_shards(store, index) if jax.process_index() == 0 else {}
@@ -214,7 +214,7 @@ def explain_source(model: base.Classifier, variables: base.Variables, preprocess
       if entry.get("shape") is None:
         entry["shape"], entry["dtype"] = list(maps.shape[1:]), str(maps.dtype)
         if jax.process_index() == 0:
-          map_store.write_json_atomic(map_store.index_path(store), index)
+          map_store.write_index(store, index)
       computed[name].append(shard)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("explain_source: every shard written")

@@ -31,6 +31,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from medxai_jax import runs
+from medxai_jax.train import metrics
 
 INDEX_FILE = "index.json"
 FORMAT = "medxai_map_store/1"
@@ -70,10 +71,12 @@ def _atomic_replace(path: str, write) -> None:
       os.remove(temporary)
 
 
-def write_json_atomic(path: str, content: Any) -> None:
-  """Writes `content` as indented JSON to `path` atomically."""
-  data = json.dumps(content, indent=1, default=str).encode()
-  _atomic_replace(path, lambda file: file.write(data))
+def write_index(store: str, index: Mapping[str, Any]) -> str:
+  """Writes the store's index.json (strict JSON, atomically); returns its path."""
+  os.makedirs(store, exist_ok=True)
+  path = index_path(store)
+  metrics.write_json(path, index, indent=1)
+  return path
 
 
 def write_shard(store: str, method: str, shard: int, maps: np.ndarray) -> str:

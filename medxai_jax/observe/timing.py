@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 from absl import logging
 
 from medxai_jax.observe import progress
+from medxai_jax.train import metrics
 
 TIMINGS_FILE = "timings.json"
 
@@ -55,10 +56,7 @@ def record_phase(workdir: str, phase: str, *, wall_seconds: float,
                    "compile_seconds": None if compile_seconds is None else float(compile_seconds),
                    **details}
   path = os.path.join(workdir, TIMINGS_FILE)
-  temporary = f"{path}.tmp{os.getpid()}"
-  with open(temporary, "w") as file:
-    json.dump({"phases": phases}, file, indent=1, allow_nan=False)
-  os.replace(temporary, path)
+  metrics.write_json(path, {"phases": phases}, indent=1)
   return path
 
 

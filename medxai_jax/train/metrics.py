@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any, Literal, Mapping
 
 import numpy as np
@@ -548,11 +549,19 @@ def strict_json_dumps(value: Any, **kwargs: Any) -> str:
 
 
 def write_json(path: str, value: Any, indent: int | None = 2) -> list[str]:
-  """Writes `value` as strict JSON (NaN / inf as null); returns the paths made null."""
+  """Writes `value` as strict JSON (NaN / inf as null), atomically (a temporary file renamed
+  over `path`, so a killed process leaves the old file or the new one); returns the paths made
+  null."""
   safe, replaced = json_safe(value)
   text = json.dumps(safe, allow_nan=False, indent=indent)
-  with open(path, "w") as file:
-    file.write(text)
+  temporary = f"{path}.tmp{os.getpid()}"
+  try:
+    with open(temporary, "w") as file:
+      file.write(text)
+    os.replace(temporary, path)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
   return replaced
 
 
