@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+import subprocess_env
 from configs import cpu_trial
 from medxai_jax.data import augment
 from medxai_jax.train import components
@@ -16,7 +17,7 @@ from medxai_jax.train import loop
 from medxai_jax.train import optim
 from medxai_jax.train import schema
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = subprocess_env.REPO
 CONFIG_NAMES = sorted(
     os.path.splitext(os.path.basename(path))[0]
     for path in glob.glob(os.path.join(REPO, "configs", "*.py"))

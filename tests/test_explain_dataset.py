@@ -27,7 +27,7 @@ import pytest
 import subprocess_env
 import tiny
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = subprocess_env.REPO
 HOST_METHOD = "host_scaled"  # registered by the tests: a numpy method, run on the host
 NUM_IMAGES = 20  # shards of 8, 8 and 4 (a padded tail)
 BATCH_SIZE = 8

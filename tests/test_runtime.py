@@ -11,9 +11,10 @@ import jaxlib
 import numpy as np
 import pytest
 
+import subprocess_env
 from medxai_jax import runtime
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = subprocess_env.REPO
 
 
 @pytest.fixture

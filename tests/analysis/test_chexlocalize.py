@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from skimage import draw
 
+import subprocess_env
 from medxai_jax.analysis import chexlocalize as cx
 from medxai_jax.analysis import faithfulness
 
@@ -317,7 +318,7 @@ def benchmark_files(tmp_path_factory):
   return root, annotations, maps, thresholds
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = subprocess_env.REPO
 
 
 def run_binary(**flag_values) -> subprocess.CompletedProcess:

@@ -13,12 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import subprocess_env
 import tiny
 from medxai_jax.analysis import similarity as sim
 from medxai_jax.models import custom_cnn
 from medxai_jax.viz import analysis_figures
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = subprocess_env.REPO
 
 
 @functools.lru_cache(maxsize=None)

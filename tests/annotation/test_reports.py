@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import subprocess_env
 from medxai_jax.annotation import reports
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = subprocess_env.REPO
 UNIQUE = "zyxwvut"  # a token that occurs in one report only (the leakage probe)
 PROBE = 7  # the report that holds it
 

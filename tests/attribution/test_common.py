@@ -20,10 +20,11 @@ import zipfile
 import numpy as np
 import pytest
 
+import subprocess_env
 import tiny
 from medxai_jax.models import porting
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = subprocess_env.REPO
 
 
 # ----------------------------------------------------------------------------- crafted .pth

@@ -13,11 +13,12 @@ from absl import flags
 from ml_collections import config_flags
 
 import real_data
+import subprocess_env
 from configs import covid_radiography_vgg16
 from configs import demo
 from medxai_jax.data import pipeline
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(subprocess_env.REPO)
 COVID = "COVID-19_Radiography_Dataset"
 # A few real files of each kind: small gray/RGB JPEGs and one 2000 x 2500 RGB PNG.
 KEEP = ["COVID/images/COVID-1?.jpg", "Normal/images/*.jpg", "Normal/images/Normal-13.png",

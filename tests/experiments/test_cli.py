@@ -17,13 +17,14 @@ import ml_collections
 import numpy as np
 import pytest
 
+import subprocess_env
 from experiments import cli
 from medxai_jax.attribution import registry
 from medxai_jax import explain
 from medxai_jax.models import base
 from medxai_jax.train import workdir as workdir_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = subprocess_env.REPO
 
 
 def run(module, *args, env_extra=None):

@@ -8,7 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import subprocess_env
+
+REPO = subprocess_env.REPO
 TINY = [
     "--config.dataset.phantoms.image_size=48", "--config.dataset.phantoms.num_train=64",
     "--config.dataset.phantoms.num_validation=32", "--config.dataset.phantoms.num_test=32",

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import subprocess_env
 import tiny
 from configs import progressive_transfer as pt_config
 from medxai_jax import runs
@@ -24,7 +25,7 @@ from medxai_jax.models import registry
 from medxai_jax.train import checkpoint
 from medxai_jax.viz import transfer_figures
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = subprocess_env.REPO
 # The target stage trains only its head, so its backbone must come out bit-identical to the
 # weights it started from; the source stage trains everything (no head-only warm-up).
 TINY_CONFIG = '''

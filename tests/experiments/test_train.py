@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 
 import real_data
+import subprocess_env
 from medxai_jax import runs
 from medxai_jax.data import pipeline
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(subprocess_env.REPO)
 TRAINING_SECTIONS = ("Test metrics", "Confusion matrix (test)", "ROC curves (test)",
                      "Training curves", "Class balance")
 ADDED_SECTIONS = ("Explanations", "Scoring the explanations")

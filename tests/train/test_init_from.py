@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import subprocess_env
 import tiny
 from configs import demo
 from medxai_jax.models import densenet
@@ -20,7 +21,7 @@ from medxai_jax import runs
 from medxai_jax.train import checkpoint
 from medxai_jax.train import loop
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = subprocess_env.REPO
 TINY_DENSENET = tiny.DENSENET
 
 

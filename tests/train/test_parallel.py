@@ -21,7 +21,7 @@ import pytest
 
 import subprocess_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = subprocess_env.REPO
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # float32, different summation order across devices
 
 

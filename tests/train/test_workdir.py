@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+import subprocess_env
 import tiny
 from configs import demo
 from medxai_jax import runs
@@ -24,7 +25,7 @@ from medxai_jax.train import schema
 from medxai_jax.train import steps
 from medxai_jax.train import workdir as workdir_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = subprocess_env.REPO
 STEPS_PER_EPOCH = 64 // 16
 TIMING = ("train_seconds", "images_per_second")
 
@@ -244,10 +245,10 @@ def _train_in_child(data_dir: str, workdir: str, env: dict[str, str]
                     ) -> subprocess.CompletedProcess:
   """Runs the tiny config's training in a fresh interpreter."""
   script = ("import sys\n"
-            f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
-            "import test_run_safety\n"
+            f"sys.path[:0] = [{subprocess_env.TESTS!r}, {os.path.dirname(__file__)!r}]\n"
+            "import test_workdir\n"
             "from medxai_jax.train import loop\n"
-            f"config = test_run_safety.tiny_config({data_dir!r})\n"
+            f"config = test_workdir.tiny_config({data_dir!r})\n"
             f"loop.train_and_evaluate(config, {workdir!r})\n"
             "print('finished')\n")
   return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
@@ -314,7 +315,7 @@ def test_every_steps_checkpoint_resumes_bit_identically_after_a_kill(
             "  save(self, step, *args)\n"
             "  if step == 7: os.kill(os.getpid(), signal.SIGKILL)\n"
             "checkpoint.CheckpointStore.save_partial = save_then_die\n"
-            f"config = test_run_safety.tiny_config({data_dir!r})\n"
+            f"config = test_workdir.tiny_config({data_dir!r})\n"
             "config.checkpoint.every_steps = 3\n"
             f"loop.train_and_evaluate(config, {workdir!r})\n")
   _run_until_killed(script)
@@ -400,7 +401,7 @@ def test_a_kill_during_a_checkpoint_write_resumes_bit_identically(
             "    os.kill(os.getpid(), signal.SIGKILL)\n"
             "  save(manager, step, state, metadata)\n"
             "checkpoint.CheckpointStore._save = staticmethod(save_or_die)\n"
-            f"config = test_run_safety.tiny_config({data_dir!r})\n"
+            f"config = test_workdir.tiny_config({data_dir!r})\n"
             "config.checkpoint.every_steps = 3\n"
             f"loop.train_and_evaluate(config, {workdir!r})\n")
   _run_until_killed(script)

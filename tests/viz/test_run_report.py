@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 
 import real_data
+import subprocess_env
 from medxai_jax.data import preprocess
 from medxai_jax.viz import figures
 from medxai_jax.viz import report
 from medxai_jax.viz import run_report
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = subprocess_env.REPO
 
 
 class _ReportParser(html.parser.HTMLParser):
