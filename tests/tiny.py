@@ -43,6 +43,23 @@ def densenet(*, input_shape: tuple[int, int, int] = (32, 32, 3), **fields: Any
   return densenet_lib.densenet(**DENSENET, input_shape=input_shape, **fields)
 
 
+
+def initialised_densenet(num_outputs: int, side: int = 32) -> tuple[base.Classifier, Any]:
+  """A DenseNet with `DENSENET`'s sizes on `side`-px one-channel images (a sigmoid head for one
+  output, softmax otherwise) and its variables initialised with key 1."""
+  import jax  # noqa: PLC0415
+
+  head = "sigmoid" if num_outputs == 1 else "softmax"
+  model = densenet(num_outputs=num_outputs, head=head, input_shape=(side, side, 1))
+  return model, jax.jit(model.init)(jax.random.key(1))
+
+
+def uniform_images(batch: int = 2, side: int = 32) -> Any:
+  """`batch` one-channel `side`-px images, uniform in [0, 1), drawn with key 2."""
+  import jax  # noqa: PLC0415
+
+  return jax.random.uniform(jax.random.key(2), (batch, side, side, 1))
+
 def save_random_selected_model(config: ml_collections.ConfigDict, run_dir: str | os.PathLike,
                                *, scale: float, seed: int = 0) -> None:
   """Writes `run_dir/selected_model/` as a finished run leaves it, for `config.model`, with
