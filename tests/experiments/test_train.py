@@ -1,4 +1,5 @@
-"""README's "Your own collection" commands, end to end, on copies of the real radiographs.
+"""experiments/train.py end to end: its command-line errors, and README's "Your own collection"
+commands on copies of the real radiographs.
 
 Each test copies one collection from ../shared/real_radiographs (as it ships) into a temporary
 folder and runs what a new user types: `experiments.train` with `configs/cpu_trial.py`, then
@@ -22,6 +23,8 @@ import pytest
 
 import real_data
 import subprocess_env
+from binaries import TINY
+from binaries import run
 from medxai_jax import runs
 from medxai_jax.data import pipeline
 
@@ -31,8 +34,6 @@ TRAINING_SECTIONS = ("Test metrics", "Confusion matrix (test)", "ROC curves (tes
 ADDED_SECTIONS = ("Explanations", "Scoring the explanations")
 EXPLAIN = ("--methods=gradients,grad_cam", "--num_images=4", "--label=-1")
 EVALUATE = (*EXPLAIN, "--curve_steps=5", "--sanity_methods=gradients")
-
-pytestmark = pytest.mark.slow
 
 
 def _run(module: str, *args: str, data_dir: pathlib.Path) -> subprocess.CompletedProcess:
@@ -112,6 +113,7 @@ def _check_common(run: pathlib.Path, num_classes: int) -> dict:
   return evaluation
 
 
+@pytest.mark.slow  # (all of README's commands, a training each)
 def test_covid_radiography_as_shipped(tmp_path):
   manual = real_data.copy_real("covid", tmp_path / "covid")
   run, _ = _trial(tmp_path, "covid_radiography", manual,
@@ -131,6 +133,7 @@ def test_covid_radiography_as_shipped(tmp_path):
       "covid_radiography declares no marker mask")
 
 
+@pytest.mark.slow  # (all of README's commands, a training each)
 def test_brain_mri_kaggle_folder_release(tmp_path):
   manual = real_data.copy_real("brain_kaggle", tmp_path / "brain")
   run, _ = _trial(tmp_path, "brain_tumor_kaggle", manual)
@@ -143,6 +146,7 @@ def test_brain_mri_kaggle_folder_release(tmp_path):
   _check_common(run, 4)
 
 
+@pytest.mark.slow  # (all of README's commands, a training each)
 def test_shenzhen_with_its_lung_masks(tmp_path):
   manual = real_data.copy_real("tb", tmp_path / "tb")
   run, done = _trial(tmp_path, "tb_cxr", manual, "--config.dataset.builder_config=shenzhen",
@@ -158,6 +162,7 @@ def test_shenzhen_with_its_lung_masks(tmp_path):
     assert evaluation["leaderboard"]["gradients"][metric]["count"] == evaluation["num_images"]
 
 
+@pytest.mark.slow  # (all of README's commands, a training each)
 def test_mura_study_level_and_patient_disjoint_splits(tmp_path):
   manual = real_data.copy_real("mura", tmp_path / "mura")
   run, _ = _trial(tmp_path, "mura", manual, "--config.batch_size=2")
@@ -187,6 +192,7 @@ def test_mura_study_level_and_patient_disjoint_splits(tmp_path):
   assert not (patients["train"] | patients["validation"]) & patients["test"]
 
 
+@pytest.mark.slow  # (all of README's commands, a training each)
 def test_dicom_class_folder(tmp_path):
   loose = real_data.copy_real("torchxrayvision_tests", tmp_path / "loose")
   monochrome2 = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
@@ -225,3 +231,14 @@ def test_dicom_class_folder(tmp_path):
   mediastinum = normal[rows, 9 * size // 20:11 * size // 20].mean()
   assert lungs < mediastinum - 20, (lungs, mediastinum)
   np.testing.assert_allclose(fake, 255.0 - normal, atol=1.0)
+
+
+def test_train_cli_rejects_unknown_override_and_missing_parent(tmp_path, data_dir):
+  result = run("experiments.train", "--config=configs/demo.py", f"--workdir={tmp_path / 'w'}",
+               "--config.learnig_rate=0.1", data_dir=data_dir)
+  assert result.returncode != 0
+  assert "learnig_rate" in result.stderr
+  result = run("experiments.train", "--config=configs/demo.py",
+               f"--workdir={tmp_path / 'no' / 'such' / 'dir'}", *TINY, data_dir=data_dir)
+  assert result.returncode != 0
+  assert "does not exist" in result.stderr
