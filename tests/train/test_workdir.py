@@ -1,8 +1,10 @@
-"""One run per workdir, resumption that checks the config, preemption and mid-epoch checkpoints."""
+"""One run per workdir (prepared, locked), resumption that checks the config, preemption and
+mid-epoch checkpoints."""
 
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -408,3 +410,58 @@ def test_a_kill_during_a_checkpoint_write_resumes_bit_identically(
   written = os.listdir(os.path.join(workdir, "checkpoints", manager_name))
   assert str(step) not in written, written  # killed before orbax finalised it
   _assert_resumes_as_uninterrupted(config, reference, result, workdir, every_steps=3)
+
+
+def test_a_workdir_that_is_a_file_or_under_a_file(tmp_path):
+  file = tmp_path / "file"
+  file.write_text("x")
+  with pytest.raises(NotADirectoryError, match=re.escape(f"--workdir={str(file)!r} exists and "
+                                                         "is not a directory")):
+    workdir_lib.prepare_workdir(str(file))
+  for below in (file / "run", file / "a" / "b"):
+    with pytest.raises(NotADirectoryError, match=re.escape(
+        f"--workdir={str(below)!r} cannot be created: {str(file)!r} is a file")):
+      workdir_lib.prepare_workdir(str(below))
+
+
+def test_a_missing_parent_says_mkdir(tmp_path):
+  workdir = tmp_path / "no" / "such" / "run"
+  with pytest.raises(FileNotFoundError) as error:
+    workdir_lib.prepare_workdir(str(workdir))
+  assert "does not exist" in str(error.value)
+  assert str(error.value).endswith(f"mkdir -p {workdir.parent}")
+  assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("workdir", ["/proc/medxai_run", "/sys/medxai_run", "/proc"])
+def test_a_workdir_where_no_file_can_be_created(workdir):
+  # Root ignores permission bits; /proc and /sys refuse new files even to root.
+  mount = "/" + workdir.split("/")[1]
+  if not os.path.isdir(mount):
+    pytest.skip(f"no {mount} on this machine")
+  with pytest.raises(PermissionError, match=re.escape(f"--workdir={workdir!r} cannot be "
+                                                      "written")):
+    workdir_lib.prepare_workdir(workdir)
+  assert not os.path.exists(workdir) or workdir == "/proc"
+
+
+def test_a_workdir_on_a_read_only_file_system(tmp_path, monkeypatch):
+  real_statvfs = os.statvfs
+
+  class ReadOnly:
+    """os.statvfs's answer for a mount with the read-only flag."""
+
+    def __init__(self, path):
+      self.f_flag = real_statvfs(path).f_flag | os.ST_RDONLY
+
+  monkeypatch.setattr(os, "statvfs", ReadOnly)
+  with pytest.raises(PermissionError, match="read-only file system"):
+    workdir_lib.prepare_workdir(str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_writable_workdir_is_created_and_left_clean(tmp_path):
+  workdir = workdir_lib.prepare_workdir(str(tmp_path / "run"))
+  assert workdir == str(tmp_path / "run") and os.path.isdir(workdir)
+  assert os.listdir(workdir) == [] and sorted(os.listdir(tmp_path)) == ["run"]
+  assert workdir_lib.prepare_workdir(workdir) == workdir  # an existing run directory (resume)
