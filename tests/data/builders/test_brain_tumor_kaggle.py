@@ -1,40 +1,22 @@
-"""The builders on copies of the real samples in ../shared/real_radiographs (tiny image sizes):
-the Kaggle brain MRI folder release and the Shenzhen set with its lung masks."""
+"""The Kaggle brain MRI builder on copies of the real samples in ../shared/real_radiographs (tiny
+image sizes): the folder release as it ships and its other spellings."""
 
 from __future__ import annotations
 
 import hashlib
-import shutil
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
 
 import real_data
+from fake_folders import prepare as _prepare
+from fake_folders import records as _records
 from medxai_jax.data import builders
-from medxai_jax.data.builders import brain_tumor_kaggle, tb_cxr
+from medxai_jax.data.builders import brain_tumor_kaggle
 
 # The Kaggle class folders in label order (alphabetical, as Keras' flow_from_directory reads).
 KAGGLE_FOLDERS = ("glioma_tumor", "meningioma_tumor", "no_tumor", "pituitary_tumor")
-
-
-def _prepare(builder_cls, config, data_dir, manual):
-  """Prepares `config` from `manual` into `data_dir` and returns the builder."""
-  builder = builder_cls(config=config, data_dir=str(data_dir), file_format="array_record")
-  builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
-  return builder
-
-
-def _records(builder, split: str) -> list[dict]:
-  """Every decoded example of a split, text features as str."""
-  source = builder.as_data_source(split=split)
-  return [{key: value.decode() if isinstance(value, bytes) else value
-           for key, value in source[i].items()} for i in range(len(source))]
-
-
-# Kaggle brain MRI ----------------------------------------------------------------------------
 
 
 def test_real_kaggle_brain_release_prepares_with_four_classes(tmp_path):
@@ -105,67 +87,6 @@ def test_kaggle_brain_other_spelling_in_a_top_folder(tmp_path):
     _prepare(brain_tumor_kaggle.BrainTumorKaggle, config, tmp_path / "data2", tmp_path / "manual")
   with pytest.raises(FileNotFoundError, match="Training/ and Testing/"):
     _prepare(brain_tumor_kaggle.BrainTumorKaggle, config, tmp_path / "data3", top / "Testing")
-
-
-# Shenzhen lung masks -------------------------------------------------------------------------
-
-
-def _shenzhen_copy(tmp_path):
-  """The real Shenzhen sample (11 normal images, 11 masks in extra_lung_masks/)."""
-  return real_data.copy_real("tb", tmp_path / "manual")
-
-
-def test_real_shenzhen_masks_are_read(tmp_path):
-  manual = _shenzhen_copy(tmp_path)
-  config = tb_cxr.make_tb_config("shenzhen", image_size=32, clahe=False,
-                                 split_fractions=(0.6, 0.2, 0.2))
-  builder = _prepare(tb_cxr.TbCxr, config, tmp_path / "data", manual)
-  records = [r for split in ("train", "validation", "test") for r in _records(builder, split)]
-  assert len(records) == 11 and all(r["label"] == 0 for r in records)
-  for record in records:
-    assert record["has_lung_mask"]
-    mask = record["lung_mask"][..., 0].astype(bool)
-    name = record["path"].rsplit("/", 1)[-1].replace(".png", "_mask.png")
-    with Image.open(manual / "ChinaSet_AllFiles" / "extra_lung_masks" / name) as source:
-      source_fraction = float((np.asarray(source) > 127).mean())
-    assert 0.1 < mask.mean() < 0.45  # the two lungs cover a tenth to under half of a PA film
-    assert abs(mask.mean() - source_fraction) < 0.03  # resized, not shifted or cropped
-    assert not mask[:, :2].any() and not mask[:, -2:].any()  # inside the film, off its edges
-    image = record["image"][..., 0].astype(np.float64)
-    rows = mask.any(axis=1)
-    between = np.zeros_like(mask)
-    between[rows, 14:18] = True  # the mediastinum and spine between the lungs
-    between &= ~mask
-    assert image[mask].mean() < image[between].mean() - 20  # aerated lungs are dark on the film
-    left, right = mask[:, :16].sum(), mask[:, 16:].sum()
-    assert min(left, right) > 0.5 * max(left, right)  # a lung on each side
-  assert builder.info.metadata["unhandled_files"] == []
-
-
-def test_shenzhen_images_without_masks_are_kept_and_mask_names_vary(tmp_path):
-  manual = _shenzhen_copy(tmp_path)
-  china = manual / "ChinaSet_AllFiles"
-  shutil.move(china / "extra_lung_masks", china / "mask")
-  (china / "mask" / "CHNCXR_0002_0_mask.png").unlink()
-  (china / "mask" / "CHNCXR_0003_0_mask.png").rename(china / "mask" / "CHNCXR_0003_0.png")
-  (china / "NLM-ChinaCXRSet-ReadMe.docx").write_bytes(b"PK")  # a companion: expected
-  (china / "CXR_png" / "scan.xml").write_text("<x/>")  # not: listed
-  config = tb_cxr.make_tb_config("shenzhen", image_size=16, clahe=False,
-                                 split_fractions=(0.6, 0.2, 0.2))
-  builder = _prepare(tb_cxr.TbCxr, config, tmp_path / "data", manual)
-  records = {r["patient_id"]: r for split in ("train", "validation", "test")
-             for r in _records(builder, split)}
-  assert len(records) == 11
-  assert not records["CHNCXR_0002"]["has_lung_mask"]
-  assert records["CHNCXR_0002"]["lung_mask"].max() == 0
-  assert records["CHNCXR_0003"]["has_lung_mask"] and records["CHNCXR_0003"]["lung_mask"].any()
-  assert sum(r["has_lung_mask"] for r in records.values()) == 10
-  assert builder.info.metadata["unhandled_files"] == ["ChinaSet_AllFiles/CXR_png/scan.xml"]
-  shutil.copy(china / "mask" / "CHNCXR_0003_0.png", manual / "CHNCXR_0003_0_mask.png")
-  (manual / "masks").mkdir()
-  shutil.move(manual / "CHNCXR_0003_0_mask.png", manual / "masks" / "CHNCXR_0003_0_mask.png")
-  with pytest.raises(ValueError, match=r"two lung masks for CHNCXR_0003_0\.png"):
-    _prepare(tb_cxr.TbCxr, config, tmp_path / "data2", manual)
 
 
 def test_kaggle_brain_config_loads_through_the_pipeline(tmp_path):
