@@ -3,13 +3,19 @@ a new user meets on a real collection (the COVID-19 Radiography copy in ../share
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
 import os
 import pathlib
 import shutil
+import sys
+from typing import Any, Sequence
 
+import numpy as np
 import pytest
 from absl import flags
+from etils import epy
 from ml_collections import config_flags
 
 import real_data
@@ -310,3 +316,199 @@ def test_folder_fingerprint_follows_names_sizes_and_mtimes(tmp_path):
   copied = shutil.copytree(folder, tmp_path / "copy")  # copy2 keeps mtimes: same file list
   assert pipeline.folder_fingerprint(str(copied)) == pipeline.folder_fingerprint(str(folder))
   assert len(pipeline.folder_fingerprint(str(folder)).digest) == 40  # a full SHA-1
+
+
+# ----------------------------------------------------------------------------------------------
+# The grain input pipeline (data/pipeline.py): batches, worker processes, resumable state.
+
+# A worker process imports this module to unpickle ListSource: the training modules are imported
+# inside the one test that needs them, so the worker's start stays light.
+
+
+class ListSource:
+  """An in-memory random-access source whose image pixels hold the row number."""
+
+  def __init__(self, count: int):
+    self.count = count
+
+  def __len__(self) -> int:
+    return self.count
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    return [{"image": np.full((3, 2, 1), i, np.uint16), "grade": np.int64(i % 4),
+             "study": np.int64(100 + i)} for i in indices]
+
+
+def _naive_batches(count: int, batch_size: int, seed: int, epoch: int, shuffle: bool,
+                   drop_remainder: bool) -> list[dict[str, np.ndarray]]:
+  """The batches by hand: rows in numpy's permutation of seed [seed, epoch], the short tail
+  padded with its last row (weight 0)."""
+  rows = (np.random.default_rng([seed, epoch]).permutation(count) if shuffle
+          else np.arange(count))
+  batches = []
+  for start in range(0, count, batch_size):
+    chunk = list(rows[start:start + batch_size])
+    if len(chunk) < batch_size and drop_remainder:
+      break
+    weight = [1.0] * len(chunk) + [0.0] * (batch_size - len(chunk))
+    chunk += [chunk[-1]] * (batch_size - len(chunk))
+    batches.append({
+        "image": np.stack([np.full((3, 2, 1), i, np.uint16) for i in chunk]),
+        "study": np.asarray([100 + i for i in chunk], np.int64),
+        "label": np.asarray([i % 4 for i in chunk], np.int32),
+        "weight": np.asarray(weight, np.float32)})
+  return batches
+
+
+def _assert_same_batches(got: list[dict], expected: list[dict]) -> None:
+  assert len(got) == len(expected) > 0
+  for index, (a, b) in enumerate(zip(got, expected)):
+    assert sorted(a) == sorted(b), index
+    for key in b:
+      assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, (index, key)
+      np.testing.assert_array_equal(a[key], b[key], err_msg=f"batch {index}, {key!r}")
+
+
+@pytest.mark.parametrize("shuffle, drop_remainder", [(True, False), (True, True), (False, False)])
+def test_batches_equal_a_naive_loop(shuffle, drop_remainder):
+  got = list(pipeline.iterate_batches(
+      ListSource(11), batch_size=4, keys=("image", "study"), label_key="grade", seed=5,
+      epoch=2, shuffle=shuffle, drop_remainder=drop_remainder))
+  _assert_same_batches(got, _naive_batches(11, 4, 5, 2, shuffle, drop_remainder))
+  # Random access: batch i of the dataset is the i-th batch iterated.
+  dataset = pipeline.batch_dataset(ListSource(11), batch_size=4, keys=("image", "study"),
+                                   label_key="grade", seed=5, epoch=2, shuffle=shuffle,
+                                   drop_remainder=drop_remainder)
+  _assert_same_batches([dataset[i] for i in range(len(dataset))], got)
+
+
+def test_a_stream_resumes_from_its_json_state_at_the_same_batch():
+  dataset = pipeline.batch_dataset(ListSource(23), batch_size=3, keys=("image",),
+                                   label_key="grade", seed=1, shuffle=True)
+  everything = list(pipeline.BatchStream(dataset))
+  stream = pipeline.BatchStream(dataset)
+  first = [next(stream) for _ in range(3)]
+  state = json.loads(json.dumps(stream.state()))  # as a checkpoint's JSON metadata holds it
+  assert state["next"] == 3 and state["workers"] == 0
+  stream.close()
+  resumed = pipeline.BatchStream.resume(dataset, state, 3)
+  _assert_same_batches(first + list(resumed), everything)
+  # Saved again after more batches of the resumed stream, it still continues where it was.
+  again = pipeline.BatchStream.resume(dataset, state, 3)
+  [next(again) for _ in range(2)]
+  later = json.loads(json.dumps(again.state()))
+  _assert_same_batches(list(pipeline.BatchStream.resume(dataset, later, 5)), everything[5:])
+  # State of another worker count (grain's differs): continues from the batch index instead.
+  other = dict(state, workers=3, iterator={"unreadable": True})
+  _assert_same_batches(list(pipeline.BatchStream.resume(dataset, other, 3, workers=0)),
+                       everything[3:])
+  with pytest.raises(ValueError, match=r"ckpt/partial: the input iterator state is at batch 3 "
+                     r"but the training position at batch 4"):
+    pipeline.BatchStream.resume(dataset, state, 4, where="ckpt/partial")
+
+
+def test_one_worker_process_gives_the_in_process_batches_and_state(monkeypatch):
+  dataset = pipeline.batch_dataset(ListSource(10), batch_size=4, keys=("image", "study"),
+                                   label_key="grade", seed=2, shuffle=True)
+  in_process = list(pipeline.BatchStream(dataset, workers=0))
+  stream = pipeline.BatchStream(dataset, workers=1)
+  first = next(stream)
+  state = json.loads(json.dumps(stream.state()))
+  rest = list(stream)
+  _assert_same_batches([first, *rest], in_process)
+  assert all(type(value) is np.ndarray for value in first.values())  # not shared memory
+  resumed = pipeline.BatchStream.resume(dataset, state, 1, workers=1)
+  _assert_same_batches(list(resumed), in_process[1:])
+  # Ended streams leave nothing whose finaliser fails in a garbage collection that runs inside
+  # tfds' lazy-import context (multiprocessing's finalisers import a module when they run).
+  del stream, resumed
+  failures = []
+  monkeypatch.setattr(sys, "unraisablehook", failures.append)
+  with epy.lazy_imports():
+    gc.collect()
+  assert not failures, [str(failure.exc_value) for failure in failures]
+
+
+def test_bad_input_settings_name_the_field():
+  from configs import demo
+  from medxai_jax.train import schema
+
+  config = demo.get_config()
+  assert schema.input_settings(config) == {"workers": 0, "prefetch": 2}
+  config.input.workers = -1
+  with pytest.raises(ValueError, match=r"config.input.workers must be an integer >= 0, got -1"):
+    schema.input_settings(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Record filters and label-shuffled views of random-access sources (data/pipeline.py).
+
+class RecordListSource:
+  """An in-memory random-access source."""
+
+  def __init__(self, records: list[dict[str, Any]]):
+    self.records = records
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    return [self.records[i] for i in indices]
+
+
+class FakeClassLabel:
+  def __init__(self, names):
+    self.names = names
+
+
+def _records(count: int = 50) -> list[dict[str, Any]]:
+  rng = np.random.default_rng(0)
+  return [{"image": np.full((2, 2, 1), i, np.uint8), "label": int(rng.integers(0, 3)),
+           "body_part": i % 5, "study": f"s{i % 7}".encode()} for i in range(count)]
+
+
+def test_parse_filter_and_errors():
+  assert pipeline.parse_filter("body_part=hand, elbow; label=1") == {
+      "body_part": ("hand", "elbow"), "label": ("1",)}
+  assert pipeline.parse_filter("") == {}
+  with pytest.raises(ValueError, match="'body_part'"):
+    pipeline.parse_filter("body_part")
+  with pytest.raises(ValueError, match="not a class of feature 'body_part'"):
+    pipeline.resolve_filter_values({"body_part": ("knee",)},
+                                   {"body_part": FakeClassLabel(["forearm", "hand"])})
+
+
+def test_filter_source_keeps_exactly_the_matching_records():
+  records = _records()
+  source = RecordListSource(records)
+  features = {"body_part": FakeClassLabel(["forearm", "lower_leg", "finger", "hand", "elbow"])}
+  conditions = pipeline.resolve_filter_values(
+      pipeline.parse_filter("body_part=hand,0;study=s3"), features)
+  assert conditions["body_part"] == {3, 0}
+  view = pipeline.filter_source(source, conditions)
+  expected = [i for i, r in enumerate(records)
+              if r["body_part"] in (0, 3) and r["study"] == b"s3"]
+  assert len(view) == len(expected) > 0
+  got = [int(r["image"][0, 0, 0]) for r in view.__getitems__(list(range(len(view))))]
+  assert got == expected
+  with pytest.raises(ValueError, match="keeps no record"):
+    pipeline.filter_source(source, {"body_part": frozenset({9})})
+
+
+def test_label_shuffled_source_permutes_labels_only():
+  records = _records(200)
+  source = RecordListSource(records)
+  view = pipeline.LabelShuffledSource(source, seed=3)
+  shuffled = view.__getitems__(list(range(len(view))))
+  original = np.asarray([r["label"] for r in records])
+  labels = np.asarray([r["label"] for r in shuffled])
+  np.testing.assert_array_equal(np.sort(labels), np.sort(original))  # same label counts
+  assert (labels != original).mean() > 0.4  # ~2/3 differ for three balanced classes
+  for before, after in zip(records, shuffled):
+    np.testing.assert_array_equal(before["image"], after["image"])
+  again = pipeline.LabelShuffledSource(source, seed=3)
+  np.testing.assert_array_equal(again.labels, view.labels)
+  assert not np.array_equal(pipeline.LabelShuffledSource(source, seed=4).labels, view.labels)
+  # Batches through iterate_batches carry the shuffled labels.
+  batch = next(pipeline.iterate_batches(view, batch_size=200))
+  np.testing.assert_array_equal(batch["label"], labels)
