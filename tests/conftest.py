@@ -1,4 +1,23 @@
-"""Session-wide test settings."""
+"""Session-wide test settings and the fixtures shared across test files.
+
+Layout: tests/ mirrors the code. `tests/<path>/test_<module>.py` tests
+`medxai_jax/<path>/<module>.py` (tests/attribution/test_integrated.py, tests/data/test_pipeline.py,
+tests/data/builders/test_mura.py, tests/train/test_loop.py, tests/test_runs.py) and
+`tests/<path>/test_<package>.py` what a package's __init__ holds (tests/data/test_builders.py,
+tests/test_observe.py); `tests/experiments/test_<binary>.py` runs experiments/<binary>.py end to end
+(the binaries' shared runs: tests/experiments/conftest.py), `tests/benchmarks/test_<name>.py`
+smoke-tests benchmarks/<name>.py, and tests/test_configs.py checks configs/. A test of several
+modules goes with the module it is about; tests/test_layout.py fails on a file that mirrors
+nothing (its short allow-list gives each exception's reason).
+
+Basenames repeat across folders, so pytest imports test files by path (`--import-mode=importlib`,
+pyproject.toml), with tests/ on sys.path for the helpers every file may import: `tiny` (tiny
+configs and models), `real_data` (copies of ../shared/real_radiographs), `subprocess_env` (the
+repository root, forced-CPU subprocess environments), `binaries` (the binaries' tiny flags) and
+`fake_folders` (fake collections for the builders). A fixture used by several files is defined
+once, here or in its folder's conftest.py; an expensive one that files share is session-scoped
+so that it is computed once per worker.
+"""
 
 import os
 
@@ -30,3 +49,9 @@ def one_logit():
 def three_class():
   """A tiny 3-class (softmax) DenseNet on 32-px grey images and its variables."""
   return tiny.initialised_densenet(3)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """A TFDS data dir for one test file (its phantoms are prepared once per file)."""
+  return str(tmp_path_factory.mktemp("tfds"))

@@ -11,7 +11,8 @@ from binaries import run
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-  """The TFDS data dir of the binaries (the phantoms are prepared once, by the first run)."""
+  """The TFDS data dir of the binaries, for the session (it overrides tests/conftest.py's one per
+  file, as the session runs below prepare their phantoms in it)."""
   return tmp_path_factory.mktemp("tfds")
 
 

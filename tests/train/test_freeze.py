@@ -343,11 +343,6 @@ def history(workdir):
     return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
 def _moved(a, b):
   return {name: not np.array_equal(a[name]["kernel"], b[name]["kernel"]) for name in a}
 

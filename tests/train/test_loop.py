@@ -31,11 +31,6 @@ def tiny_config(data_dir: str, **overrides):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, data_dir):
   workdir = str(tmp_path_factory.mktemp("run") / "full")
   config = tiny_config(data_dir)

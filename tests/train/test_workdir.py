@@ -57,11 +57,6 @@ def _hold_lock_in_child(workdir: str) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, data_dir):
   """A finished 2-epoch run, started over the lock file that a SIGKILLed process left behind."""
   workdir = str(tmp_path_factory.mktemp("run") / "finished")
