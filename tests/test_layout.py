@@ -1,4 +1,6 @@
-"""The binaries in experiments/ hold no library code: none imports another but experiments.cli."""
+"""The repository's layout: the binaries in experiments/ hold no library code (none imports
+another but experiments.cli), the library imports nothing outside itself, and tests/ mirrors the
+code (tests/conftest.py states the convention)."""
 
 from __future__ import annotations
 
@@ -71,3 +73,67 @@ def test_the_library_imports_nothing_that_is_not_installed_with_it():
   bad = [f"{path.relative_to(LIBRARY.parent)}:{line} imports {package}" for path in files
          for line, package in top_level_imports(path) if package in OUTSIDE_THE_PACKAGE]
   assert not bad, "medxai_jax must not import the repository's other folders: " + "; ".join(bad)
+
+
+TESTS = pathlib.Path(__file__).resolve().parent
+REPOSITORY = TESTS.parent
+# tests/ files that mirror no single module, each with its reason. Keep this short: a test of a
+# module goes in that module's file.
+NOT_MIRRORED = {
+    # Checks across the repository's folders (imports between them, this very convention).
+    "test_layout.py",
+}
+# The shared helpers tests import by name (tests/ is on sys.path, see pyproject.toml).
+HELPERS = {"binaries.py", "fake_folders.py", "real_data.py", "subprocess_env.py", "tiny.py"}
+
+
+def mirrored_module(test_file: pathlib.PurePosixPath, exists) -> str | None:
+  """The code path `test_file` (relative to tests/) mirrors, or None when there is none.
+
+  tests/<path>/test_<name>.py mirrors medxai_jax/<path>/<name>.py or the package
+  medxai_jax/<path>/<name>/; tests/experiments/ and tests/benchmarks/ mirror those folders'
+  modules, and a file directly in tests/ may also mirror a folder of the repository (configs/).
+  `exists(relative path)` says whether the repository has that file or folder.
+  """
+  folder, name = test_file.parent, test_file.name[len("test_"):-len(".py")]
+  candidates = [f"medxai_jax/{folder}/{name}.py", f"medxai_jax/{folder}/{name}/__init__.py"]
+  if folder.parts and folder.parts[0] in ("experiments", "benchmarks"):
+    candidates.append(f"{folder}/{name}.py")
+  if not folder.parts:
+    candidates.append(f"{name}/__init__.py")
+  candidates = [str(pathlib.PurePosixPath(path)) for path in candidates]
+  return next((path for path in candidates if exists(path)), None)
+
+
+def layout_problems(test_files, exists) -> list[str]:
+  """What breaks the convention among `test_files` (paths relative to tests/, as strings)."""
+  problems = []
+  for relative in sorted(test_files):
+    path = pathlib.PurePosixPath(relative)
+    if path.name == "conftest.py" or (not path.parent.parts and path.name in HELPERS):
+      continue
+    if not path.name.startswith("test_"):
+      problems.append(f"{relative}: neither a test file, a conftest.py nor a helper in tests/")
+    elif relative not in NOT_MIRRORED and mirrored_module(path, exists) is None:
+      problems.append(f"{relative}: mirrors no module (expected medxai_jax/"
+                      f"{path.parent}/{path.name[5:]} or a package of that name)")
+  return problems
+
+
+def test_every_test_file_mirrors_a_module():
+  files = [path.relative_to(TESTS).as_posix() for path in TESTS.rglob("*.py")]
+  assert len(files) > 40, f"no tests found in {TESTS}"
+  assert all(name in files for name in NOT_MIRRORED | HELPERS), "a stale allow-list entry"
+  problems = layout_problems(files, lambda relative: (REPOSITORY / relative).exists())
+  assert not problems, "tests/ mirrors the code (tests/conftest.py): " + "; ".join(problems)
+
+
+def test_the_layout_check_catches_what_mirrors_nothing():
+  code = {"medxai_jax/train/loop.py", "medxai_jax/data/builders/__init__.py",
+          "experiments/demo.py", "configs/__init__.py", "medxai_jax/runs.py"}
+  good = ["train/test_loop.py", "data/test_builders.py", "experiments/test_demo.py",
+          "test_configs.py", "test_runs.py", "train/conftest.py", "tiny.py", "test_layout.py"]
+  bad = ["test_loop.py", "train/test_looping.py", "experiments/test_loop.py",
+         "benchmarks/test_demo.py", "train/test_runs.py", "train/tiny.py", "helper.py"]
+  problems = layout_problems(good + bad, code.__contains__)
+  assert [problem.split(":")[0] for problem in problems] == sorted(bad)
