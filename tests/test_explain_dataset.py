@@ -5,8 +5,8 @@ The reference is independent of the streaming code: `explain.run_methods` on all
 batch (the deterministic methods must match it; SmoothGrad draws per shard, so its shard 1 is
 computed by hand with the documented key, and the device counts are compared with each other). JAX fixes its device count at start, so the multi-device runs are
 this file run as a script in subprocesses (XLA_FLAGS=--xla_force_host_platform_device_count=N;
-the 2-process run joined by jax.distributed on a free localhost port), as tests/test_parallel.py
-does.
+the 2-process run joined by jax.distributed on a free localhost port), as
+tests/train/test_parallel.py does.
 """
 
 from __future__ import annotations

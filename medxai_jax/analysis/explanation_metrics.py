@@ -6,7 +6,8 @@ Every metric takes plain arrays and JAX callables, so it works with any model: m
 (`medxai_jax.attribution.api`), and the metrics that re-explain take an `explain_fn`. Scores are
 per image ([B]); random parts take explicit PRNG keys. Everything runs in the maps' (images')
 dtype, float64 included. Definitions follow Quantus 0.6.0 (`quantus.metrics.*`); the oracle
-test (tests/test_explanation_metrics.py) checks each against it on the same weights and maps.
+test (tests/analysis/test_explanation_metrics.py) checks each against it on the same weights and
+maps.
 
 Attribution preprocessing. Quantus normalises every map by the maximum |a| over the whole batch
 passed in (`normalise_by_max` with its default axes: one scalar for all images) and then takes

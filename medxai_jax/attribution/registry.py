@@ -3,7 +3,7 @@
 Every consumer (medxai_jax.explain and experiments/explain.py, the demo report, the explanation
 evaluation, the benchmarks, CRM's Table 3 chain) reads this registry; adding a method is its
 own module plus one `register(MethodSpec(...))` here (or in the user's code), and
-tests/test_registry.py checks every entry's contract.
+tests/attribution/test_registry.py checks every entry's contract.
 
 A spec says what the method needs:
 - 'logits': any scoring function `logits_fn(images) -> logits [B, K]` (`api.LogitsFn`);

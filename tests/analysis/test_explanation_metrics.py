@@ -8,7 +8,7 @@ function that replays `uniform_perturbations(key, ...)`; smooth MPRT seeds numpy
 generator and passes the same standard-normal draws to ours in Quantus's order. MPRT's new
 weights are those of torch's `reset_parameters()` under Quantus's seed (42 + 1), ported. The
 oracles are the `oracle` extra (torch + quantus); skipped without them unless
-MEDXAI_REQUIRE_ORACLES=1 (as tests/test_porting_oracles.py).
+MEDXAI_REQUIRE_ORACLES=1 (as tests/models/test_porting.py).
 """
 
 from __future__ import annotations
@@ -437,7 +437,7 @@ def test_scorer_adds_road_and_complexity_and_optional_max_sensitivity():
                             sensitivity_methods=("gradients",), sensitivity_samples=2)
   key = jax.random.key(3)
   # Without masks (the localisation scores, relevance mass among them, are compiled and run by
-  # tests/test_evaluate_any_dataset.py): the scores every dataset gets.
+  # tests/analysis/test_evaluation.py): the scores every dataset gets.
   scores, _ = ee.make_scorer(model, options, margin=1)(variables, images, targets, maps,
                                                        None, None, key)
   assert not {"relevance_mass", "pointing_game"} & set(scores)

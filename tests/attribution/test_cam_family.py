@@ -2,7 +2,7 @@
 pytorch-grad-cam 1.5.7 on ported torchvision weights.
 
 The oracle comparisons need the `oracle` extra (torch, torchvision, grad-cam); they are skipped
-without it unless MEDXAI_REQUIRE_ORACLES=1 (as in tests/test_porting_oracles.py). They port a
+without it unless MEDXAI_REQUIRE_ORACLES=1 (as in tests/models/test_porting.py). They port a
 randomly initialised torchvision DenseNet (DenseNet-121's layer types, block sizes (2, 1, 2, 1),
 growth rate 8, 16 stem channels, to keep the suite fast; grad-cam's layer norm5, our
 'last_conv') and VGG16 (torchvision's convolutions with the project's GAP head; the gradient

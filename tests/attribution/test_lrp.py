@@ -2,7 +2,7 @@
 weights, per-layer conservation, and a tiny DenseNet against an independent numpy implementation.
 
 The zennit comparisons are oracles (skipped when torch/zennit are absent unless
-MEDXAI_REQUIRE_ORACLES=1, as in tests/test_porting_oracles.py).
+MEDXAI_REQUIRE_ORACLES=1, as in tests/models/test_porting.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 expectation, the input contract, and the explain registry.
 
 The Captum comparison needs the `oracle` extra (torch + captum); it is skipped without them
-unless MEDXAI_REQUIRE_ORACLES=1 (as in tests/test_porting_oracles.py).
+unless MEDXAI_REQUIRE_ORACLES=1 (as in tests/models/test_porting.py).
 """
 
 from __future__ import annotations

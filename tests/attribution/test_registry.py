@@ -141,7 +141,7 @@ def test_the_key_decides_the_random_methods(name, tiny):
 
 
 def test_a_float64_input_gives_float64_maps(tiny):
-  # (Guided IG's float64 path against the published loop: tests/test_attribution_paths.py.)
+  # (Guided IG's float64 path against the published loop: tests/attribution/test_integrated.py.)
   model, variables, images = tiny
   with jax.enable_x64(True):
     images64 = jnp.asarray(images, jnp.float64)
