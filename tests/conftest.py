@@ -13,10 +13,10 @@ nothing (its short allow-list gives each exception's reason).
 Basenames repeat across folders, so pytest imports test files by path (`--import-mode=importlib`,
 pyproject.toml), with tests/ on sys.path for the helpers every file may import: `tiny` (tiny
 configs and models), `real_data` (copies of ../shared/real_radiographs), `subprocess_env` (the
-repository root, forced-CPU subprocess environments), `binaries` (the binaries' tiny flags) and
-`fake_folders` (fake collections for the builders). A fixture used by several files is defined
-once, here or in its folder's conftest.py; an expensive one that files share is session-scoped
-so that it is computed once per worker.
+repository root, forced-CPU subprocess environments), `binaries` (the binaries' tiny flags),
+`fake_folders` (fake collections for the builders) and `resumption` (a tiny run stopped and
+resumed). A fixture used by several files is defined once, here or in its folder's conftest.py;
+an expensive one that files share is session-scoped so that it is computed once per worker.
 """
 
 import os

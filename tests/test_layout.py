@@ -84,7 +84,8 @@ NOT_MIRRORED = {
     "test_layout.py",
 }
 # The shared helpers tests import by name (tests/ is on sys.path, see pyproject.toml).
-HELPERS = {"binaries.py", "fake_folders.py", "real_data.py", "subprocess_env.py", "tiny.py"}
+HELPERS = {"binaries.py", "fake_folders.py", "real_data.py", "resumption.py", "subprocess_env.py",
+           "tiny.py"}
 
 
 def mirrored_module(test_file: pathlib.PurePosixPath, exists) -> str | None:
