@@ -60,6 +60,21 @@ def uniform_images(batch: int = 2, side: int = 32) -> Any:
 
   return jax.random.uniform(jax.random.key(2), (batch, side, side, 1))
 
+
+def variable_shapes(model: base.Classifier) -> Any:
+  """The model's variables as shapes and dtypes, without computing them."""
+  import jax  # noqa: PLC0415
+
+  return jax.eval_shape(lambda: model.init(jax.random.key(0)))
+
+
+def size(tree: Any) -> int:
+  """The number of array elements in a tree (parameters, for a variables tree)."""
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
+
 def save_random_selected_model(config: ml_collections.ConfigDict, run_dir: str | os.PathLike,
                                *, scale: float, seed: int = 0) -> None:
   """Writes `run_dir/selected_model/` as a finished run leaves it, for `config.model`, with

@@ -1,4 +1,5 @@
-"""DenseNet and VGG16: parameter counts against keras.applications/torchvision, taps, contract."""
+"""DenseNet (and VGG16 where both share a test): parameter counts against
+keras.applications/torchvision, taps, the Classifier contract."""
 
 import functools
 
@@ -7,22 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tiny
 from medxai_jax.data import preprocess as preprocess_lib
-from medxai_jax.models import base
 from medxai_jax.models import densenet
 from medxai_jax.models import heads
-from medxai_jax.models import registry
 from medxai_jax.models import vgg
 from medxai_jax.train import optim
 from medxai_jax.train import steps
 
 
-def _shapes(model):
-  return jax.eval_shape(lambda: model.init(jax.random.key(0)))
-
-
-def _size(tree):
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
+_shapes = tiny.variable_shapes
+_size = tiny.size
 
 
 # Published totals (trainable + BatchNorm moving statistics): keras.applications model summaries;
@@ -41,16 +37,6 @@ def test_densenet169_without_top_matches_keras_at_320():
   variables = _shapes(densenet.densenet(depth=169, input_shape=(320, 320, 3)))
   backbone = {k: v["backbone"] for k, v in variables.items()}
   assert _size(backbone) == 12_642_880
-
-
-def test_vgg16_parameter_counts_match_keras():
-  classic = _shapes(vgg.vgg16(num_outputs=1000))["params"]
-  assert _size(classic) == 138_357_544
-  convs = {k: v for k, v in classic.items() if k.startswith("block")}
-  assert _size(convs) == 14_714_688  # include_top=False
-  gap = _shapes(vgg.vgg16(num_outputs=7, head="gap", input_shape=(300, 300, 3)))["params"]
-  # 004: truncated VGG16 + conv 512 3x3 + GAP + dense(7).
-  assert _size(gap) == 14_714_688 + (3 * 3 * 512 * 512 + 512) + (512 * 7 + 7)
 
 
 def test_densenet169_tap_shapes_at_320():
@@ -109,13 +95,3 @@ def test_contract_and_a_train_step_on_small_variants(builder, train):
     before = jax.tree_util.tree_leaves(state.batch_stats)
     after = jax.tree_util.tree_leaves(new_state.batch_stats)
     assert any(not np.allclose(a, b) for a, b in zip(before, after))
-
-
-def test_registry_builds_the_new_models():
-  model = registry.build_model({"name": "densenet", "depth": 121, "num_outputs": 1,
-                                "input_shape": (64, 64, 3)})
-  assert isinstance(model.module, densenet.DenseNet) and model.module.depth == 121
-  assert isinstance(registry.build_model({"name": "vgg16", "head": "gap", "num_outputs": 7}
-                                         ).module, vgg.VGG16)
-  with pytest.raises(ValueError, match="depth must be one of"):
-    registry.build_model({"name": "densenet", "depth": 100}).init(jax.random.key(0))
