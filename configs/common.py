@@ -62,14 +62,16 @@ def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The same recipe shrunk for a few-minute CPU trial, as big_vision's `runlocal` argument.
 
   Architecture, head, optimiser and schedule stay the paper's; only the sizes change: inputs
-  at RUNLOCAL_IMAGE_SIZE px (stored images are resized on the device), 256/64/64 phantoms,
-  batch 8, 2 epochs (a warm-up of head-only epochs is cut to 1). For checking that a recipe
-  runs on your collection, not for results.
+  at RUNLOCAL_IMAGE_SIZE px (stored images are resized on the device), batch 8, 2 epochs (a
+  warm-up of head-only epochs is cut to 1). For checking that a recipe runs on your collection,
+  not for results. The dataset is the recipe's, whichever the command line names: the phantoms'
+  sizes are not set here, as they would be options of a collection named after this ran (on the
+  phantoms: their default 6000/1000/2000 images; fewer with e.g.
+  --config.dataset.builder.num_train=256 --config.dataset.builder.num_validation=64
+  --config.dataset.builder.num_test=64).
   """
   channels = config.model.input_shape[-1]
   config.model.input_shape = (RUNLOCAL_IMAGE_SIZE, RUNLOCAL_IMAGE_SIZE, channels)
-  config.dataset.phantoms.update(dict(image_size=RUNLOCAL_IMAGE_SIZE, num_train=256,
-                                      num_validation=64, num_test=64))
   config.batch_size = 8
   config.eval_batch_size = 16
   config.num_epochs = 2

@@ -16,9 +16,9 @@ from configs import common
 def get_config() -> ml_collections.ConfigDict:
   """Demo config."""
   config = common.base_config()
-  config.dataset.phantoms.update(dict(image_size=96, num_train=3000, num_validation=500,
-                                      num_test=1000, train_marker_agreement=0.8,
-                                      validation_marker_agreement=0.8))
+  config.dataset.builder.update(dict(image_size=96, num_train=3000, num_validation=500,
+                                     num_test=1000, train_marker_agreement=0.8,
+                                     validation_marker_agreement=0.8))
   config.preprocess.update(dict(mean=(0.25,), std=(0.25,)))
   config.model = ml_collections.ConfigDict(dict(
       name="custom_cnn", num_outputs=1, input_shape=(96, 96, 1),

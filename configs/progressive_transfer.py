@@ -61,7 +61,7 @@ def _transfer_section(source: dict) -> ml_collections.ConfigDict:
 def _phantoms() -> ml_collections.ConfigDict:
   """Small DenseNet on the phantoms: a few minutes on two CPU cores."""
   config = common.base_config()
-  config.dataset.phantoms.update(dict(
+  config.dataset.builder.update(dict(
       image_size=64, num_train=400, num_validation=200, num_test=400, seed=0,
       train_marker_agreement=0.5, validation_marker_agreement=0.5, test_marker_agreement=0.5))
   config.preprocess.update(dict(mean=(0.25,), std=(0.25,)))
@@ -80,7 +80,7 @@ def _phantoms() -> ml_collections.ConfigDict:
   config.train.head_only_epochs = 1
   config.log_every_steps = 25
   config.transfer = _transfer_section(dict(
-      dataset=dict(label_key="body_part", filter="", phantoms=dict(seed=1, num_train=1200)),
+      dataset=dict(label_key="body_part", filter="", builder=dict(seed=1, num_train=1200)),
       model=dict(num_outputs=_PHANTOM_BODY_PARTS),
       num_epochs=8))
   return config

@@ -39,6 +39,7 @@ from ml_collections.config_flags import config_flags as config_flags_lib
 from medxai_jax import runtime
 from medxai_jax.attribution import registry
 from medxai_jax.data import preprocess
+from medxai_jax.train import defaults
 from medxai_jax.train import loop
 from medxai_jax.train import parallel
 from medxai_jax.train import workdir as workdir_lib
@@ -116,6 +117,9 @@ def unknown_field_message(config: Any, path: str, flag_name: str = "config") -> 
     if fields is None:
       return (f"--{flag_name}.{path}: {section} is a value ({node!r}), not a section; it has no "
               f"field {part!r}.")
+    moved = defaults.MOVED_FIELDS.get(".".join(parts[:depth + 1]))
+    if part not in fields and moved:
+      return f"--{flag_name}.{path}: {moved}"
     if part not in fields:
       close = difflib.get_close_matches(part, fields, n=1)
       hint = f" Did you mean {close[0]!r}?" if close else ""

@@ -135,19 +135,20 @@ def main(argv: list[str]) -> None:
 
   test, validation, short = result["test"], result["validation"], result["shortcut"]
   metric_names = ("accuracy", "precision", "recall", "f1", "cohen_kappa", "mcc", "roc_auc")
+  phantoms = pipeline.phantoms_builder_config(config.dataset)  # every setting, defaults too
   sections = [
       report.Section(
           "Summary",
           paragraphs=[
               f"A {config.model.name} ({result['num_parameters']:,} parameters) trained on "
-              f"{config.dataset.phantoms.num_train} synthetic radiographs "
-              f"({config.dataset.phantoms.image_size} px) for {result['epochs_run']} epochs; "
+              f"{phantoms.num_train} synthetic radiographs "
+              f"({phantoms.image_size} px) for {result['epochs_run']} epochs; "
               f"epoch {result['selected_epoch']} was selected by validation "
               f"{result['selection_metric']}. Training took {result['train_wall_seconds']:.0f} s "
               f"on {', '.join(result['devices'])}.",
               f"The L/R marker agrees with the label in "
-              f"{config.dataset.phantoms.train_marker_agreement:.0%} of training images and "
-              f"{config.dataset.phantoms.test_marker_agreement:.0%} of test images: a model that "
+              f"{phantoms.train_marker_agreement:.0%} of training images and "
+              f"{phantoms.test_marker_agreement:.0%} of test images: a model that "
               "relied on it would lose accuracy where it contradicts the label."],
           tables=[
               report.Table(["split", *metric_names],

@@ -11,8 +11,8 @@ import sys
 import subprocess_env
 
 TINY = [
-    "--config.dataset.phantoms.image_size=48", "--config.dataset.phantoms.num_train=64",
-    "--config.dataset.phantoms.num_validation=32", "--config.dataset.phantoms.num_test=32",
+    "--config.dataset.builder.image_size=48", "--config.dataset.builder.num_train=64",
+    "--config.dataset.builder.num_validation=32", "--config.dataset.builder.num_test=32",
     "--config.model.input_shape=(48, 48, 1)", "--config.model.conv_widths=(4, 8, 8, 8, 8)",
     "--config.model.dense_widths=(16, 16)", "--config.batch_size=16", "--config.num_epochs=2",
     "--config.explain.num_images=3", "--config.annotation.num_reports=150",

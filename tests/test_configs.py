@@ -272,7 +272,8 @@ def test_every_config_takes_builder_options_on_the_command_line(name):
       64, False, (0.8, 0.1, 0.1))
   assert options.with_masks is None and options.body_parts is None  # None: the default
   assert set(options) == set(pipeline.all_builder_option_specs())
-  assert "image_size" in values.config.dataset.phantoms  # the phantoms keep their own section
+  assert "phantoms" not in values.config.dataset  # the phantoms' settings are builder options
+  assert {"num_train", "seed", "train_marker_agreement"} <= set(options)
 
 
 def test_train_val_gap_selects_the_epoch_with_the_smallest_gap():
@@ -355,8 +356,7 @@ def test_runlocal_keeps_the_recipe_and_shrinks_only_sizes(name):
   full_fields, small_fields = _flat_fields(full), _flat_fields(small)
   assert full_fields.keys() == small_fields.keys()
   changed = {key for key in full_fields if full_fields[key] != small_fields[key]}
-  assert changed - SHRUNK_FIELDS - {key for key in changed if key.startswith("dataset.phantoms.")
-                                    } == set(), name
+  assert changed - SHRUNK_FIELDS == set(), name  # the dataset (phantoms included) is kept
   assert tuple(small.model.input_shape) == (64, 64, full.model.input_shape[-1])
   assert small.num_epochs <= 2 and small.batch_size <= 8
   model, _, preprocess = components.build_components(small)

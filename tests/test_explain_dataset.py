@@ -386,7 +386,7 @@ def _fake_run(workdir, data_dir: str):
 
   config = demo.get_config()
   config.dataset.data_dir = data_dir
-  config.dataset.phantoms.update(dict(image_size=48, num_train=4, num_validation=4, num_test=12))
+  config.dataset.builder.update(dict(image_size=48, num_train=4, num_validation=4, num_test=12))
   config.model.update(dict(input_shape=(48, 48, 1), conv_widths=(4, 8, 8, 8, 8),
                            dense_widths=(8,)))
   tiny.save_random_selected_model(config, workdir, scale=0.3)

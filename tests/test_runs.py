@@ -342,7 +342,9 @@ def test_a_sparse_old_config_json_resolves_to_the_old_fallbacks(tmp_path):
   del content["checkpoint"]["every_steps"]
   del content["schedule"]["mode"], content["selection"]["mode"]
   del content["preprocess"]["bit_depth"]
-  del content["dataset"]["builder"]
+  builder = content["dataset"].pop("builder")  # the phantoms' settings were their own section
+  content["dataset"]["phantoms"] = {name: value for name, value in builder.items()
+                                    if value is not None}
   read = runs.read_run_config(_write_config_json(tmp_path / "old", content))
 
   assert schema.train_settings(read) == OLD_TRAIN_FALLBACK

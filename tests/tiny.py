@@ -28,8 +28,8 @@ def demo_config(data_dir: str | os.PathLike, *, image_size: int = 48, num_train:
   `fields` then update the config's top level (batch_size=16, augment=..., ...)."""
   config = demo.get_config()
   config.dataset.data_dir = str(data_dir)
-  config.dataset.phantoms.update(dict(image_size=image_size, num_train=num_train,
-                                      num_validation=num_validation, num_test=num_test))
+  config.dataset.builder.update(dict(image_size=image_size, num_train=num_train,
+                                     num_validation=num_validation, num_test=num_test))
   config.model.update(dict(input_shape=(image_size, image_size, 1), conv_widths=conv_widths,
                            dense_widths=dense_widths))
   config.update(fields)

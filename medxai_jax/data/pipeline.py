@@ -60,6 +60,14 @@ def dataset_names() -> list[str]:
   return [PHANTOMS_NAME, *manual_builder_classes()]
 
 
+def configurable_builder_classes() -> dict[str, type]:
+  """Registered name -> class of every builder whose options `config.dataset.builder` sets: the
+  phantoms, then the manual-download builders."""
+  from medxai_jax.data.builders import phantoms
+
+  return {PHANTOMS_NAME: phantoms.RadiographPhantoms, **manual_builder_classes()}
+
+
 class OptionSpec(NamedTuple):
   """The type of a builder option (int, float, str, bool or tuple) and of a tuple's elements."""
 
@@ -84,7 +92,7 @@ def _option_spec(field: dataclasses.Field, owner: str) -> OptionSpec:
 
 
 def builder_option_specs(builder_cls: type) -> dict[str, OptionSpec]:
-  """Option name -> spec of one manual builder (the fields of its config dataclass)."""
+  """Option name -> spec of one builder (the non-tfds fields of its config dataclass)."""
   from medxai_jax.data.builders import common
 
   config_cls = type(builder_cls.BUILDER_CONFIGS[0])
@@ -93,9 +101,10 @@ def builder_option_specs(builder_cls: type) -> dict[str, OptionSpec]:
 
 
 def all_builder_option_specs() -> dict[str, OptionSpec]:
-  """Option name -> spec, over every manual builder (an int/float clash is a float)."""
+  """Option name -> spec, over every builder, the phantoms included (an int/float clash is a
+  float). A name several builders share (image_size) means what the chosen builder says."""
   merged: dict[str, OptionSpec] = {}
-  for name, cls in manual_builder_classes().items():
+  for name, cls in configurable_builder_classes().items():
     for option, spec in builder_option_specs(cls).items():
       known = merged.setdefault(option, spec)
       if known != spec:
@@ -108,17 +117,23 @@ def all_builder_option_specs() -> dict[str, OptionSpec]:
 
 
 def options_by_builder() -> str:
-  """Which builder has which options, for error messages: the shared ones, then each builder's."""
-  specs = {name: builder_option_specs(cls) for name, cls in manual_builder_classes().items()}
-  shared = set.intersection(*(set(options) for options in specs.values())) if specs else set()
-  parts = [f"every builder: {', '.join(sorted(shared))}"] + [
-      f"{name}: {', '.join(option for option in options if option not in shared)}"
-      for name, options in specs.items()]
+  """Which builder has which options, for error messages: the ones every builder has, the ones
+  every manual builder has, then each builder's own."""
+  specs = {name: set(builder_option_specs(cls))
+           for name, cls in configurable_builder_classes().items()}
+  manual = [specs[name] for name in specs if name != PHANTOMS_NAME]
+  shared = set.intersection(*specs.values()) if specs else set()
+  manual_shared = (set.intersection(*manual) if manual else set()) - shared
+  parts = [f"every builder: {', '.join(sorted(shared))}",
+           f"every manual builder: {', '.join(sorted(manual_shared))}"]
+  for name, options in specs.items():
+    own = options - shared - (set() if name == PHANTOMS_NAME else manual_shared)
+    parts.append(f"{name}: {', '.join(sorted(own))}")
   return "; ".join(parts)
 
 
 def unknown_option_error(option: str) -> KeyError:
-  """The error for an option no manual builder has; it lists every builder's options."""
+  """The error for an option no builder has; it lists every builder's options."""
   close = difflib.get_close_matches(option, list(all_builder_option_specs()), n=1)
   hint = f' Did you mean "{close[0]}"?' if close else ""
   return KeyError(f"--config.dataset.builder.{option}: no builder has an option {option!r}."
@@ -136,8 +151,9 @@ class BuilderOptions(ml_collections.ConfigDict):
 
 
 def builder_options_config() -> BuilderOptions:
-  """`config.dataset.builder`: every option of every manual builder, None (= the chosen builder's
-  default) until set, e.g. --config.dataset.builder.image_size=64 on the command line."""
+  """`config.dataset.builder`: every option of every builder (the phantoms' and the manual
+  builders'), None (= the chosen builder's default) until set, e.g.
+  --config.dataset.builder.image_size=64 on the command line."""
   return BuilderOptions({
       option: ml_collections.config_dict.placeholder(spec.type)
       for option, spec in all_builder_option_specs().items()})
@@ -203,37 +219,68 @@ def builder_config_for(builder_cls: type, base: str, options: Mapping[str, Any])
   """
   from medxai_jax.data.builders import common
 
+  values = checked_options(builder_cls, options)
+  base = base or builder_cls.DEFAULT_BUILDER_CONFIG_NAME
+  return common.config_by_name(builder_cls.BUILDER_CONFIGS, base, builder_cls.name, **values)
+
+
+def checked_options(builder_cls: type, options: Mapping[str, Any]) -> dict[str, Any]:
+  """`options` in the types of `builder_cls`'s config; one it does not have is a ValueError
+  listing the builder's options."""
   specs = builder_option_specs(builder_cls)
   foreign = sorted(set(options) - set(specs))
   if foreign:
     raise ValueError(
         f"Dataset {builder_cls.name!r} has no option(s) {foreign} (set as "
         f"--config.dataset.builder.<option>); its options are: {_options_listing(specs)}.")
-  values = {name: normalise_option(name, value, specs[name], builder_cls.name)
-            for name, value in options.items()}
-  base = base or builder_cls.DEFAULT_BUILDER_CONFIG_NAME
-  return common.config_by_name(builder_cls.BUILDER_CONFIGS, base, builder_cls.name, **values)
+  return {name: normalise_option(name, value, specs[name], builder_cls.name)
+          for name, value in options.items()}
+
+
+def phantom_options(dataset_config: Mapping[str, Any]) -> dict[str, Any]:
+  """The phantom builder's options that `dataset_config.builder` sets, checked (manual_dir, a
+  named config or another builder's option is a ValueError); unset ones keep its defaults."""
+  from medxai_jax.data.builders import phantoms
+
+  _check_phantoms_settings(dataset_config)
+  return checked_options(phantoms.RadiographPhantoms, chosen_options(dataset_config))
+
+
+def phantoms_builder_config(dataset_config: Mapping[str, Any]):
+  """The phantoms' builder config for `dataset_config` (every setting, defaults included)."""
+  from medxai_jax.data.builders import phantoms
+
+  return phantoms.make_builder_config(**phantom_options(dataset_config))
+
+
+def resolved_builder_config(dataset_config: Mapping[str, Any]):
+  """The builder config `dataset_config` names (its named config with the options set), checked
+  but neither prepared nor keyed by manual_dir's files: two dataset configs with the same
+  resolved config (and name) prepare the same dataset from the same files."""
+  name = dataset_config["name"]
+  if name == PHANTOMS_NAME:
+    return phantoms_builder_config(dataset_config)
+  builders = manual_builder_classes()
+  if name not in builders:
+    raise ValueError(f"Unknown dataset config.dataset.name={name!r}; registered datasets: "
+                     f"{dataset_names()}.")
+  return builder_config_for(builders[name], dataset_config.get("builder_config") or "",
+                            chosen_options(dataset_config))
 
 
 def _check_phantoms_settings(dataset_config: Mapping[str, Any]) -> None:
-  """The phantoms are generated: manual_dir, builder options and named configs are errors."""
+  """The phantoms are generated: manual_dir and named configs other than 'default' are errors."""
   if dataset_config.get("manual_dir"):
     raise ValueError(
         f"config.dataset.manual_dir={dataset_config['manual_dir']!r} is set but config.dataset."
         f"name is {PHANTOMS_NAME!r} (synthetic phantoms, which read no folder): set "
         "--config.dataset.name to the builder of your collection, one of "
         f"{list(manual_builder_classes())}.")
-  options = chosen_options(dataset_config)
-  phantom_options = sorted(dict(dataset_config.get("phantoms") or {}))
-  if options:
-    raise ValueError(
-        f"--config.dataset.builder.{{{','.join(sorted(options))}}} are options of the manual "
-        f"builders; the phantoms ({PHANTOMS_NAME!r}) take theirs from config.dataset.phantoms "
-        f"(e.g. --config.dataset.phantoms.image_size=64): {phantom_options}.")
   if dataset_config.get("builder_config") not in (None, "", "default"):
     raise ValueError(
         f"config.dataset.builder_config={dataset_config['builder_config']!r}: the phantoms have "
-        "one config, 'default'; set their options in config.dataset.phantoms.")
+        "one config, 'default'; set their options as --config.dataset.builder.<option> (e.g. "
+        "--config.dataset.builder.image_size=64 --config.dataset.builder.num_train=256).")
 
 
 def resolve_manual_dir(manual_dir: str, data_dir: str) -> str:
@@ -330,7 +377,9 @@ def _log_preparation(builder, options_name: str, fingerprint: FolderFingerprint,
 def load_builder(dataset_config: Mapping[str, Any]):
   """Prepares (offline) and returns the TFDS builder that `dataset_config` names.
 
-  For a manual builder: `builder_config` (a named config, '' = the default) with the options of
+  The phantoms: generated with the options of `dataset_config.builder` that are set (the phantom
+  builder's defaults for the rest), into a directory named after the non-default ones.
+  A manual builder: `builder_config` (a named config, '' = the default) with the options of
   `dataset_config.builder` that are set; the prepared directory is keyed by those options and by
   the file list of manual_dir, so a changed folder is prepared again (into a new directory).
   """
@@ -341,15 +390,9 @@ def load_builder(dataset_config: Mapping[str, Any]):
   if name == PHANTOMS_NAME:
     from medxai_jax.data.builders import phantoms
 
-    _check_phantoms_settings(dataset_config)
-    return phantoms.load_phantoms_builder(data_dir, **dict(dataset_config.get("phantoms", {})))
-  builders = manual_builder_classes()
-  if name not in builders:
-    raise ValueError(f"Unknown dataset config.dataset.name={name!r}; registered datasets: "
-                     f"{dataset_names()}.")
-  builder_cls = builders[name]
-  config = builder_config_for(builder_cls, dataset_config.get("builder_config") or "",
-                              chosen_options(dataset_config))
+    return phantoms.load_phantoms_builder(data_dir, **phantom_options(dataset_config))
+  config = resolved_builder_config(dataset_config)
+  builder_cls = manual_builder_classes()[name]
   given = bool(dataset_config.get("manual_dir"))
   manual_dir = resolve_manual_dir(dataset_config.get("manual_dir") or "", data_dir)
   check_manual_dir(manual_dir, builder_cls, given)

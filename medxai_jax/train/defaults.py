@@ -12,22 +12,46 @@ import ml_collections
 from medxai_jax.data import pipeline
 
 
+# Fields that moved, dotted path -> what to write instead: the message of a command line, a
+# config or code that still spells one (a run's config.json is migrated: schema.migrate_config).
+MOVED_FIELDS = {
+    "dataset.phantoms": (
+        "config.dataset.phantoms is gone: the phantoms' settings are builder options like any "
+        "builder's, e.g. --config.dataset.builder.image_size=64 "
+        "--config.dataset.builder.num_train=256 (in a config file: "
+        "config.dataset.builder.update(dict(image_size=64, num_train=256)))."),
+}
+
+
+class DatasetSection(ml_collections.ConfigDict):
+  """`config.dataset`: a ConfigDict whose missing `phantoms` field, looked up by the command-line
+  parser or by code, raises a KeyError that names the new spelling (MOVED_FIELDS)."""
+
+  def __getitem__(self, key: str):
+    if key == "phantoms" and key not in self:
+      raise KeyError(MOVED_FIELDS["dataset.phantoms"])
+    return super().__getitem__(key)
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Fields every training run has, with neutral defaults."""
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = "radiograph_phantoms"
+  config.dataset = DatasetSection()
+  # Every recipe trains on the synthetic phantoms until the user names a collection
+  # (--config.dataset.name=mura ...); their settings are builder options like any builder's.
+  config.dataset.name = pipeline.PHANTOMS_NAME
   config.dataset.data_dir = ""  # '' -> $TFDS_DATA_DIR or ~/tensorflow_datasets
   config.dataset.manual_dir = ""  # where a manually downloaded dataset lives
   config.dataset.builder_config = ""  # a named config of the builder ('' = its default)
-  # The manual builders' options, applied on top of builder_config: every option of every builder
+  # The builders' options, applied on top of builder_config: every option of every builder
   # (image_size, classes, with_masks, read_metadata, on_corrupt, storage_bits, split_fractions,
-  # ...), None = the chosen builder's default. E.g. --config.dataset.builder.image_size=64
+  # the phantoms' num_train, seed, train_marker_agreement, ...), None = the chosen builder's
+  # default. E.g. --config.dataset.builder.image_size=64
   # --config.dataset.builder.read_metadata=False --config.dataset.builder.classes=COVID,Normal
   # --config.dataset.builder.split_fractions=0.7,0.1,0.2. Setting one the chosen builder lacks is
-  # an error listing its options. The phantoms take theirs from config.dataset.phantoms.
+  # an error listing its options.
   config.dataset.builder = pipeline.builder_options_config()
   config.dataset.label_key = "label"
   config.dataset.train_split = "train"
@@ -39,10 +63,6 @@ def base_config() -> ml_collections.ConfigDict:
   # Adebayo et al.'s data-randomisation test: train on a fixed permutation of the training labels.
   config.dataset.shuffle_labels = False
   config.dataset.shuffle_labels_seed = 0
-  config.dataset.phantoms = ml_collections.ConfigDict(dict(
-      image_size=128, num_train=6000, num_validation=1000, num_test=2000, seed=0,
-      train_marker_agreement=0.9, validation_marker_agreement=0.9, test_marker_agreement=0.5,
-      frame_probability=0.0))
 
   # Stored images -> [0, 1] -> (x - mean) / std, per channel. bit_depth: None divides uint8 by
   # 255 and uint16 by 65535 (float images are taken as [0, 1]); an int b divides integer images

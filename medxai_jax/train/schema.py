@@ -3,7 +3,8 @@
 The defaults are `train/defaults.base_config()`'s (configs/common.py re-exports it), the one
 place they are written.
 `with_defaults` fills a config that lacks some of them (a config.json written before a field
-existed, a config built by hand) so that the code reads every field directly.
+existed, a config built by hand) so that the code reads every field directly, after
+`migrate_config` has put a field that moved where it lives now.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import ml_collections
 
 from medxai_jax.train import defaults
 from medxai_jax.data import augment as augment_lib
+from medxai_jax.data import pipeline
 from medxai_jax.observe import profiling
 from medxai_jax.train import freeze
 
@@ -42,15 +44,46 @@ def _merged(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, 
   return merged
 
 
+def migrate_config(config: Mapping[str, Any]) -> dict[str, Any]:
+  """`config` (e.g. a run's config.json) with the fields that moved where they live now.
+
+  `dataset.phantoms` (the phantoms' settings before they were builder options, in every config
+  written until then) becomes `dataset.builder` options, values unchanged, when the dataset is
+  the phantoms; with another dataset it is left out, as that builder never read it. Setting an
+  option in both places to different values is a ValueError naming them. Everything else is
+  kept as it is; `config` itself is not changed.
+  """
+  dataset = config.get("dataset")
+  if not isinstance(dataset, Mapping) or "phantoms" not in dataset:
+    return dict(config)
+  dataset = dict(dataset)
+  settings = dict(dataset.pop("phantoms") or {})
+  if dataset.get("name", pipeline.PHANTOMS_NAME) == pipeline.PHANTOMS_NAME:
+    builder = dict(dataset.get("builder") or {})
+    clashes = sorted(name for name, value in settings.items()
+                     if builder.get(name) is not None and builder[name] != value)
+    if clashes:
+      raise ValueError(
+          "config.dataset.phantoms and config.dataset.builder (where the phantoms' settings "
+          f"live now) set {', '.join(clashes)} differently: "
+          + "; ".join(f"phantoms.{name}={settings[name]!r}, builder.{name}={builder[name]!r}"
+                      for name in clashes) + ".")
+    builder.update(settings)
+    dataset["builder"] = builder
+  return {**config, "dataset": dataset}
+
+
 def with_defaults(config: ml_collections.ConfigDict | Mapping[str, Any]
                   ) -> ml_collections.ConfigDict:
-  """A copy of `config` with every field it lacks set to base_config's default.
+  """A copy of `config`, migrated (`migrate_config`), with every field it lacks set to
+  base_config's default.
 
   Fields the defaults do not have (the model's, the demo's sections, a section's extra
-  options) are kept; nothing in `config` is changed or checked (`check_config` does that).
+  options) are kept; nothing else in `config` is changed or checked (`check_config` does that).
   """
   given = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
-  return ml_collections.ConfigDict(_merged(defaults.base_config().to_dict(), given))
+  return ml_collections.ConfigDict(_merged(defaults.base_config().to_dict(),
+                                           migrate_config(given)))
 
 
 def monitor_mode(metric: str, mode: str) -> str:

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from medxai_jax import runs
+from medxai_jax.data import pipeline
 from medxai_jax.models import registry
 from medxai_jax.observe import progress
 from medxai_jax.train import checkpoint
@@ -336,9 +337,10 @@ def _dataset_text(config: ml_collections.ConfigDict) -> str:
   """'radiograph_phantoms (label_key body_part)'-style description of a stage's data."""
   dataset = config.dataset
   name = dataset.name + (f"/{dataset.builder_config}" if dataset.builder_config else "")
-  if dataset.name == "radiograph_phantoms":
-    name += (f" (seed {dataset.phantoms.seed}, {dataset.phantoms.num_train} training images, "
-             f"{dataset.phantoms.image_size} px)")
+  if dataset.name == pipeline.PHANTOMS_NAME:
+    phantoms = pipeline.phantoms_builder_config(dataset)
+    name += (f" (seed {phantoms.seed}, {phantoms.num_train} training images, "
+             f"{phantoms.image_size} px)")
   return f"{name}, label '{dataset.label_key}', {config.model.num_outputs} output(s)"
 
 

@@ -13,8 +13,11 @@ A resumed run (a workdir holding checkpoints) compares its config with the run's
 (`check_resume`) before anything is written. It refuses every change to what was trained, naming
 each field with its old and new value (`ConfigChangeError`), and allows only `RESUMABLE_FIELDS`
 (logging, evaluation-only and report settings), `num_epochs` when it does not drop below the
-epochs already done, and a moved data_dir / manual_dir whose prepared dataset is the same
-(`prepared_dataset`, stored in `<workdir>/prepared_dataset.json`). Allowed changes are appended
+epochs already done, a moved data_dir / manual_dir whose prepared dataset is the same
+(`prepared_dataset`, stored in `<workdir>/prepared_dataset.json`), and builder options spelled
+otherwise that resolve to the same builder config (`BUILDER_FIELDS`: an option set to its
+default, a run's config.json from before the phantoms' settings were builder options; the
+older prepared_dataset.json is read in today's form). Allowed changes are appended
 to `<workdir>/config_history.jsonl` (`record_config_change`) before config.json is rewritten.
 
 `prepare_workdir` makes the output directory of any binary (training or not), refusing one that
@@ -44,6 +47,13 @@ RESUMABLE_FIELDS = ("log_every_steps", "eval_batch_size", "checkpoint", "explain
                     "summaries", "profile_steps", "input")
 # Where the data lives: a change is allowed when the prepared dataset stays the same.
 LOCATION_FIELDS = ("dataset.data_dir", "dataset.manual_dir")
+# How the builder config is spelled (a section name covers its fields): a change is allowed
+# when both configs resolve to the same builder config (`pipeline.resolved_builder_config`),
+# e.g. an option set to its default, or an old run's phantom settings as builder options.
+BUILDER_FIELDS = ("dataset.builder", "dataset.builder_config")
+# The phantom builder's version while prepared_dataset.json held the phantoms' settings (it has
+# had no other version).
+_PHANTOMS_VERSION_BEFORE_BUILDER_OPTIONS = "1.0.0"
 
 
 class WorkdirLockedError(RuntimeError):
@@ -125,19 +135,14 @@ def prepared_dataset(dataset_config: Mapping[str, Any]) -> dict[str, Any]:
   """What the run trains on, without preparing it: the builder, its version and the prepared
   config's name, which for a manual builder encodes the chosen options and a fingerprint of
   manual_dir's file list (`pipeline.keyed_by_files`: more, fewer or changed files change it).
-  The phantoms are described by their settings (config.dataset.phantoms)."""
+  The phantoms, generated from their options alone, have no manual_dir fields."""
   from medxai_jax.data import pipeline  # imports tensorflow_datasets lazily
 
   name = dataset_config["name"]
+  config = pipeline.resolved_builder_config(dataset_config)
+  builder_cls = pipeline.configurable_builder_classes()[name]
   if name == pipeline.PHANTOMS_NAME:
-    return {"name": name, "phantoms": _plain(dict(dataset_config.get("phantoms", {})))}
-  builders = pipeline.manual_builder_classes()
-  if name not in builders:
-    raise ValueError(f"Unknown dataset config.dataset.name={name!r}; registered datasets: "
-                     f"{pipeline.dataset_names()}.")
-  builder_cls = builders[name]
-  config = pipeline.builder_config_for(builder_cls, dataset_config.get("builder_config") or "",
-                                       pipeline.chosen_options(dataset_config))
+    return {"name": name, "version": str(builder_cls.VERSION), "prepared_config": config.name}
   data_dir = pipeline.default_data_dir(dataset_config.get("data_dir"))
   manual_dir = pipeline.resolve_manual_dir(dataset_config.get("manual_dir") or "", data_dir)
   pipeline.check_manual_dir(manual_dir, builder_cls, bool(dataset_config.get("manual_dir")))
@@ -166,14 +171,30 @@ def describe(difference: runs.Difference) -> str:
           f"{_plain(difference.given_value)!r}")
 
 
+def resolved_config_name(dataset_config: Mapping[str, Any]) -> tuple[str, str] | None:
+  """(dataset name, name of the builder config it resolves to), or None when it does not
+  resolve (an unknown dataset or option): what a builder-option change must keep."""
+  from medxai_jax.data import pipeline  # imports tensorflow_datasets lazily
+
+  try:
+    return dataset_config["name"], pipeline.resolved_builder_config(dataset_config).name
+  except (KeyError, TypeError, ValueError):
+    return None
+
+
 def refused_changes(differences: Sequence[runs.Difference], *, completed_epochs: int,
-                    same_dataset: bool, step_decay: bool) -> list[str]:
-  """Why each refused difference is refused, one line per field ('' list: all allowed)."""
+                    same_dataset: bool, step_decay: bool, same_builder_config: bool = False
+                    ) -> list[str]:
+  """Why each refused difference is refused, one line per field ('' list: all allowed).
+  `same_builder_config`: both configs resolve to the same builder config (BUILDER_FIELDS may
+  then differ)."""
   refused = []
   for difference in differences:
     if _covered(difference.path, RESUMABLE_FIELDS):
       continue
     if difference.path in LOCATION_FIELDS and same_dataset:
+      continue
+    if _covered(difference.path, BUILDER_FIELDS) and same_builder_config and same_dataset:
       continue
     if difference.path == "num_epochs":
       new = difference.given_value
@@ -201,8 +222,12 @@ def check_resume(run_config: Any, config: Any, *, config_file: str, completed_ep
       dict(dataset))
   schedule = config["schedule"]  # a full config: runs.read_run_config / with_defaults fill it
   step_decay = schedule["name"] == "step_decay" and bool(schedule["boundaries"])
+  run_builder = resolved_config_name(run_config["dataset"])
+  same_builder_config = run_builder is not None and run_builder == resolved_config_name(
+      config["dataset"])
   refused = refused_changes(differences, completed_epochs=completed_epochs,
-                            same_dataset=same_dataset, step_decay=step_decay)
+                            same_dataset=same_dataset, step_decay=step_decay,
+                            same_builder_config=same_builder_config)
   if not same_dataset:
     refused.append(f"the prepared dataset: {dict(run_dataset)} -> {dict(dataset)} (the files "
                    "under manual_dir or the builder options differ from those trained on)")
@@ -232,13 +257,25 @@ def record_config_change(workdir: str, completed_epochs: int, partial_step: int 
   return path
 
 
+def _migrated_record(record: Mapping[str, Any]) -> dict[str, Any]:
+  """A prepared_dataset.json record in today's form: one written while the phantoms' settings
+  were config.dataset.phantoms ({'name', 'phantoms': settings}) becomes what `prepared_dataset`
+  gives for those settings as builder options (version 1.0.0, the phantom builder's only one
+  until then); any other record is returned as it is."""
+  if "phantoms" not in record:
+    return dict(record)
+  dataset = {"name": record["name"], "builder": dict(record["phantoms"])}
+  return {**prepared_dataset(dataset), "version": _PHANTOMS_VERSION_BEFORE_BUILDER_OPTIONS}
+
+
 def read_prepared_dataset(workdir: str) -> dict[str, Any] | None:
-  """`<workdir>/prepared_dataset.json`, or None for a run from before it was written."""
+  """`<workdir>/prepared_dataset.json` (an older form migrated, `_migrated_record`), or None for
+  a run from before it was written."""
   path = os.path.join(workdir, PREPARED_DATASET_FILE)
   if not os.path.isfile(path):
     return None
   with open(path) as file:
-    return json.load(file)
+    return _migrated_record(json.load(file))
 
 
 def write_prepared_dataset(workdir: str, dataset: Mapping[str, Any]) -> str:

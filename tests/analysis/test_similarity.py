@@ -519,12 +519,12 @@ def test_compare_layers_binary_writes_matrix_and_heat_map(tmp_path):
 
   overrides = dict(image_size=48, num_train=16, num_validation=24, num_test=8)
   config = demo.get_config()
-  config.dataset.phantoms.update(overrides)
+  config.dataset.builder.update(overrides)
   config.model.update(dict(input_shape=(48, 48, 1), conv_widths=(4, 8, 8, 8, 8),
                            dense_widths=(16, 16)))
   workdir = tmp_path / "run"
   tiny.save_random_selected_model(config, workdir, scale=0.1)
-  flags = [f"--config_a.dataset.phantoms.{k}={v}" for k, v in overrides.items()] + [
+  flags = [f"--config_a.dataset.builder.{k}={v}" for k, v in overrides.items()] + [
       "--config_a.model.input_shape=(48, 48, 1)", "--config_a.model.conv_widths=(4, 8, 8, 8, 8)",
       "--config_a.model.dense_widths=(16, 16)"]
   env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"), JAX_PLATFORMS="cpu")

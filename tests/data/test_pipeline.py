@@ -210,9 +210,11 @@ def test_phantoms_reject_manual_dir_and_builder_options(tmp_path, manual):
     pipeline.load_sources(config.dataset, ["train"])
   assert "covid_radiography" in str(error.value)  # the builders it could have meant
   config = demo.get_config()
-  config.dataset.builder.image_size = 32
-  with pytest.raises(ValueError, match="config.dataset.phantoms"):
+  config.dataset.builder.with_masks = False  # a manual builder's option
+  with pytest.raises(ValueError, match=r"'radiograph_phantoms' has no option\(s\) \['with_masks'\]"
+                     ) as error:
     pipeline.load_builder(config.dataset)
+  assert "num_train (int)" in str(error.value)  # it lists the phantoms' options
 
 
 def test_unknown_dataset_name_lists_the_registered_names(tmp_path):
@@ -256,7 +258,7 @@ def test_builder_options_config_holds_every_option_of_every_builder():
 
   options = covid_radiography_vgg16.get_config().dataset.builder
   expected = set()
-  for builder_cls in pipeline.manual_builder_classes().values():
+  for builder_cls in pipeline.configurable_builder_classes().values():  # the phantoms included
     config = builder_cls.BUILDER_CONFIGS[0]
     expected |= set(common.config_fields(config))
   assert set(options) == expected and all(options[name] is None for name in options)

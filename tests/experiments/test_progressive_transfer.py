@@ -34,15 +34,15 @@ from configs import progressive_transfer
 
 def get_config():
   config = progressive_transfer.get_config()
-  config.dataset.phantoms.update(dict(image_size=32, num_train=48, num_validation=16,
-                                      num_test=32))
+  config.dataset.builder.update(dict(image_size=32, num_train=48, num_validation=16,
+                                     num_test=32))
   config.model.update(dict(input_shape=(32, 32, 1), block_sizes=(1, 1, 1, 1), growth_rate=4,
                            stem_width=8, head_hidden_widths=(8, 8, 8, 8)))
   config.batch_size = 16
   config.eval_batch_size = 16
   config.num_epochs = 1
   config.train.trainable = "head"
-  config.transfer.source.dataset.phantoms.num_train = 48
+  config.transfer.source.dataset.builder.num_train = 48
   config.transfer.source.num_epochs = 1
   config.transfer.source.train = dict(trainable="all", head_only_epochs=0)
   return config
@@ -249,7 +249,7 @@ def test_plan_sets_each_stages_start_and_warm_up(tmp_path):
   source = pt.apply_overrides(target, transfer.source.to_dict())
   assert (source.dataset.label_key, source.model.num_outputs) == (
       "body_part", len(phantoms.BODY_PARTS))
-  assert source.dataset.phantoms.seed != target.dataset.phantoms.seed  # disjoint images
+  assert source.dataset.builder.seed != target.dataset.builder.seed  # disjoint images
   assert (target.dataset.label_key, target.model.num_outputs) == ("label", 1)
   assert target.train.head_only_epochs == 1
   plans = {arm.name: pt.plan_arm(arm, target, source, "/weights/imagenet", str(tmp_path))

@@ -28,8 +28,8 @@ TINY_DENSENET = tiny.DENSENET
 def _tiny_densenet_config(data_dir: str) -> ml_collections.ConfigDict:
   config = demo.get_config()
   config.dataset.data_dir = data_dir
-  config.dataset.phantoms.update(dict(image_size=32, num_train=32, num_validation=16,
-                                      num_test=16))
+  config.dataset.builder.update(dict(image_size=32, num_train=32, num_validation=16,
+                                     num_test=16))
   config.model = ml_collections.ConfigDict(dict(
       name="densenet", num_outputs=1, head="sigmoid", input_shape=(32, 32, 3),
       bn_epsilon=porting.BN_EPSILON["torchvision"], **TINY_DENSENET))
@@ -97,8 +97,8 @@ def test_init_from_errors_name_the_path(tmp_path, ported_dir):
     loop.train_and_evaluate(config, str(tmp_path / "run"))
   config = demo.get_config()  # a custom CNN cannot take DenseNet arrays
   config.dataset.data_dir = str(tmp_path / "tfds")
-  config.dataset.phantoms.update(dict(image_size=48, num_train=32, num_validation=16,
-                                      num_test=16))
+  config.dataset.builder.update(dict(image_size=48, num_train=32, num_validation=16,
+                                     num_test=16))
   config.model.update(dict(input_shape=(48, 48, 1), conv_widths=(4, 8, 8, 8, 8),
                            dense_widths=(16, 16)))
   config.init_from = ported_dir[0]

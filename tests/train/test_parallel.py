@@ -38,8 +38,8 @@ def tiny_config(data_dir: str, **overrides):
 
   config = demo.get_config()
   config.dataset.data_dir = data_dir
-  config.dataset.phantoms.update(dict(image_size=48, num_train=96, num_validation=32,
-                                      num_test=32))
+  config.dataset.builder.update(dict(image_size=48, num_train=96, num_validation=32,
+                                     num_test=32))
   config.model.update(dict(input_shape=(48, 48, 1), conv_widths=(4, 8, 8, 8, 8),
                            dense_widths=(16, 16), use_batchnorm=True))
   config.optimizer = ml_collections.ConfigDict(dict(name="sgd", momentum=0.9))

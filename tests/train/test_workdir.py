@@ -57,7 +57,7 @@ def test_a_second_run_on_a_locked_workdir_refuses_naming_the_holder(finished_run
 
 @pytest.mark.parametrize("field, new_value", [
     ("learning_rate", 0.01),
-    ("dataset.phantoms.num_train", 80),  # more training images
+    ("dataset.builder.num_train", 80),  # more training images
     ("model.conv_widths", (4, 4, 4, 4, 8)),
     ("optimizer.name", "sgd"),
     ("batch_size", 8),

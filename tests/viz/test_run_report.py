@@ -407,8 +407,8 @@ def test_explanation_section_overlays_each_method_and_names_the_skipped(tmp_path
 
 def test_train_binary_writes_the_report(tmp_path):
   workdir = tmp_path / "run"
-  tiny = ["--config.dataset.phantoms.image_size=48", "--config.dataset.phantoms.num_train=32",
-          "--config.dataset.phantoms.num_validation=16", "--config.dataset.phantoms.num_test=16",
+  tiny = ["--config.dataset.builder.image_size=48", "--config.dataset.builder.num_train=32",
+          "--config.dataset.builder.num_validation=16", "--config.dataset.builder.num_test=16",
           "--config.model.input_shape=(48, 48, 1)", "--config.model.conv_widths=(4, 4, 4, 4, 4)",
           "--config.model.dense_widths=(8, 8)", "--config.batch_size=8",
           "--config.num_epochs=2"]
