@@ -47,20 +47,20 @@ STORE_DIR = "maps"  # the store's directory inside an explain workdir
 FIGURE_IMAGES = 8  # images of the figure grid and maps_<method>.npy of a whole-split run
 
 
-def _local_block(array: jax.Array) -> np.ndarray:
+def local_block(array: jax.Array) -> np.ndarray:
   """The rows of a batch-sharded global array that this process's devices hold, in order."""
   shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
   return np.concatenate([np.asarray(s.data) for s in shards])
 
 
-def _gather_rows(local: np.ndarray) -> np.ndarray:
+def gather_rows(local: np.ndarray) -> np.ndarray:
   """Every process's rows of a batch (each holds one contiguous block), in process order."""
   if jax.process_count() == 1:
     return local
   return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
-def _agreed(value: np.ndarray) -> np.ndarray:
+def agreed(value: np.ndarray) -> np.ndarray:
   """Process 0's `value` on every process (so all run the same shards)."""
   if jax.process_count() == 1:
     return value
@@ -138,7 +138,7 @@ def explain_source(model: base.Classifier, variables: base.Variables, preprocess
   todo = np.zeros((len(methods), num_shards), bool)
   for row, name in enumerate(methods):
     todo[row, pending.get(name, [])] = True
-  todo = _agreed(todo)
+  todo = agreed(todo)
 
   replicated = parallel.replicated_sharding(mesh)
   data = parallel.batch_sharding(mesh)
@@ -193,10 +193,10 @@ def explain_source(model: base.Classifier, variables: base.Variables, preprocess
       start = time.perf_counter()
       if spec.host:  # this process's rows on its local devices, then gathered
         local_maps = explain.method_maps(
-            model, variables, jnp.asarray(_local_block(images)),
+            model, variables, jnp.asarray(local_block(images)),
             jnp.asarray(batch["label"][rows_local]), name,
             shard_key(method_index, jnp.int32(shard)), options[name])
-        maps = _gather_rows(np.asarray(jax.block_until_ready(local_maps)))
+        maps = gather_rows(np.asarray(jax.block_until_ready(local_maps)))
       else:
         if name not in compiled:
           compiled[name] = jitted(method_index, name).lower(

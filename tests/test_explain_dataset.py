@@ -16,7 +16,6 @@ import functools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from typing import Any
@@ -168,29 +167,11 @@ def _worker_main(argv: list[str]) -> None:
 
 
 def _spawn(devices: int, *args: str) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, os.path.abspath(__file__), *args],
-                          env=subprocess_env.forced_cpu_environment(devices), cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess_env.spawn(__file__, devices, *args)
 
 
-def _wait(processes: list[subprocess.Popen]) -> list[dict[str, Any]]:
-  outputs = []
-  for process in processes:
-    try:
-      stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-      for other in processes:
-        other.kill()
-      raise
-    assert process.returncode == 0, stderr[-6000:]
-    outputs.append(json.loads(stdout.strip().splitlines()[-1]))
-  return outputs
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
+_wait = subprocess_env.wait_json
+_free_port = subprocess_env.free_port
 
 
 def _all_maps(store: str) -> dict[str, np.ndarray]:
