@@ -31,7 +31,8 @@ images split over the device mesh (`medxai_jax.explain_dataset`), into the map s
 <workdir>/maps (`index.json` + one `<method>/shard_<s>.npy` per shard; read it with
 `medxai_jax.map_store.open_map_store`). Rerun the same command after a kill: the shards already
 written are kept; other settings under an existing store are refused naming the field.
-maps_<method>.npy, attributions.png and explain.json then cover the first 8 images. Several
+maps_<method>.npy, attributions.png and explain.json then cover a class-balanced, seeded
+sample of 8 images (their split indices in explain.json, the log and the figure's titles). Several
 hosts: the same command on each with --multihost (or --coordinator_address, --num_processes,
 --process_id), as experiments/train.py; each process reads only its rows of every shard.
 """

@@ -261,8 +261,10 @@ def explain_split_run(config: ml_collections.ConfigDict, checkpoint_dir: str, wo
   """Explains every example of a split (default: the test split) with a run's selected model.
 
   Writes the map store into `<workdir>/maps` (`explain_source`, resumed if it exists) and, on
-  process 0, for the first `figure_images` examples the figure grid, `maps_<method>.npy` and
-  `explain.json` (as `explain.explain_run` does), plus the store's path and size.
+  process 0, for a class-balanced sample of `figure_images` examples (seeded,
+  `explain.choose_indices`; logged, and `indices` in explain.json) the figure grid,
+  `maps_<method>.npy` and `explain.json` (as `explain.explain_run` does), plus the store's path
+  and size.
   """
   split = split or config.dataset.test_split
   selected = runs.restore_selected_model(config, checkpoint_dir)
@@ -277,16 +279,20 @@ def explain_split_run(config: ml_collections.ConfigDict, checkpoint_dir: str, wo
                                                          "seed": seed},
                           label_key=config.dataset.get("label_key", "label"))
   opened = map_store.open_map_store(store)
-  shown = np.arange(min(figure_images, len(opened.indices)))
-  chosen = opened.indices[shown]
-  records = source.__getitems__([int(i) for i in chosen])
   label_key = config.dataset.get("label_key", "label")
+  # Splits are often stored in class order: the figure shows a class-balanced, seeded sample.
+  labels = pipeline.split_labels(config.dataset, split)[opened.indices]
+  shown = explain.choose_indices(labels, figure_images, -1, seed=seed)
+  chosen = opened.indices[shown]
+  logging.info("The figure shows a class-balanced sample (seed %d) of the %d images: split "
+               "indices %s.", seed, len(opened.indices), chosen.tolist())
+  records = source.__getitems__([int(i) for i in chosen])
   images = np.stack([np.asarray(r["image"]) for r in records])
   masks = (np.stack([np.asarray(r["lesion_mask"]) for r in records])
            if "lesion_mask" in records[0] else None)
   maps = {name: opened[name][shown] for name in opened.methods}
   summary = {"checkpoint": os.path.abspath(checkpoint_dir), "split": split,
-             "indices": chosen.tolist(),
+             "indices": chosen.tolist(), "figure_sample": "class-balanced, seeded",
              "targets": [int(np.asarray(r[label_key])) for r in records],
              "num_images": result["num_examples"], "label": None, "seed": seed,
              "store": result["store"], "num_shards": result["num_shards"],
@@ -299,7 +305,8 @@ def explain_split_run(config: ml_collections.ConfigDict, checkpoint_dir: str, wo
     for name, value in maps.items():
       np.save(os.path.join(workdir, f"maps_{name}.npy"), value)
     figures.plot_attribution_grid(images, maps, os.path.join(workdir, "attributions.png"),
-                                  masks=masks, titles=[f"#{i}" for i in chosen])
+                                  masks=masks, titles=[f"#{i} (label {t})" for i, t in
+                                                       zip(chosen, summary["targets"])])
     metrics_lib.write_json(os.path.join(workdir, "explain.json"), summary)
   logging.info("Explained %d %s images into %s (%d shards).", result["num_examples"], split,
                store, result["num_shards"])
