@@ -83,6 +83,7 @@ def _define_flags() -> None:
                        "Adebayo et al.) and max-sensitivity run on; recorded in "
                        "evaluation.json ('sample').")
   cli.define_multihost_flags()
+  cli.define_model_flag()
   flags.DEFINE_string("split", None, "Split to score (default: the run's "
                       "config.dataset.test_split).")
   flags.DEFINE_integer("label", 1, "Score images of this label (-1: any, class-balanced).")
@@ -146,7 +147,8 @@ def main(argv: list[str]) -> None:
       config, value("checkpoint"), workdir, methods=value("methods"),
       num_images=num_images, batch_size=value("batch_size"), split=value("split"), label=value("label"), indices=value("indices"),
       options=options, score_options=score_options, gallery_rows=value("gallery_rows"),
-      seed=value("seed"), shuffled_labels_checkpoint=value("shuffled_labels_checkpoint"))
+      seed=value("seed"), shuffled_labels_checkpoint=value("shuffled_labels_checkpoint"),
+      model=value("model"))
   if report_path is None:  # another process of a multi-host run: process 0 writes
     return
   with open(summary["files"]["leaderboard_md"]) as file:

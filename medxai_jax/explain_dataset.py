@@ -238,13 +238,18 @@ def explain_source(model: base.Classifier, variables: base.Variables, preprocess
           "methods": info}
 
 
-def run_settings(config: ml_collections.ConfigDict, checkpoint_dir: str) -> dict[str, Any]:
+def run_settings(config: ml_collections.ConfigDict, checkpoint_dir: str,
+                 selected: runs.SelectedModel | None = None, which: str = runs.SELECTED
+                 ) -> dict[str, Any]:
   """What a run's maps depend on besides the methods: the checkpoint and the model, the
   preprocessing and the dataset config (its data_dir / manual_dir left out: a moved dataset is
-  the same dataset)."""
+  the same dataset); for `which='best_so_far'` also that and the restored model's epoch (a
+  run trained further has another best)."""
   dataset = {k: v for k, v in runs_flat(config.dataset).items()
              if f"dataset.{k}" not in workdir_lib.LOCATION_FIELDS}
-  return {"checkpoint": os.path.abspath(checkpoint_dir),
+  extra = ({} if which == runs.SELECTED else
+           {"model": which, "epoch": None if selected is None else selected.epoch})
+  return {"checkpoint": os.path.abspath(checkpoint_dir), **extra,
           "config": {"model": runs_flat(config.model), "preprocess": runs_flat(config.preprocess),
                      "dataset": dataset}}
 
@@ -257,7 +262,8 @@ def runs_flat(section: Any) -> dict[str, Any]:
 def explain_split_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir: str, *,
                       split: str | None = None, methods: Sequence[str] | None = None,
                       overrides: explain.Overrides | None = None, batch_size: int = 32,
-                      seed: int = 0, figure_images: int = FIGURE_IMAGES) -> dict[str, Any]:
+                      seed: int = 0, figure_images: int = FIGURE_IMAGES,
+                      model: str = runs.SELECTED) -> dict[str, Any]:
   """Explains every example of a split (default: the test split) with a run's selected model.
 
   Writes the map store into `<workdir>/maps` (`explain_source`, resumed if it exists) and, on
@@ -267,15 +273,17 @@ def explain_split_run(config: ml_collections.ConfigDict, checkpoint_dir: str, wo
   and size.
   """
   split = split or config.dataset.test_split
-  selected = runs.restore_selected_model(config, checkpoint_dir)
-  model, variables, preprocess = selected.model, selected.variables, selected.preprocess
+  selected = runs.restore_model(config, checkpoint_dir, model)
+  which, model = model, selected.model
+  variables, preprocess = selected.variables, selected.preprocess
   workdir = workdir_lib.prepare_workdir(workdir)
   source = pipeline.load_sources(config.dataset, [split])[split]
   methods = list(methods or registry.REGISTRY)
   store = os.path.join(workdir, STORE_DIR)
   result = explain_source(model, variables, preprocess, source, store, methods=methods,
                           key=jax.random.key(seed), split=split, batch_size=batch_size,
-                          overrides=overrides, settings={**run_settings(config, checkpoint_dir),
+                          overrides=overrides, settings={**run_settings(config, checkpoint_dir,
+                                                                      selected, which),
                                                          "seed": seed},
                           label_key=config.dataset.get("label_key", "label"))
   opened = map_store.open_map_store(store)
@@ -295,6 +303,7 @@ def explain_split_run(config: ml_collections.ConfigDict, checkpoint_dir: str, wo
              "indices": chosen.tolist(), "figure_sample": "class-balanced, seeded",
              "targets": [int(np.asarray(r[label_key])) for r in records],
              "num_images": result["num_examples"], "label": None, "seed": seed,
+             "model": {"which": which, "epoch": selected.epoch},
              "store": result["store"], "num_shards": result["num_shards"],
              "batch_size": batch_size, "num_devices": result["num_devices"],
              "num_processes": result["num_processes"],

@@ -460,7 +460,8 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
                  score_options: ScoreOptions = ScoreOptions(),
                  gallery_rows: int = 6, seed: int = 0,
                  shuffled_labels_checkpoint: str | None = None,
-                 split: str | None = None, batch_size: int = 32) -> dict[str, Any]:
+                 split: str | None = None, batch_size: int = 32,
+                 model: str = runs.SELECTED) -> dict[str, Any]:
   """Scores every method on images of a run's selected model; writes the leaderboard files.
 
   The images are `explain.choose_indices(labels, num_images, label, indices, seed)` of `split`
@@ -480,6 +481,8 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
   `timing` (wall and compile seconds, also in `<workdir>/timings.json`). The leaderboard means
   are also TensorBoard scalars 'leaderboard/<metric>/<method>' in `<workdir>/tensorboard/`
   (process 0). A progress line with rate and ETA follows the methods as they are scored.
+  `model='best_so_far'`: an unfinished run's best epoch so far (`runs.restore_model`; the
+  summary's `model` records which and its epoch).
   """
   if num_images is None:
     from medxai_jax.analysis import evaluation_stream  # it imports this module
@@ -488,11 +491,12 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
         config, checkpoint_dir, workdir, methods=methods, options=options,
         score_options=score_options, gallery_rows=gallery_rows, seed=seed,
         shuffled_labels_checkpoint=shuffled_labels_checkpoint, split=split,
-        batch_size=batch_size)
+        batch_size=batch_size, model=model)
   start = time.perf_counter()
   workdir = workdir_lib.prepare_workdir(workdir)
-  selected = runs.restore_selected_model(config, checkpoint_dir)
-  model, variables, preprocess = selected.model, selected.variables, selected.preprocess
+  selected = runs.restore_model(config, checkpoint_dir, model)
+  which, model = model, selected.model
+  variables, preprocess = selected.variables, selected.preprocess
   keys = dataset_mask_keys(config.dataset.name)
   wanted = [k for key in keys if key is not None for k in (key, f"has_{key}")]
   split = split or config.dataset.test_split
@@ -547,6 +551,7 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
              None if lesion is None else np.asarray(lesion)[shown], chosen[shown])
   fields = {
       "checkpoint": os.path.abspath(checkpoint_dir), "split": split,
+      "model": {"which": which, "epoch": selected.epoch},
       "indices": chosen.tolist(), "targets": np.asarray(targets).tolist(),
       "num_images": len(chosen),
       "masks": {"localisation": masks.localisation_key, "marker": masks.marker_key,

@@ -257,7 +257,7 @@ def evaluate_split(config: ml_collections.ConfigDict, checkpoint_dir: str, workd
                    score_options: evaluation.ScoreOptions = evaluation.ScoreOptions(),
                    gallery_rows: int = 6, seed: int = 0,
                    shuffled_labels_checkpoint: str | None = None, split: str | None = None,
-                   batch_size: int = 32) -> dict[str, Any]:
+                   batch_size: int = 32, model: str = runs.SELECTED) -> dict[str, Any]:
   """`evaluation.evaluate_run` with num_images=None: every image of `split`, streamed.
 
   Every process calls it; process 0 writes the leaderboard files and returns the summary (as
@@ -266,8 +266,9 @@ def evaluate_split(config: ml_collections.ConfigDict, checkpoint_dir: str, workd
   """
   start = time.perf_counter()
   workdir = workdir_lib.prepare_workdir(workdir)
-  selected = runs.restore_selected_model(config, checkpoint_dir)
-  model, variables, preprocess = selected.model, selected.variables, selected.preprocess
+  selected = runs.restore_model(config, checkpoint_dir, model)
+  which, model = model, selected.model
+  variables, preprocess = selected.variables, selected.preprocess
   split = split or config.dataset.test_split
   source = pipeline.load_sources(config.dataset, [split])[split]
   methods = list(methods or registry.REGISTRY)
@@ -279,7 +280,8 @@ def evaluate_split(config: ml_collections.ConfigDict, checkpoint_dir: str, workd
       model, variables, preprocess, source, workdir, dataset_name=config.dataset.name,
       methods=methods, key=key, split=split, batch_size=batch_size, options=options,
       score_options=score_options, label_key=label_key,
-      settings={**explain_dataset.run_settings(config, checkpoint_dir), "seed": seed})
+      settings={**explain_dataset.run_settings(config, checkpoint_dir, selected, which),
+                "seed": seed})
   stream = {k: result[k] for k in ("maps_store", "scores_store", "num_shards", "shards_scored",
                                    "shards_written")}
   stream.update(batch_size=batch_size, num_devices=result["maps"]["num_devices"],
@@ -351,6 +353,7 @@ def evaluate_split(config: ml_collections.ConfigDict, checkpoint_dir: str, workd
              gallery_masks, shown)
   fields = {
       "checkpoint": os.path.abspath(checkpoint_dir), "split": split,
+      "model": {"which": which, "epoch": selected.epoch},
       "indices": indices.tolist(), "targets": labels.tolist(), "num_images": int(len(labels)),
       "masks": {"localisation": result["masks"].get("localisation"),
                 "marker": result["masks"].get("marker"),
