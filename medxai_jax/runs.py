@@ -275,8 +275,10 @@ def restore_best_so_far(config: ml_collections.ConfigDict, run_dir: str) -> Sele
     raise FileNotFoundError(f"The training run {directory!r} has no epoch checkpoint in {best} "
                             "yet: --model=best_so_far needs at least one completed epoch.")
   model, tx, _ = components.build_components(config)
-  template = jax.eval_shape(lambda key: steps.create_train_state(model, tx, key),
-                            jax.random.key(0))
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # any process, any writer
+  template = jax.tree_util.tree_map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=local),
+      jax.eval_shape(lambda key: steps.create_train_state(model, tx, key), jax.random.key(0)))
   store = checkpoint.CheckpointStore(os.path.join(directory, "checkpoints"))
   try:
     state, metadata = store.restore_best(template)
