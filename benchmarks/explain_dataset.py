@@ -3,6 +3,13 @@ r"""Streaming a split into a map store vs explaining it in one in-memory batch.
   python -m benchmarks.explain_dataset [--num_images=96] [--image_size=64] [--batch_size=16]
       [--methods=gradients,grad_cam,smoothgrad]
   XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m benchmarks.explain_dataset
+  python -m benchmarks.explain_dataset --mode=evaluate --num_images=2000 --methods=gradients
+
+--mode=evaluate streams the leaderboard instead (`evaluation_stream.score_source`, then the
+per-image scores read back and bootstrapped as `evaluate_run` does) and prints its seconds, the
+stores' bytes and the peak resident memory; run it at two --num_images to see that the peak
+does not grow with the split (the records come from a fixed pool of 64 phantoms, so the source
+holds no more memory for a larger split either).
 
 Prints one JSON object: images/s of `explain_dataset.explain_source` (a custom CNN with random
 weights on phantoms in memory, every local device) and of `explain.run_methods` on all the
@@ -41,6 +48,10 @@ _NUM_IMAGES = flags.DEFINE_integer("num_images", 96, "Images of the split.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Image side (pixels).")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Images per shard (a multiple of the devices).")
 _METHODS = flags.DEFINE_list("methods", ["gradients", "grad_cam", "smoothgrad"], "Methods.")
+_MODE = flags.DEFINE_enum("mode", "explain", ["explain", "evaluate"],
+                          "explain: the map store vs one batch; evaluate: the streamed "
+                          "leaderboard's time and peak memory.")
+POOL = 64  # distinct phantoms of --mode=evaluate's source
 
 
 class _Source:
@@ -56,6 +67,67 @@ class _Source:
     return [{"image": self._images[i], "label": self._labels[i]} for i in indices]
 
 
+class _PoolSource:
+  """`num_images` records cycling through a fixed pool of phantoms (memory independent of the
+  split's size), with the phantoms' lesion and marker masks."""
+
+  def __init__(self, examples: dict[str, np.ndarray], num_images: int):
+    self._examples, self._num = examples, num_images
+
+  def __len__(self) -> int:
+    return self._num
+
+  def __getitems__(self, indices):
+    pool = len(self._examples["label"])
+    return [{key: self._examples[key][i % pool]
+             for key in ("image", "label", "lesion_mask", "marker_mask")} for i in indices]
+
+
+def _evaluate(model, variables, preprocess, size: int) -> None:
+  """--mode=evaluate: the streamed leaderboard of --num_images pool records."""
+  from medxai_jax.analysis import evaluation
+  from medxai_jax.analysis import evaluation_stream
+  from medxai_jax.analysis import faithfulness
+
+  examples = phantoms.generate_phantoms(POOL, seed=0,
+                                        config=phantoms.PhantomConfig(image_size=size))
+  examples["label"] = examples["label"].astype(np.int64)
+  source = _PoolSource(examples, _NUM_IMAGES.value)
+  options = evaluation.ScoreOptions(curve_steps=10, road_percentages=(20.0, 60.0))
+  root = tempfile.mkdtemp(prefix="evaluation_stream_bench_")
+  try:
+    rss_before = _peak_rss_mb()
+    start = time.perf_counter()
+    result = evaluation_stream.score_source(
+        model, variables, preprocess, source, root, dataset_name="radiograph_phantoms",
+        methods=registry.check_names(_METHODS.value), key=jax.random.key(0),
+        batch_size=_BATCH.value, score_options=options)
+    stream_seconds = time.perf_counter() - start
+    rss_stream = _peak_rss_mb()
+    start = time.perf_counter()
+    per_image, _, _ = evaluation_stream.read_scores(result["scores_store"], result["methods"],
+                                                    result["fractions"])
+    board = {name: faithfulness.summarise(scores, num_resamples=options.num_resamples)
+             for name, scores in per_image.items()}
+    bootstrap_seconds = time.perf_counter() - start
+    store_bytes = {name: sum(os.path.getsize(os.path.join(d, f))
+                             for d, _, files in os.walk(result[f"{name}_store"]) for f in files)
+                   for name in ("maps", "scores")}
+    n = _NUM_IMAGES.value
+    print(json.dumps({
+        "mode": "evaluate", "devices": jax.device_count(), "num_images": n, "image_size": size,
+        "batch_size": _BATCH.value, "methods": result["methods"],
+        "num_shards": result["num_shards"],
+        "stream_images_per_second_first_run": round(n / stream_seconds, 2),
+        "read_and_bootstrap_seconds": round(bootstrap_seconds, 3), "store_bytes": store_bytes,
+        "peak_rss_mb": {"before": rss_before, "after_stream": rss_stream,
+                        "after_bootstrap": _peak_rss_mb()},
+        "deletion_auc_mean": {m: round(b["deletion_auc"].mean, 4) for m, b in board.items()}},
+        indent=1))
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def _peak_rss_mb() -> float:
   """This process's peak resident memory so far (MiB; Linux reports KiB)."""
   return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -67,10 +139,13 @@ def main(argv: list[str]) -> None:
   model = custom_cnn.custom_cnn(num_outputs=1, input_shape=(size, size, 1),
                                 conv_widths=(8, 16, 16, 16, 16), dense_widths=(32,))
   variables = common.random_variables(model)
+  preprocess = preprocess_lib.make_preprocess_fn((size, size, 1), (0.5,), (0.25,))
+  if _MODE.value == "evaluate":
+    _evaluate(model, variables, preprocess, size)
+    return
   examples = phantoms.generate_phantoms(_NUM_IMAGES.value, seed=0,
                                         config=phantoms.PhantomConfig(image_size=size))
   source = _Source(examples["image"], examples["label"].astype(np.int64))
-  preprocess = preprocess_lib.make_preprocess_fn((size, size, 1), (0.5,), (0.25,))
   methods = registry.check_names(_METHODS.value)
   key = jax.random.key(0)
   overrides = {"num_samples": 8, "chunk_size": 8}

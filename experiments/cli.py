@@ -201,6 +201,17 @@ def define_config_file(name: str, default: str | None, help_string: str) -> flag
     exit_with_user_error(config_override_error(expand_flagfiles(sys.argv), error))
 
 
+def define_model_flag() -> None:
+  """--model: which of a run's models (`runs.restore_model`): 'selected' (a finished run's) or
+  'best_so_far' (an unfinished run's best completed epoch: an explicit opt-in)."""
+  from medxai_jax import runs  # noqa: PLC0415
+
+  flags.DEFINE_enum(
+      "model", runs.SELECTED, list(runs.MODEL_CHOICES),
+      "selected: the finished run's selected_model/; best_so_far: the best epoch checkpoint of "
+      "a run whose training has not finished (its epoch is recorded in the outputs).")
+
+
 def define_multihost_flags() -> None:
   """--multihost, --coordinator_address, --num_processes and --process_id (a multi-host run;
   `initialize_distributed` reads them)."""

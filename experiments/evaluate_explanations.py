@@ -28,6 +28,23 @@ per method), `curves.png` (mean deletion / insertion curves), `sanity.png` + `sa
 (per-layer randomisation curves), `scores.npz` (every per-image score) and `evaluation.json`
 (default --workdir: <checkpoint>/evaluation). The run's `report.html` gets an "evaluation"
 section with the leaderboard and the figures.
+
+A whole split, on every device (and host):
+
+  python -m experiments.evaluate_explanations --checkpoint=runs/mura --split=test \
+      --num_images=all --methods=gradients,grad_cam,ig --batch_size=64
+
+scores every image of --split (no --label filter) in shards of --batch_size split over the
+device mesh (`medxai_jax.analysis.evaluation_stream`): the maps go to the map store
+<workdir>/maps (as `experiments/explain.py --num_images=all`; `map_store.open_map_store`), the
+per-image scores to <workdir>/scores, shard by shard, so memory stays flat as the split grows
+and the leaderboard's bootstrap runs over every image's scores at the end (the numbers of one
+batch of the same images). Rerun the same command after a kill: finished shards are kept;
+other settings are refused naming the field. The parameter- and data-randomisation checks and
+max-sensitivity run on a class-balanced, seeded sample of --sample_images (recorded in
+evaluation.json and the report); the gallery shows a class-balanced sample. Several hosts: the
+same command on each with --multihost (or --coordinator_address, --num_processes,
+--process_id) and a --workdir on a shared file system; process 0 writes the leaderboard.
 """
 
 from __future__ import annotations
@@ -55,8 +72,18 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Output directory (default: <checkpoint>/evaluation).")
   flags.DEFINE_list("methods", None, "Methods (default: all of attribution.registry).")
   flags.DEFINE_string("num_images", "16", "Images to score: a number (chosen by --label / "
-                      "--indices), or 'all': every image of --split (scored in one batch, in "
-                      "memory).")
+                      "--indices, one batch), or 'all': every image of --split, streamed over "
+                      "every device in shards of --batch_size into resumable map and score "
+                      "stores (<workdir>/maps, <workdir>/scores); the randomisation checks and "
+                      "max-sensitivity then use a class-balanced sample of --sample_images.")
+  flags.DEFINE_integer("batch_size", 32, "--num_images=all: images per shard, split over the "
+                       "devices (a multiple of the device count).")
+  flags.DEFINE_integer("sample_images", 32, "--num_images=all: the class-balanced, seeded "
+                       "sample the model-level checks (parameter and data randomisation, as "
+                       "Adebayo et al.) and max-sensitivity run on; recorded in "
+                       "evaluation.json ('sample').")
+  cli.define_multihost_flags()
+  cli.define_model_flag()
   flags.DEFINE_string("split", None, "Split to score (default: the run's "
                       "config.dataset.test_split).")
   flags.DEFINE_integer("label", 1, "Score images of this label (-1: any, class-balanced).")
@@ -108,15 +135,22 @@ def main(argv: list[str]) -> None:
       binarisation_threshold=value("binarisation_threshold"), hit_ties=value("hit_ties"),
       road_percentages=tuple(float(p) for p in value("road_percentages") if p),
       sensitivity_methods=tuple(m for m in value("sensitivity_methods") if m),
-      sensitivity_samples=value("sensitivity_samples"))
+      sensitivity_samples=value("sensitivity_samples"), sample_images=value("sample_images"))
+  num_images = explain.parse_num_images(value("num_images"), value("indices"))
+  if num_images is None and flags.FLAGS["label"].present:
+    raise ValueError(f"--num_images=all scores every image of --split whatever its label; "
+                     f"drop --label={value('label')} or give --num_images a number.")
+  cli.initialize_distributed()  # before anything touches a device
   config = runs.resolve_config(value("checkpoint"), value("config"))
   workdir = value("workdir") or os.path.join(value("checkpoint"), "evaluation")
   summary, report_path = evaluation_report.evaluate_and_report(
       config, value("checkpoint"), workdir, methods=value("methods"),
-      num_images=explain.parse_num_images(value("num_images"), value("indices")),
-      split=value("split"), label=value("label"), indices=value("indices"),
+      num_images=num_images, batch_size=value("batch_size"), split=value("split"), label=value("label"), indices=value("indices"),
       options=options, score_options=score_options, gallery_rows=value("gallery_rows"),
-      seed=value("seed"), shuffled_labels_checkpoint=value("shuffled_labels_checkpoint"))
+      seed=value("seed"), shuffled_labels_checkpoint=value("shuffled_labels_checkpoint"),
+      model=value("model"))
+  if report_path is None:  # another process of a multi-host run: process 0 writes
+    return
   with open(summary["files"]["leaderboard_md"]) as file:
     print(file.read())
   print(f"Scores in {workdir}; report: {report_path}")

@@ -31,9 +31,14 @@ images split over the device mesh (`medxai_jax.explain_dataset`), into the map s
 <workdir>/maps (`index.json` + one `<method>/shard_<s>.npy` per shard; read it with
 `medxai_jax.map_store.open_map_store`). Rerun the same command after a kill: the shards already
 written are kept; other settings under an existing store are refused naming the field.
-maps_<method>.npy, attributions.png and explain.json then cover the first 8 images. Several
+maps_<method>.npy, attributions.png and explain.json then cover a class-balanced, seeded
+sample of 8 images (their split indices in explain.json, the log and the figure's titles). Several
 hosts: the same command on each with --multihost (or --coordinator_address, --num_processes,
 --process_id), as experiments/train.py; each process reads only its rows of every shard.
+
+A run whose training has not finished has no selected_model/ yet: --model=best_so_far explains
+its best epoch checkpoint so far (explain.json's `model` records it and its epoch);
+experiments/evaluate_explanations.py takes --model too.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ _LABEL = flags.DEFINE_integer("label", 1, "Explain images of this label (-1: any
                               "class-balanced).")
 _INDICES = flags.DEFINE_list("indices", [], "Split indices (overrides --label).")
 cli.define_multihost_flags()
+cli.define_model_flag()
 cli.define_explanation_flags()
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random parts (image sample, SmoothGrad "
                              "noise).")
@@ -99,14 +105,16 @@ def main(argv: list[str]) -> None:
   if num_images is None:
     summary = explain_dataset.explain_split_run(
         config, _CHECKPOINT.value, workdir, split=_SPLIT.value, methods=_METHODS.value,
-        overrides=overrides, batch_size=_BATCH_SIZE.value, seed=_SEED.value)
+        overrides=overrides, batch_size=_BATCH_SIZE.value, seed=_SEED.value,
+        model=flags.FLAGS.model)
     if jax.process_index() != 0:  # process 0 writes the report
       return
   else:
     summary = explain.explain_run(config, _CHECKPOINT.value, workdir,
                                   methods=_METHODS.value, num_images=num_images,
                                   label=_LABEL.value, indices=_INDICES.value,
-                                  overrides=overrides, seed=_SEED.value, split=_SPLIT.value)
+                                  overrides=overrides, seed=_SEED.value, split=_SPLIT.value,
+                                  model=flags.FLAGS.model)
   split = summary["split"]
   source = pipeline.load_sources(config.dataset, [split])[split]
   images, masks = run_report.explained_inputs(

@@ -184,16 +184,21 @@ def load_split(config: ml_collections.ConfigDict, split: str,
 def explain_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir: str, *,
                 methods: Sequence[str] | None = None, num_images: int = 8, label: int = 1,
                 indices: Sequence[int] = (), overrides: Overrides | None = None,
-                seed: int = 0, split: str | None = None) -> dict[str, Any]:
+                seed: int = 0, split: str | None = None, model: str = runs.SELECTED
+                ) -> dict[str, Any]:
   """Explains the selected model of a training run; writes maps, the grid figure and JSON.
+
+  `model='best_so_far'` explains an unfinished run's best epoch so far instead
+  (`runs.restore_model`); explain.json's `model` records which and its epoch.
 
   The images are `choose_indices(labels, num_images, label, indices, seed)` of `split`
   (default: the test split), explained in one batch; a whole split, streamed over every device
   into a map store, is `explain_dataset.explain_split_run`.
   """
   split = split or config.dataset.test_split
-  selected = runs.restore_selected_model(config, checkpoint_dir)
-  model, variables, preprocess = selected.model, selected.variables, selected.preprocess
+  selected = runs.restore_model(config, checkpoint_dir, model)
+  which, model = model, selected.model
+  variables, preprocess = selected.variables, selected.preprocess
   workdir = workdir_lib.prepare_workdir(workdir)
   examples = load_split(config, split, ("image", "label", "lesion_mask", "index"))
   chosen = choose_indices(examples["label"], num_images, label, indices, seed)
@@ -211,6 +216,7 @@ def explain_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir:
   summary = {"checkpoint": os.path.abspath(checkpoint_dir), "split": split,
              "indices": chosen.tolist(), "targets": np.asarray(targets).tolist(),
              "label": label, "seed": seed,
+             "model": {"which": which, "epoch": selected.epoch},
              "overrides": json_options(overrides or {}),
              "options": json_options(shared_options(info)), "methods": json_options(info),
              "figure": os.path.basename(figure)}

@@ -47,20 +47,20 @@ STORE_DIR = "maps"  # the store's directory inside an explain workdir
 FIGURE_IMAGES = 8  # images of the figure grid and maps_<method>.npy of a whole-split run
 
 
-def _local_block(array: jax.Array) -> np.ndarray:
+def local_block(array: jax.Array) -> np.ndarray:
   """The rows of a batch-sharded global array that this process's devices hold, in order."""
   shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
   return np.concatenate([np.asarray(s.data) for s in shards])
 
 
-def _gather_rows(local: np.ndarray) -> np.ndarray:
+def gather_rows(local: np.ndarray) -> np.ndarray:
   """Every process's rows of a batch (each holds one contiguous block), in process order."""
   if jax.process_count() == 1:
     return local
   return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
-def _agreed(value: np.ndarray) -> np.ndarray:
+def agreed(value: np.ndarray) -> np.ndarray:
   """Process 0's `value` on every process (so all run the same shards)."""
   if jax.process_count() == 1:
     return value
@@ -138,7 +138,7 @@ def explain_source(model: base.Classifier, variables: base.Variables, preprocess
   todo = np.zeros((len(methods), num_shards), bool)
   for row, name in enumerate(methods):
     todo[row, pending.get(name, [])] = True
-  todo = _agreed(todo)
+  todo = agreed(todo)
 
   replicated = parallel.replicated_sharding(mesh)
   data = parallel.batch_sharding(mesh)
@@ -193,10 +193,10 @@ def explain_source(model: base.Classifier, variables: base.Variables, preprocess
       start = time.perf_counter()
       if spec.host:  # this process's rows on its local devices, then gathered
         local_maps = explain.method_maps(
-            model, variables, jnp.asarray(_local_block(images)),
+            model, variables, jnp.asarray(local_block(images)),
             jnp.asarray(batch["label"][rows_local]), name,
             shard_key(method_index, jnp.int32(shard)), options[name])
-        maps = _gather_rows(np.asarray(jax.block_until_ready(local_maps)))
+        maps = gather_rows(np.asarray(jax.block_until_ready(local_maps)))
       else:
         if name not in compiled:
           compiled[name] = jitted(method_index, name).lower(
@@ -238,13 +238,18 @@ def explain_source(model: base.Classifier, variables: base.Variables, preprocess
           "methods": info}
 
 
-def run_settings(config: ml_collections.ConfigDict, checkpoint_dir: str) -> dict[str, Any]:
+def run_settings(config: ml_collections.ConfigDict, checkpoint_dir: str,
+                 selected: runs.SelectedModel | None = None, which: str = runs.SELECTED
+                 ) -> dict[str, Any]:
   """What a run's maps depend on besides the methods: the checkpoint and the model, the
   preprocessing and the dataset config (its data_dir / manual_dir left out: a moved dataset is
-  the same dataset)."""
+  the same dataset); for `which='best_so_far'` also that and the restored model's epoch (a
+  run trained further has another best)."""
   dataset = {k: v for k, v in runs_flat(config.dataset).items()
              if f"dataset.{k}" not in workdir_lib.LOCATION_FIELDS}
-  return {"checkpoint": os.path.abspath(checkpoint_dir),
+  extra = ({} if which == runs.SELECTED else
+           {"model": which, "epoch": None if selected is None else selected.epoch})
+  return {"checkpoint": os.path.abspath(checkpoint_dir), **extra,
           "config": {"model": runs_flat(config.model), "preprocess": runs_flat(config.preprocess),
                      "dataset": dataset}}
 
@@ -257,38 +262,48 @@ def runs_flat(section: Any) -> dict[str, Any]:
 def explain_split_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir: str, *,
                       split: str | None = None, methods: Sequence[str] | None = None,
                       overrides: explain.Overrides | None = None, batch_size: int = 32,
-                      seed: int = 0, figure_images: int = FIGURE_IMAGES) -> dict[str, Any]:
+                      seed: int = 0, figure_images: int = FIGURE_IMAGES,
+                      model: str = runs.SELECTED) -> dict[str, Any]:
   """Explains every example of a split (default: the test split) with a run's selected model.
 
   Writes the map store into `<workdir>/maps` (`explain_source`, resumed if it exists) and, on
-  process 0, for the first `figure_images` examples the figure grid, `maps_<method>.npy` and
-  `explain.json` (as `explain.explain_run` does), plus the store's path and size.
+  process 0, for a class-balanced sample of `figure_images` examples (seeded,
+  `explain.choose_indices`; logged, and `indices` in explain.json) the figure grid,
+  `maps_<method>.npy` and `explain.json` (as `explain.explain_run` does), plus the store's path
+  and size.
   """
   split = split or config.dataset.test_split
-  selected = runs.restore_selected_model(config, checkpoint_dir)
-  model, variables, preprocess = selected.model, selected.variables, selected.preprocess
+  selected = runs.restore_model(config, checkpoint_dir, model)
+  which, model = model, selected.model
+  variables, preprocess = selected.variables, selected.preprocess
   workdir = workdir_lib.prepare_workdir(workdir)
   source = pipeline.load_sources(config.dataset, [split])[split]
   methods = list(methods or registry.REGISTRY)
   store = os.path.join(workdir, STORE_DIR)
   result = explain_source(model, variables, preprocess, source, store, methods=methods,
                           key=jax.random.key(seed), split=split, batch_size=batch_size,
-                          overrides=overrides, settings={**run_settings(config, checkpoint_dir),
+                          overrides=overrides, settings={**run_settings(config, checkpoint_dir,
+                                                                      selected, which),
                                                          "seed": seed},
                           label_key=config.dataset.get("label_key", "label"))
   opened = map_store.open_map_store(store)
-  shown = np.arange(min(figure_images, len(opened.indices)))
-  chosen = opened.indices[shown]
-  records = source.__getitems__([int(i) for i in chosen])
   label_key = config.dataset.get("label_key", "label")
+  # Splits are often stored in class order: the figure shows a class-balanced, seeded sample.
+  labels = pipeline.split_labels(config.dataset, split)[opened.indices]
+  shown = explain.choose_indices(labels, figure_images, -1, seed=seed)
+  chosen = opened.indices[shown]
+  logging.info("The figure shows a class-balanced sample (seed %d) of the %d images: split "
+               "indices %s.", seed, len(opened.indices), chosen.tolist())
+  records = source.__getitems__([int(i) for i in chosen])
   images = np.stack([np.asarray(r["image"]) for r in records])
   masks = (np.stack([np.asarray(r["lesion_mask"]) for r in records])
            if "lesion_mask" in records[0] else None)
   maps = {name: opened[name][shown] for name in opened.methods}
   summary = {"checkpoint": os.path.abspath(checkpoint_dir), "split": split,
-             "indices": chosen.tolist(),
+             "indices": chosen.tolist(), "figure_sample": "class-balanced, seeded",
              "targets": [int(np.asarray(r[label_key])) for r in records],
              "num_images": result["num_examples"], "label": None, "seed": seed,
+             "model": {"which": which, "epoch": selected.epoch},
              "store": result["store"], "num_shards": result["num_shards"],
              "batch_size": batch_size, "num_devices": result["num_devices"],
              "num_processes": result["num_processes"],
@@ -299,7 +314,8 @@ def explain_split_run(config: ml_collections.ConfigDict, checkpoint_dir: str, wo
     for name, value in maps.items():
       np.save(os.path.join(workdir, f"maps_{name}.npy"), value)
     figures.plot_attribution_grid(images, maps, os.path.join(workdir, "attributions.png"),
-                                  masks=masks, titles=[f"#{i}" for i in chosen])
+                                  masks=masks, titles=[f"#{i} (label {t})" for i, t in
+                                                       zip(chosen, summary["targets"])])
     metrics_lib.write_json(os.path.join(workdir, "explain.json"), summary)
   logging.info("Explained %d %s images into %s (%d shards).", result["num_examples"], split,
                store, result["num_shards"])

@@ -215,7 +215,8 @@ def check_trained(run_dir: str) -> str:
   unfinished = (f": its training has not finished ({epochs} holds epoch checkpoints; the "
                 "selected model is written after the last epoch). Run the same `python -m "
                 "experiments.train` command again to finish it (a finished run from before "
-                "selected_model/ existed is not retrained: the command only writes it)"
+                "selected_model/ existed is not retrained: the command only writes it), or "
+                "give --model=best_so_far to use its best epoch so far"
                 if os.path.isdir(epochs) else "")
   raise FileNotFoundError(f"The training run {directory!r} has no checkpoint in "
                           f"{selected}{unfinished}.")
@@ -253,6 +254,52 @@ def restore_selected_model(config: ml_collections.ConfigDict, run_dir: str) -> S
       " Give the run's own config (without --config its config.json is used).")
   return SelectedModel(model, variables, components.build_preprocess(config, model),
                        metadata.get("selected_epoch"))
+
+
+SELECTED = "selected"
+BEST_SO_FAR = "best_so_far"
+MODEL_CHOICES = (SELECTED, BEST_SO_FAR)
+
+
+def restore_best_so_far(config: ml_collections.ConfigDict, run_dir: str) -> SelectedModel:
+  """The model-selection winner among the epochs a (possibly unfinished) run has completed: its
+  `checkpoints/best` epoch checkpoint, restored as training restores it (`epoch`: that epoch).
+
+  Raises FileNotFoundError when the run has no epoch checkpoint yet.
+  """
+  from medxai_jax.train import steps  # the train state's structure; kept local (heavy import)
+
+  directory = os.path.abspath(os.path.expanduser(run_dir))
+  best = os.path.join(directory, "checkpoints", "best")
+  if not os.path.isdir(best) or not os.listdir(best):
+    raise FileNotFoundError(f"The training run {directory!r} has no epoch checkpoint in {best} "
+                            "yet: --model=best_so_far needs at least one completed epoch.")
+  model, tx, _ = components.build_components(config)
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # any process, any writer
+  template = jax.tree_util.tree_map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=local),
+      jax.eval_shape(lambda key: steps.create_train_state(model, tx, key), jax.random.key(0)))
+  store = checkpoint.CheckpointStore(os.path.join(directory, "checkpoints"))
+  try:
+    state, metadata = store.restore_best(template)
+  finally:
+    store.close()
+  float_model = components.build_model(config, compute_dtype="float32")
+  variables = _fit_variables(jax.eval_shape(float_model.init, jax.random.key(0)),
+                             state.variables, f"{best} does not match config.model")
+  return SelectedModel(float_model, variables, components.build_preprocess(config, float_model),
+                       metadata.get("loop", {}).get("best_epoch"))
+
+
+def restore_model(config: ml_collections.ConfigDict, run_dir: str, which: str = SELECTED
+                  ) -> SelectedModel:
+  """`restore_selected_model` ('selected': a finished run's selected model) or, an explicit
+  opt-in for an unfinished run, `restore_best_so_far` ('best_so_far')."""
+  if which == SELECTED:
+    return restore_selected_model(config, run_dir)
+  if which == BEST_SO_FAR:
+    return restore_best_so_far(config, run_dir)
+  raise ValueError(f"--model must be one of {MODEL_CHOICES}; got {which!r}.")
 
 
 @dataclasses.dataclass(frozen=True)

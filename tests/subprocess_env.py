@@ -3,7 +3,12 @@ here: a worker side sets nothing before its own first `import jax`)."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import subprocess
+import sys
+from typing import Any
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -21,3 +26,33 @@ def forced_cpu_environment(devices: int) -> dict[str, str]:
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join([REPO, TESTS, env.get("PYTHONPATH", "")])
   return env
+
+
+def spawn(script: str, devices: int, *args: str) -> subprocess.Popen:
+  """`python script *args` on `devices` forced CPU devices, its output captured."""
+  return subprocess.Popen([sys.executable, os.path.abspath(script), *args],
+                          env=forced_cpu_environment(devices), cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_json(processes: list[subprocess.Popen], timeout: float = 300) -> list[dict[str, Any]]:
+  """The JSON each process printed last, in order; a failed process's stderr fails the test
+  (and a timeout kills them all)."""
+  outputs = []
+  for process in processes:
+    try:
+      stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      for other in processes:
+        other.kill()
+      raise
+    assert process.returncode == 0, stderr[-6000:]
+    outputs.append(json.loads(stdout.strip().splitlines()[-1]))
+  return outputs
+
+
+def free_port() -> int:
+  """A localhost port free now (the coordinator of a multi-process test)."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]

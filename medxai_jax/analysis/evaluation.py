@@ -76,9 +76,12 @@ class ScoreOptions:
   sensitivity_methods: tuple[str, ...] = ()
   sensitivity_samples: int = 10
   sensitivity_radius: float = 0.2
+  # A whole split (num_images=None): the model-level checks (parameter and data randomisation)
+  # and max-sensitivity run on a class-balanced sample of this many images, as Adebayo et al.
+  sample_images: int = 32
 
 
-def _fit_masks(masks: np.ndarray, shape: Sequence[int], name: str = "masks") -> jax.Array:
+def fit_masks(masks: np.ndarray, shape: Sequence[int], name: str = "masks") -> jax.Array:
   """Stored masks [N, h, w(, 1)] as bool [N, H, W] at the maps' size (nearest neighbour)."""
   masks = np.asarray(masks)
   if masks.ndim == 4:
@@ -176,7 +179,7 @@ def scoring_masks(dataset_name: str, examples: Mapping[str, np.ndarray], chosen:
     problem = mask_problem(dataset_name, kind, key, examples)
     fitted = None
     if problem is None:
-      fitted = np.asarray(_fit_masks(examples[key][chosen], shape, key))
+      fitted = np.asarray(fit_masks(examples[key][chosen], shape, key))
       flag = f"has_{key}"
       if flag in examples:
         fitted = fitted & np.asarray(examples[flag][chosen], bool)[:, None, None]
@@ -241,14 +244,40 @@ def gallery_rows_shown(masks: jax.Array | None, count: int, rows: int) -> np.nda
   return np.argsort(empty, kind="stable")[:rows]
 
 
+def image_keys(key: jax.Array, indices: jax.Array) -> jax.Array:
+  """One key per image, `fold_in(key, split index)`: an image's random draws do not depend on
+  the batch it is scored in (one batch or a stream of shards)."""
+  return jax.vmap(lambda index: jax.random.fold_in(key, index))(jnp.asarray(indices, jnp.int32))
+
+
+def random_image_maps(key: jax.Array, indices: Sequence[int], shape: Sequence[int]
+                      ) -> jax.Array:
+  """The random contrast's maps [B, H, W] of the split images `indices` (`image_keys`)."""
+  return jax.vmap(lambda k: faithfulness.random_maps(k, (1, *shape[1:3]))[0])(
+      image_keys(key, np.asarray(indices)))
+
+
 def make_scorer(model: base.Classifier, options: ScoreOptions, margin: int):
-  """Jitted (variables, images, targets, maps [B,H,W], lesion, marker, key) -> per-image scores.
+  """Jitted (variables, images, targets, maps [B,H,W], lesion, marker, key, indices) -> per-image
+  scores and curves.
 
   `lesion` (the localisation masks) or `marker` may be None: those scores are left out. `key`
-  draws ROAD's imputation noise.
+  draws ROAD's imputation noise, image by image from `image_keys(key, indices)` (`indices`: the
+  images' split indices, default 0..B-1), so an image's scores do not depend on its batch.
   """
 
-  def score(variables, images, targets, maps, lesion, marker, key):
+  def road_scores(variables, images, targets, maps, keys):
+    def one(image, target, saliency, image_key):
+      return {f"road_{order}_auc": explanation_metrics.road(
+          model.logits_fn(variables), image[None], target[None], saliency[None], key=order_key,
+          order=order, percentages=options.road_percentages, noise=options.road_noise,
+          chunk_size=options.chunk_size).auc[0]
+              for order, order_key in zip(explanation_metrics.ROAD_ORDERS,
+                                          jax.random.split(image_key))}
+    return jax.vmap(one)(images, targets, maps, keys)
+
+  def score(variables, images, targets, maps, lesion, marker, key, indices=None):
+    indices = jnp.arange(images.shape[0]) if indices is None else indices
     curve = dict(num_steps=options.curve_steps, patch_size=options.patch_size,
                  replacement=options.replacement, blur_sigma=options.blur_sigma,
                  baseline=options.baseline, chunk_size=options.chunk_size)
@@ -270,11 +299,8 @@ def make_scorer(model: base.Classifier, options: ScoreOptions, margin: int):
     if lesion is not None:
       scores["relevance_mass"] = explanation_metrics.relevance_mass_accuracy(maps, lesion)
     if options.road_percentages:
-      for order, road_key in zip(explanation_metrics.ROAD_ORDERS, jax.random.split(key)):
-        scores[f"road_{order}_auc"] = explanation_metrics.road(
-            model.logits_fn(variables), images, targets, maps, key=road_key, order=order,
-            percentages=options.road_percentages, noise=options.road_noise,
-            chunk_size=options.chunk_size).auc
+      scores.update(road_scores(variables, images, jnp.asarray(targets, jnp.int32), maps,
+                                image_keys(key, indices)))
     scores["sparseness"] = explanation_metrics.sparseness(maps)
     scores["complexity"] = explanation_metrics.complexity(maps)
     curves = {"fractions": deletion.fractions, "deletion": deletion.scores,
@@ -434,13 +460,15 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
                  score_options: ScoreOptions = ScoreOptions(),
                  gallery_rows: int = 6, seed: int = 0,
                  shuffled_labels_checkpoint: str | None = None,
-                 split: str | None = None) -> dict[str, Any]:
+                 split: str | None = None, batch_size: int = 32,
+                 model: str = runs.SELECTED) -> dict[str, Any]:
   """Scores every method on images of a run's selected model; writes the leaderboard files.
 
   The images are `explain.choose_indices(labels, num_images, label, indices, seed)` of `split`
-  (default: the test split): with `num_images=None` every image of the split (no label
-  filter). They are scored in one batch, so the split's images and maps sit in memory (a whole
-  large split streamed over the devices into a map store is `explain_dataset`).
+  (default: the test split), scored in one batch. With `num_images=None` every image of the
+  split (no label filter) is scored streaming, `batch_size` images at a time over every device
+  and process, maps and per-image scores written into resumable stores in `workdir`
+  (`evaluation_stream.evaluate_split`); the sanity checks then run on a class-balanced sample.
 
   `shuffled_labels_checkpoint`: a run of the same config trained with
   `config.dataset.shuffle_labels=True` (Adebayo et al.'s data-randomisation test); every method
@@ -453,11 +481,22 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
   `timing` (wall and compile seconds, also in `<workdir>/timings.json`). The leaderboard means
   are also TensorBoard scalars 'leaderboard/<metric>/<method>' in `<workdir>/tensorboard/`
   (process 0). A progress line with rate and ETA follows the methods as they are scored.
+  `model='best_so_far'`: an unfinished run's best epoch so far (`runs.restore_model`; the
+  summary's `model` records which and its epoch).
   """
+  if num_images is None:
+    from medxai_jax.analysis import evaluation_stream  # it imports this module
+
+    return evaluation_stream.evaluate_split(
+        config, checkpoint_dir, workdir, methods=methods, options=options,
+        score_options=score_options, gallery_rows=gallery_rows, seed=seed,
+        shuffled_labels_checkpoint=shuffled_labels_checkpoint, split=split,
+        batch_size=batch_size, model=model)
   start = time.perf_counter()
   workdir = workdir_lib.prepare_workdir(workdir)
-  selected = runs.restore_selected_model(config, checkpoint_dir)
-  model, variables, preprocess = selected.model, selected.variables, selected.preprocess
+  selected = runs.restore_model(config, checkpoint_dir, model)
+  which, model = model, selected.model
+  variables, preprocess = selected.variables, selected.preprocess
   keys = dataset_mask_keys(config.dataset.name)
   wanted = [k for key in keys if key is not None for k in (key, f"has_{key}")]
   split = split or config.dataset.test_split
@@ -475,7 +514,7 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
   maps, info = explain.run_methods(model, variables, images, targets, methods, methods_key,
                                    options)
   maps_by_method = {name: np.asarray(faithfulness.as_maps(value)) for name, value in maps.items()}
-  maps_by_method[RANDOM] = np.asarray(faithfulness.random_maps(random_key, shape))
+  maps_by_method[RANDOM] = np.asarray(random_image_maps(random_key, chosen, shape))
 
   margin = pointing_margin(score_options, max(shape[1:]))
   scorer = make_scorer(model, score_options, margin)
@@ -485,7 +524,8 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
   for name, value in progress.track(maps_by_method.items(), desc="evaluate_explanations: scoring",
                                     unit="methods"):
     scores, curve = jax.device_get(scorer(variables, images, targets, jnp.asarray(value),
-                                          lesion, marker, road_key))
+                                          lesion, marker, road_key,
+                                          jnp.asarray(chosen, jnp.int32)))
     per_image[name] = {k: np.asarray(v) for k, v in scores.items()}
     curves[name] = {k: np.asarray(v) for k, v in curve.items()}
 
@@ -495,17 +535,8 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
                                    methods_key, options)
     for name, scores in data_test["per_image"].items():
       per_image[name].update(scores)
-
-  sanity = {}
-  sanity_names = [m for m in score_options.sanity_methods if m in maps]
-  for index, name in enumerate(progress.track(
-      sanity_names, desc="evaluate_explanations: parameter randomisation", unit="methods")):
-    sanity[name] = sanity_scores(model, variables, images, targets, name,
-                                 jax.random.fold_in(sanity_key, index), options,
-                                 how=score_options.sanity_how)
-    cascade = sanity[name]["cascading"]
-    per_image[name]["cascade_spearman"] = cascade["spearman"][-1]
-    per_image[name]["cascade_spearman_abs"] = cascade["spearman_abs"][-1]
+  sanity = run_sanity_checks(model, variables, images, targets, maps, per_image, sanity_key,
+                             options, score_options)
 
   sensitivity_methods = [m for m in check_sensitivity_methods(score_options.sensitivity_methods)
                          if m in maps]
@@ -514,6 +545,62 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
         model, variables, images, targets, jnp.asarray(maps_by_method[name]), name,
         jax.random.fold_in(random_key, 2 + index), options, score_options)
 
+  shown = gallery_rows_shown(lesion, len(chosen), gallery_rows)
+  gallery = (examples["image"][chosen][shown],
+             {n: m[shown] for n, m in maps_by_method.items() if n != RANDOM},
+             None if lesion is None else np.asarray(lesion)[shown], chosen[shown])
+  fields = {
+      "checkpoint": os.path.abspath(checkpoint_dir), "split": split,
+      "model": {"which": which, "epoch": selected.epoch},
+      "indices": chosen.tolist(), "targets": np.asarray(targets).tolist(),
+      "num_images": len(chosen),
+      "masks": {"localisation": masks.localisation_key, "marker": masks.marker_key,
+                "localisation_coverage": mask_coverage(masks.localisation_key, lesion, chosen),
+                "marker_coverage": mask_coverage(masks.marker_key, marker, chosen)}}
+  return write_results(workdir, fields, per_image=per_image, curves=curves, sanity=sanity,
+                       data_test=data_test, info=info, problems=problems,
+                       score_options=score_options, margin=margin, seed=seed, options=options,
+                       gallery=gallery, shuffled_labels_checkpoint=shuffled_labels_checkpoint,
+                       start=start)
+
+
+def run_sanity_checks(model: base.Classifier, variables: base.Variables, images: jax.Array,
+                      targets: jax.Array, maps: Mapping[str, Any],
+                      per_image: dict[str, dict[str, np.ndarray]], key: jax.Array,
+                      options: explain.Overrides | None, score_options: ScoreOptions
+                      ) -> dict[str, Any]:
+  """`sanity_scores` of each of `score_options.sanity_methods` among `maps`' methods (method i
+  with `fold_in(key, i)`); their last cascading step is added to `per_image` as the
+  'cascade_spearman(_abs)' scores of `images`."""
+  sanity = {}
+  sanity_names = [m for m in score_options.sanity_methods if m in maps]
+  for index, name in enumerate(progress.track(
+      sanity_names, desc="evaluate_explanations: parameter randomisation", unit="methods")):
+    sanity[name] = sanity_scores(model, variables, images, targets, name,
+                                 jax.random.fold_in(key, index), options,
+                                 how=score_options.sanity_how)
+    cascade = sanity[name]["cascading"]
+    per_image[name]["cascade_spearman"] = cascade["spearman"][-1]
+    per_image[name]["cascade_spearman_abs"] = cascade["spearman_abs"][-1]
+  return sanity
+
+
+def write_results(workdir: str, fields: Mapping[str, Any], *,
+                  per_image: dict[str, dict[str, np.ndarray]],
+                  curves: Mapping[str, Mapping[str, np.ndarray]], sanity: Mapping[str, Any],
+                  data_test: Mapping[str, Any] | None, info: Mapping[str, Any],
+                  problems: Mapping[str, str], score_options: ScoreOptions, margin: int,
+                  seed: int, options: explain.Overrides | None,
+                  gallery: tuple[np.ndarray, Mapping[str, np.ndarray], np.ndarray | None,
+                                 np.ndarray],
+                  shuffled_labels_checkpoint: str | None, start: float) -> dict[str, Any]:
+  """The leaderboard (bootstrap over `per_image`), its files and evaluation.json.
+
+  `per_image`: method -> score -> [N] (the data-randomisation scores of `data_test` included);
+  `curves`: method -> fractions / deletion / insertion ([N or 1, S + 1], averaged over rows);
+  `gallery`: images, maps per method, masks (or None) and the split indices shown; `fields`:
+  the summary's entries about the images. Returns the summary (as `evaluate_run`).
+  """
   for scores in per_image.values():  # last, so the other metrics keep their bootstrap seeds
     move_to_end(scores, CHEXLOCALIZE_METRICS)
     move_to_end(scores, QUANTUS_METRICS)
@@ -528,16 +615,13 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
   seconds = {name: info.get(name, {}).get("seconds_per_image") for name in leaderboard}
   csv_path, md_path = write_leaderboard(leaderboard, metrics, seconds, workdir,
                                         not_scored=not_scored)
-  shown = gallery_rows_shown(lesion, len(chosen), gallery_rows)
-  gallery = figures.plot_attribution_grid(
-      examples["image"][chosen][shown], {n: m[shown] for n, m in maps_by_method.items()
-                                         if n != RANDOM},
-      os.path.join(workdir, "gallery.png"),
-      masks=None if lesion is None else np.asarray(lesion)[shown],
-      titles=[f"#{i}" for i in chosen[shown]])
-  files = {"leaderboard_csv": csv_path, "leaderboard_md": md_path, "gallery": gallery,
+  gallery_images, gallery_maps, gallery_masks, shown = gallery
+  files = {"leaderboard_csv": csv_path, "leaderboard_md": md_path,
+           "gallery": figures.plot_attribution_grid(
+               gallery_images, gallery_maps, os.path.join(workdir, "gallery.png"),
+               masks=gallery_masks, titles=[f"#{i}" for i in shown]),
            "curves": evaluation_figures.plot_curves(curves, os.path.join(workdir, "curves.png"),
-                                               contrast=RANDOM)}
+                                                    contrast=RANDOM)}
   if sanity:
     files["sanity"] = evaluation_figures.plot_sanity(sanity, os.path.join(workdir, "sanity.png"))
     files["sanity_csv"] = write_sanity_csv(sanity, os.path.join(workdir, "sanity.csv"))
@@ -546,15 +630,11 @@ def evaluate_run(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir
               for metric, values in scores.items()})
 
   summary = {
-      "checkpoint": os.path.abspath(checkpoint_dir), "split": split,
-      "indices": chosen.tolist(), "targets": np.asarray(targets).tolist(),
-      "num_images": len(chosen), "metrics": metrics, "not_scored": not_scored,
-      "masks": {"localisation": masks.localisation_key, "marker": masks.marker_key,
-                "localisation_coverage": mask_coverage(masks.localisation_key, lesion, chosen),
-                "marker_coverage": mask_coverage(masks.marker_key, marker, chosen)},
+      **fields, "gallery_indices": np.asarray(shown).tolist(), "metrics": metrics,
+      "not_scored": not_scored,
       "leaderboard": {name: {m: interval._asdict() for m, interval in intervals.items()}
                       for name, intervals in leaderboard.items()},
-      "seconds_per_image": seconds, "methods": info,
+      "seconds_per_image": seconds, "methods": dict(info),
       "marker_share": {name: leaderboard[name]["marker_share"].mean for name in leaderboard
                        if "marker_share" in leaderboard[name]},
       "sanity": {name: {mode: {"layers": values["layers"],

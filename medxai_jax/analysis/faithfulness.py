@@ -373,6 +373,12 @@ def step_counts(num_units: int, num_steps: int) -> np.ndarray:
   return np.round(np.arange(num_steps + 1) * num_units / num_steps).astype(np.int32)
 
 
+def curve_fractions(height: int, width: int, patch_size: int, num_steps: int) -> np.ndarray:
+  """The share of units changed after each step of a deletion / insertion curve [S + 1]."""
+  _, num_units = unit_grid(height, width, patch_size)
+  return (step_counts(num_units, num_steps) / num_units).astype(np.float32)
+
+
 def replacement_images(images: jax.Array, replacement: str = "blur", *,
                        blur_sigma: float | None = None, baseline: Any = 0.0) -> jax.Array:
   """The image x~ that deleted units take (and insertion starts from): a blur or a baseline."""
@@ -418,7 +424,8 @@ def perturbation_curve(model: base.Classifier, variables: base.Variables, images
 
   scores = jax.lax.map(scores_after, jnp.asarray(counts),
                        batch_size=min(chunk_size, len(counts))).T     # [B, S + 1]
-  fractions = jnp.asarray(counts / num_units, jnp.float32)
+  fractions = jnp.asarray(curve_fractions(images.shape[1], images.shape[2], patch_size,
+                                          num_steps))
   return Curve(fractions, scores, jnp.trapezoid(scores, fractions, axis=-1))
 
 
@@ -678,9 +685,16 @@ class Interval(NamedTuple):
   count: int  # finite scores used
 
 
+BOOTSTRAP_BLOCK = 1 << 24  # resampled indices drawn at once (128 MiB of int64)
+
+
 def bootstrap_interval(scores: Any, seed: int = 0, *, num_resamples: int = 2000,
                        confidence: float = 0.95) -> Interval:
-  """Mean of the finite per-image scores and its percentile bootstrap interval (host side)."""
+  """Mean of the finite per-image scores and its percentile bootstrap interval (host side).
+
+  The resamples are drawn in blocks of at most `BOOTSTRAP_BLOCK` indices (one block below
+  that), so a whole split's scores need no [num_resamples, N] array at once.
+  """
   common.check_positive("num_resamples", num_resamples)
   if not 0 < confidence < 1:
     raise ValueError(f"confidence must lie in (0, 1); got {confidence}.")
@@ -689,7 +703,10 @@ def bootstrap_interval(scores: Any, seed: int = 0, *, num_resamples: int = 2000,
   if not values.size:
     return Interval(float("nan"), float("nan"), float("nan"), 0)
   rng = np.random.default_rng(seed)
-  means = values[rng.integers(0, values.size, (num_resamples, values.size))].mean(axis=1)
+  rows = max(1, BOOTSTRAP_BLOCK // values.size)
+  means = np.concatenate([
+      values[rng.integers(0, values.size, (min(rows, num_resamples - start), values.size))
+             ].mean(axis=1) for start in range(0, num_resamples, rows)])
   tail = 100 * (1 - confidence) / 2
   low, high = np.percentile(means, [tail, 100 - tail])
   return Interval(float(values.mean()), float(low), float(high), int(values.size))

@@ -405,20 +405,31 @@ def load_builder(dataset_config: Mapping[str, Any]):
   return builder
 
 
-def load_sources(dataset_config: Mapping[str, Any], splits: Sequence[str]
-                 ) -> dict[str, RandomAccessSource]:
+def _array_decoders(features) -> dict[str, Any]:
+  """TFDS decoders that leave the image and array features (masks) undecoded."""
+  import tensorflow_datasets as tfds  # heavy import, kept local
+
+  return {key: tfds.decode.SkipDecoding() for key, feature in features.items()
+          if isinstance(feature, tfds.features.Image)
+          or (isinstance(feature, tfds.features.Tensor) and len(feature.shape) > 0)}
+
+
+def load_sources(dataset_config: Mapping[str, Any], splits: Sequence[str], *,
+                 skip_arrays: bool = False) -> dict[str, RandomAccessSource]:
   """Random-access sources for `splits` of the configured dataset, filtered and label-shuffled.
 
   `dataset_config.filter` (e.g. 'body_part=XR_WRIST,XR_HAND') keeps only the matching records of
   every split; `dataset_config.shuffle_labels` replaces the training split's labels with a fixed
   permutation of them (seed `shuffle_labels_seed`), for Adebayo et al.'s data-randomisation test.
+  `skip_arrays`: images and masks are left undecoded (bytes), to read the scalar features fast.
   """
   builder = load_builder(dataset_config)
   available = list(builder.info.splits.keys())
   missing = [split for split in splits if split not in available]
   if missing:
     raise missing_split_error(builder, missing, dataset_config.get("label_key", "label"))
-  sources = {split: builder.as_data_source(split=split) for split in splits}
+  decoders = _array_decoders(builder.info.features) if skip_arrays else None
+  sources = {split: builder.as_data_source(split=split, decoders=decoders) for split in splits}
   conditions = parse_filter(dataset_config.get("filter") or "")
   if conditions:
     features = getattr(builder.info, "features", None)
@@ -451,6 +462,21 @@ def prepared_class_counts(builder, label_key: str = "label") -> dict[str, dict[s
     counts[split] = {(names[int(value)] if names else str(value)): int(n)
                      for value, n in zip(values, number)}
   return counts
+
+
+def split_provenance(dataset_config: Mapping[str, Any]) -> dict[str, str]:
+  """Where each split's images come from, as the builder recorded it when it prepared the data
+  (`builders.common.record_split_provenance`); {} for a builder (or an older preparation) that
+  records none."""
+  metadata = getattr(load_builder(dataset_config).info, "metadata", None) or {}
+  return dict(metadata.get("split_provenance") or {})
+
+
+def split_labels(dataset_config: Mapping[str, Any], split: str) -> np.ndarray:
+  """The label (`dataset_config.label_key`) of every record of a split, in the order of
+  `load_sources`' source, without decoding the images."""
+  source = load_sources(dataset_config, [split], skip_arrays=True)[split]
+  return read_feature(source, dataset_config.get("label_key", "label")).astype(np.int64)
 
 
 def missing_split_error(builder, missing: Sequence[str], label_key: str = "label") -> ValueError:

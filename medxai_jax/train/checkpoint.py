@@ -130,7 +130,14 @@ def load_variables(directory: str) -> tuple[dict, dict]:
     raise FileNotFoundError(
         f"No variables checkpoint at {target}; config.init_from must name a directory written "
         "by experiments/port_weights.py (or a training workdir's 'best' export).")
-  restored = ocp.StandardCheckpointer().restore(target)
+  checkpointer = ocp.StandardCheckpointer()
+  # Onto this process's first device, whatever devices wrote it (a multi-host process has no
+  # cpu:0 / gpu:0 of the writer's): the saved tree's shapes and dtypes as the target.
+  saved = checkpointer.metadata(target)
+  saved = getattr(saved, "item_metadata", saved)
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  restored = checkpointer.restore(target, jax.tree_util.tree_map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=local), saved))
   variables = jax.tree_util.tree_map(np.asarray, restored)
   metadata_path = os.path.join(directory, "metadata.json")
   metadata = {}

@@ -209,7 +209,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   metrics.json (strict JSON: an undefined metric is null, with a warning) holds `class_names`,
   the test metrics and, when the test records carry `study_id` / `body_part`, `test_by_study`
   (MURA's study-level metrics) and `test_by_body_part`. Also writes `splits.json` (class names,
-  examples per class of each split after config.dataset.filter) and `predictions_test.npz`
+  examples per class of each split after config.dataset.filter, and where each split comes from
+  when the builder records it: `provenance`) and `predictions_test.npz`
   (`write_predictions`).
   `config.train` freezes parameters (`freeze.py`: the head only, the last N layers, a head-only
   warm-up), sets the compute dtype and gradient accumulation; `config.augment` transforms
@@ -369,6 +370,10 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
   counts = {role: components.class_counts(
       pipeline.read_feature(sources[split], dataset.label_key), classes, split)
             for role, split in zip(("train", "validation", "test"), splits)}
+  # Where each role's split comes from, as the builder recorded it (empty when it records none).
+  recorded = pipeline.split_provenance(dataset)
+  provenance = {role: recorded[split] for role, split in zip(("train", "validation", "test"),
+                                                             splits) if split in recorded}
   weights = components.resolve_class_weights(config.class_weights, np.asarray(counts["train"]))
   warned: set[tuple[str, str]] = set()
   steps_per_epoch = pipeline.num_batches(len(train_source), config.batch_size, True)
@@ -674,7 +679,8 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str, mesh: Any
       timing.record_phase(workdir, phase, **fields)
     metrics_lib.write_json(os.path.join(workdir, "metrics.json"), result)
     metrics_lib.write_json(os.path.join(workdir, runs.SPLITS_FILE),
-                           {"class_names": names, "counts": counts})
+                           {"class_names": names, "counts": counts,
+                            "provenance": provenance})
     results.write_predictions(os.path.join(workdir, runs.PREDICTIONS_FILE), test_labels,
                               test_logits, test_features)
   logging.info("Test (epoch %d): accuracy %.4f, ROC AUC %s, kappa %s.",

@@ -76,6 +76,9 @@ def leaderboard_section(summary: Mapping[str, Any], report_dir: str,
       + (" cascade_spearman(_abs): rank correlation of the maps with those of the model whose "
          "every layer was re-initialised (Adebayo et al. 2018; close to 0 passes)."
          if "cascade_spearman" in metrics else ""))
+  sample = summary.get("sample")
+  if sample:  # a whole split, streamed: the model-level checks on a sample
+    paragraphs.append(sample["note"])
   not_scored = summary.get("not_scored") or {}
   if not_scored:
     paragraphs.append("Not scored: " + "; ".join(evaluation.not_scored_lines(not_scored)) + ".")
@@ -90,8 +93,10 @@ def leaderboard_section(summary: Mapping[str, Any], report_dir: str,
         + ("." if accuracy is None else f"; that model's test accuracy is {accuracy:.3f}."))
   outlined = (f"the {mask_name} outlined in red" if "pointing_game" in metrics else
               "no mask to outline")
+  shown = summary.get("gallery_indices")
   figures_ = [report.Figure(os.path.relpath(summary["files"]["gallery"], report_dir),
-                            f"Input with {outlined}, then each method's |map|."),
+                            f"Input with {outlined}, then each method's |map|"
+                            + (f" (split indices {shown})." if shown else ".")),
               report.Figure(os.path.relpath(summary["files"]["curves"], report_dir),
                             "Mean deletion (left) and insertion (right) curves; dashed: random "
                             "order.")]
@@ -106,13 +111,16 @@ def leaderboard_section(summary: Mapping[str, Any], report_dir: str,
 
 
 def evaluate_and_report(config: ml_collections.ConfigDict, checkpoint_dir: str, workdir: str,
-                        **kwargs: Any) -> tuple[dict[str, Any], str]:
+                        **kwargs: Any) -> tuple[dict[str, Any], str | None]:
   """`evaluation.evaluate_run` (same keyword arguments), then the run's report and timings.
 
   The run's `timings.json` gets the 'evaluate_explanations' phase and its `report.html` the
-  'evaluation' section (`leaderboard_section`). Returns the summary and the report's path.
+  'evaluation' section (`leaderboard_section`). Returns the summary and the report's path
+  (None on the processes but 0 of a multi-host run, which write no report).
   """
   summary = evaluation.evaluate_run(config, checkpoint_dir, workdir, **kwargs)
+  if "leaderboard" not in summary:  # not process 0 of a multi-host streamed run
+    return summary, None
   timing.record_phase(checkpoint_dir, "evaluate_explanations", **summary["timing"])
   report_path = run_report.add_section(checkpoint_dir, "evaluation",
                                        leaderboard_section(summary, checkpoint_dir))

@@ -212,7 +212,8 @@ def metric_table(tree: Mapping[str, Any], label: str, caption: str) -> report.Ta
 
 
 def metrics_section(files: RunFiles) -> report.Section:
-  """Test metrics of the selected epoch beside its validation metrics; study / body-part tables."""
+  """Test metrics of the selected epoch beside its validation metrics, where each split comes
+  from (splits.json's `provenance`, when the builder records it); study / body-part tables."""
   title = "Test metrics"
   if files.metrics is None:
     return report.Section(title, paragraphs=[_missing_line(files, "metrics.json")])
@@ -227,6 +228,11 @@ def metrics_section(files: RunFiles) -> report.Section:
       caption="The selected epoch's metrics. n/a: null in metrics.json (not computable, e.g. "
               "ROC AUC on a split with one class); -: not recorded.")]
   paragraphs = []
+  provenance = (files.splits or {}).get("provenance")
+  if provenance:
+    paragraphs.append("Where the splits come from (the dataset builder's record): " + "; ".join(
+        f"{role}: {provenance[role]}" for role in ("train", "validation", "test")
+        if role in provenance) + ".")
   for key, label, caption in (
       ("test_by_study", "studies", "Study level (test): the mean probability of a study's "
        "images is the study's prediction."),

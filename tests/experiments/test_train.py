@@ -143,6 +143,9 @@ def test_brain_mri_kaggle_folder_release(tmp_path):
              for folder in sorted((manual / "Testing").iterdir())}
   assert splits["counts"]["test"] == [testing["glioma_tumor"], testing["meningioma_tumor"],
                                       testing["no_tumor"], testing["pituitary_tumor"]]
+  # Where the splits come from (Testing/ is not drawn from Training/'s pool), in the report too.
+  assert splits["provenance"]["test"].startswith("the release's Testing/ folder")
+  assert "validation: 10% of Training/ per class" in (run / "report.html").read_text()
   _check_common(run, 4)
 
 

@@ -11,7 +11,9 @@ alphabetical order of either spelling, i.e. Keras' `flow_from_directory` order):
 Splits: `Testing/` -> test; `Training/` -> train, with `validation_fraction` of its images carved
 out as validation, stratified by class and seeded by `split_seed`. The release has no patient
 ids, so the carve is by image: slices of one patient can land in train and validation (and the
-release's own Training/Testing split is not known to be patient-wise either). The release holds
+release's own Training/Testing split is not known to be patient-wise either; Testing/ was
+collected apart and scores differ from validation's: info.metadata['split_provenance'] records
+each split's origin, and the run report prints it). The release holds
 byte-identical copies of some images; the carve keeps such copies together (it groups by content
 hash), and every group of identical files, within or across Training/ and Testing/, is logged
 and listed in info.metadata['duplicate_files'] (all are kept). Images are stored
@@ -37,6 +39,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from medxai_jax.data.builders.common import (
+  record_split_provenance,
   IMAGE_SUFFIXES,
   ImageBuilderConfig,
   ManualImageBuilder,
@@ -212,6 +215,13 @@ class BrainTumorKaggle(ManualImageBuilder):
                           strata=[label for _, label in train])
     per_split = {**group_by_split(train, which, ("train", "validation")), "test": test}
     record_unhandled(self.info, list_unhandled(root), root)
+    record_split_provenance(self.info, {
+        "train": f"{folders['train'].name}/ less the validation carve",
+        "validation": f"{fraction:.0%} of {folders['train'].name}/ per class, by content hash "
+                      f"(split_seed {config.split_seed})",
+        "test": f"the release's {folders['test'].name}/ folder (collected apart from "
+                f"{folders['train'].name}/: not drawn from the same pool as train and "
+                "validation)"})
     duplicates = duplicate_groups(
       [path.relative_to(root).as_posix() for path, _ in train + test],
       train_hashes + content_hashes([path for path, _ in test]))

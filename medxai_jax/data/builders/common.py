@@ -561,6 +561,21 @@ def list_unhandled(folder: pathlib.Path, expected_suffixes: Sequence[str] = (),
                 if path.is_file() and unhandled(path))
 
 
+def record_split_provenance(info: tfds.core.DatasetInfo, provenance: Mapping[str, str]) -> None:
+  """Records where each split's images come from, one line per split, in
+  `info.metadata['split_provenance']` (saved with the dataset; training copies it into the run's
+  splits.json and the run report prints it beside the test metrics)."""
+  info.metadata["split_provenance"] = {split: str(line) for split, line in provenance.items()}
+
+
+def carved_provenance(fractions: Sequence[float], seed: int, unit: str, strata: str = ""
+                      ) -> dict[str, str]:
+  """The provenance of train / validation / test carved by `assign_splits` from one pool."""
+  by = f"by {unit}" + (f", stratified by {strata}" if strata else "")
+  return {split: f"{share:.0%} of the images, drawn {by} (split_seed {seed})"
+          for split, share in zip(SPLITS, fractions)}
+
+
 def record_unhandled(info: tfds.core.DatasetInfo, unhandled: Sequence[str], where: os.PathLike | str
                      ) -> None:
   """Lists files no reader handles in `info.metadata['unhandled_files']` (saved with the dataset)

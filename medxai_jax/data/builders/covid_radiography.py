@@ -30,6 +30,8 @@ from absl import logging
 
 from medxai_jax.data import preprocess
 from medxai_jax.data.builders.common import (
+  carved_provenance,
+  record_split_provenance,
   ImageBuilderConfig,
   ManualImageBuilder,
   assign_splits,
@@ -288,6 +290,8 @@ class CovidRadiography(ManualImageBuilder):
     self._check_layout(root)
     items = [item for label, folder in enumerate(config.classes)
              for item in self._list_class(root, folder, label)]
+    record_split_provenance(self.info, carved_provenance(
+        config.split_fractions, config.split_seed, "image", "class"))
     which = assign_splits([str(item[0]) for item in items], config.split_fractions,
                           config.split_seed, strata=[item[2] for item in items])
 

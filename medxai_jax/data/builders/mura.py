@@ -34,6 +34,7 @@ import tensorflow_datasets as tfds
 
 from medxai_jax.data import preprocess
 from medxai_jax.data.builders.common import (
+  record_split_provenance,
   ImageBuilderConfig,
   ManualImageBuilder,
   assign_splits,
@@ -252,6 +253,11 @@ class Mura(ManualImageBuilder):
     per_split = {**group_by_split(train, carved, ("train", "validation")),
                  "test": listings["valid"]}
     record_unhandled(self.info, list_unhandled(root, (".csv",), base), root)
+    record_split_provenance(self.info, {
+        "train": "MURA's official train listing less the validation carve",
+        "validation": f"{config.validation_fraction:.0%} of the official train listing's "
+                      f"patients (split_seed {config.split_seed})",
+        "test": "MURA's official valid listing (its test set is not public)"})
     parts = {BODY_PARTS.index(part) for part in config.body_parts} or set(range(len(BODY_PARTS)))
     for split, images in per_split.items():
       kept = [image for image in images if image.body_part in parts]

@@ -47,6 +47,8 @@ from absl import logging
 
 from medxai_jax.data import preprocess
 from medxai_jax.data.builders.common import (
+  carved_provenance,
+  record_split_provenance,
   ImageBuilderConfig,
   ManualImageBuilder,
   assign_splits,
@@ -325,6 +327,8 @@ class TbCxr(ManualImageBuilder):
     manual = manual_dir(dl_manager, self.name)
     images = [image for source in SOURCES if source in config.sources
               for image in list_source(manual, source)]
+    record_split_provenance(self.info, carved_provenance(
+        config.split_fractions, config.split_seed, "patient", "source and label"))
     which = assign_splits([image.patient_id for image in images], config.split_fractions,
                           config.split_seed, strata=[(image.source, image.label)
                                                      for image in images])
