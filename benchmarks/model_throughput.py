@@ -1,23 +1,30 @@
 r"""Forward and train-step throughput of DenseNet-169 and VGG16, beside torchvision's in one run.
 
   python -m benchmarks.model_throughput [--steps=3] [--batch_size=8] [--reference=torch]
-      [--settings=densenet169@224,densenet169@320,vgg16@224] [--float64_check]
-      [--nocustom_conv_vjp] [--compilation_cache=none]
+      [--settings=densenet169@224,densenet169@320,vgg16@224] [--peak_gflops=333]
+      [--float64_check [--check_seeds=0,1,2] [--check_batch_size=2] [--notiming]]
+      [--accumulation_steps=2] [--nocustom_conv_vjp] [--compilation_cache=none]
 
-Prints one JSON object: per setting, images/s of the jitted inference forward pass and of one
-optimiser step (Adam, 1000-way softmax cross-entropy), each after a warm-up call, and the same
-two numbers for the torchvision model on the same inputs (torch eager, CPU threads as torch
-sets them) when torch is installed (`pip install -e .[oracle]`). The measurements alternate
-(ours, torch, ours, torch, ...) so that load from other processes on a shared machine hits both;
-the ratios are the median of the per-round ratios.
+Prints one JSON object (and one line per setting as it finishes): per setting, images/s of the
+compiled inference forward pass and of one optimiser step (Adam, 1000-way softmax
+cross-entropy), each after a warm-up call, and the same two numbers for the torchvision model on
+the same inputs (torch eager, CPU threads as torch sets them) when torch is installed
+(`pip install -e .[oracle]`). The measurements alternate (ours, torch, ours, torch, ...) so that
+load from other processes on a shared machine hits both; the ratios are the median of the
+per-round ratios. XLA's cost analysis of our compiled programs gives the FLOPs per call; with
+them the GFLOP/s of both frameworks (the same model and arithmetic) and their fraction of
+`--peak_gflops` (333: 2 AVX-512 cores with 2 FMA units at the measured machine's clock).
+`--accumulation_steps=k` > 1 also times the project's `train.steps.train_step` over k
+micro-batches in a `lax.scan` ('train_scan', no torch counterpart).
 
 The XLA:CPU options in effect are those of `medxai_jax.runtime` (the binaries' defaults,
 `MEDXAI_XLA_DEFAULTS=0` turns them off) plus the caller's `XLA_FLAGS`; the JSON records them.
-`--float64_check` also compares, at `--check_batch_size` images, the float32 logits and the
-parameter gradients of the training loss with a float64 run of the same weights and batch
-(`jax.enable_x64`): per leaf the relative error ||g32 - g64|| / ||g64||, reported
-as max and median over the leaves (logits: max |l32 - l64| / max |l64|), so candidate XLA
-options can be adopted only when they are no less accurate than the default.
+`--float64_check` also compares, at `--check_batch_size` images and for each of `--check_seeds`
+(weights and batch), the float32 logits (max |l32 - l64| / max |l64|) and the parameter
+gradients of the training loss with a float64 run of the same weights and batch
+(`jax.enable_x64`), by `benchmarks.gradient_error.tree_error`: global and per-leaf relative
+errors, the worst leaves, and near-zero leaves apart; so candidate XLA options can be adopted
+only when they are no less accurate than the default.
 `--nocustom_conv_vjp` measures the models with `lax.conv_general_dilated`'s own VJP instead of
 `medxai_jax.models.conv`'s.
 """

@@ -18,8 +18,9 @@ XLA defaults. XLA reads $XLA_FLAGS once, when JAX creates its first backend (the
 computation or `jax.devices()`), not at `import jax`; `apply_xla_defaults` adds the defaults to
 $XLA_FLAGS before that. `experiments.cli.run` calls it before parsing flags, which is before
 any binary computes anything. A flag the user already sets in $XLA_FLAGS wins over the default
-of the same name; `MEDXAI_XLA_DEFAULTS=0` adds none. The defaults only name XLA:CPU options
-(`xla_cpu_*`), which leave GPU and TPU programs unchanged, and only for the jaxlib versions they
+of the same name; `MEDXAI_XLA_DEFAULTS=0` adds none, and so does a $JAX_PLATFORMS without `cpu`.
+The defaults only name XLA:CPU options (`xla_cpu_*`), which leave GPU and TPU programs
+unchanged (with a GPU, only what JAX runs on its CPU backend sees them), and only for the jaxlib versions they
 were measured on (an unknown flag aborts XLA). The list is empty for now (`CPU_XLA_DEFAULTS`).
 """
 
@@ -129,10 +130,20 @@ def merged_xla_flags(user_flags: str, defaults: tuple[str, ...]) -> str:
   return " ".join([user_flags.strip(), *added]).strip()
 
 
+def cpu_backend_possible(environ: Mapping[str, str] | None = None) -> bool:
+  """Whether JAX may start its CPU backend: $JAX_PLATFORMS unset or empty, or naming cpu."""
+  environ = os.environ if environ is None else environ
+  platforms = [name.strip().lower() for name in environ.get("JAX_PLATFORMS", "").split(",")]
+  return not any(platforms) or "cpu" in platforms
+
+
 def xla_defaults(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
-  """The XLA defaults for the installed jaxlib; none when $MEDXAI_XLA_DEFAULTS is 0/false/no."""
+  """The XLA:CPU defaults for the installed jaxlib; none when $MEDXAI_XLA_DEFAULTS is
+  0/false/no/off or when $JAX_PLATFORMS excludes the CPU."""
   environ = os.environ if environ is None else environ
   if environ.get(XLA_DEFAULTS_VARIABLE, "1").strip().lower() in ("0", "false", "no", "off"):
+    return ()
+  if not cpu_backend_possible(environ):
     return ()
   return CPU_XLA_DEFAULTS.get(jaxlib.__version__, ())
 
