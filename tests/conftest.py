@@ -4,6 +4,12 @@ import os
 
 import pytest
 
+from medxai_jax import runtime
+
+# The suite runs under the binaries' XLA:CPU defaults (set here, before any test starts a JAX
+# backend), so what a test computes in-process is what the binaries compute in subprocesses.
+runtime.apply_xla_defaults()
+
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache_in_tmp(tmp_path_factory):
