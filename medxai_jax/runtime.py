@@ -46,7 +46,7 @@ CACHE_FLAG_HELP = (
 # XLA:CPU options adopted as defaults, per jaxlib version they were measured on. Empty for
 # other versions: an unknown XLA flag ends the process. jaxlib 0.10.2: every convolution on
 # Eigen instead of YNNPACK (BUILD_NOTES.md, session 8): train step 1.5x (DenseNet-169 @ 224,
-# 0.64x torch against 0.41x) and ~2-5x (VGG16 @ 224, 1.0x torch), forward 1.55x; float32 error
+# 0.64x torch against 0.41x; VGG16 @ 224 1.0x torch against 0.57x), forward 1.55x; float32 error
 # against float64 the same as YNNPACK's (same worst leaves, global gradient error 3.8-5.0e-3 vs
 # 3.0-4.5e-3 over 3 seeds, both set by something other than convolution rounding; per
 # convolution Eigen's is lower). bfloat16 convolutions are also faster on Eigen.
