@@ -21,8 +21,7 @@ any binary computes anything. A flag the user already sets in $XLA_FLAGS wins ov
 of the same name; `MEDXAI_XLA_DEFAULTS=0` adds none, and so does a $JAX_PLATFORMS without `cpu`.
 The defaults only name XLA:CPU options (`xla_cpu_*`), which leave GPU and TPU programs
 unchanged (with a GPU, only what JAX runs on its CPU backend sees them), and only for the jaxlib versions they
-were measured on (an unknown flag aborts XLA): `CPU_XLA_DEFAULTS`, for jaxlib 0.10.2 the Eigen
-convolutions (`--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`).
+were measured on (an unknown flag aborts XLA). The list is empty for now (`CPU_XLA_DEFAULTS`).
 """
 
 from __future__ import annotations
@@ -44,15 +43,13 @@ CACHE_FLAG_HELP = (
     "or 'none' to turn it off. A second run of the same config then skips compiling.")
 
 # XLA:CPU options adopted as defaults, per jaxlib version they were measured on. Empty for
-# other versions: an unknown XLA flag ends the process. jaxlib 0.10.2: every convolution on
-# Eigen instead of YNNPACK (BUILD_NOTES.md, session 8): train step 1.5x (DenseNet-169 @ 224,
-# 0.64x torch against 0.41x; VGG16 @ 224 1.0x torch against 0.57x), forward 1.55x; float32 error
-# against float64 the same as YNNPACK's (same worst leaves, global gradient error 3.8-5.0e-3 vs
-# 3.0-4.5e-3 over 3 seeds, both set by something other than convolution rounding; per
-# convolution Eigen's is lower). bfloat16 convolutions are also faster on Eigen.
-CPU_XLA_DEFAULTS: dict[str, tuple[str, ...]] = {
-    "0.10.2": ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",),
-}
+# other versions: an unknown XLA flag ends the process. None is adopted (BUILD_NOTES.md,
+# session 8). The candidate for jaxlib 0.10.2, "--xla_cpu_experimental_ynn_fusion_type=
+# -individual_convolution" (every convolution on Eigen instead of YNNPACK), is 1.5x faster on
+# the DenseNet-169 train step (0.64x torch against 0.41x) and 1.0x torch on VGG16 @ 224, but its
+# float32 gradient error against float64 was larger on VGG16 (3.6e-3 against 1.1-1.9e-3) and on
+# two of three DenseNet-169 seeds (1.28x): not shown to be no worse.
+CPU_XLA_DEFAULTS: dict[str, tuple[str, ...]] = {}
 
 
 def default_cache_dir(environ: Mapping[str, str] | None = None) -> str:

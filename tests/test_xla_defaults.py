@@ -32,11 +32,6 @@ def _binary_flags(**variables: str) -> list[str]:
   return line[len("XLA_FLAGS="):].split()
 
 
-def test_the_eigen_convolutions_are_the_default_for_the_measured_jaxlib():
-  # BUILD_NOTES.md, session 8: measured on jaxlib 0.10.2 (speed and float64 error).
-  assert runtime.CPU_XLA_DEFAULTS["0.10.2"] == (f"--{YNN_FLAG}=-individual_convolution",)
-
-
 def test_a_binary_on_the_cpu_starts_with_the_defaults():
   assert _binary_flags() == list(runtime.CPU_XLA_DEFAULTS.get(jaxlib.__version__, ()))
 
