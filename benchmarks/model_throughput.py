@@ -1,23 +1,30 @@
 r"""Forward and train-step throughput of DenseNet-169 and VGG16, beside torchvision's in one run.
 
   python -m benchmarks.model_throughput [--steps=3] [--batch_size=8] [--reference=torch]
-      [--settings=densenet169@224,densenet169@320,vgg16@224] [--float64_check]
-      [--nocustom_conv_vjp] [--compilation_cache=none]
+      [--settings=densenet169@224,densenet169@320,vgg16@224] [--peak_gflops=333]
+      [--float64_check [--check_seeds=0,1,2] [--check_batch_size=2] [--notiming]]
+      [--accumulation_steps=2] [--nocustom_conv_vjp] [--compilation_cache=none]
 
-Prints one JSON object: per setting, images/s of the jitted inference forward pass and of one
-optimiser step (Adam, 1000-way softmax cross-entropy), each after a warm-up call, and the same
-two numbers for the torchvision model on the same inputs (torch eager, CPU threads as torch
-sets them) when torch is installed (`pip install -e .[oracle]`). The measurements alternate
-(ours, torch, ours, torch, ...) so that load from other processes on a shared machine hits both;
-the ratios are the median of the per-round ratios.
+Prints one JSON object (and one line per setting as it finishes): per setting, images/s of the
+compiled inference forward pass and of one optimiser step (Adam, 1000-way softmax
+cross-entropy), each after a warm-up call, and the same two numbers for the torchvision model on
+the same inputs (torch eager, CPU threads as torch sets them) when torch is installed
+(`pip install -e .[oracle]`). The measurements alternate (ours, torch, ours, torch, ...) so that
+load from other processes on a shared machine hits both; the ratios are the median of the
+per-round ratios. XLA's cost analysis of our compiled programs gives the FLOPs per call; with
+them the GFLOP/s of both frameworks (the same model and arithmetic) and their fraction of
+`--peak_gflops` (333: 2 AVX-512 cores with 2 FMA units at the measured machine's clock).
+`--accumulation_steps=k` > 1 also times the project's `train.steps.train_step` over k
+micro-batches in a `lax.scan` ('train_scan', no torch counterpart).
 
 The XLA:CPU options in effect are those of `medxai_jax.runtime` (the binaries' defaults,
 `MEDXAI_XLA_DEFAULTS=0` turns them off) plus the caller's `XLA_FLAGS`; the JSON records them.
-`--float64_check` also compares, at `--check_batch_size` images, the float32 logits and the
-parameter gradients of the training loss with a float64 run of the same weights and batch
-(`jax.enable_x64`): per leaf the relative error ||g32 - g64|| / ||g64||, reported
-as max and median over the leaves (logits: max |l32 - l64| / max |l64|), so candidate XLA
-options can be adopted only when they are no less accurate than the default.
+`--float64_check` also compares, at `--check_batch_size` images and for each of `--check_seeds`
+(weights and batch), the float32 logits (max |l32 - l64| / max |l64|) and the parameter
+gradients of the training loss with a float64 run of the same weights and batch
+(`jax.enable_x64`), by `benchmarks.gradient_error.tree_error`: global and per-leaf relative
+errors, the worst leaves, and near-zero leaves apart; so candidate XLA options can be adopted
+only when they are no less accurate than the default.
 `--nocustom_conv_vjp` measures the models with `lax.conv_general_dilated`'s own VJP instead of
 `medxai_jax.models.conv`'s.
 """
@@ -39,11 +46,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import gradient_error
 from experiments import cli
 from medxai_jax.models import base
 from medxai_jax.models import conv as conv_lib
 from medxai_jax.models import densenet
 from medxai_jax.models import vgg
+from medxai_jax.train import steps as steps_lib
 
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed calls per measurement (after one warm-up).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per call.")
@@ -55,6 +64,14 @@ _REFERENCE = flags.DEFINE_enum("reference", "torch", ["torch", "none"],
 _FLOAT64_CHECK = flags.DEFINE_bool(
     "float64_check", False, "Also measure logits and gradient errors against float64.")
 _CHECK_BATCH = flags.DEFINE_integer("check_batch_size", 2, "Images of the float64 check.")
+_SEEDS = flags.DEFINE_list("check_seeds", ["0"],
+                           "Seeds of the float64 check's weights and batch, one check each.")
+_TIMING = flags.DEFINE_bool("timing", True, "Measure throughput (--notiming: only the check).")
+_ACCUMULATION = flags.DEFINE_integer(
+    "accumulation_steps", 1, "Also time the project's train step over this many micro-batches "
+    "in a lax.scan ('train_scan') when > 1.")
+_PEAK = flags.DEFINE_float("peak_gflops", 333.0,
+                           "The device's peak FP32 GFLOP/s, for the fraction-of-peak columns.")
 _CUSTOM_VJP = flags.DEFINE_bool(
     "custom_conv_vjp", True, "Use medxai_jax.models.conv's convolution VJP (else lax's own).")
 
@@ -98,41 +115,58 @@ def _loss_gradients(model: base.Classifier, variables: base.Variables, images: j
   return model.logits(variables, images), jax.grad(loss_fn)(variables["params"])
 
 
-def _relative_errors(approximate: Any, exact: Any) -> list[float]:
-  """||a - e|| / ||e|| per leaf (float64 on the host)."""
-  errors = []
-  for a, e in zip(jax.tree_util.tree_leaves(approximate), jax.tree_util.tree_leaves(exact)):
-    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-    errors.append(float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-300)))
-  return errors
+def _logits_error(approximate: Any, exact: Any) -> float:
+  """max |l32 - l64| / max |l64|."""
+  exact = np.asarray(exact, np.float64)
+  return float(np.abs(np.asarray(approximate, np.float64) - exact).max() / np.abs(exact).max())
 
 
-def float64_errors(arch: str, size: int, batch_size: int) -> dict:
-  """Errors of the float32 logits and parameter gradients against a float64 run."""
+def float64_errors(arch: str, size: int, batch_size: int, seeds: list[int]) -> dict:
+  """Errors of the float32 logits and parameter gradients against a float64 run of the same
+  weights (`model.init(key(seed))`) and batch (normal images, uniform labels from `seed`), per
+  seed (`gradient_error.tree_error`), and their median over the seeds."""
   model = _build(arch, size)
-  variables = jax.jit(model.init)(jax.random.key(0))
-  rng = np.random.default_rng(0)
-  images = rng.normal(size=(batch_size, size, size, 3))
-  labels = rng.integers(0, 1000, batch_size)
-  logits32, grads32 = jax.jit(functools.partial(_loss_gradients, model))(
-      variables, jnp.asarray(images, jnp.float32), jnp.asarray(labels))
   with jax.enable_x64(True):
     model64 = _build(arch, size, jnp.float64)
-    variables64 = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf, jnp.float64), variables)
-    logits64, grads64 = jax.jit(functools.partial(_loss_gradients, model64))(
-        variables64, jnp.asarray(images, jnp.float64), jnp.asarray(labels))
-    logits64, grads64 = jax.device_get((logits64, grads64))
-  errors = _relative_errors(grads32, grads64)
-  logits_error = float(np.abs(np.asarray(logits32, np.float64) - logits64).max()
-                       / np.abs(logits64).max())
-  return {"batch_size": batch_size, "logits_max_relative_error": float(f"{logits_error:.3g}"),
-          "gradient_leaves": len(errors),
-          "gradient_median_relative_error": float(f"{np.median(errors):.3g}"),
-          "gradient_max_relative_error": float(f"{np.max(errors):.3g}")}
+  init = jax.jit(model.init)
+  ours = jax.jit(functools.partial(_loss_gradients, model))
+  reference = jax.jit(functools.partial(_loss_gradients, model64))
+  per_seed = []
+  for seed in seeds:
+    variables = init(jax.random.key(seed))
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(batch_size, size, size, 3))
+    labels = rng.integers(0, 1000, batch_size)
+    logits32, grads32 = jax.device_get(ours(variables, jnp.asarray(images, jnp.float32),
+                                            jnp.asarray(labels)))
+    with jax.enable_x64(True):
+      variables64 = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf, jnp.float64),
+                                           variables)
+      logits64, grads64 = jax.device_get(reference(
+          variables64, jnp.asarray(images, jnp.float64), jnp.asarray(labels)))
+    per_seed.append({"seed": seed,
+                     "logits_max_relative_error": float(f"{_logits_error(logits32, logits64):.3g}"),
+                     "gradients": gradient_error.tree_error(grads32, grads64)})
+  summary = {key: float(f"{np.median([entry['gradients'][key] for entry in per_seed]):.3g}")
+             for key in ("global_relative_error", "median_relative_error", "max_relative_error")}
+  summary["logits_max_relative_error"] = float(
+      f"{np.median([entry['logits_max_relative_error'] for entry in per_seed]):.3g}")
+  return {"batch_size": batch_size, "median_over_seeds": summary, "per_seed": per_seed}
 
 
-def flax_calls(arch: str, size: int, batch_size: int) -> tuple[dict, dict]:
-  """Our jitted forward and Adam train step, warmed up, and their first-call seconds."""
+def _flops(compiled: Any) -> float:
+  """FLOPs of one call of a compiled program by XLA's cost analysis (0 when it gives none)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get("flops", 0.0))
+
+
+def flax_calls(arch: str, size: int, batch_size: int, accumulation_steps: int = 1
+               ) -> tuple[dict, dict]:
+  """Our compiled forward and Adam train step, warmed up, with their first-call seconds and
+  XLA's FLOPs per call; with `accumulation_steps` > 1 also 'train_scan', the project's
+  `train.steps.train_step` over that many micro-batches in a `lax.scan`."""
   model = _build(arch, size)
   variables = jax.jit(model.init)(jax.random.key(0))
   rng = np.random.default_rng(0)
@@ -143,29 +177,34 @@ def flax_calls(arch: str, size: int, batch_size: int) -> tuple[dict, dict]:
   others = {k: v for k, v in variables.items() if k != "params"}
   opt_state = tx.init(params)
 
-  forward = jax.jit(model.logits)
-
   def loss_fn(params, others, images, labels, key):
     logits, updates = model.train_apply({"params": params, **others}, images, key)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, updates
 
-  @jax.jit
   def train_step(params, others, opt_state, images, labels):
     grads, updates = jax.grad(loss_fn, has_aux=True)(params, others, images, labels,
                                                      jax.random.key(1))
     deltas, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, deltas), {**others, **updates}, opt_state
 
-  calls = {"forward": lambda: forward(variables, images),
-           "train": lambda: train_step(params, others, opt_state, images, labels)}
-  first = {}
-  for name, call in calls.items():
+  programs = {"forward": (model.logits, (variables, images)),
+              "train": (train_step, (params, others, opt_state, images, labels))}
+  if accumulation_steps > 1:
+    state = steps_lib.create_train_state(model, tx, jax.random.key(0))
+    batch = {"image": images, "label": labels, "weight": jnp.ones(batch_size, jnp.float32)}
+    programs["train_scan"] = (
+        functools.partial(steps_lib.train_step, model=model, tx=tx, preprocess=lambda x: x,
+                          accumulation_steps=accumulation_steps), (state, batch))
+  calls, info = {}, {}
+  for name, (function, args) in programs.items():
     start = time.perf_counter()
-    jax.block_until_ready(call())
-    first[name] = round(time.perf_counter() - start, 1)
-  return calls, {"first_forward_seconds": first["forward"],
-                 "first_train_step_seconds": first["train"]}
+    compiled = jax.jit(function).lower(*args).compile()
+    jax.block_until_ready(compiled(*args))
+    info[f"first_{name}_seconds"] = round(time.perf_counter() - start, 1)
+    info[f"{name}_gflops_per_call"] = round(_flops(compiled) / 1e9, 2)
+    calls[name] = functools.partial(compiled, *args)
+  return calls, info
 
 
 def torch_calls(arch: str, size: int, batch_size: int) -> tuple[dict, dict]:
@@ -199,21 +238,40 @@ def torch_calls(arch: str, size: int, batch_size: int) -> tuple[dict, dict]:
 
 def interleaved(ours: dict, reference: dict | None, batch_size: int, num_steps: int,
                 rounds: int) -> dict:
-  """images/s of each call, alternating ours and the reference `rounds` times (median)."""
+  """images/s of each call, alternating ours and the reference's call of the same name (where it
+  has one) `rounds` times (medians; the ratio is the median of the per-round ratios)."""
   result = {}
   for name in ours:
+    theirs_call = (reference or {}).get(name)
     mine, theirs = [], []
     for _ in range(rounds):
       mine.append(_seconds(ours[name], num_steps))
-      if reference is not None:
-        theirs.append(_seconds(reference[name], num_steps))
+      if theirs_call is not None:
+        theirs.append(_seconds(theirs_call, num_steps))
     result[f"{name}_images_per_second"] = round(batch_size / float(np.median(mine)), 2)
-    if reference is not None:
+    if theirs_call is not None:
       result[f"reference_{name}_images_per_second"] = round(
           batch_size / float(np.median(theirs)), 2)
       result[f"{name}_ratio"] = round(float(np.median(np.asarray(theirs) / np.asarray(mine))),
                                       2)
   return result
+
+
+def peak_fractions(entry: dict, batch_size: int, peak_gflops: float) -> dict:
+  """GFLOP/s and fraction of `peak_gflops` of ours and the reference per call, both counted
+  with XLA's FLOPs of our program (the same model and arithmetic)."""
+  fractions = {}
+  for name in ("forward", "train", "train_scan"):
+    flops = entry.get(f"{name}_gflops_per_call")
+    if not flops:
+      continue
+    for who, key in (("ours", f"{name}_images_per_second"),
+                     ("reference", f"reference_{name}_images_per_second")):
+      if key in entry:
+        rate = flops * entry[key] / batch_size
+        fractions[f"{who}_{name}_gflops_per_second"] = round(rate, 1)
+        fractions[f"{who}_{name}_fraction_of_peak"] = round(rate / peak_gflops, 3)
+  return fractions
 
 
 def main(argv: list[str]) -> None:
@@ -222,22 +280,26 @@ def main(argv: list[str]) -> None:
             "jax_version": jax.__version__, "batch_size": _BATCH.value,
             "timed_steps": _STEPS.value, "rounds": _ROUNDS.value,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "custom_conv_vjp": _CUSTOM_VJP.value,
+            "custom_conv_vjp": _CUSTOM_VJP.value, "peak_gflops": _PEAK.value,
             "note": "ratios are ours / torch images/s, medians of interleaved rounds in one "
                     "process; absolute numbers are noisy on a shared machine"}
   with conv_vjp(_CUSTOM_VJP.value):
     for setting in _SETTINGS.value:
       arch, size = setting.split("@")
-      ours, first = flax_calls(arch, int(size), _BATCH.value)
       entry: dict[str, Any] = {}
-      reference = None
-      if _REFERENCE.value == "torch":
-        reference, entry["torchvision"] = torch_calls(arch, int(size), _BATCH.value)
-      entry.update(interleaved(ours, reference, _BATCH.value, _STEPS.value, _ROUNDS.value))
-      entry.update(first)
+      if _TIMING.value:
+        ours, info = flax_calls(arch, int(size), _BATCH.value, _ACCUMULATION.value)
+        reference = None
+        if _REFERENCE.value == "torch":
+          reference, entry["torchvision"] = torch_calls(arch, int(size), _BATCH.value)
+        entry.update(interleaved(ours, reference, _BATCH.value, _STEPS.value, _ROUNDS.value))
+        entry.update(info)
+        entry.update(peak_fractions(entry, _BATCH.value, _PEAK.value))
       if _FLOAT64_CHECK.value:
-        entry["float64_check"] = float64_errors(arch, int(size), _CHECK_BATCH.value)
+        entry["float64_check"] = float64_errors(arch, int(size), _CHECK_BATCH.value,
+                                                [int(seed) for seed in _SEEDS.value])
       result[setting] = entry
+      print(json.dumps({setting: entry}), flush=True)  # progress, one line per setting
   print(json.dumps(result, indent=2))
 
 

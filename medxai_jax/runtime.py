@@ -18,8 +18,9 @@ XLA defaults. XLA reads $XLA_FLAGS once, when JAX creates its first backend (the
 computation or `jax.devices()`), not at `import jax`; `apply_xla_defaults` adds the defaults to
 $XLA_FLAGS before that. `experiments.cli.run` calls it before parsing flags, which is before
 any binary computes anything. A flag the user already sets in $XLA_FLAGS wins over the default
-of the same name; `MEDXAI_XLA_DEFAULTS=0` adds none. The defaults only name XLA:CPU options
-(`xla_cpu_*`), which leave GPU and TPU programs unchanged, and only for the jaxlib versions they
+of the same name; `MEDXAI_XLA_DEFAULTS=0` adds none, and so does a $JAX_PLATFORMS without `cpu`.
+The defaults only name XLA:CPU options (`xla_cpu_*`), which leave GPU and TPU programs
+unchanged (with a GPU, only what JAX runs on its CPU backend sees them), and only for the jaxlib versions they
 were measured on (an unknown flag aborts XLA). The list is empty for now (`CPU_XLA_DEFAULTS`).
 """
 
@@ -42,13 +43,12 @@ CACHE_FLAG_HELP = (
     "or 'none' to turn it off. A second run of the same config then skips compiling.")
 
 # XLA:CPU options adopted as defaults, per jaxlib version they were measured on. Empty for
-# other versions: an unknown XLA flag ends the process. None is adopted yet. The candidate for
-# jaxlib 0.10.2 is "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution" (every
-# convolution on Eigen instead of YNNPACK): per convolution of DenseNet-169's shapes its float32
-# errors against float64 are no worse than YNNPACK's (forward 3.3e-7 vs 4.1e-7, input gradient
-# 3.0e-7 both, kernel gradient 3.4e-7 vs 1.4e-6, max relative norm error), and issue 19 measured
-# the train step at 0.61x torch against 0.43x; the same-process speed measurement
-# (benchmarks/model_throughput.py) is still to be made before it becomes a default here.
+# other versions: an unknown XLA flag ends the process. None is adopted (BUILD_NOTES.md,
+# session 8). The candidate for jaxlib 0.10.2, "--xla_cpu_experimental_ynn_fusion_type=
+# -individual_convolution" (every convolution on Eigen instead of YNNPACK), is 1.5x faster on
+# the DenseNet-169 train step (0.64x torch against 0.41x) and 1.0x torch on VGG16 @ 224, but its
+# float32 gradient error against float64 was larger on VGG16 (3.6e-3 against 1.1-1.9e-3) and on
+# two of three DenseNet-169 seeds (1.28x): not shown to be no worse.
 CPU_XLA_DEFAULTS: dict[str, tuple[str, ...]] = {}
 
 
@@ -129,10 +129,20 @@ def merged_xla_flags(user_flags: str, defaults: tuple[str, ...]) -> str:
   return " ".join([user_flags.strip(), *added]).strip()
 
 
+def cpu_backend_possible(environ: Mapping[str, str] | None = None) -> bool:
+  """Whether JAX may start its CPU backend: $JAX_PLATFORMS unset or empty, or naming cpu."""
+  environ = os.environ if environ is None else environ
+  platforms = [name.strip().lower() for name in environ.get("JAX_PLATFORMS", "").split(",")]
+  return not any(platforms) or "cpu" in platforms
+
+
 def xla_defaults(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
-  """The XLA defaults for the installed jaxlib; none when $MEDXAI_XLA_DEFAULTS is 0/false/no."""
+  """The XLA:CPU defaults for the installed jaxlib; none when $MEDXAI_XLA_DEFAULTS is
+  0/false/no/off or when $JAX_PLATFORMS excludes the CPU."""
   environ = os.environ if environ is None else environ
   if environ.get(XLA_DEFAULTS_VARIABLE, "1").strip().lower() in ("0", "false", "no", "off"):
+    return ()
+  if not cpu_backend_possible(environ):
     return ()
   return CPU_XLA_DEFAULTS.get(jaxlib.__version__, ())
 

@@ -23,7 +23,13 @@ import os
 
 import pytest
 
-import tiny
+from medxai_jax import runtime
+
+# The suite runs under the binaries' XLA:CPU defaults (set here, before any test starts a JAX
+# backend), so what a test computes in-process is what the binaries compute in subprocesses.
+runtime.apply_xla_defaults()
+
+import tiny  # noqa: E402  (after the XLA defaults)
 
 
 @pytest.fixture(scope="session", autouse=True)
