@@ -18,6 +18,7 @@ from configs import demo
 from configs import mura_densenet169
 from medxai_jax import explain
 from medxai_jax import runs
+from medxai_jax.data import pipeline
 from medxai_jax.data.builders import mura
 from medxai_jax.observe import profiling
 from medxai_jax.train import checkpoint
@@ -229,6 +230,7 @@ def mura_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("mura")
   _make_fake_mura(root / "manual")
   config = demo.get_config()
+  config.dataset.builder = pipeline.builder_options_config()  # not the demo's phantom options
   config.dataset.update(dict(name="mura", data_dir=str(root / "tfds"),
                              manual_dir=str(root / "manual"), builder_config="all",
                              validation_split="test"))
