@@ -185,8 +185,8 @@ def score_source(model: base.Classifier, variables: base.Variables, preprocess: 
     for kind, mask_key in feature.items():
       fitted = np.asarray(evaluation.fit_masks(batch[mask_key], (batch_size, *image_shape[:2]),
                                                 mask_key))
-      if f"has_{mask_key}" in batch:
-        fitted &= np.asarray(batch[f"has_{mask_key}"], bool)[:, None, None]
+      if f"has_{mask_key}" in batch:  # an image without its mask scores nothing, never 0
+        fitted = fitted & np.asarray(batch[f"has_{mask_key}"], bool)[:, None, None]
       host[kind] = fitted
     for name in maps.methods:
       value = np.asarray(faithfulness.as_maps(np.asarray(maps[name].shard(shard))))

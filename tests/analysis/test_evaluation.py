@@ -191,6 +191,15 @@ def test_tb_shenzhen_real_lung_masks_scored_where_present_never_zero_elsewhere(t
     assert {"pointing_game", "hit_rate", "energy"} <= set(summary["metrics"])
   else:
     assert "lung_mask" in summary["not_scored"]["miou"]
+  # The whole split streamed in shards of 3 (a padded tail) scores those images the same.
+  streamed = ee.evaluate_run(config, str(tmp_path / "run"), str(tmp_path / "streamed"),
+                             methods=("gradients",), num_images=None, batch_size=3,
+                             score_options=FAST, gallery_rows=1)
+  assert streamed["num_images"] == len(examples["label"])
+  whole = np.load(tmp_path / "streamed" / "scores.npz")
+  for metric in ("pointing_game", "miou", "hit_rate", "energy", "insertion_auc"):
+    np.testing.assert_allclose(whole[f"gradients/{metric}"][chosen], scores[f"gradients/{metric}"],
+                               rtol=1e-5, atol=1e-6, err_msg=metric)
 
 
 def test_scoring_masks_use_has_flags_and_name_what_is_missing():
