@@ -11,9 +11,9 @@ import zlib
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
 
+from fake_folders import prepare as _prepare
 import medxai_jax.data.builders  # noqa: F401  (registers the builders with tfds)
 from medxai_jax.data import preprocess
 from medxai_jax.data.builders import (
@@ -39,15 +39,6 @@ def _exif(orientation: int) -> Image.Exif:
   exif = Image.Exif()
   exif[preprocess.EXIF_ORIENTATION_TAG] = orientation
   return exif
-
-
-def _prepare(builder_cls, config, tmp_path, manual):
-  """Prepares `config` from `manual` into a fresh data_dir and returns the builder."""
-  builder = builder_cls(config=config, data_dir=str(tmp_path / "data"),
-                        file_format="array_record")
-  builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
-  return builder
 
 
 def _records(builder, split: str) -> dict[str, dict]:
