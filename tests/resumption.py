@@ -56,13 +56,19 @@ def history(workdir):
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
 
 
-def latest_state(config, workdir, step):
+def restore_latest(config, workdir, step):
+  """The train state and metadata of `workdir`'s checkpoint at `step`."""
   model, tx, _ = components.build_components(config)
   template = steps.create_train_state(model, tx, jax.random.key(0))
   store = checkpoint.CheckpointStore(os.path.join(workdir, "checkpoints"))
-  state, _ = store.restore_latest(template, step=step)
+  state, metadata = store.restore_latest(template, step=step)
   store.close()
-  return state
+  return state, metadata
+
+
+def latest_state(config, workdir, step):
+  """The train state of `workdir`'s checkpoint at `step`."""
+  return restore_latest(config, workdir, step)[0]
 
 
 def assert_same_states(a, b):

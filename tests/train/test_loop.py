@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import tiny
+from resumption import restore_latest
 from medxai_jax.data import pipeline
 from medxai_jax import runs
 from medxai_jax.train import checkpoint
@@ -42,15 +43,6 @@ def _read_history(workdir):
     return [json.loads(line) for line in f]
 
 
-def _restore_params(config, workdir, step):
-  model, tx, _ = components.build_components(config)
-  template = steps.create_train_state(model, tx, jax.random.key(0))
-  store = checkpoint.CheckpointStore(os.path.join(workdir, "checkpoints"))
-  state, metadata = store.restore_latest(template, step=step)
-  store.close()
-  return state, metadata
-
-
 def test_run_writes_metrics_history_and_selects_the_best_validation_epoch(finished_run):
   config, workdir, result = finished_run
   history = _read_history(workdir)
@@ -67,7 +59,7 @@ def test_run_writes_metrics_history_and_selects_the_best_validation_epoch(finish
 
 def test_checkpoint_round_trip_gives_identical_parameters(finished_run, tmp_path):
   config, workdir, _ = finished_run
-  state, metadata = _restore_params(config, workdir, step=3)
+  state, metadata = restore_latest(config, workdir, step=3)
   store = checkpoint.CheckpointStore(str(tmp_path / "copy"))
   store.save_latest(7, state, metadata)
   again, again_metadata = store.restore_latest(state)
@@ -84,8 +76,8 @@ def test_resume_after_a_kill_continues_identically(finished_run, tmp_path):
   shutil.copytree(workdir, killed)
   shutil.rmtree(os.path.join(killed, "checkpoints", "latest", "3"))
   resumed = loop.train_and_evaluate(copy.deepcopy(config), killed)
-  original_state, _ = _restore_params(config, workdir, step=3)
-  resumed_state, _ = _restore_params(config, killed, step=3)
+  original_state, _ = restore_latest(config, workdir, step=3)
+  resumed_state, _ = restore_latest(config, killed, step=3)
   for a, b in zip(jax.tree_util.tree_leaves(original_state),
                   jax.tree_util.tree_leaves(resumed_state)):
     np.testing.assert_array_equal(a, b)
